@@ -1,0 +1,49 @@
+"""Attention kernel choice: PyTorch SDPA always works; flash-attn is used when installed, on CUDA,
+in half precision, for calls that need no padding mask."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+FLASH_ATTN_AVAILABLE = importlib.util.find_spec("flash_attn") is not None
+_SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+_use_flash = FLASH_ATTN_AVAILABLE
+
+
+def set_attention_backend(name: str) -> str:
+    """Select `sdpa`, `flash_attn` or `auto`; returns the backend actually used.
+
+    Asking for flash_attn without the package installed falls back to SDPA (the caller warns).
+    """
+    global _use_flash
+    if name not in ("auto", "sdpa", "flash_attn"):
+        raise ValueError(f"unknown attention backend {name!r}; use auto, sdpa or flash_attn")
+    _use_flash = FLASH_ATTN_AVAILABLE and name != "sdpa"
+    return "flash_attn" if _use_flash else "sdpa"
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Scaled dot-product attention of q [rows, heads, sq, d] over k/v [rows, kv_heads, sk, d].
+
+    With mask None the call is causal (used when no row has padding); otherwise `mask` is a boolean
+    [rows, 1, sq, sk] of allowed pairs.
+    """
+    groups = q.shape[1] // k.shape[1]
+    if _use_flash and mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        from flash_attn import flash_attn_func  # optional dependency, imported only when used
+
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=q.shape[2] > 1)
+        return out.transpose(1, 2)
+    if _SDPA_HAS_GQA and groups > 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+                                              enable_gqa=True)
+    return F.scaled_dot_product_attention(q, _repeat_kv(k, groups), _repeat_kv(v, groups), attn_mask=mask,
+                                          is_causal=mask is None and q.shape[2] > 1)

@@ -1,0 +1,97 @@
+"""Reading weights from disk into a module built on the meta device, one tensor at a time.
+
+Each tensor is read, converted to the target dtype/device and assigned, so peak host memory is the
+converted model plus one source tensor (plus the open shard's mapping), never two full copies.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from .errors import NextStepError
+
+IGNORED_KEYS = ("gen_pos_embed", "lm_head.weight", "lm_head.bias")
+"""Checkpoint tensors that image generation never reads (position buffer of old exports, text head)."""
+
+KEY_PREFIX = "model."
+
+
+def canonical_key(key: str) -> str:
+    """Strip the `model.` prefix some re-exports add."""
+    return key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
+
+
+def open_safetensors(path: Path):
+    """safe_open with a message that names the file when it is truncated or not a safetensors file."""
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except FileNotFoundError:
+        raise NextStepError(f"weights file {path} not found") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise NextStepError(f"{path} is not a readable safetensors file ({exc}); it may be truncated or "
+                            f"corrupt: download it again") from None
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[Path, str, Callable[[], torch.Tensor]]]:
+    """Yield (file, key, loader) for every tensor, one shard open at a time."""
+    for path in files:
+        with open_safetensors(path) as handle:
+            for key in handle.keys():
+                def load(handle=handle, key=key, path=path) -> torch.Tensor:
+                    try:
+                        return handle.get_tensor(key)
+                    except (SafetensorError, OSError, RuntimeError) as exc:
+                        raise NextStepError(f"{path}: cannot read tensor {key!r} ({exc}); the file may be "
+                                            f"truncated or corrupt: download it again") from None
+                yield path, key, load
+
+
+def expected_shapes(module: nn.Module) -> dict[str, torch.Size]:
+    return {name: tensor.shape for name, tensor in module.state_dict(keep_vars=True).items()}
+
+
+def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    old = getattr(owner, attr)
+    if isinstance(old, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(value, requires_grad=False))
+    else:
+        owner._buffers[attr] = value
+
+
+def load_weights(module: nn.Module, tensors: Iterator[tuple[Path, str, Callable[[], torch.Tensor]]],
+                 dtype: torch.dtype, device: torch.device, source: str,
+                 shape_hint: Callable[[str], str] = lambda name: "",
+                 convert: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> None:
+    """Fill a meta-device `module` from `tensors`, checking every name and shape.
+
+    `convert(name, tensor)` may replace the default dtype conversion (used for fp8 storage).
+    Unknown extra keys are an error only when they look like model weights we failed to build.
+    """
+    shapes = expected_shapes(module)
+    loaded: set[str] = set()
+    for path, key, load in tensors:
+        name = canonical_key(key)
+        if name in IGNORED_KEYS:
+            continue
+        if name not in shapes:
+            raise NextStepError(f"{path}: unexpected tensor {key!r}; this is not a NextStep checkpoint of the "
+                                f"layout in {source}")
+        tensor = load()
+        if tensor.shape != shapes[name]:
+            raise NextStepError(f"{path}: tensor {key!r} has shape {list(tensor.shape)} but {source} implies "
+                                f"{list(shapes[name])}{shape_hint(name)}")
+        value = convert(name, tensor) if convert else tensor.to(device=device, dtype=dtype)
+        del tensor
+        _assign(module, name, value)
+        loaded.add(name)
+    missing = sorted(set(shapes) - loaded)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise NextStepError(f"weights for {source} are missing tensors: {shown}")

@@ -1,0 +1,151 @@
+"""Model and VAE configuration, read from the two config.json naming schemes of the released repos."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import NextStepError
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Read a JSON object, turning missing or malformed files into a NextStepError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        raise NextStepError(f"{path} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise NextStepError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise NextStepError(f"{path} must hold a JSON object")
+    return data
+
+
+def _first(raw: dict[str, Any], names: tuple[str, ...], default: Any) -> Any:
+    """The value of the first key present (1.1 name, then 1.0 name), else the default."""
+    for name in names:
+        if raw.get(name) is not None:
+            return raw[name]
+    return default
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone, projector and flow-head hyper-parameters of a NextStep model folder."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    attention_bias: bool
+    o_attention_bias: bool
+    mlp_bias: bool
+    vocab_size: int
+    boi: int
+    eoi: int
+    image_placeholder_id: int
+    latent_channels: int = 16
+    latent_patch_size: int = 2
+    head_width: int = 1536
+    head_depth: int = 12
+    vae_name_or_path: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def token_dim(self) -> int:
+        """Values per image token: a patch x patch square of every latent channel."""
+        return self.latent_channels * self.latent_patch_size**2
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        """Accept the 1.0 (`fm_head_*`, `latent_*`) and 1.1 (`genloss_*`, `num_channels`) schemes."""
+        try:
+            hidden = int(raw["hidden_size"])
+            heads = int(raw["num_attention_heads"])
+            attention_bias = bool(raw.get("attention_bias", True))
+            o_bias = raw.get("o_attention_bias")
+            return cls(
+                hidden_size=hidden,
+                num_hidden_layers=int(raw["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+                head_dim=int(raw.get("head_dim") or hidden // heads),
+                intermediate_size=int(raw["intermediate_size"]),
+                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(raw.get("rope_theta", 1e6)),
+                attention_bias=attention_bias,
+                o_attention_bias=attention_bias if o_bias is None else bool(o_bias),
+                mlp_bias=bool(raw.get("mlp_bias", False)),
+                vocab_size=int(raw["vocab_size"]),
+                boi=int(raw["boi"]),
+                eoi=int(raw["eoi"]),
+                image_placeholder_id=int(raw["image_placeholder_id"]),
+                latent_channels=int(_first(raw, ("num_channels", "latent_channels"), 16)),
+                latent_patch_size=int(_first(raw, ("patch_size", "latent_patch_size"), 2)),
+                head_width=int(_first(raw, ("genloss_width", "fm_head_dim"), 1536)),
+                head_depth=int(_first(raw, ("genloss_depth", "fm_head_layers"), 12)),
+                vae_name_or_path=raw.get("vae_name_or_path"),
+                extra=dict(raw),
+            )
+        except KeyError as exc:
+            raise NextStepError(f"{source} lacks the required key {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise NextStepError(f"{source} has a value of the wrong type ({exc})") from None
+
+
+RELEASED_VAE_CONFIG: dict[str, Any] = {
+    "ch": 128,
+    "ch_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "z_channels": 16,
+    "in_channels": 3,
+    "out_ch": 3,
+    "scaling_factor": 1.0,
+    "shift_factor": 0.0,
+    "encoder_norm": True,
+    "psz": 2,
+}
+"""The released f8ch16 tokenizer's values, used for a single-file VAE that carries no config."""
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """The Flux-style autoencoder's layout plus the latent scaling the model was trained with."""
+
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 16
+    in_channels: int = 3
+    out_ch: int = 3
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+    encoder_norm: bool = True
+    psz: int = 2
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str) -> "VAEConfig":
+        """Take the keys the network needs; training-only keys (resolution, deterministic) are ignored."""
+        merged = {**RELEASED_VAE_CONFIG, **raw}
+        try:
+            return cls(
+                ch=int(merged["ch"]),
+                ch_mult=tuple(int(m) for m in merged["ch_mult"]),
+                num_res_blocks=int(merged["num_res_blocks"]),
+                z_channels=int(merged["z_channels"]),
+                in_channels=int(merged["in_channels"]),
+                out_ch=int(merged["out_ch"]),
+                scaling_factor=float(merged["scaling_factor"]),
+                shift_factor=float(merged["shift_factor"]),
+                encoder_norm=bool(merged["encoder_norm"]),
+                psz=int(merged["psz"]),
+            )
+        except (TypeError, ValueError) as exc:
+            raise NextStepError(f"{source}: bad VAE config value ({exc})") from None

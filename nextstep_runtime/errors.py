@@ -1,0 +1,9 @@
+"""The one exception type the runtime raises for problems a user can fix.
+
+Nodes and the CLI show its message as-is (no traceback), so every message names the file, tensor or
+parameter at fault and, where there is one, the fix.
+"""
+
+
+class NextStepError(ValueError):
+    """Bad input, a missing or corrupt file, or a model/VAE mismatch."""

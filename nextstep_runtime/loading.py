@@ -1,0 +1,205 @@
+"""Loading a NextStep model folder (config, weights, tokenizer) and its VAE, with clear errors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .checkpoint import iter_safetensors, load_weights, open_safetensors
+from .config import RELEASED_VAE_CONFIG, ModelConfig, VAEConfig, read_json
+from .errors import NextStepError
+from .model import NextStepModel
+from .tokens import LatentNormalization
+from .vae import NextStepVAE
+
+VAE_CONFIG_METADATA_KEY = "nextstep_vae_config"
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The model's safetensors files: the shards named by the index, or the single file."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise NextStepError(f"{index} has no weight_map")
+        files = [folder / name for name in dict.fromkeys(weight_map.values())]
+        for path in files:
+            if not path.is_file():
+                raise NextStepError(f"shard {path.name} named by {index.name} is missing from {folder}; "
+                                    f"download it again")
+        return files
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise NextStepError(f"no weights in {folder}: expected model.safetensors or model.safetensors.index.json "
+                        f"with its shards")
+
+
+def _model_shape_hint(config: ModelConfig) -> Callable[[str], str]:
+    """Name the config keys that decide a tensor's expected shape, so a mismatch points at the fix."""
+    def hint(name: str) -> str:
+        if name.startswith("image_head."):
+            keys = f"head width {config.head_width} (genloss_width/fm_head_dim), token dim {config.token_dim}"
+        elif name.startswith("image_in_projector"):
+            keys = f"token dim {config.token_dim} (latent channels x patch^2)"
+        elif name.startswith("embed_tokens"):
+            keys = f"vocab_size {config.vocab_size}, hidden_size {config.hidden_size}"
+        else:
+            keys = (f"hidden_size {config.hidden_size}, heads {config.num_attention_heads}/"
+                    f"{config.num_key_value_heads} x head_dim {config.head_dim}, intermediate_size "
+                    f"{config.intermediate_size}")
+        return f" (from config.json: {keys}); config.json and the weights disagree"
+    return hint
+
+
+def _count_blocks(files: list[Path]) -> tuple[int, int]:
+    """(decoder layers, flow-head blocks) present in the weights, from key names alone (no data read)."""
+    layers, head_blocks = set(), set()
+    for path in files:
+        with open_safetensors(path) as handle:
+            for key in handle.keys():
+                parts = key.removeprefix("model.").split(".")
+                if parts[0] == "layers" and len(parts) > 1 and parts[1].isdigit():
+                    layers.add(int(parts[1]))
+                elif parts[:3] == ["image_head", "net", "res_blocks"] and len(parts) > 3 and parts[3].isdigit():
+                    head_blocks.add(int(parts[3]))
+    return len(layers), len(head_blocks)
+
+
+def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device | str,
+               convert: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> NextStepModel:
+    """Build the network from `folder/config.json` and fill it from the safetensors weights."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NextStepError(f"model folder {folder} does not exist")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise NextStepError(f"{folder} has no config.json; point at a NextStep model folder "
+                            f"(config.json, model*.safetensors, tokenizer files)")
+    config = ModelConfig.from_dict(read_json(config_path), str(config_path))
+    files = weight_files(folder)
+    found_layers, found_depth = _count_blocks(files)
+    if found_layers != config.num_hidden_layers:
+        raise NextStepError(f"{config_path} says num_hidden_layers={config.num_hidden_layers} but the weights "
+                            f"hold {found_layers} decoder layers")
+    if found_depth != config.head_depth:
+        raise NextStepError(f"{config_path} says the flow head has {config.head_depth} blocks "
+                            f"(genloss_depth/fm_head_layers) but the weights hold {found_depth}")
+    with torch.device("meta"):
+        model = NextStepModel(config)
+    load_weights(model, iter_safetensors(files), dtype, torch.device(device), str(config_path),
+                 _model_shape_hint(config), convert)
+    return model.eval().requires_grad_(False)
+
+
+@dataclass
+class VAESource:
+    """Where a VAE's config and tensors come from."""
+
+    config: dict[str, Any]
+    tensors: Iterator
+    description: str
+
+
+def _load_state_dict(checkpoint: Path) -> Any:
+    """torch.load restricted to plain tensors (weights_only); memory-mapped when the format allows."""
+    try:
+        try:
+            return torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            return torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zips, pickled code and bad headers raise several types
+        raise NextStepError(f"cannot read {checkpoint} as a plain state dict ({exc}); it may be corrupt or "
+                            f"hold code: download it again") from None
+
+
+def _vae_from_folder(folder: Path) -> VAESource:
+    config_path, checkpoint = folder / "config.json", folder / "checkpoint.pt"
+    if not checkpoint.is_file():
+        safetensors = sorted(folder.glob("*.safetensors"))
+        if len(safetensors) == 1:
+            return _vae_from_safetensors(safetensors[0])
+        raise NextStepError(f"VAE folder {folder} has no checkpoint.pt")
+    config = read_json(config_path) if config_path.is_file() else dict(RELEASED_VAE_CONFIG)
+    state = _load_state_dict(checkpoint)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise NextStepError(f"{checkpoint} does not hold a state dict")
+
+    def tensors():
+        for key in list(state):
+            yield checkpoint, key, (lambda key=key: state.pop(key))
+    return VAESource(config, tensors(), str(checkpoint))
+
+
+def _vae_from_safetensors(path: Path) -> VAESource:
+    with open_safetensors(path) as handle:
+        metadata = handle.metadata() or {}
+    raw = metadata.get(VAE_CONFIG_METADATA_KEY)
+    try:
+        config = json.loads(raw) if raw else dict(RELEASED_VAE_CONFIG)
+    except json.JSONDecodeError as exc:
+        raise NextStepError(f"{path}: metadata {VAE_CONFIG_METADATA_KEY!r} is not valid JSON ({exc})") from None
+    return VAESource(config, iter_safetensors([path]), str(path))
+
+
+def resolve_vae_path(model_folder: str | Path, vae: str | Path | None = None) -> Path:
+    """An explicit VAE path, else the config's `vae_name_or_path` taken relative to the model folder."""
+    if vae is not None:
+        return Path(vae)
+    model_folder = Path(model_folder)
+    raw = read_json(model_folder / "config.json").get("vae_name_or_path") or "vae/"
+    candidate = Path(raw)
+    return candidate if candidate.is_absolute() else model_folder / candidate
+
+
+def latent_normalization(model_folder: str | Path) -> LatentNormalization:
+    """The scale/shift the model was trained with, from the config of the VAE its folder names.
+
+    Read without loading VAE weights, so a sampler can return VAE-space latents on its own.
+    Without a VAE config next to the model, the released tokenizer's values apply.
+    """
+    path = resolve_vae_path(model_folder)
+    if path.is_dir() and (path / "config.json").is_file():
+        config = VAEConfig.from_dict(read_json(path / "config.json"), str(path / "config.json"))
+    elif path.is_file() and path.suffix == ".safetensors":
+        config = VAEConfig.from_dict(_vae_from_safetensors(path).config, str(path))
+    else:
+        config = VAEConfig.from_dict({}, "released defaults")
+    return LatentNormalization(config.scaling_factor, config.shift_factor)
+
+
+def load_vae(path: str | Path, dtype: torch.dtype, device: torch.device | str) -> NextStepVAE:
+    """A VAE from a folder (`config.json` + `checkpoint.pt`) or one `.safetensors` file."""
+    path = Path(path)
+    if path.is_dir():
+        source = _vae_from_folder(path)
+    elif path.is_file() and path.suffix == ".safetensors":
+        source = _vae_from_safetensors(path)
+    elif path.exists():
+        raise NextStepError(f"VAE {path} must be a folder with checkpoint.pt or a .safetensors file")
+    else:
+        raise NextStepError(f"VAE {path} not found")
+    config = VAEConfig.from_dict(source.config, source.description)
+    with torch.device("meta"):
+        vae = NextStepVAE(config)
+    vae_keys = (item for item in source.tensors if item[1].startswith(("encoder.", "decoder.")))
+    load_weights(vae, vae_keys, dtype, torch.device(device), f"the VAE config of {source.description}",
+                 lambda name: " (check ch, ch_mult, num_res_blocks, z_channels)")
+    return vae.eval().requires_grad_(False)
+
+
+def check_vae_matches(model: NextStepModel, vae: NextStepVAE, vae_description: str) -> None:
+    """The model's tokens must be the VAE's latent patches, or images come out as noise."""
+    mc, vc = model.config, vae.config
+    if (mc.latent_channels, mc.latent_patch_size) != (vc.z_channels, vc.psz):
+        raise NextStepError(f"VAE {vae_description} has {vc.z_channels} latent channels and patch {vc.psz}, but the "
+                            f"model expects {mc.latent_channels} channels and patch {mc.latent_patch_size}; "
+                            f"use the VAE that ships with the model")

@@ -1,0 +1,67 @@
+"""The NextStep network: embeddings, decoder stack, image projectors and flow head.
+
+Attribute names mirror the checkpoint keys (`embed_tokens`, `layers.N`, `norm`, `image_in_projector`,
+`image_out_projector`, `image_head.net`) so weights load by name. `lm_head` is not built: image
+generation never reads it, and on the 14B model it is 3 GB.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backbone import DecoderLayer, KVCache, RMSNorm, rotary_tables
+from .config import ModelConfig
+from .flow_head import FlowHead
+
+
+class NextStepModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.image_in_projector = nn.Linear(config.token_dim, config.hidden_size)
+        self.image_out_projector = nn.Linear(config.hidden_size, config.hidden_size)
+        self.image_head = FlowHead(config.token_dim, config.hidden_size, config.head_width, config.head_depth)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
+    def new_cache(self, rows: int, capacity: int) -> KVCache:
+        c = self.config
+        return KVCache(c.num_hidden_layers, rows, c.num_key_value_heads, capacity, c.head_dim, self.dtype, self.device)
+
+    def embed_prompt(self, input_ids: torch.Tensor, image_tokens: torch.Tensor | None) -> torch.Tensor:
+        """Text embeddings, with placeholder positions replaced by projected input-image tokens.
+
+        `image_tokens` [n_placeholders_total, token_dim] are consumed in row-major order of the
+        placeholder positions, i.e. raster order, image by image, row by row.
+        """
+        embeds = self.embed_tokens(input_ids)
+        if image_tokens is not None:
+            slots = input_ids == self.config.image_placeholder_id
+            embeds[slots] = self.image_in_projector(image_tokens.to(embeds.dtype))
+        return embeds
+
+    def embed_image_token(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed sampled tokens [rows, token_dim] back as the next input position [rows, 1, hidden]."""
+        return self.image_in_projector(tokens.to(self.dtype))[:, None]
+
+    def decode(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """Run the decoder over new positions, appending to the cache; returns the last position's
+        image condition `image_out_projector(norm(hidden))` [rows, hidden]."""
+        start = cache.length
+        cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta, embeds.dtype)
+        x = embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, start, mask)
+        cache.length = start + embeds.shape[1]
+        return self.image_out_projector(self.norm(x[:, -1]))
