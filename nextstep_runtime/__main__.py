@@ -1,0 +1,7 @@
+"""`python -m nextstep_runtime generate ...`"""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,49 @@
+"""Pixel conversions between PIL images, [B,3,H,W] tensors in [0,1], and uint8 arrays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import NextStepError
+
+
+def load_rgb(path: str | Path) -> torch.Tensor:
+    """An image file as RGB [1, 3, H, W] float32 in [0, 1]."""
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    except FileNotFoundError:
+        raise NextStepError(f"input image {path} not found") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise NextStepError(f"cannot read input image {path} ({exc})") from None
+    return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [0, 1] to uint8 with round-to-nearest, as PIL saving of the official pipeline does."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def save_png(images: torch.Tensor, out: str | Path) -> list[Path]:
+    """Save [B, 3, H, W] in [0, 1] as OUT.png, or OUT_0.png, OUT_1.png, ... for a batch."""
+    out = Path(out)
+    pixels = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
+    paths = [out] if len(pixels) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(pixels))]
+    for path, array in zip(paths, pixels):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(path)
+    return paths
+
+
+def center_crop_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Centre-crop [B, C, H, W] so H and W are multiples of `multiple` (at least one multiple)."""
+    height, width = images.shape[-2:]
+    new_h, new_w = height - height % multiple, width - width % multiple
+    if new_h == 0 or new_w == 0:
+        raise NextStepError(f"image of {width}x{height} is smaller than {multiple}x{multiple}; it cannot be encoded")
+    top, left = (height - new_h) // 2, (width - new_w) // 2
+    return images[..., top:top + new_h, left:left + new_w]
