@@ -1,0 +1,30 @@
+"""Shared fixtures: the tiny model loaded once in float32, and helpers to derive model folders."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from goldens import TINY_MODEL  # noqa: E402
+
+from nextstep_runtime import NextStepPipeline  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline() -> NextStepPipeline:
+    return NextStepPipeline.from_pretrained(TINY_MODEL, device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def model_copy(tmp_path: Path) -> Path:
+    """A writable copy of the tiny model folder (tokenizer, config, weights, vae/)."""
+    target = tmp_path / "tiny-nextstep"
+    shutil.copytree(TINY_MODEL, target)
+    for path in target.rglob("*"):
+        path.chmod(0o644 if path.is_file() else 0o755)
+    return target
