@@ -102,7 +102,10 @@ def run_generate(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_request:  # --help, or a bad argument already reported in one line
+        return int(exit_request.code or 0)
     try:
         run_generate(args)
     except NextStepError as exc:

@@ -45,13 +45,21 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def _nearest_sizes(value: int) -> str:
+    """The closest valid size, or both neighbours when the value sits exactly between them."""
+    lower = max(SIZE_MULTIPLE, value // SIZE_MULTIPLE * SIZE_MULTIPLE)
+    upper = lower + SIZE_MULTIPLE if value > lower else lower
+    if value - lower == upper - value and lower != upper:
+        return f"{lower} or {upper}"
+    return str(lower if value - lower < upper - value else upper)
+
+
 def check_size(width: int, height: int) -> None:
     """Width and height must be positive multiples of 16 (one token is 16x16 pixels)."""
     for label, value in (("width", width), ("height", height)):
         if value <= 0 or value % SIZE_MULTIPLE:
-            nearest = max(SIZE_MULTIPLE, round(value / SIZE_MULTIPLE) * SIZE_MULTIPLE)
             raise NextStepError(f"{label} {value} is not a positive multiple of {SIZE_MULTIPLE}; "
-                                f"try {label} {nearest}")
+                                f"try {label} {_nearest_sizes(value)}")
 
 
 @dataclass

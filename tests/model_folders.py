@@ -1,0 +1,59 @@
+"""Derive model-folder variants from the tiny fixture: shards, dtypes on disk, key prefixes, config naming."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+NAMING_1_0_TO_1_1 = {
+    "latent_channels": "num_channels",
+    "latent_patch_size": "patch_size",
+    "latent_size": "image_size",
+    "fm_head_dim": "genloss_width",
+    "fm_head_layers": "genloss_depth",
+}
+
+
+def rewrite_weights(folder: Path, shards: int = 1, dtype: torch.dtype | None = None, prefix: str = "") -> None:
+    """Re-save model.safetensors as `shards` files (+ index when > 1), cast to `dtype`, keys with `prefix`."""
+    source = folder / "model.safetensors"
+    tensors = load_file(source)
+    source.unlink()
+    names = sorted(tensors)
+    if shards == 1:
+        save_file({prefix + k: _cast(tensors[k], dtype) for k in names}, folder / "model.safetensors",
+                  metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for index in range(shards):
+        part = names[index::shards]
+        file = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({prefix + k: _cast(tensors[k], dtype) for k in part}, folder / file, metadata={"format": "pt"})
+        weight_map.update({prefix + k: file for k in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.contiguous() if dtype is None else tensor.to(dtype).contiguous()
+
+
+def edit_config(folder: Path, **changes) -> None:
+    """Change config.json keys (None deletes a key)."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config, indent=2))
+
+
+def use_1_1_naming(folder: Path) -> None:
+    """Rename the 1.0 config keys to the NextStep-1.1 scheme."""
+    config = json.loads((folder / "config.json").read_text())
+    renamed = {NAMING_1_0_TO_1_1.get(key, key): value for key, value in config.items()}
+    (folder / "config.json").write_text(json.dumps(renamed, indent=2))
