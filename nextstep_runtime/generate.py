@@ -1,5 +1,10 @@
 """The autoregressive token loop: prefill once, then per token run the flow head's solver with
-guidance and feed the sampled token back through the decoder."""
+guidance and feed the sampled token back through the decoder.
+
+Everything that does not depend on the token is prepared before the loop: the KV cache for all
+guidance rows, the time embeddings of the step grid, the solver coefficients, the per-token guidance
+scales and the whole image's noise. The loop itself does no host-device synchronisation.
+"""
 
 from __future__ import annotations
 
@@ -43,48 +48,63 @@ def draw_noise(seed: int, tokens: int, steps: int, stochastic: bool, batch: int,
     return torch.randn((tokens, draws, batch, dim), generator=generator, dtype=torch.float32)
 
 
+class TokenSolver:
+    """Samples one image token from its condition: the flow head's solver steps with guidance.
+
+    The solver state stays in float32 whatever the model dtype; only the head runs in that dtype.
+    """
+
+    def __init__(self, model: NextStepModel, inputs: TokenLoopInputs) -> None:
+        device = model.device
+        self.head = model.image_head.net
+        self.dtype = model.dtype
+        self.plan = inputs.plan
+        self.groups, self.batch = inputs.rows.groups, inputs.batch
+        self.dim = model.config.token_dim
+        self.use_norm = inputs.use_norm
+        self.time_embeddings = self.head.time_embed(torch.tensor(inputs.plan.times, device=device))
+        self.noise = inputs.noise.to(device)
+        self.cfg = torch.tensor(inputs.cfg, dtype=torch.float32, device=device)
+        self.cfg_img = torch.tensor(inputs.cfg_img, dtype=torch.float32, device=device)
+
+    def __call__(self, index: int, condition: torch.Tensor) -> torch.Tensor:
+        """Token `index` [B, D] float32 from the decoder's condition [R, hidden]."""
+        plan, noise = self.plan, self.noise[index]
+        modulations = self.head.modulations(self.time_embeddings, condition)
+        x = noise[0]
+        for k in range(len(plan.times)):
+            velocity = self.head.velocity(x.to(self.dtype).repeat(self.groups, 1), modulations, k).float()
+            guided = combine_guidance(velocity.view(self.groups, self.batch, self.dim), self.cfg[index],
+                                      self.cfg_img[index])
+            x = plan.a[k] * x + plan.b[k] * guided
+            if plan.stochastic:
+                x = x + plan.c[k] * noise[1 + k]
+        return F.layer_norm(x, (self.dim,), eps=1e-6) if self.use_norm else x
+
+
 @torch.inference_mode()
 def sample_tokens(model: NextStepModel, inputs: TokenLoopInputs, callback: TokenCallback | None = None) -> torch.Tensor:
     """Generate every image token; returns [B, L, D] float32 (after use_norm when on)."""
-    device, dtype = model.device, model.dtype
-    rows, plan = inputs.rows, inputs.plan
-    batch, groups = inputs.batch, inputs.rows.groups
+    device = model.device
+    rows, groups = inputs.rows, inputs.rows.groups
     total_tokens = inputs.grid[0] * inputs.grid[1]
-    dim = model.config.token_dim
-    head = model.image_head.net
-
-    input_ids = rows.input_ids.to(device)
-    prefill_len = input_ids.shape[1]
+    row_count, prefill_len = rows.input_ids.shape
     capacity = prefill_len + total_tokens - 1
     padded = bool((rows.attention_mask == 0).any())
-    key_valid = torch.ones((input_ids.shape[0], capacity), dtype=torch.bool, device=device)
+    key_valid = torch.ones((row_count, capacity), dtype=torch.bool, device=device)
     key_valid[:, :prefill_len] = rows.attention_mask.to(device).bool()
-    cache = model.new_cache(input_ids.shape[0], capacity)
+    cache = model.new_cache(row_count, capacity)
 
+    input_ids = rows.input_ids.to(device)
     image_tokens = inputs.image_tokens.to(device) if inputs.image_tokens is not None else None
-    embeds = model.embed_prompt(input_ids, image_tokens)
-    positions = torch.arange(prefill_len, device=device).expand(input_ids.shape[0], -1)
+    positions = torch.arange(prefill_len, device=device).expand(row_count, -1)
     prefill_mask = padded_attention_mask(key_valid[:, :prefill_len], 0, prefill_len) if padded else None
-    condition = model.decode(embeds, positions, cache, prefill_mask)
+    condition = model.decode(model.embed_prompt(input_ids, image_tokens), positions, cache, prefill_mask)
 
-    time_embeddings = head.time_embed(torch.tensor(plan.times, device=device))
-    noise = inputs.noise.to(device)
-    cfg = torch.tensor(inputs.cfg, dtype=torch.float32, device=device)
-    cfg_img = torch.tensor(inputs.cfg_img, dtype=torch.float32, device=device)
-    out = torch.empty((batch, total_tokens, dim), dtype=torch.float32, device=device)
-
+    solve = TokenSolver(model, inputs)
+    out = torch.empty((inputs.batch, total_tokens, model.config.token_dim), dtype=torch.float32, device=device)
     for n in range(total_tokens):
-        cond_embedding = head.cond_embed(condition)
-        x = noise[n, 0]
-        for k in range(len(plan.times)):
-            rows_x = x.to(dtype).repeat(groups, 1)
-            velocity = head.velocity(rows_x, time_embeddings[k], cond_embedding).float()
-            guided = combine_guidance(velocity.view(groups, batch, dim), cfg[n], cfg_img[n])
-            x = plan.a[k] * x + plan.b[k] * guided
-            if plan.stochastic:
-                x = x + plan.c[k] * noise[n, 1 + k]
-        if inputs.use_norm:
-            x = F.layer_norm(x, (dim,), eps=1e-6)
+        x = solve(n, condition)
         out[:, n] = x
         if callback is not None:
             callback(n + 1, total_tokens, out[:, : n + 1])
@@ -92,5 +112,5 @@ def sample_tokens(model: NextStepModel, inputs: TokenLoopInputs, callback: Token
             step_pos = prefill_len + n
             mask = key_valid[:, None, None, : step_pos + 1] if padded else None
             condition = model.decode(model.embed_image_token(x.repeat(groups, 1)),
-                                     torch.full((input_ids.shape[0], 1), step_pos, device=device), cache, mask)
+                                     torch.full((row_count, 1), step_pos, device=device), cache, mask)
     return out
