@@ -1,0 +1,77 @@
+"""What the loader nodes offer: NextStep model folders and VAEs, by the names shown in their drop-downs.
+
+Model names are folder names under the `nextstep` model folders (a folder counts when it holds config.json).
+VAE names are `.safetensors` files under the `vae` model folders, plus `<model folder>/vae` for every model
+that ships its VAE folder. Names are resolved only against these lists, so a name from an API request can
+never point outside the model folders.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from nextstep_runtime.errors import NextStepError
+
+from . import host
+
+MODEL_VAE_SUBFOLDER = "vae"
+VAE_FILE_SUFFIX = ".safetensors"
+"""The only single-file VAE format the runtime reads (config in the safetensors metadata)."""
+
+
+def _model_folders() -> dict[str, Path]:
+    """Model name -> folder; the first search folder holding a name wins."""
+    found: dict[str, Path] = {}
+    for root in map(Path, host.folder_roots(host.MODEL_FOLDER_KEY)):
+        if root.is_dir():
+            for child in sorted(root.iterdir()):
+                if child.name not in found and (child / "config.json").is_file():
+                    found[child.name] = child
+    return found
+
+
+def _vae_entries() -> dict[str, Path]:
+    """VAE name -> path: model-folder VAEs first (the usual choice), then files under the vae folders."""
+    found = {f"{name}/{MODEL_VAE_SUBFOLDER}": folder / MODEL_VAE_SUBFOLDER
+             for name, folder in _model_folders().items() if (folder / MODEL_VAE_SUBFOLDER).is_dir()}
+    for root in map(Path, host.folder_roots(host.VAE_FOLDER_KEY)):
+        if not root.is_dir():
+            continue
+        for directory, _, files in sorted(os.walk(root, followlinks=True)):
+            for file in sorted(name for name in files if name.endswith(VAE_FILE_SUFFIX)):
+                path = Path(directory) / file
+                found.setdefault(path.relative_to(root).as_posix(), path)
+    return found
+
+
+def model_names() -> list[str]:
+    return list(_model_folders())
+
+
+def vae_names() -> list[str]:
+    return list(_vae_entries())
+
+
+def _searched(key: str) -> str:
+    return ", ".join(host.folder_roots(key)) or f"no `{key}` folder registered"
+
+
+def model_folder(name: str) -> Path:
+    """The folder of model `name`, or an error that says where models are looked for."""
+    folder = _model_folders().get(name)
+    if folder is None:
+        raise NextStepError(f"NextStep model folder {name!r} not found (searched {_searched(host.MODEL_FOLDER_KEY)}); "
+                            f"download the whole Hugging Face repo (e.g. stepfun-ai/NextStep-1.1) into "
+                            f"models/{host.MODEL_FOLDER_KEY}/{name}/ so that it holds config.json")
+    return folder
+
+
+def vae_path(name: str) -> Path:
+    """The folder or file of VAE `name`, or an error that says where VAEs are looked for."""
+    path = _vae_entries().get(name)
+    if path is None:
+        raise NextStepError(f"NextStep VAE {name!r} not found: expected <model>/{MODEL_VAE_SUBFOLDER} of a model in "
+                            f"{_searched(host.MODEL_FOLDER_KEY)}, or a {VAE_FILE_SUFFIX} file in "
+                            f"{_searched(host.VAE_FOLDER_KEY)}")
+    return path

@@ -1,0 +1,103 @@
+"""NextStep Text Encode: a prompt, optionally with input images for editing, checked against the model.
+
+NextStep tokenizes all guidance rows of a call together (left padding to the longest row), so the text is
+kept as text and tokenized by the sampler; what this node settles is where each input image goes and
+whether the images fit the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nextstep_runtime.errors import NextStepError
+from nextstep_runtime.prompt import IMAGE_TAG
+
+from .models import NextStepModelHandle
+from .sockets import CATEGORY, CONDITIONING, MODEL
+
+
+@dataclass(frozen=True)
+class NextStepConditioning:
+    """A NEXTSTEP_CONDITIONING: the prompt with one IMAGE_TAG per input image, and those images as
+    VAE-space latents [1, C, h, w] in tag order."""
+
+    text: str
+    images: tuple[torch.Tensor, ...] = ()
+
+
+def _split_images(image: dict | None) -> list[torch.Tensor]:
+    if image is None:
+        return []
+    samples = image.get("samples") if isinstance(image, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
+        raise NextStepError("the `image` input must be a LATENT from NextStep VAE Encode")
+    return list(samples.split(1))
+
+
+def _place_tags(text: str, count: int) -> str:
+    """Keep the user's `<image>` tags; a single image without one goes at the start, as in the official edits."""
+    tags = text.count(IMAGE_TAG)
+    if count == 0 and tags:
+        raise NextStepError(f"the prompt contains {IMAGE_TAG} but no image is connected; connect a LATENT from "
+                            f"NextStep VAE Encode to `image`, or remove {IMAGE_TAG}")
+    if count == 1 and tags == 0:
+        return IMAGE_TAG + text
+    if tags != count:
+        raise NextStepError(f"the `image` LATENT holds {count} images but the prompt has {tags} {IMAGE_TAG} tag(s); "
+                            f"write one {IMAGE_TAG} where each image belongs")
+    return text
+
+
+def encode_prompt(model: NextStepModelHandle, text: str, image: dict | None = None) -> NextStepConditioning:
+    """Check the input images against the model and place them in the prompt."""
+    images = _split_images(image)
+    pipeline = model.loaded.pipeline
+    patch = pipeline.model.config.latent_patch_size
+    for latent in images:
+        if latent.shape[-2] % patch or latent.shape[-1] % patch:
+            raise NextStepError(f"the input image is {latent.shape[-1] * 8}x{latent.shape[-2] * 8} pixels; NextStep "
+                                f"needs multiples of {8 * patch}: encode it with NextStep VAE Encode, which crops it")
+        pipeline.latents_to_tokens(latent)  # raises when the latent's channels don't fit this model
+    return NextStepConditioning(_place_tags(text, len(images)), tuple(images))
+
+
+def negative_text(negative: NextStepConditioning | None) -> str | None:
+    """The negative prompt's text; it cannot carry images (the editing negatives are built from the positive's)."""
+    if negative is None:
+        return None
+    if negative.images or IMAGE_TAG in negative.text:
+        raise NextStepError("the negative prompt carries an input image; connect the image to the positive "
+                            "NextStep Text Encode only (image guidance builds its negative from it, see cfg_img)")
+    return negative.text
+
+
+class NextStepTextEncode:
+    """Encodes a prompt for NextStep Sampler (positive or negative), like CLIPTextEncode."""
+
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("A NextStep prompt. Use one for the positive and one for the negative prompt. Connect an image "
+                   "(NextStep VAE Encode) to the positive prompt to edit that image.")
+    RETURN_TYPES = (CONDITIONING,)
+    RETURN_NAMES = ("conditioning",)
+    OUTPUT_TOOLTIPS = ("The prompt, for the positive or negative input of NextStep Sampler.",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "model": (MODEL, {"tooltip": "The NextStep model the prompt is for."}),
+                "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip":
+                         "The prompt. For editing, write <image> where the input image belongs (at the start "
+                         "if you leave it out), e.g. \"<image>Add a pirate hat to the dog's head.\""}),
+            },
+            "optional": {
+                "image": ("LATENT", {"tooltip": "Editing only: the input image from NextStep VAE Encode. Makes "
+                                                "this an editing prompt (NextStep-1-Large-Edit)."}),
+            },
+        }
+
+    def encode(self, model: NextStepModelHandle, text: str, image: dict | None = None) -> tuple[NextStepConditioning]:
+        return (encode_prompt(model, text, image),)

@@ -1,0 +1,146 @@
+"""The one adapter between the nodes and ComfyUI: model folders, devices, model management, progress, cancel.
+
+Inside ComfyUI each function delegates to `folder_paths`, `comfy.model_management`, `comfy.model_patcher`
+and `comfy.utils.ProgressBar`. Without ComfyUI (CI, scripts) plain fallbacks keep the node classes importable
+and runnable: folders come from `add_model_folder`, the device is the runtime's `auto` choice, and there is
+no model registry, progress display or cancel button to serve.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+from torch import nn
+
+from nextstep_runtime.pipeline import resolve_device
+
+try:
+    import folder_paths
+except ImportError:  # not running inside ComfyUI
+    folder_paths = None
+
+IN_COMFYUI = folder_paths is not None
+if IN_COMFYUI:  # a ComfyUI without these is broken: let the import error show rather than fall back silently
+    import comfy.model_management as model_management
+    import comfy.model_patcher
+    import comfy.utils
+    from comfy.cli_args import LatentPreviewMethod
+    from comfy.cli_args import args as comfy_args
+
+MODEL_FOLDER_KEY = "nextstep"
+"""models/nextstep/<model folder>/ (config.json, weights, tokenizer, vae/)."""
+VAE_FOLDER_KEY = "vae"
+
+_fallback_folders: dict[str, list[str]] = {MODEL_FOLDER_KEY: [], VAE_FOLDER_KEY: []}
+
+ProgressSink = Callable[[int, int, "Image.Image | None"], None]
+"""Called with (done, total, preview image or None)."""
+
+
+def add_model_folder(key: str, path: str) -> None:
+    """Add a search folder for `key`, after those already known (extra_model_paths.yaml entries stay first)."""
+    if IN_COMFYUI:
+        folder_paths.add_model_folder_path(key, path)
+    elif path not in _fallback_folders.setdefault(key, []):
+        _fallback_folders[key].append(path)
+
+
+def folder_roots(key: str) -> list[str]:
+    """The folders searched for `key`, in priority order."""
+    if IN_COMFYUI:
+        return folder_paths.get_folder_paths(key) if key in folder_paths.folder_names_and_paths else []
+    return list(_fallback_folders.get(key, []))
+
+
+if IN_COMFYUI:
+    add_model_folder(MODEL_FOLDER_KEY, os.path.join(folder_paths.models_dir, MODEL_FOLDER_KEY))
+
+
+def load_device() -> torch.device:
+    """Where models run."""
+    return model_management.get_torch_device() if IN_COMFYUI else resolve_device("auto")
+
+
+def initial_device(parameters: int, dtype: torch.dtype) -> torch.device:
+    """Where a freshly loaded model is placed: straight onto the GPU when it fits, as ComfyUI's own loaders do,
+    which also spares the host a full copy of a 14B model."""
+    return model_management.unet_inital_load_device(parameters, dtype) if IN_COMFYUI else load_device()
+
+
+def offload_device() -> torch.device:
+    """Where a model waits while other models use the GPU."""
+    return model_management.unet_offload_device() if IN_COMFYUI else load_device()
+
+
+def intermediate_device() -> torch.device:
+    """Where LATENT and IMAGE tensors passed between nodes live."""
+    return model_management.intermediate_device() if IN_COMFYUI else torch.device("cpu")
+
+
+def vae_devices() -> tuple[torch.device, torch.device]:
+    """(device the VAE runs on, device it waits on)."""
+    if IN_COMFYUI:
+        return model_management.vae_device(), model_management.vae_offload_device()
+    return load_device(), load_device()
+
+
+def vae_dtype(device: torch.device) -> torch.dtype:
+    """ComfyUI's VAE precision choice (honours --fp32-vae etc.); float16 is excluded since this VAE
+    family overflows in it. float32 outside ComfyUI."""
+    return model_management.vae_dtype(device, [torch.bfloat16, torch.float32]) if IN_COMFYUI else torch.float32
+
+
+class _Managed(nn.Module):
+    """Holds a runtime module for ComfyUI's ModelPatcher, which needs a writable `device` attribute
+    (the runtime's modules report their device through a read-only property)."""
+
+    def __init__(self, module: nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.module = module
+        self.device = device
+
+
+def register_model(module: nn.Module, current_device: torch.device, run_device: torch.device,
+                   wait_device: torch.device) -> Any:
+    """Put `module` under ComfyUI's model management (offloaded when other models need the memory and by
+    "Unload models"). Returns the handle `prepare_model` takes; None outside ComfyUI."""
+    if not IN_COMFYUI:
+        return None
+    patcher = comfy.model_patcher.ModelPatcher(_Managed(module, current_device), load_device=run_device,
+                                               offload_device=wait_device)
+    if current_device == run_device:
+        prepare_model(patcher)  # already in place: enter it in the registry now, as ComfyUI's direct-to-GPU loads do
+    return patcher
+
+
+def prepare_model(handle: Any, memory_required: int = 0) -> None:
+    """Move a registered model onto its device before use, freeing `memory_required` bytes more for the run.
+
+    Loads fully: the runtime's plain torch layers cannot run partly offloaded."""
+    if handle is not None:
+        model_management.load_models_gpu([handle], memory_required=memory_required, force_full_load=True)
+
+
+def check_interrupt() -> None:
+    """Raise ComfyUI's interrupt exception when the user pressed Cancel (no-op outside ComfyUI)."""
+    if IN_COMFYUI:
+        model_management.throw_exception_if_processing_interrupted()
+
+
+def previews_enabled() -> bool:
+    """Whether the user wants live previews (ComfyUI's --preview-method or the front-end's setting)."""
+    return IN_COMFYUI and comfy_args.preview_method != LatentPreviewMethod.NoPreviews
+
+
+def progress_sink(total: int) -> ProgressSink:
+    """A progress display for `total` steps: ComfyUI's progress bar and preview, or nothing."""
+    if not IN_COMFYUI:
+        return lambda done, steps, image: None
+    bar = comfy.utils.ProgressBar(total)
+
+    def update(done: int, steps: int, image: Image.Image | None) -> None:
+        bar.update_absolute(done, steps, None if image is None else ("JPEG", image, comfy_args.preview_size))
+    return update

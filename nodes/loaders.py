@@ -1,0 +1,79 @@
+"""NextStep Model Loader and NextStep VAE Loader."""
+
+from __future__ import annotations
+
+import logging
+
+from nextstep_runtime.attention import set_attention_backend
+from nextstep_runtime.pipeline import resolve_dtype
+
+from . import catalog, host
+from .models import LoadedVAE, NextStepModelHandle, load_nextstep_model, load_nextstep_vae
+from .sockets import CATEGORY, MODEL, VAE
+
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+ATTENTION_CHOICES = ("auto", "sdpa", "flash_attn")
+
+log = logging.getLogger("NextStep")
+
+
+class NextStepModelLoader:
+    """Loads a NextStep model folder (weights, tokenizer) from models/nextstep/."""
+
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Loads a NextStep model folder from models/nextstep/<name>/ (the whole Hugging Face repo: "
+                   "config.json, weights, tokenizer files, vae/).")
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The NextStep model, for NextStep Text Encode and NextStep Sampler.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "model_name": (catalog.model_names(), {"tooltip": "A folder in models/nextstep/ holding config.json, "
+                                                                  "e.g. NextStep-1.1 or NextStep-1-Large-Edit."}),
+                "dtype": (list(DTYPE_CHOICES), {"default": "auto",
+                                                "tooltip": "Weight precision. auto: bfloat16 on GPUs that support "
+                                                           "it (float16 otherwise), float32 on the CPU. The 14B "
+                                                           "models need about 30 GB in bfloat16."}),
+                "attention": (list(ATTENTION_CHOICES), {"default": "auto",
+                                                        "tooltip": "Attention kernel. auto: flash-attn when "
+                                                                   "installed, else PyTorch SDPA. flash_attn falls "
+                                                                   "back to SDPA (with a warning) when missing."}),
+            },
+        }
+
+    def load(self, model_name: str, dtype: str, attention: str) -> tuple[NextStepModelHandle]:
+        folder = catalog.model_folder(model_name)
+        if set_attention_backend(attention) != attention and attention == "flash_attn":
+            log.warning("NextStep: flash-attn is not installed (or not usable here); using PyTorch SDPA attention. "
+                        "Install it with `pip install flash-attn` to use it.")
+        loaded = load_nextstep_model(folder, resolve_dtype(dtype, host.load_device()))
+        return (NextStepModelHandle(loaded, attention),)
+
+
+class NextStepVAELoader:
+    """Loads NextStep's image tokenizer (VAE) from a model folder's vae/ or a file in models/vae/."""
+
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Loads the NextStep VAE: <model>/vae is the one inside a model folder; .safetensors files in "
+                   "models/vae/ are single-file NextStep VAEs.")
+    RETURN_TYPES = (VAE,)
+    RETURN_NAMES = ("vae",)
+    OUTPUT_TOOLTIPS = ("The NextStep VAE, for NextStep VAE Decode and NextStep VAE Encode.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "vae_name": (catalog.vae_names(), {"tooltip": "<model>/vae: the VAE folder shipped inside a NextStep "
+                                                              "model folder (recommended). Or a single-file NextStep "
+                                                              "VAE (.safetensors) from models/vae/."}),
+            },
+        }
+
+    def load(self, vae_name: str) -> tuple[LoadedVAE]:
+        return (load_nextstep_vae(catalog.vae_path(vae_name)),)

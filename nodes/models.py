@@ -1,0 +1,105 @@
+"""Loaded NextStep models and VAEs as the nodes pass them around, loaded once and shared.
+
+A model or VAE stays loaded as long as any node output holds it (ComfyUI's output cache, a second loader
+node naming the same file); the weak caches here hand that same object to every loader asking for the same
+files and precision, so nothing is read from disk twice.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nextstep_runtime.checkpoint import IGNORED_KEYS, canonical_key, open_safetensors
+from nextstep_runtime.errors import NextStepError
+from nextstep_runtime.loading import latent_normalization, load_model, load_vae, resolve_vae_path, weight_files
+from nextstep_runtime.pipeline import NextStepPipeline
+from nextstep_runtime.prompt import load_tokenizer
+from nextstep_runtime.vae import NextStepVAE
+
+from . import host
+from .preview import LatentToRGB, channel_view, fit_latent_to_rgb
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """A model folder's network, tokenizer and latent normalisation (no VAE), registered with the host."""
+
+    folder: Path
+    pipeline: NextStepPipeline
+    registration: Any
+    _to_rgb: LatentToRGB | None = field(default=None, repr=False)
+
+    def preview_colours(self) -> LatentToRGB:
+        """Latent -> RGB map for live previews, fitted once on the model folder's own VAE (see preview.py);
+        a plain channel view when the folder has no readable VAE."""
+        if self._to_rgb is None:
+            try:
+                vae = load_vae(resolve_vae_path(self.folder), torch.float32, "cpu")
+            except NextStepError:
+                self._to_rgb = channel_view(self.pipeline.model.config.latent_channels)
+            else:
+                self._to_rgb = fit_latent_to_rgb(vae)
+        return self._to_rgb
+
+
+@dataclass(frozen=True, eq=False)
+class NextStepModelHandle:
+    """What a NEXTSTEP_MODEL socket carries: shared weights plus this loader's attention choice."""
+
+    loaded: LoadedModel
+    attention: str
+
+
+@dataclass(eq=False)
+class LoadedVAE:
+    """What a NEXTSTEP_VAE socket carries."""
+
+    path: Path
+    vae: NextStepVAE
+    registration: Any
+
+
+_models: "weakref.WeakValueDictionary[tuple, LoadedModel]" = weakref.WeakValueDictionary()
+_vaes: "weakref.WeakValueDictionary[tuple, LoadedVAE]" = weakref.WeakValueDictionary()
+
+
+def _parameter_count(folder: Path) -> int:
+    """Parameters the runtime will load, from the safetensors headers alone."""
+    total = 0
+    for path in weight_files(folder):
+        with open_safetensors(path) as handle:
+            for key in handle.keys():
+                if canonical_key(key) not in IGNORED_KEYS:
+                    total += math.prod(handle.get_slice(key).get_shape())
+    return total
+
+
+def load_nextstep_model(folder: Path, dtype: torch.dtype) -> LoadedModel:
+    """The model in `folder` at `dtype`, reusing a copy that is still loaded."""
+    key = (str(folder.resolve()), dtype)
+    loaded = _models.get(key)
+    if loaded is None:
+        device = host.initial_device(_parameter_count(folder), dtype)
+        model = load_model(folder, dtype, device)
+        pipeline = NextStepPipeline(model, load_tokenizer(folder), latent_normalization(folder))
+        registration = host.register_model(model, device, host.load_device(), host.offload_device())
+        loaded = _models[key] = LoadedModel(folder, pipeline, registration)
+    return loaded
+
+
+def load_nextstep_vae(path: Path) -> LoadedVAE:
+    """The VAE at `path` in the host's VAE precision, reusing a copy that is still loaded."""
+    run_device, wait_device = host.vae_devices()
+    dtype = host.vae_dtype(run_device)
+    key = (str(path.resolve()), dtype)
+    loaded = _vaes.get(key)
+    if loaded is None:
+        vae = load_vae(path, dtype, wait_device)
+        loaded = _vaes[key] = LoadedVAE(path, vae, host.register_model(vae, wait_device, run_device, wait_device))
+    return loaded

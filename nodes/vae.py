@@ -1,0 +1,90 @@
+"""NextStep VAE Decode (LATENT -> IMAGE) and NextStep VAE Encode (IMAGE -> LATENT, for editing)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from nextstep_runtime.errors import NextStepError
+from nextstep_runtime.images import center_crop_to_multiple
+from nextstep_runtime.pipeline import images_to_unit
+
+from . import host
+from .models import LoadedVAE
+from .sockets import CATEGORY, VAE
+
+log = logging.getLogger("NextStep")
+
+
+def _decode_memory(latent_h: int, latent_w: int, dtype: torch.dtype) -> int:
+    """Working memory to decode one image: ComfyUI's estimate for this same Flux-style VAE architecture."""
+    return 2562 * latent_h * latent_w * 64 * dtype.itemsize
+
+
+def _encode_memory(height: int, width: int, dtype: torch.dtype) -> int:
+    """Working memory to encode one image: ComfyUI's estimate for this same Flux-style VAE architecture."""
+    return 1767 * height * width * dtype.itemsize
+
+
+class NextStepVAEDecode:
+    """Decodes NextStep latents into images."""
+
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Turns the LATENT of NextStep Sampler into images."
+    RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("The decoded images.",)
+    FUNCTION = "decode"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "vae": (VAE, {"tooltip": "The NextStep VAE (NextStep VAE Loader)."}),
+                "samples": ("LATENT", {"tooltip": "Latents from NextStep Sampler (16 channels, 1/8 of the image "
+                                                  "size)."}),
+            },
+        }
+
+    def decode(self, vae: LoadedVAE, samples: dict) -> tuple[torch.Tensor]:
+        latent = samples.get("samples") if isinstance(samples, dict) else None
+        channels = vae.vae.config.z_channels
+        if not isinstance(latent, torch.Tensor) or latent.ndim != 4 or latent.shape[1] != channels:
+            shape = list(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
+            raise NextStepError(f"NextStep VAE Decode needs a LATENT of [batch, {channels}, height/8, width/8] from "
+                                f"NextStep Sampler, got {shape}; latents of other models need their own VAE")
+        host.prepare_model(vae.registration, _decode_memory(latent.shape[2], latent.shape[3], vae.vae.dtype))
+        with torch.inference_mode():  # one image at a time: the full-resolution activations dominate memory
+            images = torch.cat([images_to_unit(vae.vae.decode(one).float()) for one in latent.split(1)])
+        return (images.movedim(1, -1).to(host.intermediate_device(), torch.float32),)
+
+
+class NextStepVAEEncode:
+    """Encodes images into NextStep latents, the input of an editing prompt."""
+
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Turns an image into a NextStep LATENT for the image input of NextStep Text Encode (editing)."
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The image as VAE-space latents, for the `image` input of NextStep Text Encode.",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "vae": (VAE, {"tooltip": "The NextStep VAE (NextStep VAE Loader)."}),
+                "pixels": ("IMAGE", {"tooltip": "The image to edit. Sides that are not multiples of 16 are "
+                                                "centre-cropped to the nearest multiple below."}),
+            },
+        }
+
+    def encode(self, vae: LoadedVAE, pixels: torch.Tensor) -> tuple[dict]:
+        images = pixels[..., :3].movedim(-1, 1)
+        cropped = center_crop_to_multiple(images, 8 * vae.vae.config.psz)
+        if cropped.shape != images.shape:
+            log.info("NextStep VAE Encode: centre-cropped %dx%d to %dx%d", images.shape[-1], images.shape[-2],
+                     cropped.shape[-1], cropped.shape[-2])
+        host.prepare_model(vae.registration, _encode_memory(cropped.shape[2], cropped.shape[3], vae.vae.dtype))
+        with torch.inference_mode():
+            latents = torch.cat([vae.vae.encode(one * 2 - 1).float() for one in cropped.split(1)])
+        return ({"samples": latents.to(host.intermediate_device(), torch.float32)},)

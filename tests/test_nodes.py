@@ -1,0 +1,310 @@
+"""The NextStep nodes called as ComfyUI calls them, on the fixture model, without ComfyUI."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from nextstep_runtime.attention import FLASH_ATTN_AVAILABLE, set_attention_backend
+from nextstep_runtime.config import VAEConfig
+from nextstep_runtime.errors import NextStepError
+from nextstep_runtime.images import load_rgb, to_uint8
+from nextstep_runtime.loading import VAE_CONFIG_METADATA_KEY
+from nextstep_runtime.pipeline import GenerationSettings, images_to_unit
+from nextstep_runtime.tokens import patchify
+from nextstep_runtime.vae import NextStepVAE
+
+from goldens import FIXTURES, GoldenCase, assert_matches_golden, golden_cases
+from nodes_pack import MODEL_NAME, VAE_FILE, install_fixture_models, load_pack
+
+PACK = load_pack()
+NODES = PACK.NODE_CLASS_MAPPINGS
+preview = importlib.import_module(f"{PACK.__name__}.nodes.preview")
+progress = importlib.import_module(f"{PACK.__name__}.nodes.progress")
+MODEL_VAE = f"{MODEL_NAME}/vae"
+CASES = {case.name: case for case in golden_cases()}
+API_CONTRACT = {
+    "NextStepModelLoader": ["model_name", "dtype", "attention"],
+    "NextStepVAELoader": ["vae_name"],
+    "NextStepTextEncode": ["model", "text", "image"],
+    "NextStepSampler": ["model", "positive", "width", "height", "batch_size", "seed", "steps", "cfg", "cfg_img",
+                        "cfg_schedule", "timesteps_shift", "sampler", "profile", "use_norm", "negative"],
+    "NextStepVAEDecode": ["vae", "samples"],
+    "NextStepVAEEncode": ["vae", "pixels"],
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def models_dir(tmp_path_factory):
+    return install_fixture_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return NODES["NextStepModelLoader"]().load(MODEL_NAME, "float32", "sdpa")[0]
+
+
+def node(name: str, *args, **kwargs):
+    """Run a node's function the way ComfyUI's executor does and return its outputs."""
+    cls = NODES[name]
+    return getattr(cls(), cls.FUNCTION)(*args, **kwargs)
+
+
+def sampler_settings(case: dict, **changes) -> dict:
+    h, w = case["hw"]
+    settings = dict(width=w, height=h, batch_size=case["num_images_per_caption"], seed=case["seed"],
+                    steps=case["num_sampling_steps"], cfg=case["cfg"], cfg_img=case["cfg_img"],
+                    cfg_schedule=case["cfg_schedule"], timesteps_shift=case["timesteps_shift"], sampler=case["sampler"],
+                    profile=case["profile"], use_norm=case["use_norm"])
+    return {**settings, **changes}
+
+
+def image_input(path) -> torch.Tensor:
+    """An image file as a ComfyUI IMAGE [1, H, W, 3], as LoadImage gives it."""
+    return load_rgb(path).movedim(1, -1)
+
+
+def pixels(image) -> torch.Tensor:
+    """A PIL image as an int tensor [H, W, 3]."""
+    return torch.from_numpy(np.array(image)).int()
+
+
+def fixture_vae(name: str = MODEL_VAE):
+    return node("NextStepVAELoader", name)[0]
+
+
+# --- node definitions ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("node_id", sorted(API_CONTRACT))
+def test_node_definition_follows_the_api_contract(node_id):
+    cls = NODES[node_id]
+    inputs = cls.INPUT_TYPES()
+    names = list(inputs["required"]) + list(inputs.get("optional", {}))
+    assert names == API_CONTRACT[node_id]
+    assert cls.CATEGORY == "NextStep"
+    assert PACK.NODE_DISPLAY_NAME_MAPPINGS[node_id].startswith("NextStep ")
+    for name, spec in {**inputs["required"], **inputs.get("optional", {})}.items():
+        assert len(spec[1]["tooltip"]) > 20, f"{node_id}.{name} needs a tooltip"
+    assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
+    assert callable(getattr(cls, cls.FUNCTION))
+
+
+def test_sampler_defaults_are_the_official_nextstep_1_1_settings():
+    required = NODES["NextStepSampler"].INPUT_TYPES()["required"]
+    defaults = {name: spec[1]["default"] for name, spec in required.items() if len(spec) > 1 and "default" in spec[1]}
+    assert defaults == {"width": 512, "height": 512, "batch_size": 1, "seed": 0, "steps": 28, "cfg": 7.5,
+                        "cfg_img": 1.0, "cfg_schedule": "constant", "timesteps_shift": 1.0, "sampler": "sde",
+                        "profile": "official", "use_norm": False}
+    assert required["width"][1]["step"] == required["height"][1]["step"] == 16
+    assert required["width"][1]["min"] == 16
+    assert required["seed"][1]["control_after_generate"] is True
+
+
+def test_loaders_list_model_folders_and_their_vaes():
+    assert MODEL_NAME in NODES["NextStepModelLoader"].INPUT_TYPES()["required"]["model_name"][0]
+    vaes = NODES["NextStepVAELoader"].INPUT_TYPES()["required"]["vae_name"][0]
+    assert vaes.index(MODEL_VAE) < vaes.index(VAE_FILE)  # a model's own VAE first, then files in models/vae
+    assert PACK.WEB_DIRECTORY == "./web"
+
+
+# --- goldens through the graph ------------------------------------------------------------------------------
+
+def run_graph(model, case: dict, vae_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loader -> (VAE Encode) -> Text Encode x2 -> Sampler -> VAE Decode, as a workflow wires them."""
+    vae = fixture_vae(vae_name)
+    image = node("NextStepVAEEncode", vae, image_input(FIXTURES / case["image"]))[0] if case["image"] else None
+    text = case["caption"] + (f" {case['positive_prompt']}" if case["positive_prompt"] else "")
+    positive = node("NextStepTextEncode", model, text, image)[0]
+    negative = None
+    if case["negative_prompt"] is not None:
+        negative = node("NextStepTextEncode", model, case["negative_prompt"])[0]
+    latent = node("NextStepSampler", model, positive, negative=negative, **sampler_settings(case))[0]
+    return latent["samples"], node("NextStepVAEDecode", vae, latent)[0]
+
+
+@pytest.mark.parametrize("case", golden_cases(), ids=lambda case: case.name)
+def test_graph_reproduces_golden(model, case: GoldenCase):
+    vae_name = VAE_FILE if case.image_path else MODEL_VAE  # both kinds of VAE entry
+    latents, images = run_graph(model, case.params, vae_name)
+
+    pipeline = model.loaded.pipeline
+    tokens = patchify(pipeline.normalization.to_model_space(latents), pipeline.model.config.latent_patch_size)
+    assert_matches_golden(case, {"tokens": tokens, "latents": latents,
+                                 "images_uint8": to_uint8(images.movedim(-1, 1))})
+    expected = images_to_unit(case.expected["images"]).movedim(1, -1)
+    torch.testing.assert_close(images, expected, atol=1e-3, rtol=0)
+
+
+def test_edit_image_goes_to_the_start_without_a_tag(model):
+    case = CASES["official_edit_sde"]
+    assert case.params["caption"].startswith("<image>")
+    untagged = dict(case.params, caption=case.params["caption"].removeprefix("<image>"))
+    latents, _ = run_graph(model, untagged, MODEL_VAE)
+    assert_matches_golden(case, {"latents": latents})
+
+
+def test_latent_and_image_shapes_and_dtypes(model):
+    positive = node("NextStepTextEncode", model, "two small boats")[0]
+    latent = node("NextStepSampler", model, positive, width=48, height=32, batch_size=2, seed=3, steps=2, cfg=1.0,
+                  cfg_img=1.0, cfg_schedule="constant", timesteps_shift=1.0, sampler="ode", profile="official",
+                  use_norm=False)[0]
+    samples = latent["samples"]
+    assert samples.shape == (2, 16, 4, 6) and samples.dtype == torch.float32 and samples.device.type == "cpu"
+    images = node("NextStepVAEDecode", fixture_vae(), latent)[0]
+    assert images.shape == (2, 32, 48, 3) and images.dtype == torch.float32 and images.device.type == "cpu"
+    assert 0 <= images.min() and images.max() <= 1
+    assert not torch.equal(images[0], images[1])
+
+
+def test_vae_encode_centre_crops_to_multiples_of_16():
+    pixels = torch.rand(1, 50, 70, 3)
+    latent = node("NextStepVAEEncode", fixture_vae(), pixels)[0]["samples"]
+    assert latent.shape == (1, 16, 6, 8) and latent.dtype == torch.float32
+    same = node("NextStepVAEEncode", fixture_vae(), pixels[:, 1:49, 3:67].contiguous())[0]["samples"]
+    torch.testing.assert_close(latent, same)
+
+
+# --- loaders --------------------------------------------------------------------------------------------------
+
+def test_loaders_reuse_what_is_still_loaded(model):
+    again = node("NextStepModelLoader", MODEL_NAME, "float32", "auto")[0]
+    assert again.loaded is model.loaded and again.attention == "auto"
+    assert fixture_vae() is fixture_vae()
+    other_precision = node("NextStepModelLoader", MODEL_NAME, "bfloat16", "sdpa")[0]
+    assert other_precision.loaded is not model.loaded
+    assert other_precision.loaded.pipeline.model.dtype == torch.bfloat16
+
+
+def test_flash_attn_request_falls_back_to_sdpa_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING):
+        handle = node("NextStepModelLoader", MODEL_NAME, "float32", "flash_attn")[0]
+    try:
+        warned = any("flash-attn" in record.getMessage() for record in caplog.records)
+        assert warned != FLASH_ATTN_AVAILABLE
+        assert handle.attention == "flash_attn"
+    finally:
+        set_attention_backend("auto")
+
+
+# --- errors ---------------------------------------------------------------------------------------------------
+
+def test_width_not_multiple_of_16_is_rejected(model):
+    message = NODES["NextStepSampler"].VALIDATE_INPUTS(width=500, height=512)
+    assert "width 500" in message and "multiple of 16" in message and "496" in message
+    assert NODES["NextStepSampler"].VALIDATE_INPUTS(width=512, height=None) is True
+    assert "larger than" in NODES["NextStepSampler"].VALIDATE_INPUTS(width=512, height=4096)
+    positive = node("NextStepTextEncode", model, "a cat")[0]
+    case = CASES["official_t2i_sde"].params
+    with pytest.raises(NextStepError, match="height 40 is not a positive multiple of 16"):
+        node("NextStepSampler", model, positive, **sampler_settings(case, height=40))
+
+
+def test_missing_model_folder_names_where_it_looked(models_dir):
+    with pytest.raises(NextStepError) as error:
+        node("NextStepModelLoader", "NextStep-1.1", "auto", "auto")
+    assert "NextStep-1.1" in str(error.value) and str(models_dir / "nextstep") in str(error.value)
+    assert "stepfun-ai/NextStep-1.1" in str(error.value)
+    with pytest.raises(NextStepError, match="NextStep-1.1/vae"):
+        node("NextStepVAELoader", "NextStep-1.1/vae")
+
+
+def test_model_folder_without_weights_names_the_file(models_dir):
+    broken = models_dir / "nextstep" / "no-weights"
+    broken.mkdir()
+    (broken / "config.json").write_text((FIXTURES / MODEL_NAME / "config.json").read_text())
+    with pytest.raises(NextStepError, match="no weights in .*no-weights"):
+        node("NextStepModelLoader", "no-weights", "float32", "auto")
+
+
+@pytest.fixture(scope="module")
+def four_channel_vae(models_dir):
+    """A VAE whose latent space does not fit NextStep's 16-channel tokens (random weights)."""
+    config = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4)
+    vae = NextStepVAE(config)
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, models_dir / "vae" / "four-channel.safetensors",
+              metadata={VAE_CONFIG_METADATA_KEY: json.dumps({**config.__dict__, "ch_mult": list(config.ch_mult)})})
+    return fixture_vae("four-channel.safetensors")
+
+
+def test_vae_that_does_not_match_the_model_is_refused(model, four_channel_vae):
+    positive = node("NextStepTextEncode", model, "a cat")[0]
+    latent = node("NextStepSampler", model, positive, width=32, height=32, batch_size=1, seed=0, steps=1, cfg=1.0,
+                  cfg_img=1.0, cfg_schedule="constant", timesteps_shift=1.0, sampler="ode", profile="official",
+                  use_norm=False)[0]
+    with pytest.raises(NextStepError, match=r"LATENT of \[batch, 4, height/8, width/8\]"):
+        node("NextStepVAEDecode", four_channel_vae, latent)
+    edit_latent = node("NextStepVAEEncode", four_channel_vae, torch.rand(1, 32, 32, 3))[0]
+    with pytest.raises(NextStepError, match="4 channels but the model expects 16"):
+        node("NextStepTextEncode", model, "<image>make it blue", edit_latent)
+
+
+def test_latent_from_another_model_family_is_refused():
+    sd_latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    with pytest.raises(NextStepError, match="NextStep VAE Decode needs a LATENT"):
+        node("NextStepVAEDecode", fixture_vae(), sd_latent)
+
+
+def test_editing_conditioning_misuse_is_refused(model):
+    vae = fixture_vae()
+    image = node("NextStepVAEEncode", vae, image_input(FIXTURES / "edit_input_64.png"))[0]
+    with pytest.raises(NextStepError, match="contains <image> but no image is connected"):
+        node("NextStepTextEncode", model, "<image>Add a hat.")
+    with pytest.raises(NextStepError, match="prompt has 2 <image> tag"):
+        node("NextStepTextEncode", model, "<image> and <image>", image)
+    two_images = {"samples": torch.cat([image["samples"]] * 2)}
+    with pytest.raises(NextStepError, match="holds 2 images but the prompt has 0"):
+        node("NextStepTextEncode", model, "Add a hat.", two_images)
+    odd = {"samples": image["samples"][..., :7]}
+    with pytest.raises(NextStepError, match="needs multiples of 16"):
+        node("NextStepTextEncode", model, "Add a hat.", odd)
+    positive = node("NextStepTextEncode", model, "Add a hat.")[0]
+    image_negative = node("NextStepTextEncode", model, "Copy original image.", image)[0]
+    case = CASES["official_edit_sde"].params
+    with pytest.raises(NextStepError, match="negative prompt carries an input image"):
+        node("NextStepSampler", model, positive, negative=image_negative, **sampler_settings(case))
+
+
+# --- progress and preview -------------------------------------------------------------------------------------
+
+def test_progress_reports_every_token_and_previews_rows_so_far(model):
+    case = CASES["official_t2i_sde"].params
+    golden = CASES["official_t2i_sde"].expected
+    pipeline = model.loaded.pipeline
+    to_rgb = model.loaded.preview_colours()
+    rows, cols = case["hw"][0] // 16, case["hw"][1] // 16
+    drawer = preview.TokenPreview(to_rgb, pipeline.normalization, (rows, cols), 2)
+    reports = []
+    callback = progress.TokenProgress(lambda done, total, image: reports.append((done, total, image)), drawer)
+    settings = sampler_settings(case)
+    settings["batch"] = settings.pop("batch_size")
+    pipeline.sample(case["caption"], GenerationSettings(**settings), negative=case["negative_prompt"],
+                    positive=case["positive_prompt"], callback=callback)
+
+    assert [(done, total) for done, total, _ in reports] == [(n, rows * cols) for n in range(1, rows * cols + 1)]
+    first, last = reports[0][2], reports[-1][2]
+    assert first is not None and last is not None
+    assert first.size == last.size == (cols * 2, rows * 2)
+    expected = (to_rgb(golden["latents"][0]) * 255).round()
+    assert (pixels(last) - expected).abs().max() <= 1
+    grey = round(preview.UNFILLED_GREY * 255)
+    first_pixels = pixels(first)
+    assert (first_pixels[2:] == grey).all() and (first_pixels[:2, 2:] == grey).all()
+
+
+def test_preview_colours_come_from_the_model_vae_or_a_channel_view(model, models_dir):
+    fitted = model.loaded.preview_colours()
+    assert fitted.weight.shape == (16, 3) and not torch.equal(fitted.weight, preview.channel_view(16).weight)
+    assert model.loaded.preview_colours() is fitted  # fitted once per model
+    no_vae = models_dir / "nextstep" / "no-vae"
+    no_vae.mkdir()
+    for item in (FIXTURES / MODEL_NAME).iterdir():
+        if item.name != "vae":
+            (no_vae / item.name).symlink_to(item)
+    handle = node("NextStepModelLoader", "no-vae", "float32", "sdpa")[0]
+    assert torch.equal(handle.loaded.preview_colours().weight, preview.channel_view(16).weight)
