@@ -82,35 +82,50 @@ class TokenSolver:
         return F.layer_norm(x, (self.dim,), eps=1e-6) if self.use_norm else x
 
 
+class DecodeState:
+    """The KV cache of every guidance row plus which cached keys are real (not left padding)."""
+
+    def __init__(self, model: NextStepModel, rows: PromptRows, image_tokens: int) -> None:
+        device = model.device
+        self.model = model
+        self.groups = rows.groups
+        self.row_count, self.prefill_len = rows.input_ids.shape
+        capacity = self.prefill_len + image_tokens - 1
+        self.padded = bool((rows.attention_mask == 0).any())
+        self.key_valid = torch.ones((self.row_count, capacity), dtype=torch.bool, device=device)
+        self.key_valid[:, : self.prefill_len] = rows.attention_mask.to(device).bool()
+        self.cache = model.new_cache(self.row_count, capacity)
+
+    def prefill(self, rows: PromptRows, image_tokens: torch.Tensor | None) -> torch.Tensor:
+        """Run the prompt rows from an empty cache; returns the condition for the first image token [R, hidden]."""
+        model, device, length = self.model, self.model.device, self.prefill_len
+        self.cache.length = 0
+        tokens = image_tokens.to(device) if image_tokens is not None else None
+        positions = torch.arange(length, device=device).expand(self.row_count, -1)
+        mask = padded_attention_mask(self.key_valid[:, :length], 0, length) if self.padded else None
+        return model.decode(model.embed_prompt(rows.input_ids.to(device), tokens), positions, self.cache, mask)
+
+    def feed(self, token: torch.Tensor) -> torch.Tensor:
+        """Append a sampled token [B, D] to every guidance row; returns the next condition."""
+        position = self.cache.length
+        mask = self.key_valid[:, None, None, : position + 1] if self.padded else None
+        positions = torch.full((self.row_count, 1), position, device=self.model.device)
+        return self.model.decode(self.model.embed_image_token(token.repeat(self.groups, 1)), positions, self.cache, mask)
+
+
 @torch.inference_mode()
 def sample_tokens(model: NextStepModel, inputs: TokenLoopInputs, callback: TokenCallback | None = None) -> torch.Tensor:
     """Generate every image token; returns [B, L, D] float32 (after use_norm when on)."""
-    device = model.device
-    rows, groups = inputs.rows, inputs.rows.groups
     total_tokens = inputs.grid[0] * inputs.grid[1]
-    row_count, prefill_len = rows.input_ids.shape
-    capacity = prefill_len + total_tokens - 1
-    padded = bool((rows.attention_mask == 0).any())
-    key_valid = torch.ones((row_count, capacity), dtype=torch.bool, device=device)
-    key_valid[:, :prefill_len] = rows.attention_mask.to(device).bool()
-    cache = model.new_cache(row_count, capacity)
-
-    input_ids = rows.input_ids.to(device)
-    image_tokens = inputs.image_tokens.to(device) if inputs.image_tokens is not None else None
-    positions = torch.arange(prefill_len, device=device).expand(row_count, -1)
-    prefill_mask = padded_attention_mask(key_valid[:, :prefill_len], 0, prefill_len) if padded else None
-    condition = model.decode(model.embed_prompt(input_ids, image_tokens), positions, cache, prefill_mask)
-
+    state = DecodeState(model, inputs.rows, total_tokens)
+    condition = state.prefill(inputs.rows, inputs.image_tokens)
     solve = TokenSolver(model, inputs)
-    out = torch.empty((inputs.batch, total_tokens, model.config.token_dim), dtype=torch.float32, device=device)
+    out = torch.empty((inputs.batch, total_tokens, model.config.token_dim), dtype=torch.float32, device=model.device)
     for n in range(total_tokens):
         x = solve(n, condition)
         out[:, n] = x
         if callback is not None:
             callback(n + 1, total_tokens, out[:, : n + 1])
         if n + 1 < total_tokens:
-            step_pos = prefill_len + n
-            mask = key_valid[:, None, None, : step_pos + 1] if padded else None
-            condition = model.decode(model.embed_image_token(x.repeat(groups, 1)),
-                                     torch.full((row_count, 1), step_pos, device=device), cache, mask)
+            condition = state.feed(x)
     return out

@@ -156,11 +156,9 @@ class NextStepPipeline:
                                 f"{config.latent_channels}; encode it with this model's VAE")
         return patchify(self.normalization.to_model_space(latents.float()), config.latent_patch_size).reshape(-1, config.token_dim)
 
-    def sample(self, caption: str, settings: GenerationSettings, negative: str | None = None,
-               positive: str | None = None, edit_latents: list[torch.Tensor] | None = None,
-               callback: TokenCallback | None = None) -> GenerationResult:
-        """Generate tokens and VAE-space latents (no decoding). `edit_latents`: one VAE-space latent
-        [1, C, h, w] per `<image>` tag in the caption."""
+    def prepare(self, caption: str, settings: GenerationSettings, negative: str | None = None,
+                positive: str | None = None, edit_latents: list[torch.Tensor] | None = None) -> TokenLoopInputs:
+        """Validate and tokenize, and prepare everything the token loop needs (rows, noise, schedules)."""
         settings.validate()
         config = self.model.config
         patch_pixels = 8 * config.latent_patch_size
@@ -176,7 +174,7 @@ class NextStepPipeline:
             image_tokens = per_row.repeat(sum(rows.image_rows), 1)
         plan = solver_plan(settings.sampler, settings.steps, settings.timesteps_shift)
         total = grid[0] * grid[1]
-        inputs = TokenLoopInputs(
+        return TokenLoopInputs(
             rows=rows,
             image_tokens=image_tokens,
             plan=plan,
@@ -187,10 +185,17 @@ class NextStepPipeline:
             grid=grid,
             use_norm=settings.use_norm,
         )
+
+    def sample(self, caption: str, settings: GenerationSettings, negative: str | None = None,
+               positive: str | None = None, edit_latents: list[torch.Tensor] | None = None,
+               callback: TokenCallback | None = None) -> GenerationResult:
+        """Generate tokens and VAE-space latents (no decoding). `edit_latents`: one VAE-space latent
+        [1, C, h, w] per `<image>` tag in the caption."""
+        inputs = self.prepare(caption, settings, negative, positive, edit_latents)
         tokens = sample_tokens(self.model, inputs, callback)
-        model_latents = unpatchify(tokens, grid[0], grid[1], config.latent_patch_size)
-        latents = self.normalization.to_vae_space(model_latents)
-        return GenerationResult(tokens=tokens, latents=latents, settings=settings)
+        model_latents = unpatchify(tokens, *inputs.grid, self.model.config.latent_patch_size)
+        return GenerationResult(tokens=tokens, latents=self.normalization.to_vae_space(model_latents),
+                                settings=settings)
 
     def generate(self, caption: str, settings: GenerationSettings | None = None, negative: str | None = None,
                  positive: str | None = None, edit_images: list[torch.Tensor] | None = None,

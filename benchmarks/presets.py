@@ -1,0 +1,52 @@
+"""Random-weight NextStep models of named sizes, built in-process for benchmarking (no files)."""
+
+from __future__ import annotations
+
+
+import torch
+
+from nextstep_runtime.config import ModelConfig, VAEConfig
+from nextstep_runtime.model import NextStepModel
+from nextstep_runtime.vae import NextStepVAE
+
+_BASE = dict(rms_norm_eps=1e-6, rope_theta=1e6, attention_bias=True, o_attention_bias=False, mlp_bias=False,
+             boi=517, eoi=518, image_placeholder_id=519)
+
+PRESETS: dict[str, ModelConfig] = {
+    # the fixture's dims (tests/fixtures/tiny-nextstep)
+    "tiny": ModelConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                        intermediate_size=128, vocab_size=524, head_width=48, head_depth=2, **_BASE),
+    "small": ModelConfig(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                         head_dim=64, intermediate_size=1376, vocab_size=524, head_width=512, head_depth=6, **_BASE),
+    # NextStep-14B (Qwen2.5-14B backbone, 157M flow head)
+    "full": ModelConfig(hidden_size=5120, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
+                        head_dim=128, intermediate_size=13824, vocab_size=152064, head_width=1536, head_depth=12, **_BASE),
+}
+
+VAE_PRESETS: dict[str, VAEConfig] = {
+    "tiny": VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1),
+    "small": VAEConfig(),
+    "full": VAEConfig(),
+}
+
+
+@torch.no_grad()
+def random_model(preset: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> NextStepModel:
+    """Weights ~ N(0, 0.02), norms at 1: activations of realistic scale at any size."""
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = NextStepModel(PRESETS[preset])
+    model.to_empty(device=device)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight") or name.endswith("layernorm.weight") or "in_ln.weight" in name:
+            param.data = torch.ones(param.shape, dtype=dtype, device=device)
+        else:
+            param.data = (torch.randn(param.shape, device=device) * 0.02).to(dtype)
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def random_vae(preset: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> NextStepVAE:
+    torch.manual_seed(seed)
+    vae = NextStepVAE(VAE_PRESETS[preset])
+    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
