@@ -68,11 +68,11 @@ def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
 def load_weights(module: nn.Module, tensors: Iterator[tuple[Path, str, Callable[[], torch.Tensor]]],
                  dtype: torch.dtype, device: torch.device, source: str,
                  shape_hint: Callable[[str], str] = lambda name: "",
-                 convert: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> None:
+                 convert: Callable[[str, torch.Tensor], dict[str, torch.Tensor]] | None = None) -> None:
     """Fill a meta-device `module` from `tensors`, checking every name and shape.
 
-    `convert(name, tensor)` may replace the default dtype conversion (used for fp8 storage).
-    Unknown extra keys are an error only when they look like model weights we failed to build.
+    `convert(name, tensor)` may replace the default dtype conversion and return several entries for
+    one checkpoint tensor (fp8 storage adds its scale).
     """
     shapes = expected_shapes(module)
     loaded: set[str] = set()
@@ -87,10 +87,11 @@ def load_weights(module: nn.Module, tensors: Iterator[tuple[Path, str, Callable[
         if tensor.shape != shapes[name]:
             raise NextStepError(f"{path}: tensor {key!r} has shape {list(tensor.shape)} but {source} implies "
                                 f"{list(shapes[name])}{shape_hint(name)}")
-        value = convert(name, tensor) if convert else tensor.to(device=device, dtype=dtype)
+        values = convert(name, tensor) if convert else {name: tensor.to(device=device, dtype=dtype)}
         del tensor
-        _assign(module, name, value)
-        loaded.add(name)
+        for target, value in values.items():
+            _assign(module, target, value)
+            loaded.add(target)
     missing = sorted(set(shapes) - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

@@ -12,6 +12,7 @@ import torch
 from .checkpoint import iter_safetensors, load_weights, open_safetensors
 from .config import RELEASED_VAE_CONFIG, ModelConfig, VAEConfig, read_json
 from .errors import NextStepError
+from .fp8 import quantize_per_channel, use_fp8_linears
 from .model import NextStepModel
 from .tokens import LatentNormalization
 from .vae import NextStepVAE
@@ -70,9 +71,25 @@ def _count_blocks(files: list[Path]) -> tuple[int, int]:
     return len(layers), len(head_blocks)
 
 
+def _fp8_converter(model: NextStepModel, dtype: torch.dtype,
+                   device: torch.device) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Swap the decoder's linears for FP8Linear and quantise their weights as they are read."""
+    fp8_modules = {f"layers.{name}" for name in use_fp8_linears(model.layers)}
+
+    def convert(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        owner, _, attr = name.rpartition(".")
+        if owner in fp8_modules and attr == "weight":
+            weight, scale = quantize_per_channel(tensor.to(device))
+            return {name: weight, f"{owner}.weight_scale": scale}
+        return {name: tensor.to(device=device, dtype=dtype)}
+    return convert
+
+
 def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device | str,
-               convert: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> NextStepModel:
-    """Build the network from `folder/config.json` and fill it from the safetensors weights."""
+               fp8: bool = False) -> NextStepModel:
+    """Build the network from `folder/config.json` and fill it from the safetensors weights.
+
+    `dtype` is the compute dtype; with `fp8` the decoder's linear weights are stored as float8."""
     folder = Path(folder)
     if not folder.is_dir():
         raise NextStepError(f"model folder {folder} does not exist")
@@ -89,10 +106,11 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device | st
     if found_depth != config.head_depth:
         raise NextStepError(f"{config_path} says the flow head has {config.head_depth} blocks "
                             f"(genloss_depth/fm_head_layers) but the weights hold {found_depth}")
+    device = torch.device(device)
     with torch.device("meta"):
         model = NextStepModel(config)
-    load_weights(model, iter_safetensors(files), dtype, torch.device(device), str(config_path),
-                 _model_shape_hint(config), convert)
+    convert = _fp8_converter(model, dtype, device) if fp8 else None
+    load_weights(model, iter_safetensors(files), dtype, device, str(config_path), _model_shape_hint(config), convert)
     return model.eval().requires_grad_(False)
 
 

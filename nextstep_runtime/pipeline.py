@@ -120,11 +120,13 @@ class NextStepPipeline:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, vae: str | Path | None = None, device: str = "auto",
-                        dtype: str = "auto", load_vae_too: bool = True) -> "NextStepPipeline":
-        """Load the model folder; the VAE from `vae` or the config's `vae_name_or_path`."""
+                        dtype: str = "auto", fp8: bool = False, load_vae_too: bool = True) -> "NextStepPipeline":
+        """Load the model folder; the VAE from `vae` or the config's `vae_name_or_path`.
+
+        `fp8` stores the decoder's linear weights as float8 (about half the memory of bf16)."""
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
-        model = load_model(folder, torch_dtype, torch_device)
+        model = load_model(folder, torch_dtype, torch_device, fp8=fp8)
         tokenizer = load_tokenizer(folder)
         vae_model, vae_path = None, None
         if load_vae_too:
