@@ -1,0 +1,145 @@
+"""The example workflows agree with the node definitions, and each UI workflow with its API-format twin."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from nodes_pack import ROOT, load_pack
+
+EXAMPLES = ROOT / "example_workflows"
+UI_WORKFLOWS = sorted(EXAMPLES.glob("*.json"))
+NODES = load_pack().NODE_CLASS_MAPPINGS
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
+SEED_CONTROLS = ("fixed", "increment", "decrement", "randomize")
+NATIVE = {
+    # ComfyUI 0.8 core nodes used by the examples: (socket inputs, widgets in UI order, output types).
+    # LoadImage's "upload" is a UI-only button widget; the end-to-end test runs the API twins in ComfyUI.
+    "LoadImage": ([], ["image", "upload"], ["IMAGE", "MASK"]),
+    "ImageScale": (["image"], ["upscale_method", "width", "height", "crop"], ["IMAGE"]),
+    "ImageScaleBy": (["image"], ["upscale_method", "scale_by"], ["IMAGE"]),
+    "SaveImage": (["images"], ["filename_prefix"], []),
+}
+UI_ONLY_WIDGETS = {"upload"}
+
+
+def is_widget(spec: tuple) -> bool:
+    return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
+
+
+def definition(node_type: str) -> tuple[list[str], list[str], list[str]]:
+    """(socket input names, widget names in the order the front-end saves them, output types)."""
+    if node_type in NATIVE:
+        return NATIVE[node_type]
+    cls = NODES[node_type]
+    inputs = cls.INPUT_TYPES()
+    specs = {**inputs["required"], **inputs.get("optional", {})}
+    widgets = []
+    for name, spec in specs.items():
+        if is_widget(spec):
+            widgets.append(name)
+            if len(spec) > 1 and spec[1].get("control_after_generate"):
+                widgets.append(f"{name}:control")
+    return [name for name, spec in specs.items() if not is_widget(spec)], widgets, list(cls.RETURN_TYPES)
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def api_twin(path: Path) -> dict:
+    return load(EXAMPLES / "api" / path.name)
+
+
+def named_widgets(node: dict) -> dict:
+    _, widgets, _ = definition(node["type"])
+    assert len(node["widgets_values"]) == len(widgets), f"node {node['id']} ({node['type']}) widget count"
+    return dict(zip(widgets, node["widgets_values"]))
+
+
+def test_every_ui_workflow_has_an_api_twin():
+    assert [path.name for path in UI_WORKFLOWS] == sorted(path.name for path in (EXAMPLES / "api").glob("*.json"))
+    assert len(UI_WORKFLOWS) == 3
+
+
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda path: path.stem)
+def test_ui_workflow_matches_node_definitions(path):
+    workflow = load(path)
+    assert workflow["version"] == 0.4
+    links = {link[0]: link for link in workflow["links"]}
+    nodes = {node["id"]: node for node in workflow["nodes"]}
+    for node in workflow["nodes"]:
+        sockets, _, outputs = definition(node["type"])
+        assert [slot["name"] for slot in node["inputs"]] == sockets, f"node {node['id']} inputs"
+        assert [slot["type"] for slot in node["outputs"]] == outputs, f"node {node['id']} outputs"
+        for name, value in named_widgets(node).items():
+            if name.endswith(":control"):
+                assert value in SEED_CONTROLS
+            elif node["type"] in NODES and isinstance(NODES[node["type"]].INPUT_TYPES()["required"][name][0], list):
+                options = NODES[node["type"]].INPUT_TYPES()["required"][name][0]
+                assert value in options or name in ("model_name", "vae_name"), f"{name}={value!r}"
+        for slot_index, slot in enumerate(node["inputs"]):
+            if slot["link"] is not None:
+                _, source, source_slot, target, target_slot, link_type = links[slot["link"]]
+                assert (target, target_slot) == (node["id"], slot_index)
+                assert link_type == slot["type"] == nodes[source]["outputs"][source_slot]["type"]
+
+
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda path: path.stem)
+def test_api_twin_matches_ui_workflow(path):
+    workflow, api = load(path), api_twin(path)
+    assert set(api) == {str(node["id"]) for node in workflow["nodes"]}
+    links = {link[0]: link for link in workflow["links"]}
+    for node in workflow["nodes"]:
+        twin = api[str(node["id"])]
+        assert twin["class_type"] == node["type"]
+        expected = {name: value for name, value in named_widgets(node).items()
+                    if not name.endswith(":control") and name not in UI_ONLY_WIDGETS}
+        for slot in node["inputs"]:
+            if slot["link"] is not None:
+                _, source, source_slot, *_ = links[slot["link"]]
+                expected[slot["name"]] = [str(source), source_slot]
+        assert twin["inputs"] == expected, f"node {node['id']} ({node['type']})"
+
+
+def sampler_and_prompts(api: dict) -> tuple[dict, str, str | None]:
+    """The sampler's inputs and the texts of its positive and negative prompts."""
+    (sampler,) = [node["inputs"] for node in api.values() if node["class_type"] == "NextStepSampler"]
+    text = {key: node["inputs"].get("text") for key, node in api.items()}
+    negative = sampler.get("negative")
+    return sampler, text[sampler["positive"][0]], text[negative[0]] if negative else None
+
+
+def test_text_to_image_examples_use_nextstep_1_1_settings():
+    defaults = {name: spec[1]["default"] for name, spec in NODES["NextStepSampler"].INPUT_TYPES()["required"].items()
+                if len(spec) > 1 and "default" in spec[1]}
+    for name in ("nextstep_1.1_text_to_image", "nextstep_1.1_text_to_image_upscale"):
+        api = load(EXAMPLES / "api" / f"{name}.json")
+        sampler, _, negative = sampler_and_prompts(api)
+        assert {key: sampler[key] for key in defaults} == defaults
+        assert negative.startswith("lowres")
+        loaders = [node["inputs"] for node in api.values() if node["class_type"].endswith("Loader")]
+        assert {"model_name": "NextStep-1.1", "dtype": "auto", "attention": "auto"} in loaders
+        assert {"vae_name": "NextStep-1.1/vae"} in loaders
+
+
+def test_upscale_example_chains_native_nodes_into_save_image():
+    api = load(EXAMPLES / "api" / "nextstep_1.1_text_to_image_upscale.json")
+    by_type = {node["class_type"]: (key, node["inputs"]) for key, node in api.items()}
+    decode_key, _ = by_type["NextStepVAEDecode"]
+    scale_key, scale = by_type["ImageScaleBy"]
+    assert scale["image"] == [decode_key, 0] and scale["scale_by"] == 2.0
+    assert by_type["SaveImage"][1]["images"] == [scale_key, 0]
+
+
+def test_edit_example_uses_nextstep_1_large_edit_settings():
+    api = load(EXAMPLES / "api" / "nextstep_1_large_edit.json")
+    sampler, positive, negative = sampler_and_prompts(api)
+    assert (sampler["cfg"], sampler["cfg_img"], sampler["timesteps_shift"], sampler["use_norm"]) == (7.5, 2.0, 3.2, True)
+    assert negative == "Copy original image."
+    assert positive.startswith("<image>")
+    (encode,) = [key for key, node in api.items() if node["class_type"] == "NextStepVAEEncode"]
+    assert api[sampler["positive"][0]]["inputs"]["image"] == [encode, 0]
+    assert any(node["inputs"].get("model_name") == "NextStep-1-Large-Edit" for node in api.values())
