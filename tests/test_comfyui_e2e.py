@@ -1,0 +1,268 @@
+"""End to end in a real ComfyUI: the pack loaded from custom_nodes, the example API workflows run over HTTP.
+
+Skipped unless COMFYUI_DIR names a ComfyUI checkout; COMFYUI_PYTHON is the interpreter that runs it
+(default: this one). The server runs headless on the CPU on a free loopback port, with its own custom_nodes,
+models (an extra_model_paths.yaml pointing at the fixture models), input, output and user folders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from goldens import FIXTURES, UINT8_TOLERANCE, golden_cases
+from nextstep_runtime import GenerationSettings, NextStepPipeline, images_to_unit
+from nextstep_runtime.images import to_uint8
+from nodes_pack import MODEL_NAME, ROOT, VAE_FILE
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
+pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout (and COMFYUI_PYTHON "
+                                                        "to the interpreter that runs it) for the end-to-end test")
+PACK_DIR_NAME = "ComfyUI-NextStep"
+START_TIMEOUT_S = 180
+RUN_TIMEOUT_S = 600
+CASES = {case.name: case for case in golden_cases()}
+API_WORKFLOWS = ROOT / "example_workflows" / "api"
+TYPES = {  # node -> (required inputs, optional inputs, output types); combos listed as None
+    "NextStepModelLoader": ({"model_name": None, "dtype": None, "attention": None}, {}, ["NEXTSTEP_MODEL"]),
+    "NextStepVAELoader": ({"vae_name": None}, {}, ["NEXTSTEP_VAE"]),
+    "NextStepTextEncode": ({"model": "NEXTSTEP_MODEL", "text": "STRING"}, {"image": "LATENT"},
+                           ["NEXTSTEP_CONDITIONING"]),
+    "NextStepSampler": ({"model": "NEXTSTEP_MODEL", "positive": "NEXTSTEP_CONDITIONING", "width": "INT",
+                         "height": "INT", "batch_size": "INT", "seed": "INT", "steps": "INT", "cfg": "FLOAT",
+                         "cfg_img": "FLOAT", "cfg_schedule": None, "timesteps_shift": "FLOAT", "sampler": None,
+                         "profile": None, "use_norm": "BOOLEAN"}, {"negative": "NEXTSTEP_CONDITIONING"}, ["LATENT"]),
+    "NextStepVAEDecode": ({"vae": "NEXTSTEP_VAE", "samples": "LATENT"}, {}, ["IMAGE"]),
+    "NextStepVAEEncode": ({"vae": "NEXTSTEP_VAE", "pixels": "IMAGE"}, {}, ["LATENT"]),
+}
+
+
+class ComfyUI:
+    """A running ComfyUI server and the folders it was given."""
+
+    def __init__(self, url: str, output: Path, log: Path, process: subprocess.Popen) -> None:
+        self.url, self.output, self.log, self.process = url, output, log, process
+
+    def request(self, path: str, body: dict | None = None) -> tuple[int, object]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                status, text = response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            status, text = error.code, error.read().decode()
+        return status, json.loads(text) if text else None
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def submit(self, prompt: dict) -> str:
+        status, answer = self.request("/prompt", {"prompt": prompt})
+        assert status == 200 and not answer["node_errors"], f"{answer}\n{self.log_tail()}"
+        return answer["prompt_id"]
+
+    def wait(self, prompt_id: str) -> dict:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while time.monotonic() < deadline:
+            _, history = self.request(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
+                return history[prompt_id]
+            time.sleep(0.2)
+        raise AssertionError(f"prompt {prompt_id} did not finish in {RUN_TIMEOUT_S} s\n{self.log_tail()}")
+
+    def run(self, prompt: dict) -> np.ndarray:
+        """Run a workflow with one SaveImage and return the saved image as uint8 [H, W, 3]."""
+        entry = self.wait(self.submit(prompt))
+        assert entry["status"]["status_str"] == "success", f"{entry['status']}\n{self.log_tail()}"
+        (saved,) = [image for output in entry["outputs"].values() for image in output.get("images", [])]
+        return np.asarray(Image.open(self.output / saved["subfolder"] / saved["filename"]).convert("RGB"))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory) -> ComfyUI:
+    root = tmp_path_factory.mktemp("comfyui")
+    folders = {name: root / name for name in ("custom_nodes", "nextstep", "vae", "input", "output", "temp", "user")}
+    for folder in folders.values():
+        folder.mkdir()
+    (folders["custom_nodes"] / PACK_DIR_NAME).symlink_to(ROOT)
+    (folders["nextstep"] / MODEL_NAME).symlink_to(FIXTURES / MODEL_NAME)
+    (folders["vae"] / VAE_FILE).symlink_to(FIXTURES / VAE_FILE)
+    shutil.copy(FIXTURES / "edit_input_64.png", folders["input"])
+    extra_paths = root / "extra_model_paths.yaml"
+    extra_paths.write_text(f"nextstep_e2e:\n  base_path: {root}\n  nextstep: nextstep\n  vae: vae\n"
+                           f"  custom_nodes: custom_nodes\n")
+    port = free_port()
+    log = root / "comfyui.log"
+    command = [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+               "--disable-auto-launch", "--extra-model-paths-config", str(extra_paths),
+               "--input-directory", str(folders["input"]), "--output-directory", str(folders["output"]),
+               "--temp-directory", str(folders["temp"]), "--user-directory", str(folders["user"]),
+               "--database-url", "sqlite:///:memory:", "--disable-api-nodes", "--disable-all-custom-nodes",
+               "--whitelist-custom-nodes", PACK_DIR_NAME, "--preview-method", "latent2rgb"]
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(command, cwd=COMFYUI_DIR, stdout=log_file, stderr=subprocess.STDOUT)
+    server = ComfyUI(f"http://127.0.0.1:{port}", folders["output"], log, process)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert process.poll() is None, f"ComfyUI exited with {process.returncode}\n{server.log_tail()}"
+            assert time.monotonic() < deadline, f"ComfyUI did not answer in {START_TIMEOUT_S} s\n{server.log_tail()}"
+            try:
+                if server.request("/object_info/NextStepSampler")[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def case_settings(case: dict) -> dict:
+    """A golden case's settings as NextStep Sampler inputs."""
+    height, width = case["hw"]
+    return dict(width=width, height=height, batch_size=case["num_images_per_caption"], seed=case["seed"],
+                steps=case["num_sampling_steps"], cfg=case["cfg"], cfg_img=case["cfg_img"],
+                cfg_schedule=case["cfg_schedule"], timesteps_shift=case["timesteps_shift"], sampler=case["sampler"],
+                profile=case["profile"], use_norm=case["use_norm"])
+
+
+def workflow(name: str, case: dict, prefix: str, **sampler_changes) -> dict:
+    """An example API workflow with the fixture model, the golden case's prompts and settings, and its own
+    SaveImage prefix."""
+    prompt = json.loads((API_WORKFLOWS / f"{name}.json").read_text())
+    (sampler,) = [node["inputs"] for node in prompt.values() if node["class_type"] == "NextStepSampler"]
+    sampler.update(case_settings(case), **sampler_changes)
+    height, width = sampler["height"], sampler["width"]
+    text = case["caption"] + (f" {case['positive_prompt']}" if case["positive_prompt"] else "")
+    prompt[sampler["positive"][0]]["inputs"]["text"] = text
+    prompt[sampler["negative"][0]]["inputs"]["text"] = case["negative_prompt"] or ""
+    for node in prompt.values():
+        inputs = node["inputs"]
+        match node["class_type"]:
+            case "NextStepModelLoader":
+                inputs["model_name"] = MODEL_NAME
+            case "NextStepVAELoader":
+                inputs["vae_name"] = f"{MODEL_NAME}/vae"
+            case "LoadImage":
+                inputs["image"] = case["image"]
+            case "ImageScale":  # the example resizes the input to 512x512; keep the fixture's size
+                inputs.update(width=width, height=height)
+            case "SaveImage":
+                inputs["filename_prefix"] = prefix
+    return prompt
+
+
+def golden_pixels(name: str) -> np.ndarray:
+    unit = images_to_unit(CASES[name].expected["images"])
+    return to_uint8(unit)[0].movedim(0, -1).numpy()
+
+
+def assert_close_uint8(actual: np.ndarray, expected: np.ndarray, tolerance: int = UINT8_TOLERANCE) -> None:
+    assert actual.shape == expected.shape
+    assert np.abs(actual.astype(int) - expected.astype(int)).max() <= tolerance
+
+
+def test_object_info_lists_every_node_with_its_types(comfy):
+    status, info = comfy.request("/object_info")
+    assert status == 200
+    for node_id, (required, optional, outputs) in TYPES.items():
+        entry = info[node_id]
+        assert entry["category"] == "NextStep" and entry["output"] == outputs
+        for expected, actual in ((required, entry["input"]["required"]), (optional, entry["input"].get("optional", {}))):
+            assert list(actual) == list(expected), node_id
+            for name, input_type in expected.items():
+                assert actual[name][0] == input_type if input_type else isinstance(actual[name][0], list), name
+                assert actual[name][1]["tooltip"]
+    assert info["NextStepModelLoader"]["input"]["required"]["model_name"][0] == [MODEL_NAME]
+    assert info["NextStepVAELoader"]["input"]["required"]["vae_name"][0] == [f"{MODEL_NAME}/vae", VAE_FILE]
+
+
+def test_text_to_image_workflow_reproduces_the_golden(comfy):
+    case = CASES["official_t2i_sde"].params
+    saved = comfy.run(workflow("nextstep_1.1_text_to_image", case, "e2e/t2i"))
+    assert_close_uint8(saved, golden_pixels("official_t2i_sde"))
+
+
+def test_edit_workflow_reproduces_the_golden(comfy):
+    case = CASES["official_edit_sde"].params
+    saved = comfy.run(workflow("nextstep_1_large_edit", case, "e2e/edit"))
+    assert_close_uint8(saved, golden_pixels("official_edit_sde"))
+
+
+def test_upscale_workflow_chains_into_native_nodes(comfy):
+    case = CASES["official_t2i_sde"].params
+    saved = comfy.run(workflow("nextstep_1.1_text_to_image_upscale", case, "e2e/upscaled"))
+    # ComfyUI's lanczos: the image truncated to uint8, resized by PIL; one level more for a flipped truncation.
+    unit = images_to_unit(CASES["official_t2i_sde"].expected["images"])[0].movedim(0, -1).numpy()
+    truncated = Image.fromarray(np.clip(255.0 * unit, 0, 255).astype(np.uint8))
+    expected = np.asarray(truncated.resize((2 * unit.shape[1], 2 * unit.shape[0]), Image.Resampling.LANCZOS))
+    assert_close_uint8(saved, expected, UINT8_TOLERANCE + 1)
+
+
+def expected_from_runtime(case: dict, **changes) -> np.ndarray:
+    """What the runtime itself makes of a case with changed settings (float32, CPU)."""
+    pipeline = NextStepPipeline.from_pretrained(FIXTURES / MODEL_NAME, device="cpu", dtype="float32")
+    settings = {**case_settings(case), **changes}
+    settings["batch"] = settings.pop("batch_size")
+    result = pipeline.generate(case["caption"], GenerationSettings(**settings), negative=case["negative_prompt"],
+                               positive=case["positive_prompt"])
+    return to_uint8(images_to_unit(result.images))[0].movedim(0, -1).numpy()
+
+
+def test_interrupt_mid_generation_then_the_next_run_works(comfy):
+    case = CASES["official_t2i_sde"].params
+    long_run = workflow("nextstep_1.1_text_to_image", case, "e2e/interrupted", width=512, height=512, steps=28,
+                        seed=1)
+    prompt_id = comfy.submit(long_run)
+    deadline = time.monotonic() + 60
+    while not comfy.request("/queue")[1]["queue_running"]:
+        assert time.monotonic() < deadline, comfy.log_tail()
+        time.sleep(0.1)
+    time.sleep(3)  # past the loaders, inside the sampler's 1024 tokens
+    assert comfy.request("/interrupt", {})[0] == 200
+    entry = comfy.wait(prompt_id)
+    events = dict((event, data) for event, data in entry["status"]["messages"])
+    assert "execution_interrupted" in events, entry["status"]
+    assert events["execution_interrupted"]["node_type"] == "NextStepSampler"
+    assert not entry["outputs"]
+
+    assert comfy.request("/free", {"unload_models": True})[0] == 200  # the next run reloads via model management
+    saved = comfy.run(workflow("nextstep_1.1_text_to_image", case, "e2e/after-interrupt", seed=2))
+    assert_close_uint8(saved, expected_from_runtime(case, seed=2))
+
+
+def test_bad_width_is_refused_with_a_readable_message(comfy):
+    case = CASES["official_t2i_sde"].params
+    prompt = workflow("nextstep_1.1_text_to_image", case, "e2e/bad-width", width=500)
+    status, answer = comfy.request("/prompt", {"prompt": prompt})
+    assert status == 400
+    (sampler_id,) = [key for key, node in prompt.items() if node["class_type"] == "NextStepSampler"]
+    details = " ".join(error["details"] for error in answer["node_errors"][sampler_id]["errors"])
+    assert "width 500 is not a positive multiple of 16" in details
+    assert comfy.process.poll() is None
+    assert comfy.request("/object_info/NextStepSampler")[0] == 200
