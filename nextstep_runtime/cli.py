@@ -51,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--use-norm", action="store_true", help="LayerNorm each sampled token (NextStep-1-Large)")
     gen.add_argument("--seed", type=int, default=defaults.seed)
     gen.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    gen.add_argument("--dtype", choices=("auto", *DTYPES), default="auto")
+    gen.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="compute dtype (auto: bf16 on CUDA)")
+    gen.add_argument("--fp8", action="store_true",
+                     help="store the decoder's linear weights as float8 (NextStep-14B in about 15 GB)")
+    gen.add_argument("--gpu-layers", type=int, metavar="N",
+                     help="keep only N decoder layers on the GPU and stream the rest from RAM (default: all)")
     gen.add_argument("--out", required=True, help="output PNG; a batch writes OUT_0.png, OUT_1.png, ...")
     gen.add_argument("--save-tensors", help="also write tokens, latents and images to this .safetensors file")
     return parser
@@ -88,7 +92,8 @@ def run_generate(args: argparse.Namespace) -> None:
         profile=args.profile, use_norm=args.use_norm, seed=args.seed)
     settings.validate()  # before the (slow) model load
     edit_images = [_input_image(args.image)] if args.image else []
-    pipe = NextStepPipeline.from_pretrained(args.model, vae=args.vae, device=args.device, dtype=args.dtype)
+    pipe = NextStepPipeline.from_pretrained(args.model, vae=args.vae, device=args.device, dtype=args.dtype,
+                                            fp8=args.fp8, resident_layers=args.gpu_layers)
     result = pipe.generate(args.prompt, settings, negative=args.negative, positive=args.positive,
                            edit_images=edit_images, callback=ProgressBar())
     unit = images_to_unit(result.images)

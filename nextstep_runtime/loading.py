@@ -14,6 +14,7 @@ from .config import RELEASED_VAE_CONFIG, ModelConfig, VAEConfig, read_json
 from .errors import NextStepError
 from .fp8 import quantize_per_channel, use_fp8_linears
 from .model import NextStepModel
+from .offload import stream_layers
 from .tokens import LatentNormalization
 from .vae import NextStepVAE
 
@@ -71,25 +72,34 @@ def _count_blocks(files: list[Path]) -> tuple[int, int]:
     return len(layers), len(head_blocks)
 
 
-def _fp8_converter(model: NextStepModel, dtype: torch.dtype,
-                   device: torch.device) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Swap the decoder's linears for FP8Linear and quantise their weights as they are read."""
-    fp8_modules = {f"layers.{name}" for name in use_fp8_linears(model.layers)}
+def _converter(model: NextStepModel, dtype: torch.dtype, device: torch.device, fp8: bool,
+               resident_layers: int | None) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per tensor: its device (streamed decoder layers stay on the CPU) and storage (fp8 for the
+    decoder's linear weights when asked; the compute dtype otherwise)."""
+    fp8_modules = {f"layers.{name}" for name in use_fp8_linears(model.layers)} if fp8 else set()
+    cpu = torch.device("cpu")
+
+    def placement(name: str) -> torch.device:
+        parts = name.split(".")
+        streamed = resident_layers is not None and parts[0] == "layers" and int(parts[1]) >= resident_layers
+        return cpu if streamed else device
 
     def convert(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         owner, _, attr = name.rpartition(".")
         if owner in fp8_modules and attr == "weight":
-            weight, scale = quantize_per_channel(tensor.to(device))
+            weight, scale = quantize_per_channel(tensor.to(placement(name)))
             return {name: weight, f"{owner}.weight_scale": scale}
-        return {name: tensor.to(device=device, dtype=dtype)}
+        return {name: tensor.to(device=placement(name), dtype=dtype)}
     return convert
 
 
-def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device | str,
-               fp8: bool = False) -> NextStepModel:
+def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device | str, fp8: bool = False,
+               resident_layers: int | None = None) -> NextStepModel:
     """Build the network from `folder/config.json` and fill it from the safetensors weights.
 
-    `dtype` is the compute dtype; with `fp8` the decoder's linear weights are stored as float8."""
+    `dtype` is the compute dtype; with `fp8` the decoder's linear weights are stored as float8. With
+    `resident_layers` N, only the first N decoder layers are placed on `device`; the rest stay in host
+    memory and are streamed in as they run (see offload.py)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise NextStepError(f"model folder {folder} does not exist")
@@ -109,8 +119,13 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device | st
     device = torch.device(device)
     with torch.device("meta"):
         model = NextStepModel(config)
-    convert = _fp8_converter(model, dtype, device) if fp8 else None
+    if resident_layers is not None and not 0 <= resident_layers <= config.num_hidden_layers:
+        raise NextStepError(f"resident layers must be between 0 and {config.num_hidden_layers} "
+                            f"(got {resident_layers})")
+    convert = _converter(model, dtype, device, fp8, resident_layers)
     load_weights(model, iter_safetensors(files), dtype, device, str(config_path), _model_shape_hint(config), convert)
+    if resident_layers is not None:
+        stream_layers(model.layers, resident_layers, device)
     return model.eval().requires_grad_(False)
 
 

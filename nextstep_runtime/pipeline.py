@@ -120,13 +120,15 @@ class NextStepPipeline:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, vae: str | Path | None = None, device: str = "auto",
-                        dtype: str = "auto", fp8: bool = False, load_vae_too: bool = True) -> "NextStepPipeline":
+                        dtype: str = "auto", fp8: bool = False, resident_layers: int | None = None,
+                        load_vae_too: bool = True) -> "NextStepPipeline":
         """Load the model folder; the VAE from `vae` or the config's `vae_name_or_path`.
 
-        `fp8` stores the decoder's linear weights as float8 (about half the memory of bf16)."""
+        `fp8` stores the decoder's linear weights as float8 (about half the memory of bf16);
+        `resident_layers` keeps only that many decoder layers on the device and streams the rest."""
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
-        model = load_model(folder, torch_dtype, torch_device, fp8=fp8)
+        model = load_model(folder, torch_dtype, torch_device, fp8=fp8, resident_layers=resident_layers)
         tokenizer = load_tokenizer(folder)
         vae_model, vae_path = None, None
         if load_vae_too:

@@ -57,3 +57,16 @@ def use_1_1_naming(folder: Path) -> None:
     config = json.loads((folder / "config.json").read_text())
     renamed = {NAMING_1_0_TO_1_1.get(key, key): value for key, value in config.items()}
     (folder / "config.json").write_text(json.dumps(renamed, indent=2))
+
+
+def deepen(folder: Path, layers: int) -> None:
+    """Give the model `layers` decoder layers by repeating its existing ones (a valid, deeper model)."""
+    tensors = load_file(folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    original = config["num_hidden_layers"]
+    for index in range(original, layers):
+        prefix = f"layers.{index % original}."
+        tensors.update({f"layers.{index}." + k[len(prefix):]: v.clone() for k, v in list(tensors.items())
+                        if k.startswith(prefix)})
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    edit_config(folder, num_hidden_layers=layers)

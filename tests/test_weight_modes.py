@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from goldens import TINY_MODEL, golden_cases
+from model_folders import deepen
 from test_goldens import settings_for
 
 from nextstep_runtime import NextStepPipeline
@@ -47,3 +48,23 @@ def test_fp8_model_stores_decoder_linears_in_fp8_and_stays_close_to_bf16(bf16_re
     assert torch.isfinite(result.images).all()
     assert (result.tokens - bf16_result.tokens).abs().max() < 0.1
     assert (result.images - bf16_result.images).abs().mean() < 0.03
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_streamed_layers_give_the_same_tokens_as_resident_ones(fp8: bool, model_copy) -> None:
+    deepen(model_copy, 5)  # 4 streamed layers rotate through the 2 slots
+    resident = NextStepPipeline.from_pretrained(model_copy, device="cpu", dtype="bfloat16", fp8=fp8)
+    streamed = NextStepPipeline.from_pretrained(model_copy, device="cpu", dtype="bfloat16", fp8=fp8, resident_layers=1)
+    from nextstep_runtime.offload import StreamedLayer
+
+    assert not isinstance(streamed.model.layers[0], StreamedLayer)
+    assert all(isinstance(layer, StreamedLayer) for layer in streamed.model.layers[1:])
+    a, b = generate(resident), generate(streamed)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.images, b.images)
+
+
+def test_resident_layers_out_of_range() -> None:
+    from nextstep_runtime import NextStepError
+
+    with pytest.raises(NextStepError, match=r"resident layers must be between 0 and 2 \(got 3\)"):
+        load_model(TINY_MODEL, torch.float32, "cpu", resident_layers=3)
