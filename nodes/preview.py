@@ -23,7 +23,8 @@ from nextstep_runtime.vae import NextStepVAE
 VAE_DOWNSCALE = 8
 CHART_CELLS = 8
 """The fitting chart is CHART_CELLS x CHART_CELLS squares of one token (16 px) each: 256 latent pixels,
-enough for the 17 x 3 unknowns and cheap to encode and decode even with the full-size VAE on the CPU."""
+enough for the 17 x 3 unknowns; encoding and decoding it with the full-size VAE takes a fraction of a second
+on a GPU (about 4 s on two CPU cores), once per model."""
 UNFILLED_GREY = 0.5
 
 
