@@ -6,7 +6,7 @@
 seconds_per_image: median over --repeat runs after one warm-up, prompt to decoded image (loading
 excluded), divided by the batch. The component figures are timed separately on the same inputs:
 prefill_ms (prompt rows through the decoder), ms_per_token_backbone (one image token through the
-decoder, at mid-image cache length), ms_per_token_head (one token's solver steps with guidance),
+decoder), ms_per_token_head (one token's solver steps with guidance),
 vae_decode_ms. ms_per_token is the sampling time (prefill included) over the image's tokens.
 """
 
@@ -98,12 +98,11 @@ def main(argv: list[str] | None = None) -> dict:
         prefill_ms = _median_ms(lambda: state.prefill(inputs.rows, None), device, args.repeat)
         solve = TokenSolver(pipe.model, inputs)
         condition = state.prefill(inputs.rows, None)
-        token = solve(0, condition)
-        head_ms = _median_ms(lambda: solve(0, condition), device, max(args.repeat, 5))
-        mid = state.prefill_len + total // 2
-        state.cache.length = mid
-        backbone_ms = _median_ms(lambda: (setattr(state.cache, "length", mid), state.feed(token)), device,
-                                 max(args.repeat, 5))
+        first = torch.zeros(1, dtype=torch.long, device=device)
+        token = solve(first, condition)
+        head_ms = _median_ms(lambda: solve(first, condition), device, max(args.repeat, 5))
+        middle = torch.tensor([state.prefill_len + total // 2], device=device)
+        backbone_ms = _median_ms(lambda: state.feed(token, middle), device, max(args.repeat, 5))
         del state
         sample_s = statistics.median(_timed(lambda: pipe.sample(CAPTION, settings, negative=NEGATIVE), device)
                                      for _ in range(args.repeat))

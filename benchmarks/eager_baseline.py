@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nextstep_runtime.backbone import padded_attention_mask
+from nextstep_runtime.backbone import prefix_attention_mask
 from nextstep_runtime.model import NextStepModel
 from nextstep_runtime.pipeline import GenerationSettings, NextStepPipeline
 from nextstep_runtime.prompt import build_rows
@@ -37,7 +37,7 @@ def eager_sample(pipe: NextStepPipeline, caption: str, negative: str, settings: 
     valid[:, :prefill] = rows.attention_mask.to(device).bool()
     positions = torch.arange(prefill, device=device).expand(row_count, -1)
     hidden = model.decode(model.embed_prompt(rows.input_ids.to(device), None), positions, cache,
-                          padded_attention_mask(valid[:, :prefill], 0, prefill))
+                          prefix_attention_mask(valid[:, :prefill]))
     tokens = []
     for n in range(total):
         x = torch.randn((settings.batch, config.token_dim), generator=generator).to(device)
@@ -53,7 +53,8 @@ def eager_sample(pipe: NextStepPipeline, caption: str, negative: str, settings: 
         if settings.use_norm:
             x = F.layer_norm(x, (config.token_dim,), eps=1e-6)
         tokens.append(x)
-        pos = prefill + n
-        hidden = model.decode(model.embed_image_token(x.repeat(rows.groups, 1)),
-                              torch.full((row_count, 1), pos, device=device), cache, valid[:, None, None, : pos + 1])
+        position = torch.tensor([prefill + n], device=device)
+        mask = valid[:, None, None, :] & (torch.arange(valid.shape[1], device=device) <= position)
+        hidden = model.decode(model.embed_image_token(x.repeat(rows.groups, 1)), position.expand(row_count, 1), cache,
+                              mask, cache_position=position)
     return torch.stack(tokens, dim=1)

@@ -46,26 +46,34 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class KVCache:
     """Keys and values of every layer for all guidance rows, allocated once for the whole image.
 
-    Appending writes in place at `length`; nothing is concatenated or reallocated inside the token loop.
+    The prompt is written as a prefix; each image token is written in place at a position held in a
+    device tensor, and attention then runs over the whole (fixed-size) cache with unwritten slots
+    masked. Shapes never change inside the token loop, so one token's work can be captured as a CUDA
+    graph. The cache starts zeroed: masked slots must hold finite numbers (0 x NaN is NaN).
     """
 
     def __init__(self, layers: int, rows: int, kv_heads: int, capacity: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         shape = (layers, rows, kv_heads, capacity, head_dim)
-        self.keys = torch.empty(shape, dtype=dtype, device=device)
-        self.values = torch.empty(shape, dtype=dtype, device=device)
-        self.length = 0
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
 
     @property
     def capacity(self) -> int:
         return self.keys.shape[3]
 
-    def store(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write new keys/values at [start, start+n) and return the cache views up to start+n."""
-        end = start + keys.shape[2]
-        self.keys[layer, :, :, start:end] = keys
-        self.values[layer, :, :, start:end] = values
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+    def store(self, layer: int, position: torch.Tensor | None, keys: torch.Tensor,
+              values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write keys/values [R, kv_heads, n, d]: as the prefix when `position` is None (returning the
+        prefix), else at `position` ([1] long tensor, n = 1) (returning the whole cache)."""
+        if position is None:
+            length = keys.shape[2]
+            self.keys[layer, :, :, :length] = keys
+            self.values[layer, :, :, :length] = values
+            return self.keys[layer, :, :, :length], self.values[layer, :, :, :length]
+        self.keys[layer].index_copy_(2, position, keys)
+        self.values[layer].index_copy_(2, position, values)
+        return self.keys[layer], self.values[layer]
 
 
 class Attention(nn.Module):
@@ -84,14 +92,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=config.o_attention_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                start: int, mask: torch.Tensor | None) -> torch.Tensor:
+                position: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
         rows, seq, _ = x.shape
         q = self.q_proj(x).view(rows, seq, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(rows, seq, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(rows, seq, self.kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
-        keys, values = cache.store(self.layer_index, start, k, v)
+        keys, values = cache.store(self.layer_index, position, k, v)
         out = attend(q, keys, values, mask)
         return self.o_proj(out.transpose(1, 2).reshape(rows, seq, self.heads * self.head_dim))
 
@@ -121,21 +129,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                start: int, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, mask)
+                position: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, position, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def padded_attention_mask(key_valid: torch.Tensor, start: int, seq: int) -> torch.Tensor:
-    """Boolean mask [rows, 1, seq, start+seq]: causal, padded keys hidden.
+def prefix_attention_mask(key_valid: torch.Tensor) -> torch.Tensor:
+    """Boolean mask [rows, 1, seq, seq] for the prompt: causal, padded keys hidden.
 
     A padding query would otherwise see no key at all (NaN in SDPA); it is allowed to see itself so its
     values stay finite. Real positions never attend to padding, so their results are unaffected.
     """
-    total = start + seq
-    query_pos = torch.arange(start, total, device=key_valid.device)[:, None]
-    key_pos = torch.arange(total, device=key_valid.device)[None, :]
-    causal = key_pos <= query_pos
-    allowed = causal[None] & key_valid[:, None, :total].bool()
-    allowed |= (key_pos == query_pos)[None]
+    seq = key_valid.shape[1]
+    index = torch.arange(seq, device=key_valid.device)
+    allowed = (index[None, :] <= index[:, None])[None] & key_valid[:, None, :].bool()
+    allowed |= torch.eye(seq, dtype=torch.bool, device=key_valid.device)[None]
     return allowed[:, None]

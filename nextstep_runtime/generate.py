@@ -14,8 +14,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .backbone import padded_attention_mask
+from .backbone import prefix_attention_mask
 from .model import NextStepModel
+from .offload import StreamedLayer
 from .prompt import PromptRows
 from .sampling import SolverPlan, combine_guidance
 
@@ -51,7 +52,9 @@ def draw_noise(seed: int, tokens: int, steps: int, stochastic: bool, batch: int,
 class TokenSolver:
     """Samples one image token from its condition: the flow head's solver steps with guidance.
 
-    The solver state stays in float32 whatever the model dtype; only the head runs in that dtype.
+    The token index is a device tensor (noise and guidance scales are gathered with it), so the same
+    work can be replayed for every token. The solver state stays in float32 whatever the model dtype;
+    only the head runs in that dtype.
     """
 
     def __init__(self, model: NextStepModel, inputs: TokenLoopInputs) -> None:
@@ -67,15 +70,15 @@ class TokenSolver:
         self.cfg = torch.tensor(inputs.cfg, dtype=torch.float32, device=device)
         self.cfg_img = torch.tensor(inputs.cfg_img, dtype=torch.float32, device=device)
 
-    def __call__(self, index: int, condition: torch.Tensor) -> torch.Tensor:
-        """Token `index` [B, D] float32 from the decoder's condition [R, hidden]."""
-        plan, noise = self.plan, self.noise[index]
+    def __call__(self, index: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """Token `index` ([1] long) [B, D] float32 from the decoder's condition [R, hidden]."""
+        plan, noise = self.plan, self.noise.index_select(0, index)[0]
+        cfg, cfg_img = self.cfg.index_select(0, index), self.cfg_img.index_select(0, index)
         modulations = self.head.modulations(self.time_embeddings, condition)
         x = noise[0]
         for k in range(len(plan.times)):
             velocity = self.head.velocity(x.to(self.dtype).repeat(self.groups, 1), modulations, k).float()
-            guided = combine_guidance(velocity.view(self.groups, self.batch, self.dim), self.cfg[index],
-                                      self.cfg_img[index])
+            guided = combine_guidance(velocity.view(self.groups, self.batch, self.dim), cfg, cfg_img)
             x = plan.a[k] * x + plan.b[k] * guided
             if plan.stochastic:
                 x = x + plan.c[k] * noise[1 + k]
@@ -94,23 +97,72 @@ class DecodeState:
         self.padded = bool((rows.attention_mask == 0).any())
         self.key_valid = torch.ones((self.row_count, capacity), dtype=torch.bool, device=device)
         self.key_valid[:, : self.prefill_len] = rows.attention_mask.to(device).bool()
+        self.slots = torch.arange(capacity, device=device)
         self.cache = model.new_cache(self.row_count, capacity)
 
     def prefill(self, rows: PromptRows, image_tokens: torch.Tensor | None) -> torch.Tensor:
-        """Run the prompt rows from an empty cache; returns the condition for the first image token [R, hidden]."""
+        """Run the prompt rows into the cache; returns the condition for the first image token [R, hidden]."""
         model, device, length = self.model, self.model.device, self.prefill_len
-        self.cache.length = 0
         tokens = image_tokens.to(device) if image_tokens is not None else None
         positions = torch.arange(length, device=device).expand(self.row_count, -1)
-        mask = padded_attention_mask(self.key_valid[:, :length], 0, length) if self.padded else None
+        mask = prefix_attention_mask(self.key_valid[:, :length]) if self.padded else None
         return model.decode(model.embed_prompt(rows.input_ids.to(device), tokens), positions, self.cache, mask)
 
-    def feed(self, token: torch.Tensor) -> torch.Tensor:
-        """Append a sampled token [B, D] to every guidance row; returns the next condition."""
-        position = self.cache.length
-        mask = self.key_valid[:, None, None, : position + 1] if self.padded else None
-        positions = torch.full((self.row_count, 1), position, device=self.model.device)
-        return self.model.decode(self.model.embed_image_token(token.repeat(self.groups, 1)), positions, self.cache, mask)
+    def feed(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """Append a sampled token [B, D] to every guidance row at `position` ([1] long); returns the
+        next condition. Attention spans the whole cache, slots after `position` masked."""
+        mask = (self.key_valid & (self.slots <= position))[:, None, None, :]
+        embeds = self.model.embed_image_token(token.repeat(self.groups, 1))
+        return self.model.decode(embeds, position.expand(self.row_count, 1), self.cache, mask, cache_position=position)
+
+
+class TokenStep:
+    """One image token after the first: feed the previous token, then solve for the next.
+
+    Inputs live in fixed device buffers, so on CUDA the whole step (decoder layers, every solver step
+    of the head, guidance) is captured once as a CUDA graph and replayed per token: thousands of small
+    kernel launches become one, and nothing waits on the host.
+    """
+
+    def __init__(self, state: DecodeState, solve: TokenSolver, use_cuda_graph: bool) -> None:
+        device = state.model.device
+        self.state, self.solve = state, solve
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.index = torch.zeros(1, dtype=torch.long, device=device)
+        self.token_in = torch.zeros((solve.batch, solve.dim), dtype=torch.float32, device=device)
+        self.graph = None
+        if use_cuda_graph:
+            self._capture(device)
+
+    def _run(self) -> torch.Tensor:
+        return self.solve(self.index, self.state.feed(self.token_in, self.position))
+
+    def _capture(self, device: torch.device) -> None:
+        self.position.fill_(self.state.prefill_len)  # warm-up writes the first token's slot; the real step rewrites it
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._run()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.token_out = self._run()
+
+    def __call__(self, previous: torch.Tensor, index: int) -> torch.Tensor:
+        """Token `index` (>= 1) given token `index - 1`; the result is overwritten by the next call."""
+        self.token_in.copy_(previous)
+        self.position.fill_(self.state.prefill_len + index - 1)
+        self.index.fill_(index)
+        if self.graph is None:
+            return self._run()
+        self.graph.replay()
+        return self.token_out
+
+
+def cuda_graph_possible(model: NextStepModel) -> bool:
+    """Graphs need CUDA and every layer resident (streamed layers synchronise with a copy stream)."""
+    return model.device.type == "cuda" and not any(isinstance(layer, StreamedLayer) for layer in model.layers)
 
 
 @torch.inference_mode()
@@ -118,14 +170,13 @@ def sample_tokens(model: NextStepModel, inputs: TokenLoopInputs, callback: Token
     """Generate every image token; returns [B, L, D] float32 (after use_norm when on)."""
     total_tokens = inputs.grid[0] * inputs.grid[1]
     state = DecodeState(model, inputs.rows, total_tokens)
-    condition = state.prefill(inputs.rows, inputs.image_tokens)
     solve = TokenSolver(model, inputs)
     out = torch.empty((inputs.batch, total_tokens, model.config.token_dim), dtype=torch.float32, device=model.device)
+    out[:, 0] = solve(torch.zeros(1, dtype=torch.long, device=model.device), state.prefill(inputs.rows, inputs.image_tokens))
+    step = TokenStep(state, solve, cuda_graph_possible(model)) if total_tokens > 1 else None
     for n in range(total_tokens):
-        x = solve(n, condition)
-        out[:, n] = x
+        if n:
+            out[:, n] = step(out[:, n - 1], n)
         if callback is not None:
             callback(n + 1, total_tokens, out[:, : n + 1])
-        if n + 1 < total_tokens:
-            condition = state.feed(x)
     return out

@@ -120,7 +120,7 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device | st
     with torch.device("meta"):
         model = NextStepModel(config)
     if resident_layers is not None and not 0 <= resident_layers <= config.num_hidden_layers:
-        raise NextStepError(f"resident layers must be between 0 and {config.num_hidden_layers} "
+        raise NextStepError(f"layers kept on the GPU must be between 0 and {config.num_hidden_layers} "
                             f"(got {resident_layers})")
     convert = _converter(model, dtype, device, fp8, resident_layers)
     load_weights(model, iter_safetensors(files), dtype, device, str(config_path), _model_shape_hint(config), convert)

@@ -54,14 +54,13 @@ class NextStepModel(nn.Module):
         """Feed sampled tokens [rows, token_dim] back as the next input position [rows, 1, hidden]."""
         return self.image_in_projector(tokens.to(self.dtype))[:, None]
 
-    def decode(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-               mask: torch.Tensor | None) -> torch.Tensor:
-        """Run the decoder over new positions, appending to the cache; returns the last position's
-        image condition `image_out_projector(norm(hidden))` [rows, hidden]."""
-        start = cache.length
+    def decode(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache, mask: torch.Tensor | None,
+               cache_position: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the decoder over new positions and write them to the cache (as the prefix, or at
+        `cache_position` for one image token); returns the last position's image condition
+        `image_out_projector(norm(hidden))` [rows, hidden]."""
         cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta, embeds.dtype)
         x = embeds
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, start, mask)
-        cache.length = start + embeds.shape[1]
+            x = layer(x, cos, sin, cache, cache_position, mask)
         return self.image_out_projector(self.norm(x[:, -1]))

@@ -66,5 +66,5 @@ def test_streamed_layers_give_the_same_tokens_as_resident_ones(fp8: bool, model_
 def test_resident_layers_out_of_range() -> None:
     from nextstep_runtime import NextStepError
 
-    with pytest.raises(NextStepError, match=r"resident layers must be between 0 and 2 \(got 3\)"):
+    with pytest.raises(NextStepError, match=r"layers kept on the GPU must be between 0 and 2 \(got 3\)"):
         load_model(TINY_MODEL, torch.float32, "cpu", resident_layers=3)
