@@ -4,8 +4,11 @@ from __future__ import annotations
 
 
 import torch
+from torch import nn
 
+from nextstep_runtime.backbone import RMSNorm
 from nextstep_runtime.config import ModelConfig, VAEConfig
+from nextstep_runtime.fp8 import quantize_per_channel, use_fp8_linears
 from nextstep_runtime.model import NextStepModel
 from nextstep_runtime.vae import NextStepVAE
 
@@ -31,17 +34,23 @@ VAE_PRESETS: dict[str, VAEConfig] = {
 
 
 @torch.no_grad()
-def random_model(preset: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> NextStepModel:
-    """Weights ~ N(0, 0.02), norms at 1: activations of realistic scale at any size."""
+def random_model(preset: str, dtype: torch.dtype, device: torch.device, fp8: bool = False,
+                 seed: int = 0) -> NextStepModel:
+    """Weights ~ N(0, 0.02), norms at 1: activations of realistic scale at any size. With `fp8` the
+    decoder's linear weights are quantised as the loader would quantise a checkpoint."""
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = NextStepModel(PRESETS[preset])
+    fp8_modules = {f"layers.{name}" for name in use_fp8_linears(model.layers)} if fp8 else set()
     model.to_empty(device=device)
-    for name, param in model.named_parameters():
-        if name.endswith("norm.weight") or name.endswith("layernorm.weight") or "in_ln.weight" in name:
-            param.data = torch.ones(param.shape, dtype=dtype, device=device)
-        else:
-            param.data = (torch.randn(param.shape, device=device) * 0.02).to(dtype)
+    for name, module in model.named_modules():
+        for attr, param in list(module.named_parameters(recurse=False)):
+            if isinstance(module, (nn.LayerNorm, RMSNorm)):
+                param.data = torch.ones(param.shape, dtype=dtype, device=device)
+            elif name in fp8_modules and attr == "weight":
+                param.data, module.weight_scale = quantize_per_channel(torch.randn(param.shape, device=device) * 0.02)
+            else:
+                param.data = (torch.randn(param.shape, device=device) * 0.02).to(dtype)
     return model.eval().requires_grad_(False)
 
 

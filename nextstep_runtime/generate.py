@@ -8,6 +8,7 @@ scales and the whole image's noise. The loop itself does no host-device synchron
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,6 +20,8 @@ from .model import NextStepModel
 from .offload import StreamedLayer
 from .prompt import PromptRows
 from .sampling import SolverPlan, combine_guidance
+
+log = logging.getLogger(__name__)
 
 TokenCallback = Callable[[int, int, torch.Tensor], None]
 """Called after each token with (tokens done, tokens total, tokens so far [B, done, D]).
@@ -132,7 +135,11 @@ class TokenStep:
         self.token_in = torch.zeros((solve.batch, solve.dim), dtype=torch.float32, device=device)
         self.graph = None
         if use_cuda_graph:
-            self._capture(device)
+            try:
+                self._capture(device)
+            except RuntimeError as exc:  # an op the installed torch cannot capture: stay eager, still correct
+                self.graph = None
+                log.warning("CUDA graph capture failed (%s); running the token loop eagerly", exc)
 
     def _run(self) -> torch.Tensor:
         return self.solve(self.index, self.state.feed(self.token_in, self.position))
