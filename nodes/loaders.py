@@ -48,8 +48,8 @@ class NextStepModelLoader:
     def load(self, model_name: str, dtype: str, attention: str) -> tuple[NextStepModelHandle]:
         folder = catalog.model_folder(model_name)
         if set_attention_backend(attention) != attention and attention == "flash_attn":
-            log.warning("NextStep: flash-attn is not installed (or not usable here); using PyTorch SDPA attention. "
-                        "Install it with `pip install flash-attn` to use it.")
+            log.warning("NextStep: flash-attn is not installed; using PyTorch SDPA attention instead "
+                        "(`pip install flash-attn` in ComfyUI's environment to use it).")
         loaded = load_nextstep_model(folder, resolve_dtype(dtype, host.load_device()))
         return (NextStepModelHandle(loaded, attention),)
 
