@@ -219,7 +219,7 @@ def load_vae(path: str | Path, dtype: torch.dtype, device: torch.device | str) -
     elif path.exists():
         raise NextStepError(f"VAE {path} must be a folder with checkpoint.pt or a .safetensors file")
     else:
-        raise NextStepError(f"VAE {path} not found")
+        raise NextStepError(f"VAE {path} not found; download the model's vae/ folder or give the path of a VAE")
     config = VAEConfig.from_dict(source.config, source.description)
     with torch.device("meta"):
         vae = NextStepVAE(config)

@@ -14,7 +14,7 @@ import torch
 
 from .errors import NextStepError
 from .generate import TokenCallback, TokenLoopInputs, draw_noise, sample_tokens
-from .loading import check_vae_matches, latent_normalization, load_model, load_vae, resolve_vae_path
+from .loading import check_vae_matches, load_model, load_vae, resolve_vae_path
 from .model import NextStepModel
 from .prompt import PROFILES, build_rows, load_tokenizer
 from .sampling import guidance_scales, solver_plan
@@ -120,9 +120,10 @@ class NextStepPipeline:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, vae: str | Path | None = None, device: str = "auto",
-                        dtype: str = "auto", fp8: bool = False, resident_layers: int | None = None,
-                        load_vae_too: bool = True) -> "NextStepPipeline":
-        """Load the model folder; the VAE from `vae` or the config's `vae_name_or_path`.
+                        dtype: str = "auto", fp8: bool = False,
+                        resident_layers: int | None = None) -> "NextStepPipeline":
+        """Load the model folder; the VAE from `vae` or the config's `vae_name_or_path`. The latent
+        scale/shift come from the config of the VAE actually loaded.
 
         `fp8` stores the decoder's linear weights as float8 (about half the memory of bf16);
         `resident_layers` keeps only that many decoder layers on the device and streams the rest."""
@@ -130,11 +131,10 @@ class NextStepPipeline:
         torch_dtype = resolve_dtype(dtype, torch_device)
         model = load_model(folder, torch_dtype, torch_device, fp8=fp8, resident_layers=resident_layers)
         tokenizer = load_tokenizer(folder)
-        vae_model, vae_path = None, None
-        if load_vae_too:
-            vae_path = resolve_vae_path(folder, vae)
-            vae_model = load_vae(vae_path, torch_dtype, torch_device)
-        return cls(model, tokenizer, latent_normalization(folder), vae_model, str(vae_path))
+        vae_path = resolve_vae_path(folder, vae)
+        vae_model = load_vae(vae_path, torch_dtype, torch_device)
+        normalization = LatentNormalization(vae_model.config.scaling_factor, vae_model.config.shift_factor)
+        return cls(model, tokenizer, normalization, vae_model, str(vae_path))
 
     def _require_vae(self) -> NextStepVAE:
         if self.vae is None:

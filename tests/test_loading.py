@@ -82,3 +82,22 @@ def test_vae_path_is_relative_to_the_model_folder(model_copy: Path, tmp_path: Pa
     monkeypatch.chdir(tmp_path)  # a relative vae_name_or_path must not depend on the working directory
     pipe = NextStepPipeline.from_pretrained(model_copy, device="cpu", dtype="float32")
     assert pipe.vae is not None and pipe.normalization.scale == pytest.approx(0.3611)
+
+
+def test_explicit_vae_file_for_a_model_folder_without_vae(model_copy: Path) -> None:
+    """The latent scale/shift travel with the VAE: a folder without vae/ plus a single-file VAE still matches."""
+    import shutil
+
+    shutil.rmtree(model_copy / "vae")
+    pipe = NextStepPipeline.from_pretrained(model_copy, vae=TINY_VAE_FILE, device="cpu", dtype="float32")
+    assert_matches_golden(CASE, generate_case(pipe))
+
+
+def test_model_folder_without_its_vae_names_the_missing_path(model_copy: Path) -> None:
+    import shutil
+
+    from nextstep_runtime import NextStepError
+
+    shutil.rmtree(model_copy / "vae")
+    with pytest.raises(NextStepError, match="VAE .*vae not found"):
+        NextStepPipeline.from_pretrained(model_copy, device="cpu", dtype="float32")
