@@ -237,8 +237,9 @@ def expected_from_runtime(case: dict, **changes) -> np.ndarray:
 def test_interrupt_mid_generation_then_the_next_run_works(comfy):
     case = CASES["official_t2i_sde"].params
     comfy.run(workflow("nextstep_1.1_text_to_image", case, "e2e/warm-up", width=16, height=16, steps=1))
-    # Loaders and prompts are now cached, so the long run below starts straight in the sampler (1024 tokens).
-    long_run = workflow("nextstep_1.1_text_to_image", case, "e2e/interrupted", width=512, height=512, steps=28,
+    # Loaders and prompts are now cached, so the long run below starts straight in the sampler, whose 4096
+    # tokens of 100 steps take far longer than the second we wait.
+    long_run = workflow("nextstep_1.1_text_to_image", case, "e2e/interrupted", width=1024, height=1024, steps=100,
                         seed=1)
     prompt_id = comfy.submit(long_run)
     deadline = time.monotonic() + 60
