@@ -13,6 +13,7 @@ from .sockets import CATEGORY, MODEL, VAE
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 ATTENTION_CHOICES = ("auto", "sdpa", "flash_attn")
+ALL_LAYERS = -1
 
 log = logging.getLogger("NextStep")
 
@@ -43,14 +44,27 @@ class NextStepModelLoader:
                                                                    "installed, else PyTorch SDPA. flash_attn falls "
                                                                    "back to SDPA (with a warning) when missing."}),
             },
+            "optional": {
+                "fp8": ("BOOLEAN", {"default": False,
+                                    "tooltip": "Store the decoder's linear weights as float8 (e4m3fn), computing in "
+                                               "the dtype above: the 14B models in about 15 GB instead of 28, for "
+                                               "24 GB cards. Images stay close to, not identical with, bfloat16."}),
+                "gpu_layers": ("INT", {"default": ALL_LAYERS, "min": ALL_LAYERS, "max": 1024,
+                                       "tooltip": "-1: every decoder layer on the GPU (fastest). N >= 0: keep only N "
+                                                  "of the 48 layers on the GPU and stream the others from RAM for "
+                                                  "every token (slow, for cards that cannot hold the model even "
+                                                  "in fp8)."}),
+            },
         }
 
-    def load(self, model_name: str, dtype: str, attention: str) -> tuple[NextStepModelHandle]:
+    def load(self, model_name: str, dtype: str, attention: str, fp8: bool = False,
+             gpu_layers: int = ALL_LAYERS) -> tuple[NextStepModelHandle]:
         folder = catalog.model_folder(model_name)
         if set_attention_backend(attention) != attention and attention == "flash_attn":
             log.warning("NextStep: flash-attn is not installed; using PyTorch SDPA attention instead "
                         "(`pip install flash-attn` in ComfyUI's environment to use it).")
-        loaded = load_nextstep_model(folder, resolve_dtype(dtype, host.load_device()))
+        resident = None if gpu_layers == ALL_LAYERS else gpu_layers
+        loaded = load_nextstep_model(folder, resolve_dtype(dtype, host.load_device()), fp8, resident)
         return (NextStepModelHandle(loaded, attention),)
 
 

@@ -30,7 +30,7 @@ progress = importlib.import_module(f"{PACK.__name__}.nodes.progress")
 MODEL_VAE = f"{MODEL_NAME}/vae"
 CASES = {case.name: case for case in golden_cases()}
 API_CONTRACT = {
-    "NextStepModelLoader": ["model_name", "dtype", "attention"],
+    "NextStepModelLoader": ["model_name", "dtype", "attention", "fp8", "gpu_layers"],
     "NextStepVAELoader": ["vae_name"],
     "NextStepTextEncode": ["model", "text", "image"],
     "NextStepSampler": ["model", "positive", "width", "height", "batch_size", "seed", "steps", "cfg", "cfg_img",
@@ -308,3 +308,22 @@ def test_preview_colours_come_from_the_model_vae_or_a_channel_view(model, models
             (no_vae / item.name).symlink_to(item)
     handle = node("NextStepModelLoader", "no-vae", "float32", "sdpa")[0]
     assert torch.equal(handle.loaded.preview_colours().weight, preview.channel_view(16).weight)
+
+
+def test_loader_fp8_and_streamed_layers_stay_close_to_bfloat16():
+    """The loader's memory options run through the whole graph; tolerances as in test_weight_modes."""
+    case = CASES["official_t2i_cps_nocfg"].params
+    results = []
+    for options in ({}, {"fp8": True}, {"fp8": True, "gpu_layers": 1}):
+        handle = node("NextStepModelLoader", MODEL_NAME, "bfloat16", "sdpa", **options)[0]
+        positive = node("NextStepTextEncode", handle, case["caption"])[0]
+        results.append(node("NextStepSampler", handle, positive, **sampler_settings(case))[0]["samples"])
+    bf16, fp8, streamed = results
+    assert (fp8 - bf16).abs().max() > 0  # really a different weight format
+    assert (fp8 - bf16).abs().mean() < 0.05
+    assert torch.equal(streamed, fp8)
+
+
+def test_loader_rejects_more_gpu_layers_than_the_model_has():
+    with pytest.raises(NextStepError, match=r"layers kept on the GPU must be between 0 and 2 \(got 5\)"):
+        node("NextStepModelLoader", MODEL_NAME, "float32", "sdpa", gpu_layers=5)

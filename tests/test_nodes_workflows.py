@@ -45,6 +45,11 @@ def definition(node_type: str) -> tuple[list[str], list[str], list[str]]:
     return [name for name, spec in specs.items() if not is_widget(spec)], widgets, list(cls.RETURN_TYPES)
 
 
+def all_inputs(node_type: str) -> dict:
+    inputs = NODES[node_type].INPUT_TYPES()
+    return {**inputs["required"], **inputs.get("optional", {})}
+
+
 def load(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -77,8 +82,8 @@ def test_ui_workflow_matches_node_definitions(path):
         for name, value in named_widgets(node).items():
             if name.endswith(":control"):
                 assert value in SEED_CONTROLS
-            elif node["type"] in NODES and isinstance(NODES[node["type"]].INPUT_TYPES()["required"][name][0], list):
-                options = NODES[node["type"]].INPUT_TYPES()["required"][name][0]
+            elif node["type"] in NODES and isinstance(all_inputs(node["type"])[name][0], list):
+                options = all_inputs(node["type"])[name][0]
                 assert value in options or name in ("model_name", "vae_name"), f"{name}={value!r}"
         for slot_index, slot in enumerate(node["inputs"]):
             if slot["link"] is not None:
@@ -121,7 +126,7 @@ def test_text_to_image_examples_use_nextstep_1_1_settings():
         assert {key: sampler[key] for key in defaults} == defaults
         assert negative.startswith("lowres")
         loaders = [node["inputs"] for node in api.values() if node["class_type"].endswith("Loader")]
-        assert {"model_name": "NextStep-1.1", "dtype": "auto", "attention": "auto"} in loaders
+        assert {"model_name": "NextStep-1.1", "dtype": "auto", "attention": "auto", "fp8": False, "gpu_layers": -1} in loaders
         assert {"vae_name": "NextStep-1.1/vae"} in loaders
 
 
