@@ -48,7 +48,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor, scale_plus_one: torch.Tensor,
                 gate: torch.Tensor) -> torch.Tensor:
-        return x + gate * self.mlp(torch.addcmul(shift, self.in_ln(x), scale_plus_one))
+        return torch.addcmul(x, gate, self.mlp(torch.addcmul(shift, self.in_ln(x), scale_plus_one)))
 
 
 class FinalLayer(nn.Module):

@@ -19,7 +19,7 @@ from .backbone import prefix_attention_mask
 from .model import NextStepModel
 from .offload import StreamedLayer
 from .prompt import PromptRows
-from .sampling import SolverPlan, combine_guidance
+from .sampling import SolverPlan, guidance_weights
 
 log = logging.getLogger(__name__)
 
@@ -62,29 +62,35 @@ class TokenSolver:
 
     def __init__(self, model: NextStepModel, inputs: TokenLoopInputs) -> None:
         device = model.device
+        plan = inputs.plan
         self.head = model.image_head.net
         self.dtype = model.dtype
-        self.plan = inputs.plan
         self.groups, self.batch = inputs.rows.groups, inputs.batch
         self.dim = model.config.token_dim
         self.use_norm = inputs.use_norm
-        self.time_embeddings = self.head.time_embed(torch.tensor(inputs.plan.times, device=device))
-        self.noise = inputs.noise.to(device)
-        self.cfg = torch.tensor(inputs.cfg, dtype=torch.float32, device=device)
-        self.cfg_img = torch.tensor(inputs.cfg_img, dtype=torch.float32, device=device)
+        self.keep = plan.a
+        self.time_embeddings = self.head.time_embed(torch.tensor(plan.times, device=device))
+        noise = inputs.noise.to(device)
+        self.initial_noise = noise[:, 0]
+        # per token and step: the solver's velocity coefficient times each row's guidance weight [L, S, G],
+        # and the step's noise already scaled [L, S, B, D]: a step is then x' = a x + c n + W v, two ops
+        weights = torch.tensor(guidance_weights(self.groups, inputs.cfg, inputs.cfg_img), device=device)
+        self.step_weights = weights[:, None, :] * torch.tensor(plan.b, device=device)[None, :, None]
+        coefficients = torch.tensor(plan.c, device=device)[None, :, None, None]
+        self.step_noise = noise[:, 1:] * coefficients if plan.stochastic else None
 
     def __call__(self, index: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """Token `index` ([1] long) [B, D] float32 from the decoder's condition [R, hidden]."""
-        plan, noise = self.plan, self.noise.index_select(0, index)[0]
-        cfg, cfg_img = self.cfg.index_select(0, index), self.cfg_img.index_select(0, index)
+        weights = self.step_weights.index_select(0, index)[0]
+        noise = self.step_noise.index_select(0, index)[0].flatten(1) if self.step_noise is not None else None
         modulations = self.head.modulations(self.time_embeddings, condition)
-        x = noise[0]
-        for k in range(len(plan.times)):
-            velocity = self.head.velocity(x.to(self.dtype).repeat(self.groups, 1), modulations, k).float()
-            guided = combine_guidance(velocity.view(self.groups, self.batch, self.dim), cfg, cfg_img)
-            x = plan.a[k] * x + plan.b[k] * guided
-            if plan.stochastic:
-                x = x + plan.c[k] * noise[1 + k]
+        x = self.initial_noise.index_select(0, index).flatten(1)  # [1, B*D]
+        for k, keep in enumerate(self.keep):
+            rows = x.view(self.batch, self.dim).to(self.dtype).repeat(self.groups, 1)
+            velocity = self.head.velocity(rows, modulations, k).float().view(self.groups, -1)
+            base = x if noise is None else torch.add(noise[k : k + 1], x, alpha=keep)  # ode: a = 1, no noise
+            x = torch.addmm(base, weights[k : k + 1], velocity)
+        x = x.view(self.batch, self.dim)
         return F.layer_norm(x, (self.dim,), eps=1e-6) if self.use_norm else x
 
 

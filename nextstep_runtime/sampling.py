@@ -102,8 +102,18 @@ def guidance_scales(scale: float, tokens: int, schedule: str, profile: str) -> l
     return [1.0 + (scale - 1.0) * (tokens - n) / tokens for n in range(tokens)]
 
 
+def guidance_weights(groups: int, cfg: list[float], cfg_img: list[float]) -> list[list[float]]:
+    """Per token, the weight of each guidance row's velocity: `combine_guidance` as one weighted sum, so the
+    token loop can fold it into the solver step (one matmul instead of a chain of small ops)."""
+    if groups == 1:
+        return [[1.0] for _ in cfg]
+    if groups == 2:
+        return [[g, 1.0 - g] for g in cfg]
+    return [[g, gi - g, 1.0 - gi] for g, gi in zip(cfg, cfg_img)]
+
+
 def combine_guidance(velocities: torch.Tensor, cfg: torch.Tensor, cfg_img: torch.Tensor) -> torch.Tensor:
-    """Mix per-row velocities [groups, B, D] into one guided velocity [B, D]."""
+    """Mix per-row velocities [groups, B, D] into one guided velocity [B, D] (the formulas as written)."""
     groups = velocities.shape[0]
     if groups == 1:
         return velocities[0]
