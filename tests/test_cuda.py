@@ -1,0 +1,56 @@
+"""The CUDA paths, where a CUDA GPU is present (skipped otherwise; benchmarks/gpu_check.sh runs them):
+every golden through the captured CUDA graph in float32, fp8 (fused fp8 matmul on sm_89+) near bfloat16,
+and layer streaming with its copy stream equal to resident layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from goldens import TINY_MODEL, GoldenCase, assert_matches_golden, golden_cases
+from model_folders import deepen
+from test_goldens import settings_for
+
+from nextstep_runtime import NextStepPipeline
+from nextstep_runtime.generate import TokenStep
+from nextstep_runtime.images import load_rgb
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def exact_float32():
+    """No TF32 in matmuls or convolutions, so float32 on the GPU is comparable with the CPU goldens."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def generate(pipe: NextStepPipeline, case: GoldenCase):
+    p = case.params
+    images = [load_rgb(case.image_path)] if case.image_path else []
+    return pipe.generate(p["caption"], settings_for(case), p["negative_prompt"], p["positive_prompt"], images)
+
+
+@pytest.mark.parametrize("case", golden_cases(), ids=lambda case: case.name)
+def test_goldens_through_the_cuda_graph(case: GoldenCase, monkeypatch) -> None:
+    captured = []
+    original = TokenStep._capture
+    monkeypatch.setattr(TokenStep, "_capture", lambda self, device: (original(self, device), captured.append(self.graph)))
+    pipe = NextStepPipeline.from_pretrained(TINY_MODEL, device="cuda", dtype="float32")
+    result = generate(pipe, case)
+    assert captured and captured[0] is not None, "the token step was not captured as a CUDA graph"
+    assert_matches_golden(case, {"tokens": result.tokens.cpu(), "latents": result.latents.cpu(),
+                                 "images": result.images.cpu()})
+
+
+def test_fp8_and_streaming_on_cuda(model_copy) -> None:
+    case = next(c for c in golden_cases() if c.name == "official_t2i_cps_nocfg")
+    deepen(model_copy, 5)
+    bf16 = generate(NextStepPipeline.from_pretrained(model_copy, device="cuda", dtype="bfloat16"), case)
+    fp8 = generate(NextStepPipeline.from_pretrained(model_copy, device="cuda", dtype="bfloat16", fp8=True), case)
+    streamed = generate(NextStepPipeline.from_pretrained(model_copy, device="cuda", dtype="bfloat16", fp8=True,
+                                                         resident_layers=1), case)
+    assert (fp8.images - bf16.images).abs().mean() < 0.05
+    assert torch.equal(streamed.tokens, fp8.tokens)
