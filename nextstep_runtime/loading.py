@@ -19,6 +19,7 @@ from .tokens import LatentNormalization
 from .vae import NextStepVAE
 
 VAE_CONFIG_METADATA_KEY = "nextstep_vae_config"
+BUNDLED_VAE_FOLDER = "vae"
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -184,13 +185,17 @@ def _vae_from_safetensors(path: Path) -> VAESource:
 
 
 def resolve_vae_path(model_folder: str | Path, vae: str | Path | None = None) -> Path:
-    """An explicit VAE path, else the config's `vae_name_or_path` taken relative to the model folder."""
+    """An explicit VAE path, else the config's `vae_name_or_path` taken relative to the model folder.
+
+    When that names nothing on disk (a hub id such as `stepfun-ai/...`, or a path on the machine that
+    exported the model), the model folder's own `vae/` is used if present."""
     if vae is not None:
         return Path(vae)
     model_folder = Path(model_folder)
-    raw = read_json(model_folder / "config.json").get("vae_name_or_path") or "vae/"
-    candidate = Path(raw)
-    return candidate if candidate.is_absolute() else model_folder / candidate
+    raw = read_json(model_folder / "config.json").get("vae_name_or_path") or BUNDLED_VAE_FOLDER
+    candidate = Path(raw) if Path(raw).is_absolute() else model_folder / raw
+    bundled = model_folder / BUNDLED_VAE_FOLDER
+    return bundled if not candidate.exists() and bundled.exists() else candidate
 
 
 def latent_normalization(model_folder: str | Path) -> LatentNormalization:

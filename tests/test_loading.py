@@ -101,3 +101,13 @@ def test_model_folder_without_its_vae_names_the_missing_path(model_copy: Path) -
     shutil.rmtree(model_copy / "vae")
     with pytest.raises(NextStepError, match="VAE .*vae not found"):
         NextStepPipeline.from_pretrained(model_copy, device="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize("name", ["stepfun-ai/NextStep-1-f8ch16-Tokenizer", "/elsewhere/vae"])
+def test_vae_name_that_is_not_on_disk_falls_back_to_the_bundled_vae(model_copy: Path, name: str) -> None:
+    from model_folders import edit_config
+
+    from nextstep_runtime.loading import resolve_vae_path
+
+    edit_config(model_copy, vae_name_or_path=name)
+    assert resolve_vae_path(model_copy) == model_copy / "vae"
