@@ -26,12 +26,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"error: {message} (see --help)\n")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the empty ones (None, off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = GenerationSettings()
     parser = _Parser(prog="python -m nextstep_runtime", description="NextStep text-to-image and image editing.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     gen = commands.add_parser("generate", help="generate or edit images",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=_HelpFormatter)
     gen.add_argument("--model", required=True, help="NextStep model folder (config.json, weights, tokenizer)")
     gen.add_argument("--vae", help="VAE folder or .safetensors file (default: the model's vae_name_or_path)")
     gen.add_argument("--prompt", required=True, help="caption; for editing it holds <image> where the image goes")
@@ -44,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=defaults.steps, help="solver steps per token")
     gen.add_argument("--cfg", type=float, default=defaults.cfg, help="text guidance scale (1 = off)")
     gen.add_argument("--cfg-img", type=float, default=defaults.cfg_img, help="image guidance scale for editing")
-    gen.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default=defaults.cfg_schedule)
+    gen.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default=defaults.cfg_schedule,
+                     help="guidance per token: constant, or linear (rising for official, falling for hf)")
     gen.add_argument("--shift", type=float, default=defaults.timesteps_shift, help="timesteps shift")
-    gen.add_argument("--sampler", choices=SAMPLERS, default=defaults.sampler)
+    gen.add_argument("--sampler", choices=SAMPLERS, default=defaults.sampler, help="flow-matching solver")
     gen.add_argument("--profile", choices=PROFILES, default=defaults.profile,
                      help="official: GitHub pipeline; hf: pipeline shipped in the Hugging Face repos")
     gen.add_argument("--use-norm", action="store_true", help="LayerNorm each sampled token (NextStep-1-Large)")
