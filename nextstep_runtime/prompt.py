@@ -88,11 +88,18 @@ def build_rows(tokenizer, caption: str, negative: str | None, positive: str | No
     if groups >= 2:
         texts += [negative] * batch
         image_rows += [False] * batch
-    if profile == "official" and tokenizer.bos_token:
+    # The official pipeline prefixes BOS as text, tokenizes with the tokenizer's own special tokens, and drops
+    # the size suffix's first token whenever a BOS is defined (meant for tokenizers that prepend one; when a
+    # tokenizer defines BOS without prepending it, that drops <|image_area|>, and so do we). Qwen's tokenizers,
+    # those of every release, define no BOS and add nothing. The hf pipeline adds nothing.
+    official_bos = profile == "official" and tokenizer.bos_token is not None
+    if official_bos:
         texts = [tokenizer.bos_token + text for text in texts]
     tokenizer.padding_side = "left"
-    encoded = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-    suffix = tokenizer(f"{IMAGE_AREA}{out_grid[0]}*{out_grid[1]}", add_special_tokens=False)["input_ids"] + [boi]
+    special = profile == "official"
+    encoded = tokenizer(texts, add_special_tokens=special, padding=True, return_tensors="pt")
+    suffix = tokenizer(f"{IMAGE_AREA}{out_grid[0]}*{out_grid[1]}", add_special_tokens=special)["input_ids"]
+    suffix = suffix[1:] + [boi] if official_bos else suffix + [boi]
     suffix_ids = torch.tensor(suffix, dtype=torch.long).expand(len(texts), -1)
     input_ids = torch.cat([encoded["input_ids"], suffix_ids], dim=1)
     mask = torch.cat([encoded["attention_mask"], torch.ones_like(suffix_ids)], dim=1)

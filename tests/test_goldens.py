@@ -72,3 +72,24 @@ def test_prompt_rows_match_golden_tokenization(case: GoldenCase, tiny_pipeline) 
     expected = case.expected
     assert rows.input_ids[:, : rows.text_length].tolist() == expected["caption_input_ids"].tolist()
     assert rows.attention_mask[:, : rows.text_length].tolist() == expected["caption_attention_mask"].tolist()
+
+
+def test_official_profile_with_a_bos_tokenizer_matches_the_official_rows(model_copy) -> None:
+    """With a tokenizer that defines BOS (none of the released ones does), the official pipeline prefixes it to
+    every row and drops the size suffix's first token; the ids below are the official pipeline's own rows."""
+    import json
+
+    from nextstep_runtime.prompt import build_rows, load_tokenizer
+
+    config_path = model_copy / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["bos_token"] = "<|im_start|>"
+    config_path.write_text(json.dumps(config))
+    tokenizer = load_tokenizer(model_copy)
+    official = build_rows(tokenizer, "a fox", "blurry", None, [], (2, 3), 1, 7.5, 1.0, "official", 517)
+    first_real = official.attention_mask.argmax(dim=1)
+    assert official.input_ids.gather(1, first_real[:, None]).flatten().tolist() == [513, 513]  # BOS on both rows
+    assert official.input_ids[0, official.text_length:].tolist() == [17, 9, 18, 517]
+    hf = build_rows(tokenizer, "a fox", "blurry", None, [], (2, 3), 1, 7.5, 1.0, "hf", 517)
+    assert 513 not in hf.input_ids.tolist()[0]
+    assert hf.input_ids[0, hf.text_length:].tolist() == [516, 17, 9, 18, 517]
