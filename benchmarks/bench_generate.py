@@ -56,6 +56,22 @@ def _median_ms(fn: Callable[[], object], device: torch.device, repeat: int) -> f
     return 1000 * statistics.median(_timed(fn, device) for _ in range(repeat))
 
 
+@torch.inference_mode()
+def _component_ms(pipe: NextStepPipeline, inputs, device: torch.device, repeat: int) -> tuple[float, float, float]:
+    """(prefill, one token's head work, one token through the decoder at mid-image), median milliseconds."""
+    total = inputs.grid[0] * inputs.grid[1]
+    state = DecodeState(pipe.model, inputs.rows, total)
+    prefill_ms = _median_ms(lambda: state.prefill(inputs.rows, None), device, repeat)
+    solve = TokenSolver(pipe.model, inputs)
+    condition = state.prefill(inputs.rows, None)
+    first = torch.zeros(1, dtype=torch.long, device=device)
+    token = solve(first, condition)
+    head_ms = _median_ms(lambda: solve(first, condition), device, max(repeat, 5))
+    middle = torch.tensor([state.prefill_len + total // 2], device=device)
+    backbone_ms = _median_ms(lambda: state.feed(token, middle), device, max(repeat, 5))
+    return prefill_ms, head_ms, backbone_ms
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
@@ -94,17 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     inputs = pipe.prepare(CAPTION, settings, negative=NEGATIVE)
     total = inputs.grid[0] * inputs.grid[1]
+    prefill_ms, head_ms, backbone_ms = _component_ms(pipe, inputs, device, args.repeat)
     with torch.inference_mode():
-        state = DecodeState(pipe.model, inputs.rows, total)
-        prefill_ms = _median_ms(lambda: state.prefill(inputs.rows, None), device, args.repeat)
-        solve = TokenSolver(pipe.model, inputs)
-        condition = state.prefill(inputs.rows, None)
-        first = torch.zeros(1, dtype=torch.long, device=device)
-        token = solve(first, condition)
-        head_ms = _median_ms(lambda: solve(first, condition), device, max(args.repeat, 5))
-        middle = torch.tensor([state.prefill_len + total // 2], device=device)
-        backbone_ms = _median_ms(lambda: state.feed(token, middle), device, max(args.repeat, 5))
-        del state
         sample_s = statistics.median(_timed(lambda: pipe.sample(CAPTION, settings, negative=NEGATIVE), device)
                                      for _ in range(args.repeat))
         latents = pipe.sample(CAPTION, settings, negative=NEGATIVE).latents

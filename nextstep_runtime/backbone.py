@@ -58,10 +58,6 @@ class KVCache:
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
 
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[3]
-
     def store(self, layer: int, position: torch.Tensor | None, keys: torch.Tensor,
               values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write keys/values [R, kv_heads, n, d]: as the prefix when `position` is None (returning the

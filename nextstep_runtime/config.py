@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +55,6 @@ class ModelConfig:
     latent_patch_size: int = 2
     head_width: int = 1536
     head_depth: int = 12
-    vae_name_or_path: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def token_dim(self) -> int:
@@ -91,8 +89,6 @@ class ModelConfig:
                 latent_patch_size=int(_first(raw, ("patch_size", "latent_patch_size"), 2)),
                 head_width=int(_first(raw, ("genloss_width", "fm_head_dim"), 1536)),
                 head_depth=int(_first(raw, ("genloss_depth", "fm_head_layers"), 12)),
-                vae_name_or_path=raw.get("vae_name_or_path"),
-                extra=dict(raw),
             )
         except KeyError as exc:
             raise NextStepError(f"{source} lacks the required key {exc.args[0]!r}") from None

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -98,7 +98,6 @@ class GenerationResult:
     tokens: torch.Tensor                 # [B, L, D] model-space tokens (after use_norm)
     latents: torch.Tensor                # [B, C, H/8, W/8] VAE-space latents
     images: torch.Tensor | None = None   # [B, 3, H, W] VAE output, not clamped
-    settings: GenerationSettings = field(default_factory=GenerationSettings)
 
 
 def images_to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -198,8 +197,7 @@ class NextStepPipeline:
         inputs = self.prepare(caption, settings, negative, positive, edit_latents)
         tokens = sample_tokens(self.model, inputs, callback)
         model_latents = unpatchify(tokens, *inputs.grid, self.model.config.latent_patch_size)
-        return GenerationResult(tokens=tokens, latents=self.normalization.to_vae_space(model_latents),
-                                settings=settings)
+        return GenerationResult(tokens=tokens, latents=self.normalization.to_vae_space(model_latents))
 
     def generate(self, caption: str, settings: GenerationSettings | None = None, negative: str | None = None,
                  positive: str | None = None, edit_images: list[torch.Tensor] | None = None,

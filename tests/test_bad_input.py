@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from goldens import FIXTURES, TINY_MODEL, TINY_VAE_FILE

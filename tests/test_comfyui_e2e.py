@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from goldens import FIXTURES, UINT8_TOLERANCE, golden_cases
