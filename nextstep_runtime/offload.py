@@ -27,8 +27,7 @@ class LayerStreamer:
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.copied = [None] * len(self.slots)
 
-    def _copy_into_slot(self, position: int) -> None:
-        slot_index = position % len(self.slots)
+    def _copy_into_slot(self, position: int, slot_index: int) -> None:
         slot, host = self.slots[slot_index], self.host_layers[position]
         if self.copy_stream is None:
             for target, source in zip(slot.state_dict().values(), host.state_dict().values()):
@@ -45,15 +44,18 @@ class LayerStreamer:
         self.slot_holds[slot_index] = position
 
     def layer(self, position: int) -> DecoderLayer:
-        """The slot holding streamed layer `position`, ready to run; starts copying the next one."""
-        slot_index = position % len(self.slots)
-        if self.slot_holds[slot_index] != position:
-            self._copy_into_slot(position)
+        """The slot holding streamed layer `position`, ready to run; starts copying the next one into the
+        other slot (never into the one about to run, whatever the number of streamed layers)."""
+        if position in self.slot_holds:
+            slot_index = self.slot_holds.index(position)
+        else:
+            slot_index = 0
+            self._copy_into_slot(position, slot_index)
         if self.copied[slot_index] is not None:
             torch.cuda.current_stream(self.device).wait_event(self.copied[slot_index])
         following = (position + 1) % len(self.host_layers)  # after the last layer, the next token's first
-        if self.slot_holds[following % len(self.slots)] != following:
-            self._copy_into_slot(following)
+        if following not in self.slot_holds:
+            self._copy_into_slot(following, 1 - slot_index)
         return self.slots[slot_index]
 
 

@@ -50,16 +50,17 @@ def test_fp8_model_stores_decoder_linears_in_fp8_and_stays_close_to_bf16(bf16_re
     assert (result.images - bf16_result.images).abs().mean() < 0.03
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-def test_streamed_layers_give_the_same_tokens_as_resident_ones(fp8: bool, model_copy) -> None:
-    deepen(model_copy, 5)  # 4 streamed layers rotate through the 2 slots
-    resident = NextStepPipeline.from_pretrained(model_copy, device="cpu", dtype="bfloat16", fp8=fp8)
-    streamed = NextStepPipeline.from_pretrained(model_copy, device="cpu", dtype="bfloat16", fp8=fp8, resident_layers=1)
+@pytest.mark.parametrize("fp8,resident", [(False, 1), (True, 1), (False, 2), (True, 4)])
+def test_streamed_layers_give_the_same_tokens_as_resident_ones(fp8: bool, resident: int, model_copy) -> None:
+    deepen(model_copy, 5)  # 4, 3 or 1 streamed layers rotating through the 2 slots (odd counts wrap onto slot 0)
+    resident_model = NextStepPipeline.from_pretrained(model_copy, device="cpu", dtype="bfloat16", fp8=fp8)
+    streamed = NextStepPipeline.from_pretrained(model_copy, device="cpu", dtype="bfloat16", fp8=fp8,
+                                                resident_layers=resident)
     from nextstep_runtime.offload import StreamedLayer
 
-    assert not isinstance(streamed.model.layers[0], StreamedLayer)
-    assert all(isinstance(layer, StreamedLayer) for layer in streamed.model.layers[1:])
-    a, b = generate(resident), generate(streamed)
+    assert not any(isinstance(layer, StreamedLayer) for layer in streamed.model.layers[:resident])
+    assert all(isinstance(layer, StreamedLayer) for layer in streamed.model.layers[resident:])
+    a, b = generate(resident_model), generate(streamed)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.images, b.images)
 
 
