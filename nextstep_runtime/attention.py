@@ -36,14 +36,21 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     With mask None the call is causal (used when no row has padding); otherwise `mask` is a boolean
     [rows, 1, sq, sk] of allowed pairs.
     """
-    groups = q.shape[1] // k.shape[1]
+    rows, heads, sq, dim = q.shape
+    kv_heads = k.shape[1]
+    groups = heads // kv_heads
     if _use_flash and mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         from flash_attn import flash_attn_func  # optional dependency, imported only when used
 
-        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=q.shape[2] > 1)
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=sq > 1)
         return out.transpose(1, 2)
-    if _SDPA_HAS_GQA and groups > 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
-                                              enable_gqa=True)
+    if sq == 1 and groups > 1:
+        # one query per head (decoding): the query heads sharing a KV head become that head's query rows,
+        # so K/V are read once, unrepeated, by any SDPA backend
+        out = F.scaled_dot_product_attention(q.view(rows, kv_heads, groups, dim), k, v, attn_mask=mask)
+        return out.view(rows, heads, 1, dim)
+    if _SDPA_HAS_GQA and groups > 1 and mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=sq > 1, enable_gqa=True)
+    # a mask with GQA would force the math backend; repeating K/V keeps the efficient kernels usable
     return F.scaled_dot_product_attention(q, _repeat_kv(k, groups), _repeat_kv(v, groups), attn_mask=mask,
-                                          is_causal=mask is None and q.shape[2] > 1)
+                                          is_causal=mask is None and sq > 1)
