@@ -53,8 +53,9 @@ class FP8Linear(nn.Module):
             except RuntimeError as exc:  # older drivers/cuBLAS without row-wise fp8 scaling
                 FP8Linear._scaled_mm_failed = True
                 log.warning("fp8 matmul unavailable (%s); dequantising fp8 weights instead", exc)
-        weight = self.weight.to(x.dtype) * self.weight_scale.to(x.dtype)[:, None]
-        return F.linear(x, weight, self.bias)
+        # the per-output-channel scale commutes with the matmul: scale the (small) output, not the weight
+        out = F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
+        return out if self.bias is None else out + self.bias
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -75,6 +76,8 @@ def use_fp8_linears(decoder_layers: nn.Module) -> set[str]:
     for name, module in list(decoder_layers.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, child_name, FP8Linear(child.in_features, child.out_features, child.bias is not None))
+                with torch.device(child.weight.device):  # meta stays meta: no host memory for placeholders
+                    replacement = FP8Linear(child.in_features, child.out_features, child.bias is not None)
+                setattr(module, child_name, replacement)
                 swapped.add(f"{name}.{child_name}" if name else child_name)
     return swapped

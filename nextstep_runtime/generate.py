@@ -152,15 +152,21 @@ class TokenStep:
 
     def _capture(self, device: torch.device) -> None:
         self.position.fill_(self.state.prefill_len)  # warm-up writes the first token's slot; the real step rewrites it
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._run()
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.token_out = self._run()
+        with torch.cuda.device(device):  # capture and replay on the model's GPU, whichever is current
+            caller = torch.cuda.current_stream(device)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(caller)
+            try:
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        self._run()
+                caller.wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=side):
+                    self.token_out = self._run()
+                self.graph = graph
+            finally:  # a failed capture must not leave the side stream current for the rest of the process
+                torch.cuda.set_stream(caller)
 
     def __call__(self, previous: torch.Tensor, index: int) -> torch.Tensor:
         """Token `index` (>= 1) given token `index - 1`; the result is overwritten by the next call."""
@@ -169,7 +175,8 @@ class TokenStep:
         self.index.fill_(index)
         if self.graph is None:
             return self._run()
-        self.graph.replay()
+        with torch.cuda.device(self.token_in.device):
+            self.graph.replay()
         return self.token_out
 
 
@@ -187,9 +194,32 @@ def sample_tokens(model: NextStepModel, inputs: TokenLoopInputs, callback: Token
     out = torch.empty((inputs.batch, total_tokens, model.config.token_dim), dtype=torch.float32, device=model.device)
     out[:, 0] = solve(torch.zeros(1, dtype=torch.long, device=model.device), state.prefill(inputs.rows, inputs.image_tokens))
     step = TokenStep(state, solve, cuda_graph_possible(model)) if total_tokens > 1 else None
+    pace = _HostPace(model.device)
     for n in range(total_tokens):
         if n:
             out[:, n] = step(out[:, n - 1], n)
+        pace.token_queued()
         if callback is not None:
             callback(n + 1, total_tokens, out[:, : n + 1])
     return out
+
+
+class _HostPace:
+    """Keeps the host at most a couple of tokens ahead of the GPU, so progress is truthful and a cancel
+    (checked by the callback between tokens) takes effect within a token or two, not after the whole
+    launch queue drains. A no-op on the CPU."""
+
+    AHEAD = 2
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.events: list[torch.cuda.Event] | None = [] if device.type == "cuda" else None
+
+    def token_queued(self) -> None:
+        if self.events is None:
+            return
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self.events.append(event)
+        if len(self.events) > self.AHEAD:
+            self.events.pop(0).synchronize()

@@ -12,6 +12,7 @@ from torch import nn
 
 from .backbone import DecoderLayer, KVCache, RMSNorm, rotary_tables
 from .config import ModelConfig
+from .errors import NextStepError
 from .flow_head import FlowHead
 
 
@@ -45,8 +46,13 @@ class NextStepModel(nn.Module):
         placeholder positions, i.e. raster order, image by image, row by row.
         """
         embeds = self.embed_tokens(input_ids)
+        slots = input_ids == self.config.image_placeholder_id
+        given = 0 if image_tokens is None else image_tokens.shape[0]
+        placeholders = int(slots.sum())
+        if placeholders != given:
+            raise NextStepError(f"the prompt holds {placeholders} image placeholder tokens but {given} input-image "
+                                f"tokens were given; do not type <|image_placeholder|> in a prompt (use <image>)")
         if image_tokens is not None:
-            slots = input_ids == self.config.image_placeholder_id
             embeds[slots] = self.image_in_projector(image_tokens.to(embeds.dtype))
         return embeds
 

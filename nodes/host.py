@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from nextstep_runtime.errors import NextStepError
 from nextstep_runtime.pipeline import resolve_device
 
 try:
@@ -65,8 +66,8 @@ def load_device() -> torch.device:
 
 
 def initial_device(parameters: int, dtype: torch.dtype) -> torch.device:
-    """Where a freshly loaded model is placed: straight onto the GPU when it fits, as ComfyUI's own loaders do,
-    which also spares the host a full copy of a 14B model."""
+    """Where a freshly loaded model is placed: ComfyUI's own choice for diffusion models (the GPU when it has
+    more free memory than the host, else the CPU, from where it is moved before sampling)."""
     return model_management.unet_inital_load_device(parameters, dtype) if IN_COMFYUI else load_device()
 
 
@@ -121,7 +122,12 @@ def prepare_model(handle: Any, memory_required: int = 0) -> None:
 
     Loads fully: the runtime's plain torch layers cannot run partly offloaded."""
     if handle is not None:
-        model_management.load_models_gpu([handle], memory_required=memory_required, force_full_load=True)
+        try:
+            model_management.load_models_gpu([handle], memory_required=memory_required, force_full_load=True)
+        except torch.cuda.OutOfMemoryError:
+            raise NextStepError("the NextStep model does not fit in GPU memory; in NextStep Model Loader turn on "
+                                "fp8 (about 15 GB for the 14B models) or set gpu_layers to keep only part of the "
+                                "decoder on the GPU") from None
 
 
 def check_interrupt() -> None:

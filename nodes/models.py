@@ -7,6 +7,7 @@ files and precision, so nothing is read from disk twice.
 
 from __future__ import annotations
 
+import logging
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -16,7 +17,6 @@ from typing import Any
 import torch
 
 from nextstep_runtime.checkpoint import IGNORED_KEYS, canonical_key, open_safetensors
-from nextstep_runtime.errors import NextStepError
 from nextstep_runtime.loading import latent_normalization, load_model, load_vae, resolve_vae_path, weight_files
 from nextstep_runtime.pipeline import NextStepPipeline
 from nextstep_runtime.prompt import load_tokenizer
@@ -42,10 +42,10 @@ class LoadedModel:
         if self._to_rgb is None:
             try:
                 vae = load_vae(resolve_vae_path(self.folder), torch.float32, host.vae_devices()[0])
-            except NextStepError:
-                self._to_rgb = channel_view(self.pipeline.model.config.latent_channels)
-            else:
                 self._to_rgb = fit_latent_to_rgb(vae)
+            except Exception as exc:  # a preview must never fail the run (no VAE, out of memory, ...)
+                log.warning("NextStep: preview colours unavailable (%s); showing latent channels instead", exc)
+                self._to_rgb = channel_view(self.pipeline.model.config.latent_channels)
         return self._to_rgb
 
 
@@ -65,6 +65,8 @@ class LoadedVAE:
     vae: NextStepVAE
     registration: Any
 
+
+log = logging.getLogger("NextStep")
 
 _models: "weakref.WeakValueDictionary[tuple, LoadedModel]" = weakref.WeakValueDictionary()
 _vaes: "weakref.WeakValueDictionary[tuple, LoadedVAE]" = weakref.WeakValueDictionary()

@@ -146,3 +146,8 @@ def test_cli_process_reports_one_line_without_traceback(tmp_path) -> None:
                             cwd=Path(__file__).resolve().parents[1], timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: model folder {tmp_path / 'nope'} does not exist"]
+
+
+def test_typed_image_placeholder_token_is_refused(capsys, tmp_path) -> None:
+    message = cli_error(capsys, tmp_path, "--prompt", "a <|image_placeholder|> fox")
+    assert "holds 1 image placeholder tokens but 0 input-image tokens" in message and "use <image>" in message
