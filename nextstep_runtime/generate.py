@@ -72,10 +72,11 @@ class TokenSolver:
         self.time_embeddings = self.head.time_embed(torch.tensor(plan.times, device=device))
         noise = inputs.noise.to(device)
         self.initial_noise = noise[:, 0]
-        # per token and step: the solver's velocity coefficient times each row's guidance weight [L, S, G],
-        # and the step's noise already scaled [L, S, B, D]: a step is then x' = a x + c n + W v, two ops
+        # per token and step: the solver's velocity coefficient times each row's guidance weight [L, S, G, 1],
+        # and the step's noise already scaled [L, S, B, D]: a step is then x' = (a x + c n) + sum_g W_g v_g,
+        # elementwise in float32 (a matmul here could silently run in TF32 where a host enables it)
         weights = torch.tensor(guidance_weights(self.groups, inputs.cfg, inputs.cfg_img), device=device)
-        self.step_weights = weights[:, None, :] * torch.tensor(plan.b, device=device)[None, :, None]
+        self.step_weights = (weights[:, None, :] * torch.tensor(plan.b, device=device)[None, :, None])[..., None]
         coefficients = torch.tensor(plan.c, device=device)[None, :, None, None]
         self.step_noise = noise[:, 1:] * coefficients if plan.stochastic else None
 
@@ -89,7 +90,7 @@ class TokenSolver:
             rows = x.view(self.batch, self.dim).to(self.dtype).repeat(self.groups, 1)
             velocity = self.head.velocity(rows, modulations, k).float().view(self.groups, -1)
             base = x if noise is None else torch.add(noise[k : k + 1], x, alpha=keep)  # ode: a = 1, no noise
-            x = torch.addmm(base, weights[k : k + 1], velocity)
+            x = base + (weights[k] * velocity).sum(0, keepdim=True)
         x = x.view(self.batch, self.dim)
         return F.layer_norm(x, (self.dim,), eps=1e-6) if self.use_norm else x
 
