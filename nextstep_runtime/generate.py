@@ -145,7 +145,6 @@ class TokenStep:
             try:
                 self._capture(device)
             except RuntimeError as exc:  # an op the installed torch cannot capture: stay eager, still correct
-                self.graph = None
                 log.warning("CUDA graph capture failed (%s); running the token loop eagerly", exc)
 
     def _run(self) -> torch.Tensor:
