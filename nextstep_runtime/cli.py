@@ -10,6 +10,8 @@ from typing import Any, NoReturn, Sequence
 import torch
 from safetensors.torch import save_file
 
+from . import cli_plan
+from .cli_help import HelpFormatter
 from .errors import NextStepError
 from .images import center_crop_to_multiple, load_rgb, save_png, to_uint8
 from .pipeline import DTYPES, PRESET_SETTINGS, SIZE_MULTIPLE, GenerationSettings, NextStepPipeline, images_to_unit
@@ -25,15 +27,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_BAD_INPUT, f"error: {message} (see --help)\n")
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except the empty ones (None, off)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or isinstance(action.default, bool):
-            return action.help
-        return super()._get_help_string(action)
 
 
 def _preset_option(parser: argparse.ArgumentParser, flag: str, field: str, help: str, **kwargs: Any) -> None:
@@ -52,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m nextstep_runtime", description="NextStep text-to-image and image editing.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     gen = commands.add_parser("generate", help="generate or edit images",
-                              formatter_class=_HelpFormatter)
+                              formatter_class=HelpFormatter)
     gen.add_argument("--model", required=True, help="NextStep model folder (config.json, weights, tokenizer)")
     gen.add_argument("--vae", help="VAE folder or .safetensors file (default: the model's vae_name_or_path)")
     gen.add_argument("--prompt", required=True, help="caption; for editing it holds <image> where the image goes")
@@ -86,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep only N decoder layers on the GPU and stream the rest from RAM (default: all)")
     gen.add_argument("--out", required=True, help="output PNG; a batch writes OUT_0.png, OUT_1.png, ...")
     gen.add_argument("--save-tensors", help="also write tokens, latents and images to this .safetensors file")
+    cli_plan.add_parser(commands)
     return parser
 
 
@@ -141,13 +135,17 @@ def run_generate(args: argparse.Namespace) -> None:
         sys.stderr.write(f"saved {args.save_tensors}\n")
 
 
+RUNNERS = {"generate": run_generate, "plan": cli_plan.run}
+"""Subcommand name -> the function that runs it."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_request:  # --help, or a bad argument already reported in one line
         return int(exit_request.code or 0)
     try:
-        run_generate(args)
+        RUNNERS[args.command](args)
     except NextStepError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return EXIT_BAD_INPUT

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .config import ModelConfig
 from .errors import NextStepError
 from .generate import TokenCallback, TokenLoopInputs, draw_noise, sample_tokens
 from .loading import check_vae_matches, load_model, load_vae, resolve_vae_path
@@ -66,6 +67,13 @@ def check_size(width: int, height: int) -> None:
 
 _RECOMMENDED = PRESETS[DEFAULT_PRESET]
 PRESET_SETTINGS = ("width", "height", "steps", "cfg", "cfg_img", "timesteps_shift", "sampler", "profile", "use_norm")
+
+
+def token_grid(config: ModelConfig, height: int, width: int) -> tuple[int, int]:
+    """Image tokens down and across an image of that many pixels: one token is a patch of latent pixels,
+    each 8 image pixels square."""
+    patch_pixels = 8 * config.latent_patch_size
+    return height // patch_pixels, width // patch_pixels
 
 
 @dataclass
@@ -177,8 +185,7 @@ class NextStepPipeline:
         """Validate and tokenize, and prepare everything the token loop needs (rows, noise, schedules)."""
         settings.validate()
         config = self.model.config
-        patch_pixels = 8 * config.latent_patch_size
-        grid = (settings.height // patch_pixels, settings.width // patch_pixels)
+        grid = token_grid(config, settings.height, settings.width)
         edit_latents = list(edit_latents or [])
         input_grids = [(lat.shape[-2] // config.latent_patch_size, lat.shape[-1] // config.latent_patch_size)
                        for lat in edit_latents]
