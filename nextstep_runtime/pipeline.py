@@ -168,9 +168,12 @@ class NextStepPipeline:
             return self._require_vae().encode(pixels * 2 - 1).float()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE-space latents to images [B, 3, H, W] in about [-1, 1] (clamp with `images_to_unit`)."""
+        """VAE-space latents to images [B, 3, H, W] in about [-1, 1] (clamp with `images_to_unit`).
+
+        One image at a time: the full-resolution activations dominate memory, and a batch would multiply them."""
+        vae = self._require_vae()
         with torch.inference_mode():
-            return self._require_vae().decode(latents).float()
+            return torch.cat([vae.decode(one).float() for one in latents.split(1)])
 
     def latents_to_tokens(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE-space latents [1, C, h, w] to model-space tokens [h*w/p^2, D] for an editing prompt."""

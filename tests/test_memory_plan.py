@@ -15,6 +15,7 @@ from goldens import FIXTURES, TINY_MODEL, TINY_VAE_FILE
 from model_folders import deepen, edit_config
 
 from nextstep_runtime import NextStepError
+from nextstep_runtime.cli_plan import format_plan
 from nextstep_runtime.config import ModelConfig
 from nextstep_runtime.generate import DecodeState
 from nextstep_runtime.images import load_rgb
@@ -158,6 +159,13 @@ def test_advice_is_the_cheapest_mode_that_fits() -> None:
 
     hopeless = plan_memory(footprint, bf16, Job(), gpu_total=GB)
     assert hopeless.suggested_mode is None and "does not fit even with every decoder layer streamed" in hopeless.advice
+
+
+def test_readme_example_is_the_planners_output() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    shown = readme.split("```\nmode: ", 1)[1].split("```", 1)[0]
+    plan = plan_memory(ModelFootprint.from_config(NEXTSTEP_14B), WeightMode(torch.bfloat16), Job(), 24 * GB)
+    assert "mode: " + shown == format_plan(plan) + "\n"
 
 
 def test_streaming_moves_weights_to_the_host() -> None:
