@@ -186,6 +186,12 @@ def test_bad_plans_are_clear_errors() -> None:
         ModelFootprint.from_folder(FIXTURES)
 
 
+def test_weights_that_disagree_with_the_config_are_refused(model_copy) -> None:
+    edit_config(model_copy, num_hidden_layers=3)
+    with pytest.raises(NextStepError, match=r"do not match its config.json \(first difference: layers\.2\."):
+        ModelFootprint.from_folder(model_copy)
+
+
 def test_host_memory_is_read_from_meminfo() -> None:
     free, total = device_memory(torch.device("cpu"))
     assert 0 < free <= total
