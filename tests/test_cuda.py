@@ -37,7 +37,13 @@ def generate(pipe: NextStepPipeline, case: GoldenCase):
 def test_goldens_through_the_cuda_graph(case: GoldenCase, monkeypatch) -> None:
     captured = []
     original = TokenStep._capture
-    monkeypatch.setattr(TokenStep, "_capture", lambda self, device: (original(self, device), captured.append(self.graph)))
+
+    def capture(self, device, work):
+        graph, output = original(self, device, work)
+        captured.append(graph)
+        return graph, output
+
+    monkeypatch.setattr(TokenStep, "_capture", capture)
     pipe = NextStepPipeline.from_pretrained(TINY_MODEL, device="cuda", dtype="float32")
     result = generate(pipe, case)
     assert captured and captured[0] is not None, "the token step was not captured as a CUDA graph"
