@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import NextStepError
-from .images import center_crop_to_multiple, load_rgb, save_png, to_uint8
-from .pipeline import DTYPES, SIZE_MULTIPLE, GenerationSettings, NextStepPipeline, images_to_unit
+from .images import save_png, to_uint8
+from .init_image import InitImage, load_cropped_rgb, load_init_image, load_mask
+from .pipeline import DTYPES, GenerationSettings, NextStepPipeline, images_to_unit
 from .prompt import PROFILES
 from .sampling import CFG_SCHEDULES, SAMPLERS
 
@@ -46,9 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="caption; for editing it holds <image> where the image goes")
     gen.add_argument("--positive", help="appended to the caption after a space")
     gen.add_argument("--negative", help="negative prompt (empty when omitted)")
-    gen.add_argument("--image", help="input image for editing")
-    gen.add_argument("--width", type=int, default=defaults.width, help="pixels, a multiple of 16")
-    gen.add_argument("--height", type=int, default=defaults.height, help="pixels, a multiple of 16")
+    gen.add_argument("--image", help="input image for editing, resized to the output size (see --keep-input-size)")
+    gen.add_argument("--keep-input-size", action="store_true",
+                     help="encode --image at its own size (centre-cropped to multiples of 16) instead")
+    gen.add_argument("--init-image", help="image to continue, inpaint or outpaint (with --mask), or a --save-tensors "
+                                          "file to continue exactly; sets the output size (centre-cropped to "
+                                          "multiples of 16)")
+    gen.add_argument("--mask", help="with --init-image: white = regenerate; a 16x16 token is regenerated where any "
+                                    "of its pixels is at least half white, kept elsewhere (no mask: all regenerated)")
+    gen.add_argument("--width", type=int, help=f"pixels, a multiple of 16 (default {defaults.width}, or the init "
+                                               f"image's width)")
+    gen.add_argument("--height", type=int, help=f"pixels, a multiple of 16 (default {defaults.height}, or the init "
+                                                f"image's height)")
     gen.add_argument("--batch", type=int, default=defaults.batch, help="images per prompt")
     gen.add_argument("--steps", type=int, default=defaults.steps, help="solver steps per token")
     gen.add_argument("--cfg", type=float, default=defaults.cfg, help="text guidance scale (1 = off)")
@@ -87,26 +97,36 @@ class ProgressBar:
         self.stream.flush()
 
 
-def _input_image(path: str) -> torch.Tensor:
-    image = load_rgb(path)
-    cropped = center_crop_to_multiple(image, SIZE_MULTIPLE)
-    if cropped.shape != image.shape:
-        sys.stderr.write(f"note: input image {path} centre-cropped from {image.shape[-1]}x{image.shape[-2]} to "
-                         f"{cropped.shape[-1]}x{cropped.shape[-2]} (multiples of {SIZE_MULTIPLE})\n")
-    return cropped
+def _output_size(args: argparse.Namespace, init: InitImage | None) -> tuple[int, int]:
+    """--width/--height, or the init image's size; both given and different is an error."""
+    defaults = GenerationSettings()
+    if init is None:
+        return args.width or defaults.width, args.height or defaults.height
+    width, height = init.size
+    if args.width not in (None, width) or args.height not in (None, height):
+        raise NextStepError(f"--width/--height {args.width}x{args.height} differ from the init image's size "
+                            f"{width}x{height} (centre-cropped to multiples of 16); leave them out")
+    return width, height
 
 
 def run_generate(args: argparse.Namespace) -> None:
+    if args.mask and not args.init_image:
+        raise NextStepError("--mask needs --init-image (the image whose unmasked tokens are kept)")
+    init = load_init_image(args.init_image) if args.init_image else None
+    width, height = _output_size(args, init)
     settings = GenerationSettings(
-        width=args.width, height=args.height, batch=args.batch, steps=args.steps, cfg=args.cfg,
+        width=width, height=height, batch=args.batch, steps=args.steps, cfg=args.cfg,
         cfg_img=args.cfg_img, cfg_schedule=args.cfg_schedule, timesteps_shift=args.shift, sampler=args.sampler,
         profile=args.profile, use_norm=args.use_norm, seed=args.seed)
     settings.validate()  # before the (slow) model load
-    edit_images = [_input_image(args.image)] if args.image else []
+    edit_size = None if args.keep_input_size else (width, height)
+    edit_images = [load_cropped_rgb(args.image, edit_size)] if args.image else []
+    mask = load_mask(args.mask, init) if args.mask else None
     pipe = NextStepPipeline.from_pretrained(args.model, vae=args.vae, device=args.device, dtype=args.dtype,
                                             fp8=args.fp8, resident_layers=args.gpu_layers)
     result = pipe.generate(args.prompt, settings, negative=args.negative, positive=args.positive,
-                           edit_images=edit_images, callback=ProgressBar())
+                           edit_images=edit_images, callback=ProgressBar(), mask=mask,
+                           init_image=init.pixels if init else None, init_latents=init.latents if init else None)
     unit = images_to_unit(result.images)
     for path in save_png(unit, args.out):
         sys.stderr.write(f"saved {path}\n")

@@ -226,13 +226,12 @@ class NextStepPipeline:
     def generate(self, caption: str, settings: GenerationSettings | None = None, negative: str | None = None,
                  positive: str | None = None, edit_images: list[torch.Tensor] | None = None,
                  callback: TokenCallback | None = None, init_image: torch.Tensor | None = None,
-                 mask: torch.Tensor | None = None) -> GenerationResult:
+                 mask: torch.Tensor | None = None, init_latents: torch.Tensor | None = None) -> GenerationResult:
         """Prompt to decoded images. `edit_images`: RGB [1, 3, H, W] in [0, 1], one per `<image>` tag.
-        `init_image`: RGB [1 or B, 3, H, W] in [0, 1] of the settings' size, to inpaint, outpaint or continue
-        where `mask` (pixels, 1 = regenerate) says; see `sample`."""
+        `init_image`: RGB [1 or B, 3, H, W] in [0, 1] of the settings' size (or `init_latents`, VAE space), to
+        inpaint, outpaint or continue where `mask` (pixels, 1 = regenerate) says; see `sample`."""
         settings = settings or GenerationSettings()
         edit_latents = [self.encode_image(image) for image in edit_images or []]
-        init_latents = None
         if init_image is not None:
             init_latents = torch.cat([self.encode_image(image) for image in init_image.split(1)])
         result = self.sample(caption, settings, negative, positive, edit_latents, callback, init_latents, mask)

@@ -9,13 +9,16 @@ import dataclasses
 
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
 
-from goldens import FLOAT_TOLERANCE, assert_matches_golden, golden_cases
-from test_goldens import settings_for
+from goldens import FLOAT_TOLERANCE, TINY_MODEL, assert_matches_golden, golden_cases
+from test_goldens import run_cli, settings_for
 
 from nextstep_runtime.errors import NextStepError
 from nextstep_runtime.generate import NOISE_CHUNK_BYTES, NoiseSpec, sample_tokens
 from nextstep_runtime.images import load_rgb
+from nextstep_runtime.init_image import load_cropped_rgb
 from nextstep_runtime.keep_mask import regenerated_cells
 
 CASES = {case.name: case for case in golden_cases()}
@@ -123,3 +126,62 @@ def test_bad_init_latents_are_clear_errors_and_the_next_run_is_fine(tiny_pipelin
     assert (~regenerated_cells(small, 48, 48, 16)).sum().item() == 3
     result = tiny_pipeline.sample(p["caption"], settings, init_latents=latents, mask=rows_mask(48, 48, 1))
     assert_matches_golden(case, {"tokens": result.tokens})
+
+
+def _mask_png(path, height: int, width: int, kept_rows: int) -> str:
+    pixels = (rows_mask(height, width, kept_rows)[0] * 255).to(torch.uint8).numpy()
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize(("name", "kept_rows"), [("official_t2i_sde", 2), ("official_edit_sde", 2),
+                                                  ("official_edit_sde", 4)])
+def test_cli_continues_a_saved_run_exactly(name: str, kept_rows: int, tmp_path) -> None:
+    """--init-image with a --save-tensors file keeps the mask's tokens and regenerates the golden's rest."""
+    case = CASES[name]
+    height, width = case.params["hw"]
+    saved = tmp_path / "golden.safetensors"
+    save_file({"latents": case.expected["latents"]}, saved)
+    out = tmp_path / "out.safetensors"
+    result = run_cli("--model", str(TINY_MODEL), "--device", "cpu", "--dtype", "float32", "--out",
+                     str(tmp_path / "out.png"), "--save-tensors", str(out), *case.cli_args(), "--init-image", str(saved),
+                     "--mask", _mask_png(tmp_path / "mask.png", height, width, kept_rows))
+    assert result.returncode == 0, result.stderr
+    tokens = load_file(out)
+    assert_matches_golden(case, {"tokens": tokens["tokens"], "latents": tokens["latents"]})
+    kept = kept_rows * width // 16
+    assert torch.allclose(tokens["tokens"][:, :kept], case.expected["tokens"][:, :kept], atol=1e-6, rtol=0)
+
+
+def test_cli_init_picture_sets_the_size_and_keeps_its_tokens(tmp_path, tiny_pipeline) -> None:
+    """A picture is centre-cropped to multiples of 16 and VAE-encoded; its kept tokens come out as encoded."""
+    picture = tmp_path / "init.png"
+    Image.fromarray((torch.rand((40, 70, 3), generator=torch.Generator().manual_seed(1)) * 255)
+                    .to(torch.uint8).numpy()).save(picture)
+    mask = tmp_path / "mask.png"
+    mask_pixels = torch.full((40, 70), 255, dtype=torch.uint8)
+    mask_pixels[:, :40] = 0                   # after the crop to 32x64 (3 px off left and right): 2 token columns
+    Image.fromarray(mask_pixels.numpy()).save(mask)
+    out = tmp_path / "out.safetensors"
+    base = ["--model", str(TINY_MODEL), "--device", "cpu", "--dtype", "float32", "--prompt", "a fox", "--steps", "2",
+            "--init-image", str(picture), "--mask", str(mask)]
+    result = run_cli(*base, "--out", str(tmp_path / "out.png"), "--save-tensors", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "centre-cropped from 70x40 to 64x32" in result.stderr
+    tokens = load_file(out)["tokens"]
+    assert tokens.shape == (1, 8, 64)
+    encoded = tiny_pipeline.latents_to_tokens(tiny_pipeline.encode_image(load_rgb(picture)[..., 4:36, 3:67]))
+    keep = torch.tensor([True, True, False, False] * 2)
+    assert torch.allclose(tokens[0, keep], encoded[0, keep], atol=1e-6, rtol=0)
+    assert not torch.allclose(tokens[0, ~keep], encoded[0, ~keep], atol=1e-2)
+    for bad, needle in ((["--width", "48"], "differ from the init image's size 64x32"),
+                        (["--mask", str(tmp_path / "missing.png")], "not found")):
+        failed = run_cli(*base, *bad, "--out", str(tmp_path / "bad.png"))
+        assert failed.returncode == 2 and failed.stderr.strip().count("\n") <= 1 and needle in failed.stderr, failed.stderr
+
+
+def test_editing_inputs_are_resized_to_the_output_size_unless_kept(tmp_path) -> None:
+    picture = tmp_path / "big.png"
+    Image.fromarray(torch.zeros((100, 150, 3), dtype=torch.uint8).numpy()).save(picture)
+    assert load_cropped_rgb(picture, (64, 48)).shape == (1, 3, 48, 64)
+    assert load_cropped_rgb(picture).shape == (1, 3, 96, 144)
