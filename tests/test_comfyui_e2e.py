@@ -45,7 +45,8 @@ TYPES = {  # node -> (required inputs, optional inputs, output types); combos li
     "NextStepSampler": ({"model": "NEXTSTEP_MODEL", "positive": "NEXTSTEP_CONDITIONING", "width": "INT",
                          "height": "INT", "batch_size": "INT", "seed": "INT", "steps": "INT", "cfg": "FLOAT",
                          "cfg_img": "FLOAT", "cfg_schedule": None, "timesteps_shift": "FLOAT", "sampler": None,
-                         "profile": None, "use_norm": "BOOLEAN"}, {"negative": "NEXTSTEP_CONDITIONING"}, ["LATENT"]),
+                         "profile": None, "use_norm": "BOOLEAN"}, {"negative": "NEXTSTEP_CONDITIONING", "latent_image": "LATENT"},
+                        ["LATENT"]),
     "NextStepVAEDecode": ({"vae": "NEXTSTEP_VAE", "samples": "LATENT"}, {}, ["IMAGE"]),
     "NextStepVAEEncode": ({"vae": "NEXTSTEP_VAE", "pixels": "IMAGE"}, {}, ["LATENT"]),
 }
