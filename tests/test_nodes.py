@@ -116,15 +116,21 @@ def test_loaders_list_model_folders_and_their_vaes():
 
 # --- goldens through the graph ------------------------------------------------------------------------------
 
-def run_graph(model, case: dict, vae_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loader -> (VAE Encode) -> Text Encode x2 -> Sampler -> VAE Decode, as a workflow wires them."""
-    vae = fixture_vae(vae_name)
+def encode_prompts(model, case: dict, vae) -> tuple:
+    """(VAE Encode ->) Text Encode x2: the positive and negative conditioning of a case."""
     image = node("NextStepVAEEncode", vae, image_input(FIXTURES / case["image"]))[0] if case["image"] else None
     text = case["caption"] + (f" {case['positive_prompt']}" if case["positive_prompt"] else "")
     positive = node("NextStepTextEncode", model, text, image)[0]
     negative = None
     if case["negative_prompt"] is not None:
         negative = node("NextStepTextEncode", model, case["negative_prompt"])[0]
+    return positive, negative
+
+
+def run_graph(model, case: dict, vae_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loader -> (VAE Encode) -> Text Encode x2 -> Sampler -> VAE Decode, as a workflow wires them."""
+    vae = fixture_vae(vae_name)
+    positive, negative = encode_prompts(model, case, vae)
     latent = node("NextStepSampler", model, positive, negative=negative, **sampler_settings(case))[0]
     return latent["samples"], node("NextStepVAEDecode", vae, latent)[0]
 
@@ -334,13 +340,7 @@ def test_loader_rejects_more_gpu_layers_than_the_model_has():
 
 def continue_in_graph(model, case: dict, latent_image: dict, **changes) -> torch.Tensor:
     """Text Encode(s) -> Sampler with latent_image, as an inpainting/outpainting workflow wires it."""
-    vae = fixture_vae()
-    image = node("NextStepVAEEncode", vae, image_input(FIXTURES / case["image"]))[0] if case["image"] else None
-    text = case["caption"] + (f" {case['positive_prompt']}" if case["positive_prompt"] else "")
-    positive = node("NextStepTextEncode", model, text, image)[0]
-    negative = None
-    if case["negative_prompt"] is not None:
-        negative = node("NextStepTextEncode", model, case["negative_prompt"])[0]
+    positive, negative = encode_prompts(model, case, fixture_vae())
     settings = sampler_settings(case, **changes)
     return node("NextStepSampler", model, positive, negative=negative, latent_image=latent_image, **settings)[0]["samples"]
 
