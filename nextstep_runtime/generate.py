@@ -127,7 +127,7 @@ class TokenSolver:
         self.chunk_tokens = spec.chunk_tokens
         self.initial_noise = torch.zeros((spec.chunk_tokens, spec.batch, spec.dim), device=device)
         # per token and step: the solver's velocity coefficient times each row's guidance weight [L, S, G, 1],
-        # and the step's noise already scaled [L, S, B, D]: a step is then x' = (a x + c n) + sum_g W_g v_g,
+        # and the step's noise already scaled [chunk, S, B, D]: a step is then x' = (a x + c n) + sum_g W_g v_g,
         # elementwise in float32 (a matmul here could silently run in TF32 where a host enables it)
         weights = torch.tensor(guidance_weights(self.groups, inputs.cfg, inputs.cfg_img), device=device)
         self.step_weights = (weights[:, None, :] * torch.tensor(plan.b, device=device)[None, :, None])[..., None]
