@@ -9,6 +9,8 @@ prefill_ms (prompt rows through the decoder), ms_per_token_backbone (one image t
 decoder), ms_per_token_head (one token's solver steps with guidance),
 vae_decode_ms. ms_per_token is the sampling time (prefill included) over the image's tokens.
 planned_peak_vram_mb: the memory planner's peak for the same job, next to the measured peak_vram_mb.
+--keep-fraction F also times, in the same process and alternating with full runs, a run that keeps the
+first F of the token rows of a full run's output and regenerates the rest (inpainting/outpainting cost).
 """
 
 from __future__ import annotations
@@ -82,6 +84,24 @@ def _planned_peak(args: argparse.Namespace, dtype: torch.dtype, prompt_tokens: i
     return plan_memory(footprint, WeightMode(dtype, args.fp8), job).peak_gpu_bytes
 
 
+def _kept_vs_full(pipe: NextStepPipeline, settings: GenerationSettings, latents: torch.Tensor, fraction: float,
+                  device: torch.device, repeat: int) -> dict:
+    """Median sampling seconds of full runs and of runs keeping the first `fraction` of the token rows of
+    `latents`, timed alternately so both see the same machine load."""
+    token_pixels = 8 * pipe.model.config.latent_patch_size
+    kept_rows = round(fraction * settings.height / token_pixels)
+    mask = torch.ones((1, settings.height, settings.width))
+    mask[:, : kept_rows * token_pixels] = 0
+    full, kept = [], []
+    for _ in range(repeat):
+        full.append(_timed(lambda: pipe.sample(CAPTION, settings, negative=NEGATIVE), device))
+        kept.append(_timed(lambda: pipe.sample(CAPTION, settings, negative=NEGATIVE, init_latents=latents,
+                                               mask=mask), device))
+    full_s, kept_s = statistics.median(full), statistics.median(kept)
+    return {"kept_rows": kept_rows, "sampling_seconds_full": round(full_s, 4),
+            "sampling_seconds_kept": round(kept_s, 4), "kept_over_full": round(kept_s / full_s, 3)}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
@@ -97,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fp8", action="store_true", help="decoder linear weights stored as float8 e4m3fn")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--keep-fraction", type=float,
+                        help="also time a run keeping this fraction of the token rows (e.g. 0.5) against a full run")
     parser.add_argument("--compare-eager", action="store_true",
                         help="also time the straightforward eager loop (benchmarks/eager_baseline.py)")
     return parser.parse_args(argv)
@@ -142,6 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
         "args": {**vars(args), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
                  "threads": torch.get_num_threads()},
     }
+    if args.keep_fraction is not None:
+        report.update(_kept_vs_full(pipe, settings, latents, args.keep_fraction, device, args.repeat))
     if args.compare_eager:
         eager_s = statistics.median(_timed(lambda: eager_sample(pipe, CAPTION, NEGATIVE, settings), device)
                                     for _ in range(args.repeat))

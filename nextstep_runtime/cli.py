@@ -13,8 +13,9 @@ from safetensors.torch import save_file
 from . import cli_plan
 from .cli_help import HelpFormatter
 from .errors import NextStepError
-from .images import center_crop_to_multiple, load_rgb, save_png, to_uint8
-from .pipeline import DTYPES, PRESET_SETTINGS, SIZE_MULTIPLE, GenerationSettings, NextStepPipeline, images_to_unit
+from .images import save_png, to_uint8
+from .init_image import InitImage, load_cropped_rgb, load_init_image, load_mask
+from .pipeline import DTYPES, PRESET_SETTINGS, GenerationSettings, NextStepPipeline, images_to_unit
 from .presets import DEFAULT_PRESET, PRESETS
 from .prompt import PROFILES
 from .sampling import CFG_SCHEDULES, SAMPLERS
@@ -55,9 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
                           f"guidance, shift, sampler, profile, use_norm and negative prompt; explicit flags win "
                           f"(default: {DEFAULT_PRESET}'s, shown below)")
     _preset_option(gen, "--negative", "negative", help="negative prompt")
-    gen.add_argument("--image", help="input image for editing")
-    _preset_option(gen, "--width", "width", type=int, help="pixels, a multiple of 16")
-    _preset_option(gen, "--height", "height", type=int, help="pixels, a multiple of 16")
+    gen.add_argument("--image", help="input image for editing, resized to the output size (see --keep-input-size)")
+    gen.add_argument("--keep-input-size", action="store_true",
+                     help="encode --image at its own size (centre-cropped to multiples of 16) instead")
+    gen.add_argument("--init-image", help="image to continue, inpaint or outpaint (with --mask), or a --save-tensors "
+                                          "file to continue exactly; sets the output size (centre-cropped to "
+                                          "multiples of 16)")
+    gen.add_argument("--mask", help="with --init-image: white = regenerate; a 16x16 token is regenerated where any "
+                                    "of its pixels is at least half white, kept elsewhere (no mask: all regenerated)")
+    _preset_option(gen, "--width", "width", type=int, help="pixels, a multiple of 16; with --init-image, its width")
+    _preset_option(gen, "--height", "height", type=int, help="pixels, a multiple of 16; with --init-image, its height")
     gen.add_argument("--batch", type=int, default=defaults.batch, help="images per prompt")
     _preset_option(gen, "--steps", "steps", type=int, help="solver steps per token")
     _preset_option(gen, "--cfg", "cfg", type=float, help="text guidance scale (1 = off)")
@@ -98,13 +106,13 @@ class ProgressBar:
         self.stream.flush()
 
 
-def _input_image(path: str) -> torch.Tensor:
-    image = load_rgb(path)
-    cropped = center_crop_to_multiple(image, SIZE_MULTIPLE)
-    if cropped.shape != image.shape:
-        sys.stderr.write(f"note: input image {path} centre-cropped from {image.shape[-1]}x{image.shape[-2]} to "
-                         f"{cropped.shape[-1]}x{cropped.shape[-2]} (multiples of {SIZE_MULTIPLE})\n")
-    return cropped
+def _init_image_size(args: argparse.Namespace, init: InitImage) -> tuple[int, int]:
+    """The init image's size (the output size); --width/--height given and different is an error."""
+    width, height = init.size
+    if args.width not in (None, width) or args.height not in (None, height):
+        raise NextStepError(f"--width/--height {args.width}x{args.height} differ from the init image's size "
+                            f"{width}x{height} (centre-cropped to multiples of 16); leave them out")
+    return width, height
 
 
 def settings_from_args(args: argparse.Namespace) -> tuple[GenerationSettings, str]:
@@ -118,13 +126,21 @@ def settings_from_args(args: argparse.Namespace) -> tuple[GenerationSettings, st
 
 
 def run_generate(args: argparse.Namespace) -> None:
+    if args.mask and not args.init_image:
+        raise NextStepError("--mask needs --init-image (the image whose unmasked tokens are kept)")
+    init = load_init_image(args.init_image) if args.init_image else None
+    if init is not None:
+        args.width, args.height = _init_image_size(args, init)
     settings, negative = settings_from_args(args)
     settings.validate()  # before the (slow) model load
-    edit_images = [_input_image(args.image)] if args.image else []
+    edit_size = None if args.keep_input_size else (settings.width, settings.height)
+    edit_images = [load_cropped_rgb(args.image, edit_size)] if args.image else []
+    mask = load_mask(args.mask, init) if args.mask else None
     pipe = NextStepPipeline.from_pretrained(args.model, vae=args.vae, device=args.device, dtype=args.dtype,
                                             fp8=args.fp8, resident_layers=args.gpu_layers)
     result = pipe.generate(args.prompt, settings, negative=negative, positive=args.positive,
-                           edit_images=edit_images, callback=ProgressBar())
+                           edit_images=edit_images, callback=ProgressBar(), mask=mask,
+                           init_image=init.pixels if init else None, init_latents=init.latents if init else None)
     unit = images_to_unit(result.images)
     for path in save_png(unit, args.out):
         sys.stderr.write(f"saved {path}\n")

@@ -11,11 +11,13 @@ from PIL import Image, UnidentifiedImageError
 from .errors import NextStepError
 
 
-def load_rgb(path: str | Path) -> torch.Tensor:
-    """An image file as RGB [1, 3, H, W] float32 in [0, 1]."""
+def load_rgb(path: str | Path, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """An image file as RGB [1, 3, H, W] float32 in [0, 1], resized to `size` (width, height) with PIL's
+    default filter when given (a no-op at the same size)."""
     try:
         with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+            rgb = image.convert("RGB")
+            array = np.asarray(rgb.resize(size) if size else rgb, dtype=np.float32) / 255.0
     except FileNotFoundError:
         raise NextStepError(f"input image {path} not found") from None
     except (UnidentifiedImageError, OSError) as exc:

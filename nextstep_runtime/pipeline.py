@@ -15,7 +15,8 @@ import torch
 
 from .config import ModelConfig
 from .errors import NextStepError
-from .generate import TokenCallback, TokenLoopInputs, draw_noise, sample_tokens
+from .generate import KeptTokens, NoiseSpec, TokenCallback, TokenLoopInputs, sample_tokens
+from .keep_mask import kept_tokens, regenerated_cells
 from .loading import check_vae_matches, load_model, load_vae, resolve_vae_path
 from .model import NextStepModel
 from .presets import DEFAULT_PRESET, PRESETS, Preset
@@ -176,17 +177,34 @@ class NextStepPipeline:
             return torch.cat([vae.decode(one).float() for one in latents.split(1)])
 
     def latents_to_tokens(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE-space latents [1, C, h, w] to model-space tokens [h*w/p^2, D] for an editing prompt."""
+        """VAE-space latents [B, C, h, w] to model-space tokens [B, h*w/p^2, D]: exactly the tokens the model
+        would have sampled for that latent (an editing input, or an image to continue)."""
         config = self.model.config
-        if latents.shape[1] != config.latent_channels:
-            raise NextStepError(f"the input image latent has {latents.shape[1]} channels but the model expects "
-                                f"{config.latent_channels}; encode it with this model's VAE")
-        return patchify(self.normalization.to_model_space(latents.float()), config.latent_patch_size).reshape(-1, config.token_dim)
+        if latents.ndim != 4 or latents.shape[1] != config.latent_channels:
+            raise NextStepError(f"the image latent is {list(latents.shape)} but this model needs [batch, "
+                                f"{config.latent_channels}, height/8, width/8] (a latent of another model family?); "
+                                f"encode the image with this model's VAE")
+        return patchify(self.normalization.to_model_space(latents.float()), config.latent_patch_size)
+
+    def _kept(self, init_latents: torch.Tensor, mask: torch.Tensor | None,
+              settings: GenerationSettings) -> KeptTokens | None:
+        """The tokens of `init_latents` that `mask` keeps (None: all regenerated)."""
+        tokens = self.latents_to_tokens(init_latents)
+        size = (init_latents.shape[-1] * 8, init_latents.shape[-2] * 8)
+        if size != (settings.width, settings.height):
+            raise NextStepError(f"the init image is {size[0]}x{size[1]} pixels but width x height is "
+                                f"{settings.width}x{settings.height}; set the size to the init image's")
+        token_pixels = 8 * self.model.config.latent_patch_size
+        regenerate = None if mask is None else regenerated_cells(mask, settings.height, settings.width, token_pixels)
+        return kept_tokens(tokens, regenerate, settings.batch)
 
     def prepare(self, caption: str, settings: GenerationSettings, negative: str | None = None,
-                positive: str | None = None, edit_latents: list[torch.Tensor] | None = None) -> TokenLoopInputs:
-        """Validate and tokenize, and prepare everything the token loop needs (rows, noise, schedules)."""
+                positive: str | None = None, edit_latents: list[torch.Tensor] | None = None,
+                init_latents: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> TokenLoopInputs:
+        """Validate and tokenize, and prepare everything the token loop needs (rows, noise, schedules, kept
+        tokens)."""
         settings.validate()
+        kept = self._kept(init_latents, mask, settings) if init_latents is not None else None
         config = self.model.config
         grid = token_grid(config, settings.height, settings.width)
         edit_latents = list(edit_latents or [])
@@ -196,7 +214,7 @@ class NextStepPipeline:
                           settings.cfg, settings.cfg_img, settings.profile, config.boi)
         image_tokens = None
         if edit_latents:
-            per_row = torch.cat([self.latents_to_tokens(lat) for lat in edit_latents])
+            per_row = torch.cat([self.latents_to_tokens(lat).flatten(0, 1) for lat in edit_latents])
             image_tokens = per_row.repeat(sum(rows.image_rows), 1)
         plan = solver_plan(settings.sampler, settings.steps, settings.timesteps_shift)
         total = grid[0] * grid[1]
@@ -206,28 +224,39 @@ class NextStepPipeline:
             plan=plan,
             cfg=guidance_scales(settings.cfg, total, settings.cfg_schedule, settings.profile),
             cfg_img=guidance_scales(settings.cfg_img, total, settings.cfg_schedule, settings.profile),
-            noise=draw_noise(settings.seed, total, settings.steps, plan.stochastic, settings.batch, config.token_dim),
+            noise=NoiseSpec.plan(settings.seed, total, settings.steps, plan.stochastic, settings.batch,
+                                 config.token_dim),
             batch=settings.batch,
             grid=grid,
             use_norm=settings.use_norm,
+            kept=kept,
         )
 
     def sample(self, caption: str, settings: GenerationSettings, negative: str | None = None,
                positive: str | None = None, edit_latents: list[torch.Tensor] | None = None,
-               callback: TokenCallback | None = None) -> GenerationResult:
+               callback: TokenCallback | None = None, init_latents: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None) -> GenerationResult:
         """Generate tokens and VAE-space latents (no decoding). `edit_latents`: one VAE-space latent
-        [1, C, h, w] per `<image>` tag in the caption."""
-        inputs = self.prepare(caption, settings, negative, positive, edit_latents)
+        [1, C, h, w] per `<image>` tag in the caption. `init_latents` [1 or B, C, H/8, W/8] (VAE space, the
+        settings' size) with `mask` (pixels, 1 = regenerate, see keep_mask): the tokens the mask keeps are
+        taken from the init latents, the rest generated after them in raster order. Without a mask every
+        token is generated."""
+        inputs = self.prepare(caption, settings, negative, positive, edit_latents, init_latents, mask)
         tokens = sample_tokens(self.model, inputs, callback)
         model_latents = unpatchify(tokens, *inputs.grid, self.model.config.latent_patch_size)
         return GenerationResult(tokens=tokens, latents=self.normalization.to_vae_space(model_latents))
 
     def generate(self, caption: str, settings: GenerationSettings | None = None, negative: str | None = None,
                  positive: str | None = None, edit_images: list[torch.Tensor] | None = None,
-                 callback: TokenCallback | None = None) -> GenerationResult:
-        """Prompt to decoded images. `edit_images`: RGB [1, 3, H, W] in [0, 1], one per `<image>` tag."""
+                 callback: TokenCallback | None = None, init_image: torch.Tensor | None = None,
+                 mask: torch.Tensor | None = None, init_latents: torch.Tensor | None = None) -> GenerationResult:
+        """Prompt to decoded images. `edit_images`: RGB [1, 3, H, W] in [0, 1], one per `<image>` tag.
+        `init_image`: RGB [1 or B, 3, H, W] in [0, 1] of the settings' size (or `init_latents`, VAE space), to
+        inpaint, outpaint or continue where `mask` (pixels, 1 = regenerate) says; see `sample`."""
         settings = settings or GenerationSettings()
         edit_latents = [self.encode_image(image) for image in edit_images or []]
-        result = self.sample(caption, settings, negative, positive, edit_latents, callback)
+        if init_image is not None:
+            init_latents = torch.cat([self.encode_image(image) for image in init_image.split(1)])
+        result = self.sample(caption, settings, negative, positive, edit_latents, callback, init_latents, mask)
         result.images = self.decode(result.latents)
         return result

@@ -7,6 +7,7 @@ whether the images fit the model.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,13 @@ from nextstep_runtime.prompt import IMAGE_TAG
 
 from .models import NextStepModelHandle
 from .sockets import CATEGORY, CONDITIONING, MODEL
+
+log = logging.getLogger("NextStep")
+
+TRAINED_IMAGE_TOKENS = 1024
+"""Input-image tokens NextStep's editing was trained around (512x512 pixels); far more costs time and memory
+(a 1024x1024 input is 4096 tokens) without a better edit."""
+LARGE_INPUT_FACTOR = 1.5
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,12 @@ def encode_prompt(model: NextStepModelHandle, text: str, image: dict | None = No
             raise NextStepError(f"the input image is {latent.shape[-1] * 8}x{latent.shape[-2] * 8} pixels; NextStep "
                                 f"needs multiples of {8 * patch}: encode it with NextStep VAE Encode, which crops it")
         pipeline.latents_to_tokens(latent)  # raises when the latent's channels don't fit this model
+        tokens = latent.shape[-2] * latent.shape[-1] // patch**2
+        if tokens > LARGE_INPUT_FACTOR * TRAINED_IMAGE_TOKENS:
+            log.warning("NextStep Text Encode: the input image is %d tokens (%dx%d pixels), over %.1fx the %d "
+                        "tokens NextStep was trained with; scale it down first, e.g. ImageScaleToTotalPixels to "
+                        "about 0.26 megapixels", tokens, latent.shape[-1] * 8, latent.shape[-2] * 8,
+                        LARGE_INPUT_FACTOR, TRAINED_IMAGE_TOKENS)
     return NextStepConditioning(_place_tags(text, len(images)), tuple(images))
 
 

@@ -37,11 +37,29 @@ def _working_memory(config: ModelConfig, settings: GenerationSettings, images: t
     return sampling_bytes(config, dtype, job)
 
 
+def _init_latent(latent_image: dict | None, config: ModelConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(VAE-space latents, pixel noise mask or None) of the optional latent_image, checked against the model."""
+    if latent_image is None:
+        return None, None
+    samples = latent_image.get("samples") if isinstance(latent_image, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.ndim != 4 or samples.shape[1] != config.latent_channels:
+        shape = list(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
+        raise NextStepError(f"latent_image must be a NextStep LATENT of [batch, {config.latent_channels}, height/8, "
+                            f"width/8], got {shape}: a latent of another model family; encode the image with "
+                            f"NextStep VAE Encode")
+    height, width = samples.shape[-2] * 8, samples.shape[-1] * 8
+    if max(height, width) > MAX_SIZE:
+        raise NextStepError(f"latent_image is {width}x{height} pixels, larger than {MAX_SIZE}; scale the image down")
+    check_size(width, height)
+    mask = latent_image.get("noise_mask")
+    return samples.float(), None if mask is None else mask.float()
+
+
 def _size_input(label: str) -> tuple:
     return ("INT", {"default": getattr(_DEFAULTS, label), "min": SIZE_MULTIPLE, "max": MAX_SIZE, "step": SIZE_MULTIPLE,
                     "tooltip": f"Image {label} in pixels, a multiple of {SIZE_MULTIPLE} (one token is 16x16 pixels). "
                                f"NextStep was trained around 512x512 (also e.g. 384x672, 448x576); 1024 was never "
-                               f"trained."})
+                               f"trained. Ignored when latent_image is connected (its size is used)."})
 
 
 class NextStepSampler:
@@ -101,6 +119,15 @@ class NextStepSampler:
             "optional": {
                 "negative": (CONDITIONING, {"tooltip": "What to steer away from (NextStep Text Encode, text only). "
                                                        "Unconnected means an empty negative prompt."}),
+                "latent_image": ("LATENT", {"tooltip": "Optional image to inpaint, outpaint or continue (NextStep VAE "
+                                                       "Encode, then SetLatentNoiseMask). Its size replaces width "
+                                                       "and height; a batch of one serves every image. Without a "
+                                                       "noise mask every token is generated. With one (1 = "
+                                                       "regenerate) a 16x16 token is regenerated where any pixel of "
+                                                       "its cell is >= 0.5 and kept elsewhere; a mask of another "
+                                                       "size is stretched to the image as KSampler does. A token "
+                                                       "sees only the tokens before it (raster order): outpainting "
+                                                       "down or right works best."}),
             },
         }
 
@@ -119,7 +146,10 @@ class NextStepSampler:
     def sample(self, model: NextStepModelHandle, positive: NextStepConditioning, width: int, height: int,
                batch_size: int, seed: int, steps: int, cfg: float, cfg_img: float, cfg_schedule: str,
                timesteps_shift: float, sampler: str, profile: str, use_norm: bool,
-               negative: NextStepConditioning | None = None) -> tuple[dict]:
+               negative: NextStepConditioning | None = None, latent_image: dict | None = None) -> tuple[dict]:
+        init_latents, mask = _init_latent(latent_image, model.loaded.pipeline.model.config)
+        if init_latents is not None:
+            height, width = init_latents.shape[-2] * 8, init_latents.shape[-1] * 8
         settings = GenerationSettings(width=width, height=height, batch=batch_size, steps=steps, cfg=cfg,
                                       cfg_img=cfg_img, cfg_schedule=cfg_schedule, timesteps_shift=timesteps_shift,
                                       sampler=sampler, profile=profile, use_norm=use_norm, seed=seed)
@@ -139,7 +169,8 @@ class NextStepSampler:
         progress = TokenProgress(host.progress_sink(grid[0] * grid[1]), preview)
         try:
             result = pipeline.sample(positive.text, settings, negative=negative_prompt,
-                                     edit_latents=list(positive.images), callback=progress)
+                                     edit_latents=list(positive.images), callback=progress,
+                                     init_latents=init_latents, mask=mask)
         except BaseException as exc:
             # The traceback holds the token loop's frames and with them the KV cache; let it go now, not at
             # the next garbage collection, so a cancelled or failed run hands its memory straight back.

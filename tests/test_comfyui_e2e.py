@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from goldens import FIXTURES, UINT8_TOLERANCE, golden_cases
 from nextstep_runtime import GenerationSettings, NextStepPipeline, images_to_unit
-from nextstep_runtime.images import to_uint8
+from nextstep_runtime.images import load_rgb, to_uint8
 from nodes_pack import MODEL_NAME, ROOT, VAE_FILE
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
@@ -45,7 +46,8 @@ TYPES = {  # node -> (required inputs, optional inputs, output types); combos li
     "NextStepSampler": ({"model": "NEXTSTEP_MODEL", "positive": "NEXTSTEP_CONDITIONING", "width": "INT",
                          "height": "INT", "batch_size": "INT", "seed": "INT", "steps": "INT", "cfg": "FLOAT",
                          "cfg_img": "FLOAT", "cfg_schedule": None, "timesteps_shift": "FLOAT", "sampler": None,
-                         "profile": None, "use_norm": "BOOLEAN"}, {"negative": "NEXTSTEP_CONDITIONING"}, ["LATENT"]),
+                         "profile": None, "use_norm": "BOOLEAN"}, {"negative": "NEXTSTEP_CONDITIONING", "latent_image": "LATENT"},
+                        ["LATENT"]),
     "NextStepVAEDecode": ({"vae": "NEXTSTEP_VAE", "samples": "LATENT"}, {}, ["IMAGE"]),
     "NextStepVAEEncode": ({"vae": "NEXTSTEP_VAE", "pixels": "IMAGE"}, {}, ["LATENT"]),
 }
@@ -269,3 +271,76 @@ def test_bad_width_is_refused_with_a_readable_message(comfy):
     assert "width 500 is not a positive multiple of 16" in details
     assert comfy.process.poll() is None
     assert comfy.request("/object_info/NextStepSampler")[0] == 200
+
+
+# --- image-conditioned sampling with ComfyUI's own mask nodes -------------------------------------------------
+
+def failure_message(comfy: ComfyUI, prompt: dict) -> str:
+    """Run a workflow that must fail while executing; its error message."""
+    entry = comfy.wait(comfy.submit(prompt))
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    (error,) = [data for event, data in entry["status"]["messages"] if event == "execution_error"]
+    return error["exception_message"]
+
+
+def test_keeping_a_golden_top_through_native_mask_nodes_gives_the_golden_back(comfy):
+    """Sampler -> SetLatentNoiseMask (a SolidMask with its top two token rows zeroed by MaskComposite) ->
+    Sampler with the same seed: the first run's own tokens kept, the rest regenerated: the golden again."""
+    case = CASES["official_t2i_sde"].params
+    height, width = case["hw"]
+    prompt = workflow("nextstep_1.1_text_to_image", case, "e2e/continued")
+    (sampler_key,) = [key for key, node in prompt.items() if node["class_type"] == "NextStepSampler"]
+    (decode,) = [node["inputs"] for node in prompt.values() if node["class_type"] == "NextStepVAEDecode"]
+    prompt.update({
+        "100": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": width, "height": height}},
+        "101": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": width, "height": 32}},
+        "102": {"class_type": "MaskComposite", "inputs": {"destination": ["100", 0], "source": ["101", 0], "x": 0,
+                                                          "y": 0, "operation": "multiply"}},
+        "103": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": [sampler_key, 0], "mask": ["102", 0]}},
+        "104": {"class_type": "NextStepSampler",
+                "inputs": {**prompt[sampler_key]["inputs"], "latent_image": ["103", 0], "width": 16, "height": 16}},
+    })
+    decode["samples"] = ["104", 0]
+    assert_close_uint8(comfy.run(prompt), golden_pixels("official_t2i_sde"))
+
+
+def test_outpaint_workflow_matches_the_runtime(comfy):
+    """The outpainting example (Load Image -> scale -> pad below -> encode -> noise mask -> sampler) on the
+    fixture: the same pixels as the runtime given the same padded image and mask."""
+    case = CASES["official_t2i_sde"].params
+    prompt = workflow("nextstep_1.1_outpaint", {**case, "image": "edit_input_64.png"}, "e2e/outpaint")
+    for node in prompt.values():
+        if node["class_type"] == "ImageScale":
+            node["inputs"].update(upscale_method="nearest-exact", width=64, height=32, crop="disabled")
+        if node["class_type"] == "ImagePadForOutpaint":
+            node["inputs"].update(bottom=32, feathering=0)
+    saved = comfy.run(prompt)
+
+    scaled = torch.nn.functional.interpolate(load_rgb(FIXTURES / "edit_input_64.png"), size=(32, 64),
+                                             mode="nearest-exact")
+    padded = torch.cat([scaled, torch.full((1, 3, 32, 64), 0.5)], dim=2)
+    mask = torch.cat([torch.zeros((1, 32, 64)), torch.ones((1, 32, 64))], dim=1)
+    pipeline = NextStepPipeline.from_pretrained(FIXTURES / MODEL_NAME, device="cpu", dtype="float32")
+    settings = {**case_settings(case), "width": 64, "height": 64}
+    settings["batch"] = settings.pop("batch_size")
+    text = case["caption"] + f" {case['positive_prompt']}"
+    result = pipeline.generate(text, GenerationSettings(**settings), negative=case["negative_prompt"],
+                               init_image=padded, mask=mask)
+    assert_close_uint8(saved, to_uint8(images_to_unit(result.images))[0].movedim(0, -1).numpy())
+
+
+def test_bad_latent_images_are_clear_errors_and_the_server_keeps_going(comfy):
+    case = CASES["official_t2i_sde"].params
+    bad = {
+        "EmptyLatentImage": ({"width": 64, "height": 64, "batch_size": 1}, "latent of another model family"),
+        "EmptySD3LatentImage": ({"width": 64, "height": 64, "batch_size": 3}, "holds 3 images but the batch size is 2"),
+    }
+    for node_type, (inputs, needle) in bad.items():
+        prompt = workflow("nextstep_1.1_text_to_image", case, "e2e/bad-latent", batch_size=2)
+        (sampler,) = [node["inputs"] for node in prompt.values() if node["class_type"] == "NextStepSampler"]
+        prompt["100"] = {"class_type": node_type, "inputs": inputs}
+        sampler["latent_image"] = ["100", 0]
+        assert needle in failure_message(comfy, prompt)
+        assert comfy.process.poll() is None
+    saved = comfy.run(workflow("nextstep_1.1_text_to_image", case, "e2e/after-bad-latent"))
+    assert_close_uint8(saved, golden_pixels("official_t2i_sde"))

@@ -37,7 +37,13 @@ def generate(pipe: NextStepPipeline, case: GoldenCase):
 def test_goldens_through_the_cuda_graph(case: GoldenCase, monkeypatch) -> None:
     captured = []
     original = TokenStep._capture
-    monkeypatch.setattr(TokenStep, "_capture", lambda self, device: (original(self, device), captured.append(self.graph)))
+
+    def capture(self, device, work):
+        graph, output = original(self, device, work)
+        captured.append(graph)
+        return graph, output
+
+    monkeypatch.setattr(TokenStep, "_capture", capture)
     pipe = NextStepPipeline.from_pretrained(TINY_MODEL, device="cuda", dtype="float32")
     result = generate(pipe, case)
     assert captured and captured[0] is not None, "the token step was not captured as a CUDA graph"
@@ -94,3 +100,34 @@ def test_memory_plan_weights_are_what_sits_on_the_gpu(model_copy, fp8, resident)
     assert (plan.weights_gpu_bytes, plan.weights_host_bytes) == (by_device["cuda"], by_device["cpu"])
     assert 0 < free <= total == torch.cuda.mem_get_info()[1]
     assert plan.fits is True
+
+
+def test_kept_tokens_and_noise_chunks_through_the_cuda_graphs(monkeypatch) -> None:
+    """The feed-only graph (kept tokens) and the noise buffers refilled in place between chunks, replayed:
+    keeping the golden's first two rows (and a middle token) gives the golden back."""
+    import dataclasses
+
+    from nextstep_runtime.generate import sample_tokens
+
+    captured = []
+    original = TokenStep._capture
+
+    def capture(self, device, work):
+        graph, output = original(self, device, work)
+        captured.append(graph)
+        return graph, output
+
+    monkeypatch.setattr(TokenStep, "_capture", capture)
+    case = next(c for c in golden_cases() if c.name == "official_t2i_sde")
+    p = case.params
+    height, width = p["hw"]
+    mask = torch.ones((1, height, width))
+    mask[:, :32] = 0
+    mask[:, 48:, 48:64] = 0
+    pipe = NextStepPipeline.from_pretrained(TINY_MODEL, device="cuda", dtype="float32")
+    inputs = pipe.prepare(p["caption"], settings_for(case), p["negative_prompt"], p["positive_prompt"],
+                          init_latents=case.expected["latents"], mask=mask)
+    chunked = dataclasses.replace(inputs, noise=dataclasses.replace(inputs.noise, chunk_tokens=5))
+    tokens = sample_tokens(pipe.model, chunked)
+    assert len(captured) == 2 and all(graph is not None for graph in captured), "step and feed graphs"
+    assert_matches_golden(case, {"tokens": tokens.cpu()})

@@ -34,7 +34,8 @@ API_CONTRACT = {
     "NextStepVAELoader": ["vae_name"],
     "NextStepTextEncode": ["model", "text", "image"],
     "NextStepSampler": ["model", "positive", "width", "height", "batch_size", "seed", "steps", "cfg", "cfg_img",
-                        "cfg_schedule", "timesteps_shift", "sampler", "profile", "use_norm", "negative"],
+                        "cfg_schedule", "timesteps_shift", "sampler", "profile", "use_norm", "negative",
+                        "latent_image"],
     "NextStepVAEDecode": ["vae", "samples"],
     "NextStepVAEEncode": ["vae", "pixels"],
 }
@@ -115,15 +116,21 @@ def test_loaders_list_model_folders_and_their_vaes():
 
 # --- goldens through the graph ------------------------------------------------------------------------------
 
-def run_graph(model, case: dict, vae_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loader -> (VAE Encode) -> Text Encode x2 -> Sampler -> VAE Decode, as a workflow wires them."""
-    vae = fixture_vae(vae_name)
+def encode_prompts(model, case: dict, vae) -> tuple:
+    """(VAE Encode ->) Text Encode x2: the positive and negative conditioning of a case."""
     image = node("NextStepVAEEncode", vae, image_input(FIXTURES / case["image"]))[0] if case["image"] else None
     text = case["caption"] + (f" {case['positive_prompt']}" if case["positive_prompt"] else "")
     positive = node("NextStepTextEncode", model, text, image)[0]
     negative = None
     if case["negative_prompt"] is not None:
         negative = node("NextStepTextEncode", model, case["negative_prompt"])[0]
+    return positive, negative
+
+
+def run_graph(model, case: dict, vae_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loader -> (VAE Encode) -> Text Encode x2 -> Sampler -> VAE Decode, as a workflow wires them."""
+    vae = fixture_vae(vae_name)
+    positive, negative = encode_prompts(model, case, vae)
     latent = node("NextStepSampler", model, positive, negative=negative, **sampler_settings(case))[0]
     return latent["samples"], node("NextStepVAEDecode", vae, latent)[0]
 
@@ -240,7 +247,7 @@ def test_vae_that_does_not_match_the_model_is_refused(model, four_channel_vae):
     with pytest.raises(NextStepError, match=r"LATENT of \[batch, 4, height/8, width/8\]"):
         node("NextStepVAEDecode", four_channel_vae, latent)
     edit_latent = node("NextStepVAEEncode", four_channel_vae, torch.rand(1, 32, 32, 3))[0]
-    with pytest.raises(NextStepError, match="4 channels but the model expects 16"):
+    with pytest.raises(NextStepError, match=r"this model needs \[batch, 16, height/8, width/8\]"):
         node("NextStepTextEncode", model, "<image>make it blue", edit_latent)
 
 
@@ -327,3 +334,68 @@ def test_loader_fp8_and_streamed_layers_stay_close_to_bfloat16():
 def test_loader_rejects_more_gpu_layers_than_the_model_has():
     with pytest.raises(NextStepError, match=r"layers kept on the GPU must be between 0 and 2 \(got 5\)"):
         node("NextStepModelLoader", MODEL_NAME, "float32", "sdpa", gpu_layers=5)
+
+
+# --- image-conditioned sampling (latent_image with a noise mask) -----------------------------------------------
+
+def continue_in_graph(model, case: dict, latent_image: dict, **changes) -> torch.Tensor:
+    """Text Encode(s) -> Sampler with latent_image, as an inpainting/outpainting workflow wires it."""
+    positive, negative = encode_prompts(model, case, fixture_vae())
+    settings = sampler_settings(case, **changes)
+    return node("NextStepSampler", model, positive, negative=negative, latent_image=latent_image, **settings)[0]["samples"]
+
+
+def noise_masked(latent: torch.Tensor, mask: torch.Tensor) -> dict:
+    """What SetLatentNoiseMask makes of a LATENT and a MASK."""
+    return {"samples": latent, "noise_mask": mask.reshape((-1, 1, mask.shape[-2], mask.shape[-1]))}
+
+
+@pytest.mark.parametrize("name", ["official_t2i_sde", "official_edit_sde"])
+def test_sampler_keeps_the_masked_out_tokens_of_latent_image(model, name):
+    """The golden's own latent with its top half kept (the mask's 0) and width/height left wrong: the golden."""
+    case = CASES[name]
+    height, width = case.params["hw"]
+    mask = torch.ones((height, width))
+    mask[:32] = 0
+    latents = continue_in_graph(model, case.params, noise_masked(case.expected["latents"], mask), width=16, height=16)
+    assert_matches_golden(case, {"latents": latents})
+    assert torch.allclose(latents[..., :4, :], case.expected["latents"][..., :4, :], atol=1e-6, rtol=0)
+
+
+def test_sampler_latent_image_without_mask_only_gives_the_size(model):
+    case = CASES["official_t2i_cps_nocfg"]
+    latents = continue_in_graph(model, case.params, {"samples": torch.zeros_like(case.expected["latents"])},
+                                width=512, height=512)
+    assert_matches_golden(case, {"latents": latents})
+
+
+def test_sampler_latent_image_misuse_is_refused_and_the_next_run_is_fine(model):
+    case = CASES["official_t2i_ode_linear_batch2"]
+    golden = case.expected["latents"]
+    height, width = case.params["hw"]
+    bad = {
+        "another model family": ({"samples": torch.zeros(1, 4, 8, 8)}, "latent of another model family"),
+        "a batch mismatch": ({"samples": golden[:1].repeat(3, 1, 1, 1)}, "holds 3 images but the batch size is 2"),
+        "a mask batch mismatch": (noise_masked(golden, torch.ones((3, height, width))), "mask holds 3 images"),
+        "an odd size": ({"samples": torch.zeros(1, 16, 5, 8)}, "height 40 is not a positive multiple of 16"),
+    }
+    for label, (latent_image, needle) in bad.items():
+        with pytest.raises(NextStepError, match=needle):
+            continue_in_graph(model, case.params, latent_image)
+    # a mask of another size (here the latent's) is stretched to the image like KSampler: the top row kept
+    small_mask = torch.ones((1, height // 8, width // 8))
+    small_mask[:, :2] = 0
+    latents = continue_in_graph(model, case.params, noise_masked(golden, small_mask))
+    assert_matches_golden(case, {"latents": latents})
+    assert torch.allclose(latents[..., :2, :], golden[..., :2, :], atol=1e-6, rtol=0)
+
+
+def test_text_encode_warns_about_inputs_far_over_the_trained_size(model, caplog):
+    big = {"samples": torch.zeros(1, 16, 96, 96)}   # 768x768 pixels: 2304 tokens
+    with caplog.at_level(logging.WARNING, logger="NextStep"):
+        node("NextStepTextEncode", model, "<image>make it blue", big)
+    assert "2304 tokens" in caplog.text and "ImageScaleToTotalPixels" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="NextStep"):
+        node("NextStepTextEncode", model, "<image>make it blue", {"samples": torch.zeros(1, 16, 64, 64)})
+    assert "tokens" not in caplog.text

@@ -21,6 +21,9 @@ NATIVE = {
     "ImageScale": (["image"], ["upscale_method", "width", "height", "crop"], ["IMAGE"]),
     "ImageScaleBy": (["image"], ["upscale_method", "scale_by"], ["IMAGE"]),
     "SaveImage": (["images"], ["filename_prefix"], []),
+    "ImagePadForOutpaint": (["image"], ["left", "top", "right", "bottom", "feathering"], ["IMAGE", "MASK"]),
+    "SetLatentNoiseMask": (["samples", "mask"], [], ["LATENT"]),
+    "Note": ([], ["text"], []),  # UI only: not part of the API prompt
 }
 UI_ONLY_WIDGETS = {"upload"}
 
@@ -66,7 +69,13 @@ def named_widgets(node: dict) -> dict:
 
 def test_every_ui_workflow_has_an_api_twin():
     assert [path.name for path in UI_WORKFLOWS] == sorted(path.name for path in (EXAMPLES / "api").glob("*.json"))
-    assert len(UI_WORKFLOWS) == 3
+    assert len(UI_WORKFLOWS) == 5
+
+
+def optional_sockets(node_type: str) -> set[str]:
+    if node_type in NATIVE:
+        return set()
+    return set(NODES[node_type].INPUT_TYPES().get("optional", {}))
 
 
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda path: path.stem)
@@ -77,7 +86,10 @@ def test_ui_workflow_matches_node_definitions(path):
     nodes = {node["id"]: node for node in workflow["nodes"]}
     for node in workflow["nodes"]:
         sockets, _, outputs = definition(node["type"])
-        assert [slot["name"] for slot in node["inputs"]] == sockets, f"node {node['id']} inputs"
+        # a workflow saved before an optional input existed lacks its socket; the front-end adds it on load
+        saved = [slot["name"] for slot in node["inputs"]]
+        assert saved == [name for name in sockets if name in saved], f"node {node['id']} inputs"
+        assert set(sockets) - set(saved) <= optional_sockets(node["type"]), f"node {node['id']} inputs"
         assert [slot["type"] for slot in node["outputs"]] == outputs, f"node {node['id']} outputs"
         for name, value in named_widgets(node).items():
             if name.endswith(":control"):
@@ -95,9 +107,10 @@ def test_ui_workflow_matches_node_definitions(path):
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda path: path.stem)
 def test_api_twin_matches_ui_workflow(path):
     workflow, api = load(path), api_twin(path)
-    assert set(api) == {str(node["id"]) for node in workflow["nodes"]}
+    graph_nodes = [node for node in workflow["nodes"] if node["type"] != "Note"]
+    assert set(api) == {str(node["id"]) for node in graph_nodes}
     links = {link[0]: link for link in workflow["links"]}
-    for node in workflow["nodes"]:
+    for node in graph_nodes:
         twin = api[str(node["id"])]
         assert twin["class_type"] == node["type"]
         expected = {name: value for name, value in named_widgets(node).items()
@@ -148,3 +161,40 @@ def test_edit_example_uses_nextstep_1_large_edit_settings():
     (encode,) = [key for key, node in api.items() if node["class_type"] == "NextStepVAEEncode"]
     assert api[sampler["positive"][0]]["inputs"]["image"] == [encode, 0]
     assert any(node["inputs"].get("model_name") == "NextStep-1-Large-Edit" for node in api.values())
+
+
+def test_outpaint_example_pads_below_and_masks_the_new_rows_into_the_sampler():
+    api = load(EXAMPLES / "api" / "nextstep_1.1_outpaint.json")
+    by_type = {node["class_type"]: (key, node["inputs"]) for key, node in api.items()}
+    pad_key, pad = by_type["ImagePadForOutpaint"]
+    assert (pad["left"], pad["top"], pad["right"], pad["bottom"]) == (0, 0, 0, 256)
+    encode_key, encode = by_type["NextStepVAEEncode"]
+    mask_key, noise_mask = by_type["SetLatentNoiseMask"]
+    assert encode["pixels"] == [pad_key, 0]
+    assert noise_mask == {"samples": [encode_key, 0], "mask": [pad_key, 1]}
+    assert by_type["NextStepSampler"][1]["latent_image"] == [mask_key, 0]
+    sampler_key = by_type["NextStepSampler"][0]
+    assert by_type["NextStepVAEDecode"][1]["samples"] == [sampler_key, 0]
+
+
+def test_inpaint_example_takes_the_mask_editors_mask():
+    api = load(EXAMPLES / "api" / "nextstep_1.1_inpaint.json")
+    by_type = {node["class_type"]: (key, node["inputs"]) for key, node in api.items()}
+    load_key, _ = by_type["LoadImage"]
+    mask_key, noise_mask = by_type["SetLatentNoiseMask"]
+    assert noise_mask["mask"] == [load_key, 1]
+    assert by_type["ImageScale"][1]["crop"] == "disabled"  # the mask is stretched to the scaled image, not cropped
+    assert by_type["NextStepSampler"][1]["latent_image"] == [mask_key, 0]
+
+
+@pytest.mark.parametrize("name", ["nextstep_1.1_outpaint", "nextstep_1.1_inpaint"])
+def test_image_conditioned_examples_explain_themselves_in_a_note_and_do_not_overlap(name):
+    nodes = load(EXAMPLES / f"{name}.json")["nodes"]
+    notes = [node for node in nodes if node["type"] == "Note"]
+    assert notes and "raster order" in notes[0]["widgets_values"][0]
+    title_bar = 30
+    boxes = [(n["pos"][0], n["pos"][1] - title_bar, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in nodes]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
