@@ -101,7 +101,8 @@ def _output_size(args: argparse.Namespace, init: InitImage | None) -> tuple[int,
     """--width/--height, or the init image's size; both given and different is an error."""
     defaults = GenerationSettings()
     if init is None:
-        return args.width or defaults.width, args.height or defaults.height
+        return (defaults.width if args.width is None else args.width,
+                defaults.height if args.height is None else args.height)
     width, height = init.size
     if args.width not in (None, width) or args.height not in (None, height):
         raise NextStepError(f"--width/--height {args.width}x{args.height} differ from the init image's size "
