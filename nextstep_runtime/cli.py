@@ -12,9 +12,11 @@ from safetensors.torch import save_file
 
 from .errors import NextStepError
 from .images import center_crop_to_multiple, load_rgb, save_png, to_uint8
-from .pipeline import DTYPES, SIZE_MULTIPLE, GenerationSettings, NextStepPipeline, images_to_unit
+from .output_paths import check_output_paths
+from .pipeline import DTYPES, GenerationSettings, NextStepPipeline, images_to_unit
 from .prompt import PROFILES
 from .sampling import CFG_SCHEDULES, SAMPLERS
+from .validation import MAX_SIZE, SIZE_MULTIPLE
 
 EXIT_BAD_INPUT = 2
 
@@ -88,7 +90,7 @@ class ProgressBar:
 
 
 def _input_image(path: str) -> torch.Tensor:
-    image = load_rgb(path)
+    image = load_rgb(path, max_side=MAX_SIZE)
     cropped = center_crop_to_multiple(image, SIZE_MULTIPLE)
     if cropped.shape != image.shape:
         sys.stderr.write(f"note: input image {path} centre-cropped from {image.shape[-1]}x{image.shape[-2]} to "
@@ -102,6 +104,7 @@ def run_generate(args: argparse.Namespace) -> None:
         cfg_img=args.cfg_img, cfg_schedule=args.cfg_schedule, timesteps_shift=args.shift, sampler=args.sampler,
         profile=args.profile, use_norm=args.use_norm, seed=args.seed)
     settings.validate()  # before the (slow) model load
+    check_output_paths(args.out, args.save_tensors)
     edit_images = [_input_image(args.image)] if args.image else []
     pipe = NextStepPipeline.from_pretrained(args.model, vae=args.vae, device=args.device, dtype=args.dtype,
                                             fp8=args.fp8, resident_layers=args.gpu_layers)
@@ -130,4 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("\ncancelled\n")
         return 130
+    except OSError as exc:  # the disk filled up while saving, a file vanished, ...
+        sys.stderr.write(f"error: {exc}\n")
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # a bug: still one line, naming the exception, so a user can report it
+        sys.stderr.write(f"error: unexpected {type(exc).__name__}: {exc} (please report this as a bug)\n")
+        return EXIT_BAD_INPUT
     return 0

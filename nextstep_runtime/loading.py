@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -140,7 +141,9 @@ class VAESource:
 
 
 def _load_state_dict(checkpoint: Path) -> Any:
-    """torch.load restricted to plain tensors (weights_only); memory-mapped when the format allows."""
+    """torch.load restricted to plain tensors (weights_only); memory-mapped when the format allows. A file
+    that needs more than that to unpickle (code, arbitrary objects) is refused outright: loading it fully
+    would run whatever it holds."""
     try:
         try:
             return torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
@@ -148,9 +151,11 @@ def _load_state_dict(checkpoint: Path) -> Any:
             if "mmap" not in str(exc):
                 raise
             return torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zips, pickled code and bad headers raise several types
-        raise NextStepError(f"cannot read {checkpoint} as a plain state dict ({exc}); it may be corrupt or "
-                            f"hold code: download it again") from None
+    except pickle.UnpicklingError:
+        raise NextStepError(f"{checkpoint} holds more than tensors; refused") from None
+    except Exception as exc:  # truncated zips and bad headers raise several types
+        raise NextStepError(f"cannot read {checkpoint} as a plain state dict ({exc}); it may be corrupt: download "
+                            f"it again") from None
 
 
 def _vae_from_folder(folder: Path) -> VAESource:

@@ -14,24 +14,36 @@ import torch
 
 from .errors import NextStepError
 from .generate import TokenCallback, TokenLoopInputs, draw_noise, sample_tokens
+from .images import check_input_image_size
 from .loading import check_vae_matches, load_model, load_vae, resolve_vae_path
 from .model import NextStepModel
-from .prompt import PROFILES, build_rows, load_tokenizer
+from .out_of_memory import run_or_explain_out_of_memory
+from .prompt import build_rows, load_tokenizer
 from .sampling import guidance_scales, solver_plan
 from .tokens import LatentNormalization, patchify, unpatchify
 from .vae import NextStepVAE
+from .validation import MAX_SIZE, SETTING_CHECKS, check_context_length, check_size, check_text
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SIZE_MULTIPLE = 16
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when present."""
+    """`auto` picks CUDA when present; otherwise cpu, cuda or cuda:N that exists on this machine."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise NextStepError("device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise NextStepError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise NextStepError(f"device {name} was asked for but no CUDA GPU is available; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise NextStepError(f"device {name} does not exist: this machine has {torch.cuda.device_count()} "
+                                f"CUDA GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -43,23 +55,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise NextStepError(f"unknown dtype {name!r}; choose auto, float32, bfloat16 or float16")
     return DTYPES[name]
-
-
-def _nearest_sizes(value: int) -> str:
-    """The closest valid size, or both neighbours when the value sits exactly between them."""
-    lower = max(SIZE_MULTIPLE, value // SIZE_MULTIPLE * SIZE_MULTIPLE)
-    upper = lower + SIZE_MULTIPLE if value > lower else lower
-    if value - lower == upper - value and lower != upper:
-        return f"{lower} or {upper}"
-    return str(lower if value - lower < upper - value else upper)
-
-
-def check_size(width: int, height: int) -> None:
-    """Width and height must be positive multiples of 16 (one token is 16x16 pixels)."""
-    for label, value in (("width", width), ("height", height)):
-        if value <= 0 or value % SIZE_MULTIPLE:
-            raise NextStepError(f"{label} {value} is not a positive multiple of {SIZE_MULTIPLE}; "
-                                f"try {label} {_nearest_sizes(value)}")
 
 
 @dataclass
@@ -80,17 +75,9 @@ class GenerationSettings:
     seed: int = 0
 
     def validate(self) -> None:
-        check_size(self.width, self.height)
-        if self.batch < 1:
-            raise NextStepError(f"batch must be at least 1 (got {self.batch})")
-        if self.cfg < 1.0:
-            raise NextStepError(f"cfg must be at least 1.0 (got {self.cfg}); 1.0 turns guidance off")
-        if self.cfg_img < 1.0:
-            raise NextStepError(f"cfg_img must be at least 1.0 (got {self.cfg_img}); 1.0 turns image guidance off")
-        if self.profile not in PROFILES:
-            raise NextStepError(f"unknown profile {self.profile!r}; choose official or hf")
-        solver_plan(self.sampler, self.steps, self.timesteps_shift)
-        guidance_scales(self.cfg, 1, self.cfg_schedule, self.profile)
+        """Every setting's type and range (see validation.py), before any work."""
+        for name, check in SETTING_CHECKS.items():
+            check(name, getattr(self, name))
 
 
 @dataclass
@@ -141,15 +128,29 @@ class NextStepPipeline:
         return self.vae
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """RGB [B, 3, H, W] in [0, 1] (H, W multiples of 16) to VAE-space latents [B, C, H/8, W/8]."""
+        """RGB [B, 3, H, W] in [0, 1] (H, W multiples of 16) to VAE-space latents [B, C, H/8, W/8], one image
+        at a time (the full-resolution activations dominate memory)."""
+        if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or pixels.shape[1] != 3:
+            shape = list(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+            raise NextStepError(f"an input image must be an RGB tensor [B, 3, H, W] in [0, 1], got {shape}")
+        check_input_image_size(pixels.shape[-1], pixels.shape[-2], "the input image", MAX_SIZE)
         check_size(pixels.shape[-1], pixels.shape[-2])
-        with torch.inference_mode():
-            return self._require_vae().encode(pixels * 2 - 1).float()
+        vae = self._require_vae()
+
+        @torch.inference_mode()
+        def encode() -> torch.Tensor:
+            return torch.cat([vae.encode(one * 2 - 1).float() for one in pixels.split(1)])
+        return run_or_explain_out_of_memory("VAE encoding", vae.device, encode)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE-space latents to images [B, 3, H, W] in about [-1, 1] (clamp with `images_to_unit`)."""
-        with torch.inference_mode():
-            return self._require_vae().decode(latents).float()
+        """VAE-space latents to images [B, 3, H, W] in about [-1, 1] (clamp with `images_to_unit`), one image at
+        a time (the full-resolution activations dominate memory)."""
+        vae = self._require_vae()
+
+        @torch.inference_mode()
+        def decode() -> torch.Tensor:
+            return torch.cat([vae.decode(one).float() for one in latents.split(1)])
+        return run_or_explain_out_of_memory("VAE decoding", vae.device, decode)
 
     def latents_to_tokens(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE-space latents [1, C, h, w] to model-space tokens [h*w/p^2, D] for an editing prompt."""
@@ -162,7 +163,12 @@ class NextStepPipeline:
     def prepare(self, caption: str, settings: GenerationSettings, negative: str | None = None,
                 positive: str | None = None, edit_latents: list[torch.Tensor] | None = None) -> TokenLoopInputs:
         """Validate and tokenize, and prepare everything the token loop needs (rows, noise, schedules)."""
+        if not isinstance(settings, GenerationSettings):
+            raise NextStepError(f"settings must be a GenerationSettings, got {type(settings).__name__}")
         settings.validate()
+        check_text("caption", caption)
+        check_text("negative", negative, optional=True)
+        check_text("positive", positive, optional=True)
         config = self.model.config
         patch_pixels = 8 * config.latent_patch_size
         grid = (settings.height // patch_pixels, settings.width // patch_pixels)
@@ -171,6 +177,7 @@ class NextStepPipeline:
                        for lat in edit_latents]
         rows = build_rows(self.tokenizer, caption, negative, positive, input_grids, grid, settings.batch,
                           settings.cfg, settings.cfg_img, settings.profile, config.boi)
+        check_context_length(rows.input_ids.shape[1], grid[0] * grid[1], config.max_positions)
         image_tokens = None
         if edit_latents:
             per_row = torch.cat([self.latents_to_tokens(lat) for lat in edit_latents])
@@ -194,8 +201,11 @@ class NextStepPipeline:
                callback: TokenCallback | None = None) -> GenerationResult:
         """Generate tokens and VAE-space latents (no decoding). `edit_latents`: one VAE-space latent
         [1, C, h, w] per `<image>` tag in the caption."""
-        inputs = self.prepare(caption, settings, negative, positive, edit_latents)
-        tokens = sample_tokens(self.model, inputs, callback)
+        def run() -> tuple[torch.Tensor, TokenLoopInputs]:
+            inputs = self.prepare(caption, settings, negative, positive, edit_latents)
+            return sample_tokens(self.model, inputs, callback), inputs
+
+        tokens, inputs = run_or_explain_out_of_memory("sampling", self.model.device, run)
         model_latents = unpatchify(tokens, *inputs.grid, self.model.config.latent_patch_size)
         return GenerationResult(tokens=tokens, latents=self.normalization.to_vae_space(model_latents))
 
