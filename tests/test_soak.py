@@ -4,7 +4,7 @@ flat and a repeated seed gives the same pixels every time (nothing leaks from on
 Bound: RSS may grow by at most RSS_GROWTH_BOUND_MB over the 20 runs, measured after two warm-up runs. Measured
 growth on the tiny model (16x16 and 32x32, 1-2 steps, float32, CPU, a shared 2-core machine): 0.0-1.1 MB for
 the API, 0.0-0.1 MB for the nodes. The bound leaves room for allocator noise; a run that kept its model
-inputs, cache or cached frames alive would pass it well within the 20 runs.
+inputs, cache or cached frames alive would exceed it well within the 20 runs.
 """
 
 from __future__ import annotations
