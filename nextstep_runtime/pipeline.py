@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,11 +17,14 @@ from .errors import NextStepError
 from .generate import TokenCallback, TokenLoopInputs, draw_noise, sample_tokens
 from .images import check_input_image_size
 from .loading import check_vae_matches, load_model, load_vae, resolve_vae_path
+from .memory_check import FreeMemory, check_job_memory, free_memory
+from .memory_plan import Job
 from .model import NextStepModel
 from .out_of_memory import run_or_explain_out_of_memory
+from .presets import DEFAULT_PRESET, PRESETS, Preset
 from .prompt import build_rows, load_tokenizer
 from .sampling import guidance_scales, solver_plan
-from .tokens import LatentNormalization, patchify, unpatchify
+from .tokens import LatentNormalization, patchify, token_grid, unpatchify
 from .vae import NextStepVAE
 from .validation import MAX_SIZE, SETTING_CHECKS, check_context_length, check_size, check_text
 
@@ -57,22 +61,33 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+_RECOMMENDED = PRESETS[DEFAULT_PRESET]
+PRESET_SETTINGS = ("width", "height", "steps", "cfg", "cfg_img", "timesteps_shift", "sampler", "profile", "use_norm")
+
+
 @dataclass
 class GenerationSettings:
-    """One call's settings; the defaults are the official NextStep-1.1 recommendation."""
+    """One call's settings; the defaults are the official NextStep-1.1 recommendation (presets.py)."""
 
-    width: int = 512
-    height: int = 512
+    width: int = _RECOMMENDED.width
+    height: int = _RECOMMENDED.height
     batch: int = 1
-    steps: int = 28
-    cfg: float = 7.5
-    cfg_img: float = 1.0
+    steps: int = _RECOMMENDED.steps
+    cfg: float = _RECOMMENDED.cfg
+    cfg_img: float = _RECOMMENDED.cfg_img
     cfg_schedule: str = "constant"
-    timesteps_shift: float = 1.0
-    sampler: str = "sde"
-    profile: str = "official"
-    use_norm: bool = False
+    timesteps_shift: float = _RECOMMENDED.timesteps_shift
+    sampler: str = _RECOMMENDED.sampler
+    profile: str = _RECOMMENDED.profile
+    use_norm: bool = _RECOMMENDED.use_norm
     seed: int = 0
+
+    @classmethod
+    def from_preset(cls, preset: Preset, **overrides: Any) -> "GenerationSettings":
+        """A preset's sampling settings (its size included; the negative prompt is not a setting), with
+        `overrides` (any field) winning."""
+        fields = {name: getattr(preset, name) for name in PRESET_SETTINGS}
+        return cls(**{**fields, **overrides})
 
     def validate(self) -> None:
         """Every setting's type and range (see validation.py), before any work."""
@@ -96,8 +111,12 @@ class NextStepPipeline:
     """A loaded model, its tokenizer and (optionally) its VAE."""
 
     def __init__(self, model: NextStepModel, tokenizer, normalization: LatentNormalization,
-                 vae: NextStepVAE | None = None, vae_description: str = "VAE") -> None:
+                 vae: NextStepVAE | None = None, vae_description: str = "VAE",
+                 free_memory: FreeMemory = free_memory) -> None:
+        """`free_memory` tells the memory check what a run may use on a device (a host such as ComfyUI
+        passes its own accounting)."""
         self.model = model
+        self.free_memory = free_memory
         self.tokenizer = tokenizer
         self.normalization = normalization
         self.vae = vae
@@ -170,14 +189,19 @@ class NextStepPipeline:
         check_text("negative", negative, optional=True)
         check_text("positive", positive, optional=True)
         config = self.model.config
-        patch_pixels = 8 * config.latent_patch_size
-        grid = (settings.height // patch_pixels, settings.width // patch_pixels)
+        grid = token_grid(config, settings.height, settings.width)
         edit_latents = list(edit_latents or [])
         input_grids = [(lat.shape[-2] // config.latent_patch_size, lat.shape[-1] // config.latent_patch_size)
                        for lat in edit_latents]
         rows = build_rows(self.tokenizer, caption, negative, positive, input_grids, grid, settings.batch,
                           settings.cfg, settings.cfg_img, settings.profile, config.boi)
         check_context_length(rows.input_ids.shape[1], grid[0] * grid[1], config.max_positions)
+        placeholders = sum(h * w for h, w in input_grids)
+        job = Job(width=settings.width, height=settings.height, batch=settings.batch, cfg=settings.cfg,
+                  cfg_img=settings.cfg_img, steps=settings.steps, prompt_tokens=rows.input_ids.shape[1] - placeholders,
+                  input_images=tuple((8 * lat.shape[-2], 8 * lat.shape[-1]) for lat in edit_latents))
+        check_job_memory(config, self.vae.config if self.vae is not None else None, self.model.dtype, job,
+                         self.model.device, self.free_memory)
         image_tokens = None
         if edit_latents:
             per_row = torch.cat([self.latents_to_tokens(lat) for lat in edit_latents])
