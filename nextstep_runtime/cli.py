@@ -15,6 +15,7 @@ from .cli_help import HelpFormatter
 from .errors import NextStepError
 from .images import save_png, to_uint8
 from .init_image import InitImage, load_cropped_rgb, load_init_image, load_mask
+from .output_paths import check_output_paths
 from .pipeline import DTYPES, PRESET_SETTINGS, GenerationSettings, NextStepPipeline, images_to_unit
 from .presets import DEFAULT_PRESET, PRESETS
 from .prompt import PROFILES
@@ -133,6 +134,7 @@ def run_generate(args: argparse.Namespace) -> None:
         args.width, args.height = _init_image_size(args, init)
     settings, negative = settings_from_args(args)
     settings.validate()  # before the (slow) model load
+    check_output_paths(args.out, args.save_tensors)
     edit_size = None if args.keep_input_size else (settings.width, settings.height)
     edit_images = [load_cropped_rgb(args.image, edit_size)] if args.image else []
     mask = load_mask(args.mask, init) if args.mask else None
@@ -168,4 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("\ncancelled\n")
         return 130
+    except OSError as exc:  # the disk filled up while saving, a file vanished, ...
+        sys.stderr.write(f"error: {exc}\n")
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # a bug: still one line, naming the exception, so a user can report it
+        sys.stderr.write(f"error: unexpected {type(exc).__name__}: {exc} (please report this as a bug)\n")
+        return EXIT_BAD_INPUT
     return 0

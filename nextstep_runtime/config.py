@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,55 @@ def _first(raw: dict[str, Any], names: tuple[str, ...], default: Any) -> Any:
     return default
 
 
+DEFAULT_MAX_POSITIONS = 32768
+"""Context length assumed when config.json has no `max_position_embeddings`: the native context of the
+Qwen2.5 decoders NextStep is built on."""
+
+_POSITIVE_INT_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                      "intermediate_size", "vocab_size", "max_position_embeddings", "num_channels", "latent_channels",
+                      "patch_size", "latent_patch_size", "genloss_width", "fm_head_dim", "genloss_depth",
+                      "fm_head_layers")
+_POSITIVE_FLOAT_KEYS = ("rms_norm_eps", "rope_theta")
+_TOKEN_ID_KEYS = ("boi", "eoi", "image_placeholder_id")
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_whole(source: str, key: str, value: Any) -> None:
+    if not _is_whole(value) or value <= 0:
+        raise NextStepError(f"{source}: {key} is {value!r} but must be a positive whole number")
+
+
+def check_model_values(raw: dict[str, Any], source: str) -> None:
+    """Refuse values that cannot describe a network, naming the file and key, before anything divides by them
+    or indexes with them (0 heads, a head count that does not divide the hidden size, a special token outside
+    the vocabulary). Keys that are absent are left to `ModelConfig.from_dict` (required, or a default)."""
+    for key in _POSITIVE_INT_KEYS:
+        if raw.get(key) is not None:
+            _positive_whole(source, key, raw[key])
+    for key in _POSITIVE_FLOAT_KEYS:
+        value = raw.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value <= 0):
+            raise NextStepError(f"{source}: {key} is {value!r} but must be a positive finite number")
+    hidden, heads = raw.get("hidden_size"), raw.get("num_attention_heads")
+    kv_heads = raw.get("num_key_value_heads") or heads
+    if hidden and heads and raw.get("head_dim") is None and hidden % heads:
+        raise NextStepError(f"{source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}; "
+                            f"fix the head count or give head_dim explicitly")
+    if heads and kv_heads and heads % kv_heads:
+        raise NextStepError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads "
+                            f"{kv_heads}")
+    vocab = raw.get("vocab_size")
+    for key in _TOKEN_ID_KEYS:
+        value = raw.get(key)
+        if value is not None and vocab and (not _is_whole(value) or not 0 <= value < vocab):
+            raise NextStepError(f"{source}: {key} is {value!r} but must be a token id inside the vocabulary "
+                                f"(0 to {vocab - 1}, vocab_size {vocab})")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Backbone, projector and flow-head hyper-parameters of a NextStep model folder."""
@@ -55,6 +105,7 @@ class ModelConfig:
     latent_patch_size: int = 2
     head_width: int = 1536
     head_depth: int = 12
+    max_positions: int = DEFAULT_MAX_POSITIONS
 
     @property
     def token_dim(self) -> int:
@@ -64,6 +115,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
         """Accept the 1.0 (`fm_head_*`, `latent_*`) and 1.1 (`genloss_*`, `num_channels`) schemes."""
+        check_model_values(raw, source)
         try:
             hidden = int(raw["hidden_size"])
             heads = int(raw["num_attention_heads"])
@@ -89,6 +141,7 @@ class ModelConfig:
                 latent_patch_size=int(_first(raw, ("patch_size", "latent_patch_size"), 2)),
                 head_width=int(_first(raw, ("genloss_width", "fm_head_dim"), 1536)),
                 head_depth=int(_first(raw, ("genloss_depth", "fm_head_layers"), 12)),
+                max_positions=int(raw.get("max_position_embeddings") or DEFAULT_MAX_POSITIONS),
             )
         except KeyError as exc:
             raise NextStepError(f"{source} lacks the required key {exc.args[0]!r}") from None
@@ -111,6 +164,25 @@ RELEASED_VAE_CONFIG: dict[str, Any] = {
 """The released f8ch16 tokenizer's values, used for a single-file VAE that carries no config."""
 
 
+_VAE_POSITIVE_INT_KEYS = ("ch", "num_res_blocks", "z_channels", "in_channels", "out_ch", "psz")
+
+
+def check_vae_values(merged: dict[str, Any], source: str) -> None:
+    """Refuse VAE layouts that cannot be built (an empty or non-positive `ch_mult`, zero channels) and latent
+    scalings that would turn every image into NaN, naming the config and key."""
+    for key in _VAE_POSITIVE_INT_KEYS:
+        _positive_whole(source, key, merged[key])
+    ch_mult = merged["ch_mult"]
+    if not isinstance(ch_mult, (list, tuple)) or not ch_mult or not all(_is_whole(m) and m > 0 for m in ch_mult):
+        raise NextStepError(f"{source}: ch_mult is {ch_mult!r} but must be a non-empty list of positive whole numbers")
+    for key in ("scaling_factor", "shift_factor"):
+        value = merged[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise NextStepError(f"{source}: {key} is {value!r} but must be a finite number")
+    if merged["scaling_factor"] == 0:
+        raise NextStepError(f"{source}: scaling_factor is 0; latents are divided by it")
+
+
 @dataclass(frozen=True)
 class VAEConfig:
     """The Flux-style autoencoder's layout plus the latent scaling the model was trained with."""
@@ -130,6 +202,7 @@ class VAEConfig:
     def from_dict(cls, raw: dict[str, Any], source: str) -> "VAEConfig":
         """Take the keys the network needs; training-only keys (resolution, deterministic) are ignored."""
         merged = {**RELEASED_VAE_CONFIG, **raw}
+        check_vae_values(merged, source)
         try:
             return cls(
                 ch=int(merged["ch"]),

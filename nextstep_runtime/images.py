@@ -11,18 +11,30 @@ from PIL import Image, UnidentifiedImageError
 from .errors import NextStepError
 
 
-def load_rgb(path: str | Path, size: tuple[int, int] | None = None) -> torch.Tensor:
+def load_rgb(path: str | Path, size: tuple[int, int] | None = None, max_side: int | None = None) -> torch.Tensor:
     """An image file as RGB [1, 3, H, W] float32 in [0, 1], resized to `size` (width, height) with PIL's
-    default filter when given (a no-op at the same size)."""
+    default filter when given (a no-op at the same size); with `max_side`, a larger file is refused from its
+    header, before its pixels are decoded."""
     try:
         with Image.open(path) as image:
+            if max_side is not None:
+                check_input_image_size(*image.size, f"input image {path}", max_side)
             rgb = image.convert("RGB")
             array = np.asarray(rgb.resize(size) if size else rgb, dtype=np.float32) / 255.0
     except FileNotFoundError:
         raise NextStepError(f"input image {path} not found") from None
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as exc:
         raise NextStepError(f"cannot read input image {path} ({exc})") from None
     return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()
+
+
+def check_input_image_size(width: int, height: int, what: str, max_side: int) -> None:
+    """Input images for editing are limited like outputs: every 16x16 pixels become one prompt token of every
+    guidance row, and the VAE encoder's activations grow with the area (about 8 GB at 8000x8000)."""
+    if max(width, height) > max_side:
+        raise NextStepError(f"{what} is {width}x{height} pixels; input images may be at most {max_side} pixels per "
+                            f"side (each 16x16 pixels become a prompt token and the VAE encoder's memory grows with "
+                            f"the area): scale it down first")
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

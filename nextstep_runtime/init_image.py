@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 
 from .errors import NextStepError
 from .images import center_crop_to_multiple, load_rgb
+from .validation import MAX_SIZE, SIZE_MULTIPLE
 
-SIZE_MULTIPLE = 16
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def _note_crop(path: str | Path, before: torch.Tensor, after: torch.Tensor) -> N
 def load_cropped_rgb(path: str | Path, size: tuple[int, int] | None = None) -> torch.Tensor:
     """An image file as RGB [1, 3, H, W] in [0, 1], resized to `size` (width, height) when given (as the
     official editing example resizes its input to the output size), centre-cropped to multiples of 16."""
-    image = load_rgb(path, size)
+    image = load_rgb(path, size, max_side=MAX_SIZE)
     cropped = center_crop_to_multiple(image, SIZE_MULTIPLE)
     _note_crop(path, image, cropped)
     return cropped
@@ -67,7 +67,7 @@ def load_init_image(path: str | Path) -> InitImage:
             raise NextStepError(f"init image {path} holds no `latents` [batch, channels, height/8, width/8]; "
                                 f"give a file written by --save-tensors, or a picture")
         return InitImage(None, latents.float(), (latents.shape[-1] * 8, latents.shape[-2] * 8))
-    image = load_rgb(path)
+    image = load_rgb(path, max_side=MAX_SIZE)
     cropped = center_crop_to_multiple(image, SIZE_MULTIPLE)
     _note_crop(path, image, cropped)
     return InitImage(cropped, None, (image.shape[-1], image.shape[-2]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -137,10 +138,13 @@ class VAESource:
     config: dict[str, Any]
     tensors: Iterator
     description: str
+    config_description: str | None = None  # where `config` was read, when not from `description` itself
 
 
 def _load_state_dict(checkpoint: Path) -> Any:
-    """torch.load restricted to plain tensors (weights_only); memory-mapped when the format allows."""
+    """torch.load restricted to plain tensors (weights_only); memory-mapped when the format allows. A file
+    that needs more than that to unpickle (code, arbitrary objects) is refused outright: loading it fully
+    would run whatever it holds."""
     try:
         try:
             return torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
@@ -148,9 +152,11 @@ def _load_state_dict(checkpoint: Path) -> Any:
             if "mmap" not in str(exc):
                 raise
             return torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zips, pickled code and bad headers raise several types
-        raise NextStepError(f"cannot read {checkpoint} as a plain state dict ({exc}); it may be corrupt or "
-                            f"hold code: download it again") from None
+    except pickle.UnpicklingError:
+        raise NextStepError(f"{checkpoint} holds more than tensors; refused") from None
+    except Exception as exc:  # truncated zips and bad headers raise several types
+        raise NextStepError(f"cannot read {checkpoint} as a plain state dict ({exc}); it may be corrupt: download "
+                            f"it again") from None
 
 
 def _vae_from_folder(folder: Path) -> VAESource:
@@ -160,7 +166,8 @@ def _vae_from_folder(folder: Path) -> VAESource:
         if len(safetensors) == 1:
             return _vae_from_safetensors(safetensors[0])
         raise NextStepError(f"VAE folder {folder} has no checkpoint.pt")
-    config = read_json(config_path) if config_path.is_file() else dict(RELEASED_VAE_CONFIG)
+    has_config = config_path.is_file()
+    config = read_json(config_path) if has_config else dict(RELEASED_VAE_CONFIG)
     state = _load_state_dict(checkpoint)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
@@ -170,7 +177,7 @@ def _vae_from_folder(folder: Path) -> VAESource:
     def tensors():
         for key in list(state):
             yield checkpoint, key, (lambda key=key: state.pop(key))
-    return VAESource(config, tensors(), str(checkpoint))
+    return VAESource(config, tensors(), str(checkpoint), str(config_path) if has_config else None)
 
 
 def _vae_from_safetensors(path: Path) -> VAESource:
@@ -225,7 +232,7 @@ def load_vae(path: str | Path, dtype: torch.dtype, device: torch.device | str) -
         raise NextStepError(f"VAE {path} must be a folder with checkpoint.pt or a .safetensors file")
     else:
         raise NextStepError(f"VAE {path} not found; download the model's vae/ folder or give the path of a VAE")
-    config = VAEConfig.from_dict(source.config, source.description)
+    config = VAEConfig.from_dict(source.config, source.config_description or source.description)
     with torch.device("meta"):
         vae = NextStepVAE(config)
     vae_keys = (item for item in source.tensors if item[1].startswith(("encoder.", "decoder.")))

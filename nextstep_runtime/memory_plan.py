@@ -27,10 +27,11 @@ from .errors import NextStepError
 from .fp8 import FP8_DTYPE, use_fp8_linears
 from .loading import VAE_CONFIG_METADATA_KEY, resolve_vae_path, weight_files
 from .model import NextStepModel
-from .pipeline import check_size, token_grid
 from .presets import DEFAULT_PRESET, PRESETS
 from .prompt import guidance_groups
+from .tokens import token_grid
 from .vae import NextStepVAE
+from .validation import check_size
 
 GB = 10**9
 PROMPT_ALLOWANCE = 512

@@ -13,29 +13,42 @@ from typing import Any
 
 import torch
 
-from .config import ModelConfig
 from .errors import NextStepError
 from .generate import KeptTokens, NoiseSpec, TokenCallback, TokenLoopInputs, sample_tokens
 from .keep_mask import kept_tokens, regenerated_cells
+from .images import check_input_image_size
 from .loading import check_vae_matches, load_model, load_vae, resolve_vae_path
+from .memory_check import FreeMemory, check_job_memory, free_memory
+from .memory_plan import Job
 from .model import NextStepModel
+from .out_of_memory import run_or_explain_out_of_memory
 from .presets import DEFAULT_PRESET, PRESETS, Preset
-from .prompt import PROFILES, build_rows, load_tokenizer
+from .prompt import build_rows, load_tokenizer
 from .sampling import guidance_scales, solver_plan
-from .tokens import LatentNormalization, patchify, unpatchify
+from .tokens import LatentNormalization, patchify, token_grid, unpatchify
 from .vae import NextStepVAE
+from .validation import MAX_SIZE, SETTING_CHECKS, check_context_length, check_size, check_text
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SIZE_MULTIPLE = 16
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when present."""
+    """`auto` picks CUDA when present; otherwise cpu, cuda or cuda:N that exists on this machine."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise NextStepError("device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise NextStepError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise NextStepError(f"device {name} was asked for but no CUDA GPU is available; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise NextStepError(f"device {name} does not exist: this machine has {torch.cuda.device_count()} "
+                                f"CUDA GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -49,32 +62,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def _nearest_sizes(value: int) -> str:
-    """The closest valid size, or both neighbours when the value sits exactly between them."""
-    lower = max(SIZE_MULTIPLE, value // SIZE_MULTIPLE * SIZE_MULTIPLE)
-    upper = lower + SIZE_MULTIPLE if value > lower else lower
-    if value - lower == upper - value and lower != upper:
-        return f"{lower} or {upper}"
-    return str(lower if value - lower < upper - value else upper)
-
-
-def check_size(width: int, height: int) -> None:
-    """Width and height must be positive multiples of 16 (one token is 16x16 pixels)."""
-    for label, value in (("width", width), ("height", height)):
-        if value <= 0 or value % SIZE_MULTIPLE:
-            raise NextStepError(f"{label} {value} is not a positive multiple of {SIZE_MULTIPLE}; "
-                                f"try {label} {_nearest_sizes(value)}")
-
-
 _RECOMMENDED = PRESETS[DEFAULT_PRESET]
 PRESET_SETTINGS = ("width", "height", "steps", "cfg", "cfg_img", "timesteps_shift", "sampler", "profile", "use_norm")
-
-
-def token_grid(config: ModelConfig, height: int, width: int) -> tuple[int, int]:
-    """Image tokens down and across an image of that many pixels: one token is a patch of latent pixels,
-    each 8 image pixels square."""
-    patch_pixels = 8 * config.latent_patch_size
-    return height // patch_pixels, width // patch_pixels
 
 
 @dataclass
@@ -102,17 +91,9 @@ class GenerationSettings:
         return cls(**{**fields, **overrides})
 
     def validate(self) -> None:
-        check_size(self.width, self.height)
-        if self.batch < 1:
-            raise NextStepError(f"batch must be at least 1 (got {self.batch})")
-        if self.cfg < 1.0:
-            raise NextStepError(f"cfg must be at least 1.0 (got {self.cfg}); 1.0 turns guidance off")
-        if self.cfg_img < 1.0:
-            raise NextStepError(f"cfg_img must be at least 1.0 (got {self.cfg_img}); 1.0 turns image guidance off")
-        if self.profile not in PROFILES:
-            raise NextStepError(f"unknown profile {self.profile!r}; choose official or hf")
-        solver_plan(self.sampler, self.steps, self.timesteps_shift)
-        guidance_scales(self.cfg, 1, self.cfg_schedule, self.profile)
+        """Every setting's type and range (see validation.py), before any work."""
+        for name, check in SETTING_CHECKS.items():
+            check(name, getattr(self, name))
 
 
 @dataclass
@@ -131,8 +112,12 @@ class NextStepPipeline:
     """A loaded model, its tokenizer and (optionally) its VAE."""
 
     def __init__(self, model: NextStepModel, tokenizer, normalization: LatentNormalization,
-                 vae: NextStepVAE | None = None, vae_description: str = "VAE") -> None:
+                 vae: NextStepVAE | None = None, vae_description: str = "VAE",
+                 free_memory: FreeMemory = free_memory) -> None:
+        """`free_memory` tells the memory check what a run may use on a device (a host such as ComfyUI
+        passes its own accounting)."""
         self.model = model
+        self.free_memory = free_memory
         self.tokenizer = tokenizer
         self.normalization = normalization
         self.vae = vae
@@ -163,18 +148,29 @@ class NextStepPipeline:
         return self.vae
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """RGB [B, 3, H, W] in [0, 1] (H, W multiples of 16) to VAE-space latents [B, C, H/8, W/8]."""
+        """RGB [B, 3, H, W] in [0, 1] (H, W multiples of 16) to VAE-space latents [B, C, H/8, W/8], one image
+        at a time (the full-resolution activations dominate memory)."""
+        if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or pixels.shape[1] != 3:
+            shape = list(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+            raise NextStepError(f"an input image must be an RGB tensor [B, 3, H, W] in [0, 1], got {shape}")
+        check_input_image_size(pixels.shape[-1], pixels.shape[-2], "the input image", MAX_SIZE)
         check_size(pixels.shape[-1], pixels.shape[-2])
-        with torch.inference_mode():
-            return self._require_vae().encode(pixels * 2 - 1).float()
+        vae = self._require_vae()
+
+        @torch.inference_mode()
+        def encode() -> torch.Tensor:
+            return torch.cat([vae.encode(one * 2 - 1).float() for one in pixels.split(1)])
+        return run_or_explain_out_of_memory("VAE encoding", vae.device, encode)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE-space latents to images [B, 3, H, W] in about [-1, 1] (clamp with `images_to_unit`).
-
-        One image at a time: the full-resolution activations dominate memory, and a batch would multiply them."""
+        """VAE-space latents to images [B, 3, H, W] in about [-1, 1] (clamp with `images_to_unit`), one image at
+        a time (the full-resolution activations dominate memory)."""
         vae = self._require_vae()
-        with torch.inference_mode():
+
+        @torch.inference_mode()
+        def decode() -> torch.Tensor:
             return torch.cat([vae.decode(one).float() for one in latents.split(1)])
+        return run_or_explain_out_of_memory("VAE decoding", vae.device, decode)
 
     def latents_to_tokens(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE-space latents [B, C, h, w] to model-space tokens [B, h*w/p^2, D]: exactly the tokens the model
@@ -203,7 +199,12 @@ class NextStepPipeline:
                 init_latents: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> TokenLoopInputs:
         """Validate and tokenize, and prepare everything the token loop needs (rows, noise, schedules, kept
         tokens)."""
+        if not isinstance(settings, GenerationSettings):
+            raise NextStepError(f"settings must be a GenerationSettings, got {type(settings).__name__}")
         settings.validate()
+        check_text("caption", caption)
+        check_text("negative", negative, optional=True)
+        check_text("positive", positive, optional=True)
         kept = self._kept(init_latents, mask, settings) if init_latents is not None else None
         config = self.model.config
         grid = token_grid(config, settings.height, settings.width)
@@ -212,6 +213,13 @@ class NextStepPipeline:
                        for lat in edit_latents]
         rows = build_rows(self.tokenizer, caption, negative, positive, input_grids, grid, settings.batch,
                           settings.cfg, settings.cfg_img, settings.profile, config.boi)
+        check_context_length(rows.input_ids.shape[1], grid[0] * grid[1], config.max_positions)
+        placeholders = sum(h * w for h, w in input_grids)
+        job = Job(width=settings.width, height=settings.height, batch=settings.batch, cfg=settings.cfg,
+                  cfg_img=settings.cfg_img, steps=settings.steps, prompt_tokens=rows.input_ids.shape[1] - placeholders,
+                  input_images=tuple((8 * lat.shape[-2], 8 * lat.shape[-1]) for lat in edit_latents))
+        check_job_memory(config, self.vae.config if self.vae is not None else None, self.model.dtype, job,
+                         self.model.device, self.free_memory)
         image_tokens = None
         if edit_latents:
             per_row = torch.cat([self.latents_to_tokens(lat).flatten(0, 1) for lat in edit_latents])
@@ -241,8 +249,11 @@ class NextStepPipeline:
         settings' size) with `mask` (pixels, 1 = regenerate, see keep_mask): the tokens the mask keeps are
         taken from the init latents, the rest generated after them in raster order. Without a mask every
         token is generated."""
-        inputs = self.prepare(caption, settings, negative, positive, edit_latents, init_latents, mask)
-        tokens = sample_tokens(self.model, inputs, callback)
+        def run() -> tuple[torch.Tensor, TokenLoopInputs]:
+            inputs = self.prepare(caption, settings, negative, positive, edit_latents, init_latents, mask)
+            return sample_tokens(self.model, inputs, callback), inputs
+
+        tokens, inputs = run_or_explain_out_of_memory("sampling", self.model.device, run)
         model_latents = unpatchify(tokens, *inputs.grid, self.model.config.latent_patch_size)
         return GenerationResult(tokens=tokens, latents=self.normalization.to_vae_space(model_latents))
 
@@ -256,7 +267,7 @@ class NextStepPipeline:
         settings = settings or GenerationSettings()
         edit_latents = [self.encode_image(image) for image in edit_images or []]
         if init_image is not None:
-            init_latents = torch.cat([self.encode_image(image) for image in init_image.split(1)])
+            init_latents = self.encode_image(init_image)
         result = self.sample(caption, settings, negative, positive, edit_latents, callback, init_latents, mask)
         result.images = self.decode(result.latents)
         return result

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange
 
+from .config import ModelConfig
+
 
 @dataclass(frozen=True)
 class LatentNormalization:
@@ -20,6 +22,13 @@ class LatentNormalization:
 
     def to_vae_space(self, latent: torch.Tensor) -> torch.Tensor:
         return latent / self.scale + self.shift
+
+
+def token_grid(config: ModelConfig, height: int, width: int) -> tuple[int, int]:
+    """Image tokens down and across an image of that many pixels: one token is a patch of latent pixels,
+    each 8 image pixels square."""
+    patch_pixels = 8 * config.latent_patch_size
+    return height // patch_pixels, width // patch_pixels
 
 
 def patchify(latent: torch.Tensor, patch: int) -> torch.Tensor:

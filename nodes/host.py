@@ -16,6 +16,7 @@ from PIL import Image
 from torch import nn
 
 from nextstep_runtime.errors import NextStepError
+from nextstep_runtime.memory_check import free_memory as runtime_free_memory
 from nextstep_runtime.pipeline import resolve_device
 
 try:
@@ -128,6 +129,12 @@ def prepare_model(handle: Any, memory_required: int = 0) -> None:
             raise NextStepError("the NextStep model does not fit in GPU memory; in NextStep Model Loader turn on "
                                 "fp8 (about 15 GB for the 14B models) or set gpu_layers to keep only part of the "
                                 "decoder on the GPU") from None
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes a run may use on `device` now, for the memory check before sampling: ComfyUI's own accounting
+    (the driver's free memory plus its allocator's unused cache, or free host RAM), else the runtime's."""
+    return int(model_management.get_free_memory(device)) if IN_COMFYUI else runtime_free_memory(device)
 
 
 def check_interrupt() -> None:

@@ -95,7 +95,8 @@ def load_nextstep_model(folder: Path, dtype: torch.dtype, fp8: bool = False,
         else:  # streaming is set up for the run device at load time
             device = host.load_device()
         model = load_model(folder, dtype, device, fp8=fp8, resident_layers=resident_layers)
-        pipeline = NextStepPipeline(model, load_tokenizer(folder), latent_normalization(folder))
+        pipeline = NextStepPipeline(model, load_tokenizer(folder), latent_normalization(folder),
+                                    free_memory=host.free_memory)
         registration = host.register_model(model, device, host.load_device(), host.offload_device())
         loaded = _models[key] = LoadedModel(folder, pipeline, registration)
     return loaded

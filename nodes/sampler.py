@@ -9,11 +9,13 @@ import torch
 from nextstep_runtime.attention import set_attention_backend
 from nextstep_runtime.config import ModelConfig
 from nextstep_runtime.errors import NextStepError
-from nextstep_runtime.pipeline import SIZE_MULTIPLE, GenerationSettings, check_size
 from nextstep_runtime.memory_plan import Job, sampling_bytes
+from nextstep_runtime.pipeline import GenerationSettings
 from nextstep_runtime.presets import PRESETS
 from nextstep_runtime.prompt import PROFILES
 from nextstep_runtime.sampling import CFG_SCHEDULES, SAMPLERS
+from nextstep_runtime.validation import (MAX_BATCH, MAX_CFG, MAX_SEED, MAX_SHIFT, MAX_SIZE, MAX_STEPS, MIN_CFG,
+                                         MIN_SHIFT, SIZE_MULTIPLE, check_setting, check_size)
 
 from . import host
 from .conditioning import NextStepConditioning, negative_text
@@ -21,8 +23,6 @@ from .models import NextStepModelHandle
 from .preview import TokenPreview
 from .progress import TokenProgress
 from .sockets import CATEGORY, CONDITIONING, MODEL
-
-MAX_SIZE = 2048
 
 _DEFAULTS = GenerationSettings()
 
@@ -82,25 +82,25 @@ class NextStepSampler:
                                                        "prompt that carries the input image."}),
                 "width": _size_input("width"),
                 "height": _size_input("height"),
-                "batch_size": ("INT", {"default": d.batch, "min": 1, "max": 64,
+                "batch_size": ("INT", {"default": d.batch, "min": 1, "max": MAX_BATCH,
                                        "tooltip": "How many images to generate from the prompt."}),
-                "seed": ("INT", {"default": d.seed, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                "seed": ("INT", {"default": d.seed, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                                  "tooltip": "Seed of the noise. The noise is drawn on the CPU, so a seed gives the "
                                             "same image on every device."}),
-                "steps": ("INT", {"default": d.steps, "min": 1, "max": 200,
+                "steps": ("INT", {"default": d.steps, "min": 1, "max": MAX_STEPS,
                                   "tooltip": f"Flow-matching solver steps per token (official: {d.steps}). Time grows "
                                              "with steps x tokens."}),
-                "cfg": ("FLOAT", {"default": d.cfg, "min": 1.0, "max": 30.0, "step": 0.1, "round": 0.01,
+                "cfg": ("FLOAT", {"default": d.cfg, "min": MIN_CFG, "max": MAX_CFG, "step": 0.1, "round": 0.01,
                                   "tooltip": f"Text guidance scale (official: {d.cfg}). 1 turns guidance off and skips "
                                              "the negative prompt."}),
-                "cfg_img": ("FLOAT", {"default": d.cfg_img, "min": 1.0, "max": 30.0, "step": 0.1, "round": 0.01,
+                "cfg_img": ("FLOAT", {"default": d.cfg_img, "min": MIN_CFG, "max": MAX_CFG, "step": 0.1, "round": 0.01,
                                       "tooltip": f"Editing only: image guidance scale (NextStep-1-Large-Edit: {edit.cfg_img}). "
                                                  "1 turns it off; ignored without an input image or when cfg is 1."}),
                 "cfg_schedule": (list(CFG_SCHEDULES), {"default": d.cfg_schedule,
                                                        "tooltip": "constant (official): the same guidance for every "
                                                                   "token. linear: rising from half with profile "
                                                                   "official, falling to 1 with profile hf."}),
-                "timesteps_shift": ("FLOAT", {"default": d.timesteps_shift, "min": 0.01, "max": 20.0, "step": 0.1,
+                "timesteps_shift": ("FLOAT", {"default": d.timesteps_shift, "min": MIN_SHIFT, "max": MAX_SHIFT, "step": 0.1,
                                               "round": 0.01,
                                               "tooltip": "Shifts the solver's time grid towards the noisy end "
                                                          f"({d.timesteps_shift} for text-to-image, {edit.timesteps_shift} for NextStep-1-Large-Edit)."}),
@@ -132,15 +132,20 @@ class NextStepSampler:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, width: int | None = None, height: int | None = None) -> bool | str:
-        """Reject sizes before the run (API requests skip the widgets' step); None means a linked input."""
-        for label, value in (("width", width), ("height", height)):
-            if value is not None and value > MAX_SIZE:
-                return f"{label} {value} is larger than {MAX_SIZE}"
-        try:
-            check_size(SIZE_MULTIPLE if width is None else width, SIZE_MULTIPLE if height is None else height)
-        except NextStepError as exc:
-            return str(exc)
+    def VALIDATE_INPUTS(cls, width=None, height=None, batch_size=None, seed=None, steps=None, cfg=None, cfg_img=None,
+                        timesteps_shift=None, use_norm=None) -> bool | str:
+        """The runtime's own check of each value (types, NaN, ranges) before the run. ComfyUI hands the inputs
+        named here over as the request gave them (its min/max are skipped and a failed conversion still
+        reaches this), so nothing may be assumed about their type; None means a linked input."""
+        given = {"width": width, "height": height, "batch": batch_size, "seed": seed, "steps": steps, "cfg": cfg,
+                 "cfg_img": cfg_img, "timesteps_shift": timesteps_shift, "use_norm": use_norm}
+        for name, value in given.items():
+            if value is None:
+                continue
+            try:
+                check_setting(name, value, "batch_size" if name == "batch" else name)
+            except NextStepError as exc:
+                return str(exc)
         return True
 
     def sample(self, model: NextStepModelHandle, positive: NextStepConditioning, width: int, height: int,

@@ -7,9 +7,11 @@ import logging
 import torch
 
 from nextstep_runtime.errors import NextStepError
-from nextstep_runtime.images import center_crop_to_multiple
+from nextstep_runtime.images import center_crop_to_multiple, check_input_image_size
 from nextstep_runtime.memory_plan import vae_decode_bytes, vae_encode_bytes
+from nextstep_runtime.out_of_memory import run_or_explain_out_of_memory
 from nextstep_runtime.pipeline import images_to_unit
+from nextstep_runtime.validation import MAX_SIZE
 
 from . import host
 from .models import LoadedVAE
@@ -45,8 +47,11 @@ class NextStepVAEDecode:
             raise NextStepError(f"NextStep VAE Decode needs a LATENT of [batch, {channels}, height/8, width/8] from "
                                 f"NextStep Sampler, got {shape}; latents of other models need their own VAE")
         host.prepare_model(vae.registration, vae_decode_bytes(latent.shape[2], latent.shape[3], vae.vae.dtype))
-        with torch.inference_mode():  # one image at a time: the full-resolution activations dominate memory
-            images = torch.cat([images_to_unit(vae.vae.decode(one).float()) for one in latent.split(1)])
+
+        @torch.inference_mode()
+        def decode() -> torch.Tensor:  # one image at a time: the full-resolution activations dominate memory
+            return torch.cat([images_to_unit(vae.vae.decode(one).float()) for one in latent.split(1)])
+        images = run_or_explain_out_of_memory("VAE decoding", vae.vae.device, decode)
         return (images.movedim(1, -1).to(host.intermediate_device(), torch.float32),)
 
 
@@ -71,11 +76,15 @@ class NextStepVAEEncode:
 
     def encode(self, vae: LoadedVAE, pixels: torch.Tensor) -> tuple[dict]:
         images = pixels[..., :3].movedim(-1, 1)
+        check_input_image_size(images.shape[-1], images.shape[-2], "the image to encode", MAX_SIZE)
         cropped = center_crop_to_multiple(images, 8 * vae.vae.config.psz)
         if cropped.shape != images.shape:
             log.info("NextStep VAE Encode: centre-cropped %dx%d to %dx%d", images.shape[-1], images.shape[-2],
                      cropped.shape[-1], cropped.shape[-2])
         host.prepare_model(vae.registration, vae_encode_bytes(cropped.shape[2], cropped.shape[3], vae.vae.dtype))
-        with torch.inference_mode():
-            latents = torch.cat([vae.vae.encode(one * 2 - 1).float() for one in cropped.split(1)])
+
+        @torch.inference_mode()
+        def encode() -> torch.Tensor:
+            return torch.cat([vae.vae.encode(one * 2 - 1).float() for one in cropped.split(1)])
+        latents = run_or_explain_out_of_memory("VAE encoding", vae.vae.device, encode)
         return ({"samples": latents.to(host.intermediate_device(), torch.float32)},)

@@ -113,12 +113,27 @@ def test_image_without_image_tag(capsys, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("args,expected", [
-    (("--cfg", "0.5"), "cfg must be at least 1.0 (got 0.5)"),
-    (("--cfg-img", "0.9"), "cfg_img must be at least 1.0 (got 0.9)"),
-    (("--steps", "0"), "steps must be at least 1 (got 0)"),
-    (("--batch", "0"), "batch must be at least 1 (got 0)"),
+    (("--cfg", "0.5"), "cfg 0.5 is outside the allowed range 1.0 to 30.0"),
+    (("--cfg", "nan"), "cfg nan is not a finite number; use one from 1.0 to 30.0"),
+    (("--cfg", "inf"), "cfg inf is not a finite number"),
+    (("--cfg", "31"), "cfg 31.0 is outside the allowed range 1.0 to 30.0"),
+    (("--cfg-img", "0.9"), "cfg_img 0.9 is outside the allowed range 1.0 to 30.0"),
+    (("--cfg-img", "nan"), "cfg_img nan is not a finite number"),
+    (("--shift=-inf",), "timesteps_shift -inf is not a finite number; use one from 0.01 to 20.0"),
+    (("--shift", "1e-300"), "timesteps_shift 1e-300 is outside the allowed range 0.01 to 20.0"),
+    (("--shift", "nan"), "timesteps_shift nan is not a finite number"),
+    (("--steps", "0"), "steps 0 is outside the allowed range 1 to 200"),
+    (("--steps", "201"), "steps 201 is outside the allowed range 1 to 200"),
+    (("--batch", "0"), "batch 0 is outside the allowed range 1 to 64"),
+    (("--batch", "65"), "batch 65 is outside the allowed range 1 to 64"),
+    (("--batch", "1.5"), "argument --batch: invalid int value: '1.5'"),
+    (("--width", "4096"), "width 4096 is larger than 2048, the largest size allowed"),
+    (("--width", "abc"), "argument --width: invalid int value: 'abc'"),
+    (("--seed", "-1"), "seed -1 is outside the allowed range 0 to 18446744073709551615"),
+    (("--seed", str(2**64)), "seed 18446744073709551616 is outside the allowed range 0 to 18446744073709551615"),
     (("--sampler", "euler"), "argument --sampler: invalid choice: 'euler'"),
     (("--profile", "diffusers"), "argument --profile: invalid choice: 'diffusers'"),
+    (("--device", "bogus"), "unknown device 'bogus'; use cpu, cuda, cuda:N or auto"),
 ])
 def test_invalid_settings(capsys, tmp_path, args, expected) -> None:
     assert expected in cli_error(capsys, tmp_path, "--prompt", "x", *args)

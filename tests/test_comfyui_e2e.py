@@ -88,7 +88,10 @@ class ComfyUI:
 
     def run(self, prompt: dict) -> np.ndarray:
         """Run a workflow with one SaveImage and return the saved image as uint8 [H, W, 3]."""
-        entry = self.wait(self.submit(prompt))
+        return self.saved_image(self.wait(self.submit(prompt)))
+
+    def saved_image(self, entry: dict) -> np.ndarray:
+        """The one image a finished run saved, as uint8 [H, W, 3]."""
         assert entry["status"]["status_str"] == "success", f"{entry['status']}\n{self.log_tail()}"
         (saved,) = [image for output in entry["outputs"].values() for image in output.get("images", [])]
         return np.asarray(Image.open(self.output / saved["subfolder"] / saved["filename"]).convert("RGB"))
@@ -239,9 +242,9 @@ def expected_from_runtime(case: dict, **changes) -> np.ndarray:
 def test_interrupt_mid_generation_then_the_next_run_works(comfy):
     case = CASES["official_t2i_sde"].params
     comfy.run(workflow("nextstep_1.1_text_to_image", case, "e2e/warm-up", width=16, height=16, steps=1))
-    # Loaders and prompts are now cached, so the long run below starts straight in the sampler, whose 4096
-    # tokens of 100 steps take far longer than the second we wait.
-    long_run = workflow("nextstep_1.1_text_to_image", case, "e2e/interrupted", width=1024, height=1024, steps=100,
+    # Loaders and prompts are now cached, so the long run below starts straight in the sampler, whose 3600
+    # tokens of 100 steps (within the fixture model's context of 4096) take far longer than the second we wait.
+    long_run = workflow("nextstep_1.1_text_to_image", case, "e2e/interrupted", width=960, height=960, steps=100,
                         seed=1)
     prompt_id = comfy.submit(long_run)
     deadline = time.monotonic() + 60
@@ -344,3 +347,34 @@ def test_bad_latent_images_are_clear_errors_and_the_server_keeps_going(comfy):
         assert comfy.process.poll() is None
     saved = comfy.run(workflow("nextstep_1.1_text_to_image", case, "e2e/after-bad-latent"))
     assert_close_uint8(saved, golden_pixels("official_t2i_sde"))
+@pytest.mark.parametrize("changes,expected", [
+    ({"cfg": "nan"}, "cfg nan is not a finite number; use one from 1.0 to 30.0"),
+    ({"width": "abc"}, "width 'abc' is not a whole number; use a multiple of 16 from 16 to 2048"),
+    ({"timesteps_shift": 1e-300}, "timesteps_shift 1e-300 is outside the allowed range 0.01 to 20.0"),
+    ({"seed": 2**64}, "seed 18446744073709551616 is outside the allowed range 0 to 18446744073709551615"),
+])
+def test_bad_api_values_are_refused_naming_the_input(comfy, changes, expected):
+    case = CASES["official_t2i_sde"].params
+    prompt = workflow("nextstep_1.1_text_to_image", case, "e2e/bad-value", **changes)
+    status, answer = comfy.request("/prompt", {"prompt": prompt})
+    assert status == 400, answer
+    (sampler_id,) = [key for key, node in prompt.items() if node["class_type"] == "NextStepSampler"]
+    details = [error["details"] for error in answer["node_errors"][sampler_id]["errors"]]
+    # ComfyUI files a failed VALIDATE_INPUTS under each input it was given, as "<input> - <message>"
+    assert any(detail.endswith(f" - {expected}") or f" - {expected} " in detail for detail in details), details
+    assert comfy.process.poll() is None
+
+
+def test_after_refused_values_the_next_run_is_identical(comfy):
+    case = CASES["official_t2i_sde"].params
+    before = comfy.run(workflow("nextstep_1.1_text_to_image", case, "e2e/before-bad", seed=5))
+    comfy.run(workflow("nextstep_1.1_text_to_image", case, "e2e/other-seed", seed=6))  # evicts the cached seed 5
+    for changes in ({"cfg": "inf"}, {"width": "abc"}, {"batch_size": 65}):
+        bad = workflow("nextstep_1.1_text_to_image", case, "e2e/bad", seed=5, **changes)
+        assert comfy.request("/prompt", {"prompt": bad})[0] == 400
+    prompt = workflow("nextstep_1.1_text_to_image", case, "e2e/after-bad", seed=5)
+    (sampler_id,) = [key for key, node in prompt.items() if node["class_type"] == "NextStepSampler"]
+    entry = comfy.wait(comfy.submit(prompt))
+    cached = [data["nodes"] for event, data in entry["status"]["messages"] if event == "execution_cached"]
+    assert cached and sampler_id not in cached[0]  # sampled again, not served from the cache
+    assert np.array_equal(before, comfy.saved_image(entry))

@@ -11,7 +11,7 @@ from goldens import TINY_MODEL, GoldenCase, assert_matches_golden, golden_cases
 from model_folders import deepen
 from test_goldens import settings_for
 
-from nextstep_runtime import NextStepPipeline
+from nextstep_runtime import GenerationSettings, NextStepError, NextStepPipeline
 from nextstep_runtime.generate import TokenStep
 from nextstep_runtime.images import load_rgb
 
@@ -131,3 +131,25 @@ def test_kept_tokens_and_noise_chunks_through_the_cuda_graphs(monkeypatch) -> No
     tokens = sample_tokens(pipe.model, chunked)
     assert len(captured) == 2 and all(graph is not None for graph in captured), "step and feed graphs"
     assert_matches_golden(case, {"tokens": tokens.cpu()})
+
+
+def test_cuda_out_of_memory_is_a_clear_error_and_the_model_stays_usable() -> None:
+    loaded = NextStepPipeline.from_pretrained(TINY_MODEL, device="cuda", dtype="float32")
+    # a host that cannot tell its free memory: the memory check is skipped and the allocator has the last word,
+    # as when another process takes the memory after the check
+    pipe = NextStepPipeline(loaded.model, loaded.tokenizer, loaded.normalization, loaded.vae,
+                            free_memory=lambda device: None)
+    small = GenerationSettings(width=32, height=32, steps=2, seed=3)
+    before = pipe.generate("a fox", small).images
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    allocated = torch.cuda.memory_allocated()
+    total = torch.cuda.get_device_properties(pipe.model.device).total_memory
+    torch.cuda.set_per_process_memory_fraction((allocated + 64 * 2**20) / total, pipe.model.device)
+    try:  # 64 images of 512x512: the KV cache and noise alone are far above the 64 MB left
+        with pytest.raises(NextStepError, match=r"^out of memory on cuda(:\d+)? during sampling .*make the batch"):
+            pipe.sample("a fox", GenerationSettings(width=512, height=512, batch=64, steps=28))
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, pipe.model.device)
+    assert torch.cuda.memory_allocated() <= allocated + 2**20  # the failed run's cache and buffers are gone
+    assert torch.equal(pipe.generate("a fox", small).images, before)

@@ -1,0 +1,64 @@
+"""An allocation that fails during a run (CUDA, or the host allocator) becomes one clear NextStepError.
+
+The memory check refuses what the estimate can tell; this covers the rest (other processes taking memory
+mid-run, an address-space limit, fragmentation). The failed run's frames hold the KV cache and activations:
+they are cleared before the error is raised, so the memory is handed back at once and the loaded model stays
+usable for the next run.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+import traceback
+from typing import Callable, TypeVar
+
+import torch
+
+from .errors import NextStepError
+
+T = TypeVar("T")
+
+HOST_ALLOCATOR_FAILURE = "DefaultCPUAllocator: can't allocate memory"
+ADVICE = ("make the batch or the image smaller, use fewer steps or a shorter prompt, or on a GPU turn on fp8 or "
+          "keep fewer decoder layers on it (gpu_layers)")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, the host allocator's RuntimeError, or Python's own MemoryError."""
+    return (isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError))
+            or (isinstance(exc, RuntimeError) and HOST_ALLOCATOR_FAILURE in str(exc)))
+
+
+def _requested(message: str) -> str:
+    """The size of the failed allocation, when the allocator said it."""
+    cuda = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", message)
+    if cuda:
+        return f" (an allocation of {cuda.group(1)} failed)"
+    host = re.search(r"tried to allocate (\d+) bytes", message)
+    if host:
+        return f" (an allocation of {int(host.group(1)) / 2**30:.2f} GiB failed)"
+    return ""
+
+
+def release_cached_memory() -> None:
+    """Collect the dropped tensors now and hand CUDA's cached blocks back, so the next run starts clean."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_or_explain_out_of_memory(what: str, device: torch.device, call: Callable[[], T]) -> T:
+    """`call()`; if it runs out of memory, free what it held and raise a NextStepError naming `what` (e.g.
+    "sampling"), the device and what to change. A plain call, not a context manager, so the error is raised
+    with no failed run attached as its context."""
+    message = None
+    try:
+        return call()
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        traceback.clear_frames(exc.__traceback__)
+        message = f"out of memory on {device} during {what}{_requested(str(exc))}; {ADVICE}"
+    release_cached_memory()
+    raise NextStepError(message)

@@ -1,0 +1,232 @@
+"""Settings, configs, output paths and checkpoints that must be refused before any work, with one clear message
+naming what is wrong, the same way through the Python API, the CLI and the sampler node's validation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from goldens import TINY_MODEL
+from model_folders import edit_config
+from nodes_pack import load_pack
+from test_bad_input import cli_error
+
+from nextstep_runtime import GenerationSettings, NextStepError
+from nextstep_runtime.validation import MAX_BATCH, MAX_SEED, MAX_SIZE
+
+SAMPLER = load_pack().NODE_CLASS_MAPPINGS["NextStepSampler"]
+SMALL = dict(width=32, height=32, steps=2)
+
+
+# --- Python API -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("changes,message", [
+    ({"width": "64"}, "width '64' is not a whole number; use a multiple of 16 from 16 to 2048"),
+    ({"height": 64.0}, "height 64.0 is not a whole number"),
+    ({"width": True}, "width True is not a whole number"),
+    ({"width": 2064}, "width 2064 is larger than 2048, the largest size allowed"),
+    ({"batch": 1.5}, "batch 1.5 is not a whole number; use one from 1 to 64"),
+    ({"batch": MAX_BATCH + 1}, "batch 65 is outside the allowed range 1 to 64"),
+    ({"steps": "28"}, "steps '28' is not a whole number; use one from 1 to 200"),
+    ({"seed": 2**64}, f"seed {2**64} is outside the allowed range 0 to {MAX_SEED}"),
+    ({"seed": -1}, "seed -1 is outside the allowed range 0 to"),
+    ({"cfg": math.nan}, "cfg nan is not a finite number; use one from 1.0 to 30.0 (1.0 turns guidance off)"),
+    ({"cfg": math.inf}, "cfg inf is not a finite number"),
+    ({"cfg": "7.5"}, "cfg '7.5' is not a number"),
+    ({"cfg": True}, "cfg True is not a number"),
+    ({"cfg_img": math.nan}, "cfg_img nan is not a finite number"),
+    ({"timesteps_shift": 1e-300}, "timesteps_shift 1e-300 is outside the allowed range 0.01 to 20.0"),
+    ({"timesteps_shift": -math.inf}, "timesteps_shift -inf is not a finite number"),
+    ({"use_norm": "yes"}, "use_norm 'yes' is not a boolean"),
+    ({"cfg_schedule": "cosine"}, "unknown cfg_schedule 'cosine'; choose one of constant, linear"),
+])
+def test_api_refuses_bad_settings_before_any_work(tiny_pipeline, changes, message) -> None:
+    with pytest.raises(NextStepError) as caught:
+        tiny_pipeline.generate("a fox", GenerationSettings(**{**SMALL, **changes}))
+    assert message in str(caught.value)
+
+
+def test_api_accepts_an_integer_where_a_scale_is_meant(tiny_pipeline) -> None:
+    settings = GenerationSettings(**SMALL, cfg=3, timesteps_shift=1)
+    assert tiny_pipeline.sample("a fox", settings).tokens.isfinite().all()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"caption": None}, "caption must be a string, got NoneType None"),
+    ({"caption": 5}, "caption must be a string, got int 5"),
+    ({"caption": "x", "negative": ["a"]}, "negative must be a string or None, got list"),
+    ({"caption": "x", "settings": {"width": 32}}, "settings must be a GenerationSettings, got dict"),
+])
+def test_api_refuses_bad_prompts(tiny_pipeline, kwargs, message) -> None:
+    kwargs.setdefault("settings", GenerationSettings(**SMALL))
+    with pytest.raises(NextStepError, match=message):
+        tiny_pipeline.generate(**kwargs)
+
+
+def test_prompt_longer_than_the_context_is_refused_naming_the_token_count(tiny_pipeline) -> None:
+    assert tiny_pipeline.model.config.max_positions == 4096  # the fixture's max_position_embeddings
+    with pytest.raises(NextStepError) as caught:
+        tiny_pipeline.sample("a fox " * 3000, GenerationSettings(**SMALL))
+    message = str(caught.value)
+    assert "the prompt is " in message and " tokens and the image 4 tokens" in message
+    assert "more than the model's context of 4096 (max_position_embeddings)" in message
+    prompt_tokens = int(message.split("the prompt is ")[1].split()[0])
+    assert prompt_tokens > 4096 - 4
+
+
+def test_image_larger_than_the_context_is_refused(tiny_pipeline) -> None:
+    with pytest.raises(NextStepError, match=r"and the image 4096 tokens, \d+ positions in all, more than the "
+                                            r"model's context of 4096"):
+        tiny_pipeline.sample("a fox", GenerationSettings(width=1024, height=1024, steps=1))
+
+
+def test_edit_image_beyond_the_size_limit_is_refused(tiny_pipeline) -> None:
+    with pytest.raises(NextStepError, match=f"the input image is 16x{MAX_SIZE + 16} pixels; input images may be at "
+                                            f"most {MAX_SIZE} pixels per side"):
+        tiny_pipeline.encode_image(torch.zeros(1, 3, MAX_SIZE + 16, 16))
+    with pytest.raises(NextStepError, match=r"an input image must be an RGB tensor \[B, 3, H, W\]"):
+        tiny_pipeline.encode_image(torch.zeros(3, 16, 16))
+
+
+def test_api_decodes_and_encodes_one_image_at_a_time_with_the_same_result(tiny_pipeline) -> None:
+    result = tiny_pipeline.sample("a fox", GenerationSettings(**SMALL, batch=3, seed=4))
+    together = tiny_pipeline.decode(result.latents)
+    assert together.shape == (3, 3, 32, 32)
+    for index in range(3):
+        assert torch.equal(together[index : index + 1], tiny_pipeline.decode(result.latents[index : index + 1]))
+    pixels = (together / 2 + 0.5).clamp(0, 1)
+    encoded = tiny_pipeline.encode_image(pixels)
+    assert torch.equal(encoded[1:2], tiny_pipeline.encode_image(pixels[1:2]))
+
+
+# --- CLI ------------------------------------------------------------------------------------------------------
+
+def test_cli_out_under_a_file(capsys, tmp_path) -> None:
+    (tmp_path / "file.txt").write_text("x")
+    message = cli_error(capsys, tmp_path, "--prompt", "x", "--out", str(tmp_path / "file.txt" / "out.png"))
+    assert message == f"error: --out {tmp_path}/file.txt/out.png: {tmp_path}/file.txt is a file, not a folder"
+
+
+def test_cli_out_in_an_unwritable_folder(capsys, tmp_path) -> None:
+    message = cli_error(capsys, tmp_path, "--prompt", "x", "--out", "/sys/nextstep/out.png")
+    assert message.startswith("error: --out /sys/nextstep/out.png: cannot write in /sys (")
+
+
+def test_cli_out_without_an_image_extension(capsys, tmp_path) -> None:
+    message = cli_error(capsys, tmp_path, "--prompt", "x", "--out", str(tmp_path / "out.txt"))
+    assert f"--out {tmp_path}/out.txt does not end in an image extension; use one of .png, .jpg" in message
+
+
+def test_cli_out_is_a_folder(capsys, tmp_path) -> None:
+    (tmp_path / "folder.png").mkdir()
+    message = cli_error(capsys, tmp_path, "--prompt", "x", "--out", str(tmp_path / "folder.png"))
+    assert message == f"error: --out {tmp_path}/folder.png is a folder; give a file name inside it"
+
+
+def test_cli_save_tensors_checked_before_the_image_is_written(capsys, tmp_path) -> None:
+    message = cli_error(capsys, tmp_path, "--prompt", "x", "--save-tensors", str(tmp_path / "t.pt"))
+    assert message == f"error: --save-tensors {tmp_path}/t.pt must end in .safetensors"
+    message = cli_error(capsys, tmp_path, "--prompt", "x", "--save-tensors", "/sys/nextstep/t.safetensors")
+    assert message.startswith("error: --save-tensors /sys/nextstep/t.safetensors: cannot write in /sys (")
+
+
+def test_cli_out_in_a_missing_folder_is_created(tmp_path) -> None:
+    from nextstep_runtime.cli import main
+
+    out = tmp_path / "new" / "deeper" / "out.png"
+    code = main(["generate", "--model", str(TINY_MODEL), "--device", "cpu", "--dtype", "float32", "--prompt", "x",
+                 "--width", "16", "--height", "16", "--steps", "1", "--out", str(out)])
+    assert code == 0 and out.is_file()
+
+
+def test_cli_edit_image_beyond_the_size_limit(capsys, tmp_path) -> None:
+    image = tmp_path / "wide.png"
+    Image.new("RGB", (MAX_SIZE + 32, 16)).save(image)
+    message = cli_error(capsys, tmp_path, "--prompt", "<image>x", "--image", str(image))
+    assert f"input image {image} is {MAX_SIZE + 32}x16 pixels; input images may be at most {MAX_SIZE}" in message
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"num_attention_heads": 0}, "num_attention_heads is 0 but must be a positive whole number"),
+    ({"num_attention_heads": 3, "head_dim": None},
+     "hidden_size 64 is not divisible by num_attention_heads 3; fix the head count or give head_dim explicitly"),
+    ({"num_key_value_heads": 3}, "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    ({"boi": 524}, "boi is 524 but must be a token id inside the vocabulary (0 to 523, vocab_size 524)"),
+    ({"image_placeholder_id": -1}, "image_placeholder_id is -1 but must be a token id inside the vocabulary"),
+    ({"hidden_size": "64"}, "hidden_size is '64' but must be a positive whole number"),
+    ({"rms_norm_eps": 0}, "rms_norm_eps is 0 but must be a positive finite number"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings is 0 but must be a positive whole number"),
+])
+def test_model_config_values_are_checked_when_read(capsys, tmp_path, model_copy, changes, message) -> None:
+    edit_config(model_copy, **changes)
+    line = cli_error(capsys, tmp_path, "--prompt", "x", model=model_copy)
+    assert line.startswith(f"error: {model_copy / 'config.json'}: {message}")
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"ch_mult": []}, "ch_mult is [] but must be a non-empty list of positive whole numbers"),
+    ({"ch_mult": [1, 0]}, "ch_mult is [1, 0] but must be a non-empty list"),
+    ({"z_channels": 0}, "z_channels is 0 but must be a positive whole number"),
+    ({"scaling_factor": 0}, "scaling_factor is 0; latents are divided by it"),
+    ({"shift_factor": "NaN"}, "shift_factor is 'NaN' but must be a finite number"),
+])
+def test_vae_config_values_are_checked_when_read(capsys, tmp_path, model_copy, changes, message) -> None:
+    path = model_copy / "vae" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    line = cli_error(capsys, tmp_path, "--prompt", "x", model=model_copy)
+    assert line.startswith(f"error: {path}: {message}")
+
+
+class _RunsCode:
+    """Unpickles by calling a function: exactly what weights_only loading must refuse."""
+
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def test_checkpoint_holding_code_is_refused_in_one_line(capsys, tmp_path, model_copy) -> None:
+    checkpoint = model_copy / "vae" / "checkpoint.pt"
+    torch.save({"state_dict": {"decoder.conv_in.weight": torch.zeros(1)}, "extra": _RunsCode()}, checkpoint)
+    line = cli_error(capsys, tmp_path, "--prompt", "x", model=model_copy)
+    assert line == f"error: {checkpoint} holds more than tensors; refused"
+    assert "this ran" not in capsys.readouterr().out
+
+
+# --- the sampler node's validation (what ComfyUI calls before a run) -------------------------------------------
+
+@pytest.mark.parametrize("inputs,message", [
+    ({"cfg": math.nan}, "cfg nan is not a finite number; use one from 1.0 to 30.0"),
+    ({"cfg_img": math.inf}, "cfg_img inf is not a finite number"),
+    ({"width": "abc"}, "width 'abc' is not a whole number; use a multiple of 16 from 16 to 2048"),
+    ({"height": 500}, "height 500 is not a positive multiple of 16; try height 496"),
+    ({"width": 4096}, "width 4096 is larger than 2048"),
+    ({"batch_size": 65}, "batch_size 65 is outside the allowed range 1 to 64"),
+    ({"steps": 0}, "steps 0 is outside the allowed range 1 to 200"),
+    ({"seed": 2**64}, "seed 18446744073709551616 is outside the allowed range 0 to 18446744073709551615"),
+    ({"timesteps_shift": 0.0}, "timesteps_shift 0.0 is outside the allowed range 0.01 to 20.0"),
+    ({"timesteps_shift": "1e-300"}, "timesteps_shift '1e-300' is not a number"),
+])
+def test_sampler_node_validation_names_the_input(inputs, message) -> None:
+    answer = SAMPLER.VALIDATE_INPUTS(**inputs)
+    assert isinstance(answer, str) and answer.startswith(message)
+
+
+def test_sampler_node_validation_passes_good_and_linked_inputs() -> None:
+    assert SAMPLER.VALIDATE_INPUTS(width=512, height=None, batch_size=64, seed=2**64 - 1, steps=200, cfg=30,
+                                   cfg_img=1.0, timesteps_shift=3.2, use_norm=True) is True
+    assert SAMPLER.VALIDATE_INPUTS() is True
+
+
+def test_sampler_node_limits_are_the_runtime_limits() -> None:
+    required = SAMPLER.INPUT_TYPES()["required"]
+    limits = {name: (spec[1]["min"], spec[1]["max"]) for name, spec in required.items()
+              if isinstance(spec[1], dict) and "max" in spec[1]}
+    assert limits == {"width": (16, 2048), "height": (16, 2048), "batch_size": (1, 64), "seed": (0, 2**64 - 1),
+                      "steps": (1, 200), "cfg": (1.0, 30.0), "cfg_img": (1.0, 30.0), "timesteps_shift": (0.01, 20.0)}
+    for name, (low, high) in limits.items():
+        assert SAMPLER.VALIDATE_INPUTS(**{name: low}) is True and SAMPLER.VALIDATE_INPUTS(**{name: high}) is True

@@ -1,0 +1,55 @@
+"""The memory check before every run: a job that cannot fit is refused before any work, saying what it needs,
+what is free and what to change. The free memory comes from the host's accounting (ComfyUI passes its own; the
+runtime reads the device), here a fixed budget so the verdict does not depend on this machine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nextstep_runtime import GenerationSettings, NextStepError, NextStepPipeline
+from nextstep_runtime.memory_check import check_job_memory, free_memory
+from nextstep_runtime.memory_plan import Job
+
+BUDGET = 4 * 10**9
+
+
+@pytest.fixture(scope="module")
+def budget_pipeline(tiny_pipeline) -> NextStepPipeline:
+    """The tiny model and VAE, as a host that has 4 GB free for a run would see them."""
+    pipe = tiny_pipeline
+    return NextStepPipeline(pipe.model, pipe.tokenizer, pipe.normalization, pipe.vae, free_memory=lambda device: BUDGET)
+
+
+def test_a_job_that_cannot_fit_is_refused_before_any_work(budget_pipeline) -> None:
+    calls = []
+    settings = GenerationSettings(width=512, height=512, batch=64, steps=200)
+    with pytest.raises(NextStepError) as caught:
+        budget_pipeline.generate("a fox", settings, callback=lambda *args: calls.append(args))
+    message = str(caught.value)
+    assert message.startswith("this run needs about ") and " GB on cpu besides the model's weights (KV cache " in message
+    assert "but only 4.0 GB is free; use a batch of at most " in message
+    assert not calls  # not a single token was sampled
+    largest = int(message.split("use a batch of at most ")[1].split(",")[0])
+    config, vae_config, dtype = budget_pipeline.model.config, budget_pipeline.vae.config, torch.float32
+    job = Job(width=512, height=512, batch=largest, cfg=settings.cfg, cfg_img=settings.cfg_img, steps=200, prompt_tokens=8)
+    check_job_memory(config, vae_config, dtype, job, torch.device("cpu"), lambda device: BUDGET)  # fits
+    with pytest.raises(NextStepError):
+        check_job_memory(config, vae_config, dtype, Job(**{**job.__dict__, "batch": largest + 1}),
+                         torch.device("cpu"), lambda device: BUDGET)
+
+
+def test_when_no_batch_fits_the_advice_is_a_smaller_image(budget_pipeline) -> None:
+    with pytest.raises(NextStepError, match="but only 4.0 GB is free; make the image or the input images smaller"):
+        budget_pipeline.sample("a fox", GenerationSettings(width=992, height=992, batch=1, steps=200))
+
+
+def test_a_job_that_fits_runs(budget_pipeline, tiny_pipeline) -> None:
+    settings = GenerationSettings(width=32, height=32, steps=2, seed=9)
+    assert torch.equal(budget_pipeline.sample("a fox", settings).tokens, tiny_pipeline.sample("a fox", settings).tokens)
+
+
+def test_free_memory_of_the_cpu_is_the_hosts_available_memory() -> None:
+    free = free_memory(torch.device("cpu"))
+    meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo").read().splitlines())
+    assert abs(free - int(meminfo["MemAvailable"].split()[0]) * 1024) < 2**30
