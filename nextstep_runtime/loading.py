@@ -9,12 +9,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .checkpoint import iter_safetensors, load_weights, open_safetensors
+from .checkpoint import POSITION_TABLE_KEY, canonical_key, iter_safetensors, load_weights, open_safetensors
 from .config import RELEASED_VAE_CONFIG, ModelConfig, VAEConfig, read_json
 from .errors import NextStepError
 from .fp8 import quantize_per_channel, use_fp8_linears
 from .model import NextStepModel
 from .offload import stream_layers
+from .positions import OFFICIAL_POSITION_GRID, sincos_position_table
 from .tokens import LatentNormalization
 from .vae import NextStepVAE
 
@@ -73,6 +74,21 @@ def _count_blocks(files: list[Path]) -> tuple[int, int]:
     return len(layers), len(head_blocks)
 
 
+def _position_table(files: list[Path], config: ModelConfig, source: str) -> torch.Tensor:
+    """The `gen_pos_embed` table of a `use_gen_pos_embed` model: computed for the config's
+    `base_image_grid_size` when it names one (vLLM-Omni's port); else the table stored in the weights, as
+    the official loader fills its persistent buffer from them; else the official 32 x 32 table."""
+    if config.base_image_grid_size is None:
+        for path, key, load in iter_safetensors(files):
+            if canonical_key(key) == POSITION_TABLE_KEY:
+                table = load()
+                if table.shape[-1] != config.hidden_size:
+                    raise NextStepError(f"{path}: {key} has shape {list(table.shape)} but {source} implies rows of "
+                                        f"hidden_size {config.hidden_size}")
+                return table.reshape(-1, config.hidden_size).float()
+    return sincos_position_table(config.hidden_size, config.base_image_grid_size or OFFICIAL_POSITION_GRID)
+
+
 def _converter(model: NextStepModel, dtype: torch.dtype, device: torch.device, fp8: bool,
                resident_layers: int | None) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Per tensor: its device (streamed decoder layers stay on the CPU) and storage (fp8 for the
@@ -125,6 +141,8 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device | st
                             f"(got {resident_layers})")
     convert = _converter(model, dtype, device, fp8, resident_layers)
     load_weights(model, iter_safetensors(files), dtype, device, str(config_path), _model_shape_hint(config), convert)
+    if config.use_gen_pos_embed:
+        model.gen_pos_embed = _position_table(files, config, str(config_path)).to(device, dtype)
     if resident_layers is not None:
         stream_layers(model.layers, resident_layers, device)
     return model.eval().requires_grad_(False)
@@ -237,7 +255,7 @@ def load_vae(path: str | Path, dtype: torch.dtype, device: torch.device | str) -
 def check_vae_matches(model: NextStepModel, vae: NextStepVAE, vae_description: str) -> None:
     """The model's tokens must be the VAE's latent patches, or images come out as noise."""
     mc, vc = model.config, vae.config
-    if (mc.latent_channels, mc.latent_patch_size) != (vc.z_channels, vc.psz):
+    if mc.latent_channels != vc.z_channels or vc.psz not in (None, mc.latent_patch_size):
         raise NextStepError(f"VAE {vae_description} has {vc.z_channels} latent channels and patch {vc.psz}, but the "
                             f"model expects {mc.latent_channels} channels and patch {mc.latent_patch_size}; "
                             f"use the VAE that ships with the model")

@@ -8,7 +8,7 @@ import torch
 
 from nextstep_runtime.errors import NextStepError
 from nextstep_runtime.images import center_crop_to_multiple
-from nextstep_runtime.pipeline import images_to_unit
+from nextstep_runtime.pipeline import SIZE_MULTIPLE, images_to_unit
 
 from . import host
 from .models import LoadedVAE
@@ -80,7 +80,7 @@ class NextStepVAEEncode:
 
     def encode(self, vae: LoadedVAE, pixels: torch.Tensor) -> tuple[dict]:
         images = pixels[..., :3].movedim(-1, 1)
-        cropped = center_crop_to_multiple(images, 8 * vae.vae.config.psz)
+        cropped = center_crop_to_multiple(images, SIZE_MULTIPLE)
         if cropped.shape != images.shape:
             log.info("NextStep VAE Encode: centre-cropped %dx%d to %dx%d", images.shape[-1], images.shape[-2],
                      cropped.shape[-1], cropped.shape[-2])

@@ -70,3 +70,34 @@ def deepen(folder: Path, layers: int) -> None:
                         if k.startswith(prefix)})
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     edit_config(folder, num_hidden_layers=layers)
+
+
+def use_slow_tokenizer_files(folder: Path) -> None:
+    """Drop tokenizer.json and keep the slow files as some Hugging Face repos ship them: vocab.json, merges.txt,
+    tokenizer_config.json naming a remote-code tokenizer class (auto_map), added_tokens.json and
+    special_tokens_map.json. The remote code is a file that would fail loudly if it were ever executed."""
+    (folder / "tokenizer.json").unlink()
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    added = config.pop("added_tokens_decoder")
+    (folder / "added_tokens.json").write_text(json.dumps({entry["content"]: int(i) for i, entry in added.items()}))
+    config["tokenizer_class"] = "NextStepTokenizer"
+    config["auto_map"] = {"AutoTokenizer": ["models.tokenization_nextstep.NextStepTokenizer", None]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (folder / "models").mkdir(exist_ok=True)
+    (folder / "models" / "tokenization_nextstep.py").write_text(
+        'raise RuntimeError("code from the model folder was executed")\n')
+
+
+def add_tensors(folder: Path, extra: dict[str, torch.Tensor]) -> None:
+    """Add tensors to model.safetensors (tensors an export holds beyond what NextStep reads)."""
+    tensors = load_file(folder / "model.safetensors")
+    tensors.update(extra)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def edit_vae_config(folder: Path, **changes) -> None:
+    """Change keys of vae/config.json (None stores null)."""
+    path = folder / "vae" / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config, indent=2))
