@@ -1,4 +1,5 @@
-"""Command line: `python -m nextstep_runtime generate ...` writes PNGs (and optionally tensors)."""
+"""Command line: `python -m nextstep_runtime generate ...` writes PNGs (and optionally tensors);
+`download` fetches a model (cli_download.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import NoReturn, Sequence
 import torch
 from safetensors.torch import save_file
 
+from . import cli_download
 from .errors import NextStepError
 from .images import center_crop_to_multiple, load_rgb, save_png, to_uint8
 from .pipeline import DTYPES, SIZE_MULTIPLE, GenerationSettings, NextStepPipeline, images_to_unit
@@ -41,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     gen = commands.add_parser("generate", help="generate or edit images",
                               formatter_class=_HelpFormatter)
-    gen.add_argument("--model", required=True, help="NextStep model folder (config.json, weights, tokenizer)")
+    gen.add_argument("--model", required=True, help="NextStep model folder (config.json, weights, tokenizer), or a Hugging Face "
+                     "repo id in the local cache (stepfun-ai/NextStep-1.1, optionally @revision)")
     gen.add_argument("--vae", help="VAE folder or .safetensors file (default: the model's vae_name_or_path)")
     gen.add_argument("--prompt", required=True, help="caption; for editing it holds <image> where the image goes")
     gen.add_argument("--positive", help="appended to the caption after a space")
@@ -69,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep only N decoder layers on the GPU and stream the rest from RAM (default: all)")
     gen.add_argument("--out", required=True, help="output PNG; a batch writes OUT_0.png, OUT_1.png, ...")
     gen.add_argument("--save-tensors", help="also write tokens, latents and images to this .safetensors file")
+    cli_download.add_parser(commands)
     return parser
 
 
@@ -123,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_request:  # --help, or a bad argument already reported in one line
         return int(exit_request.code or 0)
     try:
-        run_generate(args)
+        {"generate": run_generate, "download": cli_download.run}[args.command](args)
     except NextStepError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return EXIT_BAD_INPUT

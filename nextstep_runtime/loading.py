@@ -13,6 +13,7 @@ from .checkpoint import POSITION_TABLE_KEY, canonical_key, iter_safetensors, loa
 from .config import RELEASED_VAE_CONFIG, ModelConfig, VAEConfig, read_json
 from .errors import NextStepError
 from .fp8 import quantize_per_channel, use_fp8_linears
+from .hub import resolve_model_source
 from .model import NextStepModel
 from .offload import stream_layers
 from .positions import OFFICIAL_POSITION_GRID, sincos_position_table
@@ -112,14 +113,13 @@ def _converter(model: NextStepModel, dtype: torch.dtype, device: torch.device, f
 
 def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device | str, fp8: bool = False,
                resident_layers: int | None = None) -> NextStepModel:
-    """Build the network from `folder/config.json` and fill it from the safetensors weights.
+    """Build the network from `folder/config.json` and fill it from the safetensors weights (`folder` may
+    also be a Hugging Face repo id in the local cache, see hub.py).
 
     `dtype` is the compute dtype; with `fp8` the decoder's linear weights are stored as float8. With
     `resident_layers` N, only the first N decoder layers are placed on `device`; the rest stay in host
     memory and are streamed in as they run (see offload.py)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise NextStepError(f"model folder {folder} does not exist")
+    folder = resolve_model_source(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise NextStepError(f"{folder} has no config.json; point at a NextStep model folder "
@@ -209,7 +209,7 @@ def resolve_vae_path(model_folder: str | Path, vae: str | Path | None = None) ->
     exported the model), the model folder's own `vae/` is used if present."""
     if vae is not None:
         return Path(vae)
-    model_folder = Path(model_folder)
+    model_folder = resolve_model_source(model_folder)
     raw = read_json(model_folder / "config.json").get("vae_name_or_path") or BUNDLED_VAE_FOLDER
     candidate = Path(raw) if Path(raw).is_absolute() else model_folder / raw
     bundled = model_folder / BUNDLED_VAE_FOLDER

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .errors import NextStepError
+from .hub import resolve_model_source
 
 IMAGE_TAG = "<image>"
 IMAGE_AREA = "<|image_area|>"
@@ -32,7 +33,7 @@ def load_tokenizer(folder: str | Path):
     added_tokens.json and special_tokens_map.json, so the ids are those of the tokenizer.json route."""
     from transformers import PreTrainedTokenizerFast, Qwen2TokenizerFast  # heavy import, deferred to first use
 
-    folder = Path(folder)
+    folder = resolve_model_source(folder)
     if (folder / "tokenizer.json").is_file():
         tokenizer_class = PreTrainedTokenizerFast
     elif all((folder / name).is_file() for name in SLOW_TOKENIZER_FILES):

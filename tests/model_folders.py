@@ -101,3 +101,25 @@ def edit_vae_config(folder: Path, **changes) -> None:
     config = json.loads(path.read_text())
     config.update(changes)
     path.write_text(json.dumps(config, indent=2))
+
+
+def write_hf_cache(cache: Path, repo_id: str, folder: Path, commit: str, ref: str = "main") -> Path:
+    """Lay `folder` out as huggingface_hub's cache holds a downloaded repo: models--org--name/ with the file
+    contents in blobs/ (named by hash), snapshots/<commit>/ of relative symlinks into blobs/, and refs/<ref>
+    holding the commit. Returns the snapshot folder."""
+    import hashlib
+    import os
+
+    storage = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = storage / "snapshots" / commit
+    (storage / "blobs").mkdir(parents=True, exist_ok=True)
+    for source in sorted(path for path in folder.rglob("*") if path.is_file()):
+        data = source.read_bytes()
+        blob = storage / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        pointer = snapshot / source.relative_to(folder)
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        pointer.symlink_to(os.path.relpath(blob, pointer.parent))
+    (storage / "refs").mkdir(exist_ok=True)
+    (storage / "refs" / ref).write_text(commit)
+    return snapshot
