@@ -67,3 +67,18 @@ def test_bfloat16_graph_equals_bfloat16_eager(monkeypatch) -> None:
     monkeypatch.setattr(generate_module, "cuda_graph_possible", lambda model: False)
     eager = generate(pipe, case)
     assert torch.equal(graphed.tokens, eager.tokens)
+
+
+def test_gen_pos_embed_through_the_cuda_graph(model_copy, monkeypatch) -> None:
+    """The position row is picked on the device from the token index, so the replayed graph adds the right one."""
+    from model_folders import edit_config
+
+    case = next(c for c in golden_cases() if c.name == "official_t2i_sde")
+    edit_config(model_copy, use_gen_pos_embed=True, base_image_grid_size=5)
+    captured = []
+    original = TokenStep._capture
+    monkeypatch.setattr(TokenStep, "_capture", lambda self, device: (original(self, device), captured.append(self.graph)))
+    on_gpu = generate(NextStepPipeline.from_pretrained(model_copy, device="cuda", dtype="float32"), case)
+    on_cpu = generate(NextStepPipeline.from_pretrained(model_copy, device="cpu", dtype="float32"), case)
+    assert captured and captured[0] is not None
+    torch.testing.assert_close(on_gpu.tokens.cpu(), on_cpu.tokens, atol=1e-3, rtol=0)

@@ -287,6 +287,14 @@ def test_unimplemented_config_fields_are_errors(field: str, value, model_copy: P
     assert not (tmp_path / "o.png").exists()
 
 
+def test_node_loader_refuses_unimplemented_fields(variants) -> None:
+    folder = variants["slow-tokenizer"].parent / "rope-2d"
+    copy_model(folder)
+    edit_config(folder, use_2d_rope=True)
+    with pytest.raises(NextStepError, match="use_2d_rope: true"):
+        node("NextStepModelLoader", "rope-2d", "float32", "sdpa")
+
+
 def test_default_rope_scaling_and_false_flags_are_accepted() -> None:
     raw = json.loads((TINY_MODEL / "config.json").read_text())
     plain = ModelConfig.from_dict(raw)
