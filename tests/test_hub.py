@@ -64,6 +64,13 @@ def test_repo_id_loads_from_the_cache_through_the_api(hf_cache: Path) -> None:
     assert_matches_golden(CASE, generate(NextStepPipeline.from_pretrained(REPO, device="cpu", dtype="float32")))
 
 
+def test_repo_id_through_the_memory_planner(hf_cache: Path) -> None:
+    from nextstep_runtime.memory_plan import ModelFootprint
+
+    write_hf_cache(hf_cache, REPO, TINY_MODEL, COMMIT)
+    assert ModelFootprint.from_folder(REPO) == ModelFootprint.from_folder(TINY_MODEL)
+
+
 def test_repo_id_with_a_revision(hf_cache: Path) -> None:
     write_hf_cache(hf_cache, REPO, TINY_MODEL, COMMIT, ref="v1")
     for name in (f"{REPO}@v1", f"{REPO}@{COMMIT}"):

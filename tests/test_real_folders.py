@@ -160,6 +160,12 @@ def test_unknown_tensors_are_named_in_one_warning_and_skipped(variants, caplog) 
     assert "inv_freq" not in dict(model.named_buffers())
 
 
+def test_memory_planner_accepts_what_the_loader_skips(variants) -> None:
+    from nextstep_runtime.memory_plan import ModelFootprint
+
+    assert ModelFootprint.from_folder(variants["extra-tensors"]) == ModelFootprint.from_folder(TINY_MODEL)
+
+
 def test_many_unknown_tensors_are_summarised(model_copy: Path, caplog) -> None:
     add_tensors(model_copy, {f"extra.{i}": torch.zeros(1) for i in range(20)})
     with caplog.at_level(logging.WARNING):
