@@ -6,6 +6,7 @@ converted model plus one source tensor (plus the open shard's mapping), never tw
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -15,10 +16,16 @@ from torch import nn
 
 from .errors import NextStepError
 
-IGNORED_KEYS = ("gen_pos_embed", "lm_head.weight", "lm_head.bias")
-"""Checkpoint tensors that image generation never reads (position buffer of old exports, text head)."""
+POSITION_TABLE_KEY = "gen_pos_embed"
+IGNORED_KEYS = (POSITION_TABLE_KEY, "lm_head.weight", "lm_head.bias")
+"""Checkpoint tensors the network is not filled from: the text head (unused for images) and the position
+buffer that older exports hold (read separately, and only when the config sets use_gen_pos_embed)."""
 
 KEY_PREFIX = "model."
+NAMED_UNKNOWN_KEYS = 8
+"""Unknown tensor names spelled out in the warning; the rest are counted."""
+
+log = logging.getLogger(__name__)
 
 
 def canonical_key(key: str) -> str:
@@ -71,18 +78,21 @@ def load_weights(module: nn.Module, tensors: Iterator[tuple[Path, str, Callable[
                  convert: Callable[[str, torch.Tensor], dict[str, torch.Tensor]] | None = None) -> None:
     """Fill a meta-device `module` from `tensors`, checking every name and shape.
 
+    Tensors the network has no place for (e.g. `rotary_emb.inv_freq` buffers of some exports) are skipped
+    unread with one warning naming them, as Hugging Face loading does; a missing tensor is an error.
     `convert(name, tensor)` may replace the default dtype conversion and return several entries for
     one checkpoint tensor (fp8 storage adds its scale).
     """
     shapes = expected_shapes(module)
     loaded: set[str] = set()
+    unknown: list[str] = []
     for path, key, load in tensors:
         name = canonical_key(key)
         if name in IGNORED_KEYS:
             continue
         if name not in shapes:
-            raise NextStepError(f"{path}: unexpected tensor {key!r}; this is not a NextStep checkpoint of the "
-                                f"layout in {source}")
+            unknown.append(key)
+            continue
         tensor = load()
         if tensor.shape != shapes[name]:
             raise NextStepError(f"{path}: tensor {key!r} has shape {list(tensor.shape)} but {source} implies "
@@ -92,6 +102,11 @@ def load_weights(module: nn.Module, tensors: Iterator[tuple[Path, str, Callable[
         for target, value in values.items():
             _assign(module, target, value)
             loaded.add(target)
+    if unknown:
+        shown = ", ".join(unknown[:NAMED_UNKNOWN_KEYS])
+        more = f" and {len(unknown) - NAMED_UNKNOWN_KEYS} more" if len(unknown) > NAMED_UNKNOWN_KEYS else ""
+        log.warning("weights for %s: skipped %d unknown tensor(s) that NextStep does not use: %s%s", source,
+                    len(unknown), shown, more)
     missing = sorted(set(shapes) - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

@@ -1,4 +1,5 @@
-"""Command line: `python -m nextstep_runtime generate ...` writes PNGs (and optionally tensors)."""
+"""Command line: `python -m nextstep_runtime generate ...` writes PNGs (and optionally tensors);
+`download` fetches a model (cli_download.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any, NoReturn, Sequence
 import torch
 from safetensors.torch import save_file
 
-from . import cli_plan
+from . import cli_download, cli_plan
 from .cli_help import HelpFormatter
 from .errors import NextStepError
 from .images import save_png, to_uint8
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     gen = commands.add_parser("generate", help="generate or edit images",
                               formatter_class=HelpFormatter)
-    gen.add_argument("--model", required=True, help="NextStep model folder (config.json, weights, tokenizer)")
+    gen.add_argument("--model", required=True, help="NextStep model folder (config.json, weights, tokenizer), or a Hugging Face "
+                     "repo id in the local cache (stepfun-ai/NextStep-1.1, optionally @revision)")
     gen.add_argument("--vae", help="VAE folder or .safetensors file (default: the model's vae_name_or_path)")
     gen.add_argument("--prompt", required=True, help="caption; for editing it holds <image> where the image goes")
     gen.add_argument("--positive", help="appended to the caption after a space")
@@ -89,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, help="output PNG; a batch writes OUT_0.png, OUT_1.png, ...")
     gen.add_argument("--save-tensors", help="also write tokens, latents and images to this .safetensors file")
     cli_plan.add_parser(commands)
+    cli_download.add_parser(commands)
     return parser
 
 
@@ -153,7 +156,7 @@ def run_generate(args: argparse.Namespace) -> None:
         sys.stderr.write(f"saved {args.save_tensors}\n")
 
 
-RUNNERS = {"generate": run_generate, "plan": cli_plan.run}
+RUNNERS = {"generate": run_generate, "plan": cli_plan.run, "download": cli_download.run}
 """Subcommand name -> the function that runs it."""
 
 

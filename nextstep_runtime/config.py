@@ -82,6 +82,23 @@ def check_model_values(raw: dict[str, Any], source: str) -> None:
                                 f"(0 to {vocab - 1}, vocab_size {vocab})")
 
 
+def _reject_unimplemented(raw: dict[str, Any], source: str) -> None:
+    """Fields that would change the computation in ways the runtime does not implement: refuse them rather
+    than silently compute something else."""
+    if raw.get("use_2d_rope"):
+        raise NextStepError(f"{source} sets use_2d_rope: true (2-D rotary positions for image tokens), which this "
+                            f"runtime does not implement; only models with use_2d_rope false are supported")
+    scaling = raw.get("rope_scaling")
+    if scaling is not None and not (isinstance(scaling, dict)
+                                    and scaling.get("rope_type", scaling.get("type")) == "default"):
+        raise NextStepError(f"{source} sets rope_scaling {scaling!r}, which this runtime does not implement; only "
+                            f"models with rope_scaling null are supported")
+    activation = raw.get("hidden_act", "silu")
+    if activation != "silu":
+        raise NextStepError(f"{source} sets hidden_act {activation!r}; this runtime implements the silu MLP of "
+                            f"every NextStep release only")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Backbone, projector and flow-head hyper-parameters of a NextStep model folder."""
@@ -106,6 +123,10 @@ class ModelConfig:
     head_width: int = 1536
     head_depth: int = 12
     max_positions: int = DEFAULT_MAX_POSITIONS
+    use_gen_pos_embed: bool = False
+    """Add a 2-D sin-cos table row to each image token's condition (see positions.py)."""
+    base_image_grid_size: int | None = None
+    """Side of that table when the config names it; else the checkpoint's table or the official 32."""
 
     @property
     def token_dim(self) -> int:
@@ -116,6 +137,7 @@ class ModelConfig:
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
         """Accept the 1.0 (`fm_head_*`, `latent_*`) and 1.1 (`genloss_*`, `num_channels`) schemes."""
         check_model_values(raw, source)
+        _reject_unimplemented(raw, source)
         try:
             hidden = int(raw["hidden_size"])
             heads = int(raw["num_attention_heads"])
@@ -142,6 +164,9 @@ class ModelConfig:
                 head_width=int(_first(raw, ("genloss_width", "fm_head_dim"), 1536)),
                 head_depth=int(_first(raw, ("genloss_depth", "fm_head_layers"), 12)),
                 max_positions=int(raw.get("max_position_embeddings") or DEFAULT_MAX_POSITIONS),
+                use_gen_pos_embed=bool(raw.get("use_gen_pos_embed", False)),
+                base_image_grid_size=None if raw.get("base_image_grid_size") is None
+                else int(raw["base_image_grid_size"]),
             )
         except KeyError as exc:
             raise NextStepError(f"{source} lacks the required key {exc.args[0]!r}") from None
@@ -196,7 +221,8 @@ class VAEConfig:
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
     encoder_norm: bool = True
-    psz: int = 2
+    psz: int | None = 2
+    """Latent patch the encoder's norm groups (psz x psz x z values); null: no patchify, one position each."""
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str) -> "VAEConfig":
@@ -214,7 +240,7 @@ class VAEConfig:
                 scaling_factor=float(merged["scaling_factor"]),
                 shift_factor=float(merged["shift_factor"]),
                 encoder_norm=bool(merged["encoder_norm"]),
-                psz=int(merged["psz"]),
+                psz=None if merged["psz"] is None else int(merged["psz"]),
             )
         except (TypeError, ValueError) as exc:
             raise NextStepError(f"{source}: bad VAE config value ({exc})") from None

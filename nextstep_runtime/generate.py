@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from .backbone import prefix_attention_mask
 from .model import NextStepModel
 from .offload import StreamedLayer
+from .positions import condition_offsets
 from .prompt import PromptRows
 from .sampling import SolverPlan, guidance_weights
 
@@ -174,6 +175,8 @@ class DecodeState:
         self.key_valid[:, : self.prefill_len] = rows.attention_mask.to(device).bool()
         self.slots = torch.arange(capacity, device=device)
         self.cache = model.new_cache(self.row_count, capacity)
+        table = model.gen_pos_embed
+        self.offsets = None if table is None else condition_offsets(table, image_tokens)
 
     def prefill(self, rows: PromptRows, image_tokens: torch.Tensor | None) -> torch.Tensor:
         """Run the prompt rows into the cache; returns the condition for the first image token [R, hidden]."""
@@ -181,14 +184,19 @@ class DecodeState:
         tokens = image_tokens.to(device) if image_tokens is not None else None
         positions = torch.arange(length, device=device).expand(self.row_count, -1)
         mask = prefix_attention_mask(self.key_valid[:, :length]) if self.padded else None
-        return model.decode(model.embed_prompt(rows.input_ids.to(device), tokens), positions, self.cache, mask)
+        offset = None if self.offsets is None else self.offsets[:1]
+        return model.decode(model.embed_prompt(rows.input_ids.to(device), tokens), positions, self.cache, mask,
+                            position_offset=offset)
 
     def feed(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """Append a sampled token [B, D] to every guidance row at `position` ([1] long); returns the
         next condition. Attention spans the whole cache, slots after `position` masked."""
         mask = (self.key_valid & (self.slots <= position))[:, None, None, :]
         embeds = self.model.embed_image_token(token.repeat(self.groups, 1))
-        return self.model.decode(embeds, position.expand(self.row_count, 1), self.cache, mask, cache_position=position)
+        # the next token's index is `position - prefill_len + 1`; computed on the device for graph replay
+        offset = None if self.offsets is None else self.offsets.index_select(0, position - (self.prefill_len - 1))
+        return self.model.decode(embeds, position.expand(self.row_count, 1), self.cache, mask, cache_position=position,
+                                 position_offset=offset)
 
 
 class TokenStep:

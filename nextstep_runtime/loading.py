@@ -10,12 +10,14 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .checkpoint import iter_safetensors, load_weights, open_safetensors
+from .checkpoint import POSITION_TABLE_KEY, canonical_key, iter_safetensors, load_weights, open_safetensors
 from .config import RELEASED_VAE_CONFIG, ModelConfig, VAEConfig, read_json
 from .errors import NextStepError
 from .fp8 import quantize_per_channel, use_fp8_linears
+from .hub import resolve_model_source
 from .model import NextStepModel
 from .offload import stream_layers
+from .positions import OFFICIAL_POSITION_GRID, sincos_position_table
 from .tokens import LatentNormalization
 from .vae import NextStepVAE
 
@@ -74,6 +76,21 @@ def _count_blocks(files: list[Path]) -> tuple[int, int]:
     return len(layers), len(head_blocks)
 
 
+def _position_table(files: list[Path], config: ModelConfig, source: str) -> torch.Tensor:
+    """The `gen_pos_embed` table of a `use_gen_pos_embed` model: computed for the config's
+    `base_image_grid_size` when it names one (vLLM-Omni's port); else the table stored in the weights, as
+    the official loader fills its persistent buffer from them; else the official 32 x 32 table."""
+    if config.base_image_grid_size is None:
+        for path, key, load in iter_safetensors(files):
+            if canonical_key(key) == POSITION_TABLE_KEY:
+                table = load()
+                if table.shape[-1] != config.hidden_size:
+                    raise NextStepError(f"{path}: {key} has shape {list(table.shape)} but {source} implies rows of "
+                                        f"hidden_size {config.hidden_size}")
+                return table.reshape(-1, config.hidden_size).float()
+    return sincos_position_table(config.hidden_size, config.base_image_grid_size or OFFICIAL_POSITION_GRID)
+
+
 def _converter(model: NextStepModel, dtype: torch.dtype, device: torch.device, fp8: bool,
                resident_layers: int | None) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Per tensor: its device (streamed decoder layers stay on the CPU) and storage (fp8 for the
@@ -97,14 +114,13 @@ def _converter(model: NextStepModel, dtype: torch.dtype, device: torch.device, f
 
 def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device | str, fp8: bool = False,
                resident_layers: int | None = None) -> NextStepModel:
-    """Build the network from `folder/config.json` and fill it from the safetensors weights.
+    """Build the network from `folder/config.json` and fill it from the safetensors weights (`folder` may
+    also be a Hugging Face repo id in the local cache, see hub.py).
 
     `dtype` is the compute dtype; with `fp8` the decoder's linear weights are stored as float8. With
     `resident_layers` N, only the first N decoder layers are placed on `device`; the rest stay in host
     memory and are streamed in as they run (see offload.py)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise NextStepError(f"model folder {folder} does not exist")
+    folder = resolve_model_source(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise NextStepError(f"{folder} has no config.json; point at a NextStep model folder "
@@ -126,6 +142,8 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device | st
                             f"(got {resident_layers})")
     convert = _converter(model, dtype, device, fp8, resident_layers)
     load_weights(model, iter_safetensors(files), dtype, device, str(config_path), _model_shape_hint(config), convert)
+    if config.use_gen_pos_embed:
+        model.gen_pos_embed = _position_table(files, config, str(config_path)).to(device, dtype)
     if resident_layers is not None:
         stream_layers(model.layers, resident_layers, device)
     return model.eval().requires_grad_(False)
@@ -198,7 +216,7 @@ def resolve_vae_path(model_folder: str | Path, vae: str | Path | None = None) ->
     exported the model), the model folder's own `vae/` is used if present."""
     if vae is not None:
         return Path(vae)
-    model_folder = Path(model_folder)
+    model_folder = resolve_model_source(model_folder)
     raw = read_json(model_folder / "config.json").get("vae_name_or_path") or BUNDLED_VAE_FOLDER
     candidate = Path(raw) if Path(raw).is_absolute() else model_folder / raw
     bundled = model_folder / BUNDLED_VAE_FOLDER
@@ -244,7 +262,7 @@ def load_vae(path: str | Path, dtype: torch.dtype, device: torch.device | str) -
 def check_vae_matches(model: NextStepModel, vae: NextStepVAE, vae_description: str) -> None:
     """The model's tokens must be the VAE's latent patches, or images come out as noise."""
     mc, vc = model.config, vae.config
-    if (mc.latent_channels, mc.latent_patch_size) != (vc.z_channels, vc.psz):
+    if mc.latent_channels != vc.z_channels or vc.psz not in (None, mc.latent_patch_size):
         raise NextStepError(f"VAE {vae_description} has {vc.z_channels} latent channels and patch {vc.psz}, but the "
                             f"model expects {mc.latent_channels} channels and patch {mc.latent_patch_size}; "
                             f"use the VAE that ships with the model")

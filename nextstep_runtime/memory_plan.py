@@ -25,6 +25,7 @@ from .checkpoint import IGNORED_KEYS, canonical_key, open_safetensors
 from .config import ModelConfig, VAEConfig, read_json
 from .errors import NextStepError
 from .fp8 import FP8_DTYPE, use_fp8_linears
+from .hub import resolve_model_source
 from .loading import VAE_CONFIG_METADATA_KEY, resolve_vae_path, weight_files
 from .model import NextStepModel
 from .presets import DEFAULT_PRESET, PRESETS
@@ -100,8 +101,9 @@ class ModelFootprint:
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "ModelFootprint":
-        """From config.json, the weights' safetensors headers and the VAE's config (or header)."""
-        folder = Path(folder)
+        """From config.json, the weights' safetensors headers and the VAE's config (or header). `folder` may be
+        a Hugging Face repo id in the local cache, as for the loader."""
+        folder = resolve_model_source(folder)
         if not (folder / "config.json").is_file():
             raise NextStepError(f"{folder} has no config.json; point at a NextStep model folder")
         config = ModelConfig.from_dict(read_json(folder / "config.json"), str(folder / "config.json"))
@@ -113,8 +115,9 @@ class ModelFootprint:
                     if name not in IGNORED_KEYS:
                         shapes[name] = tuple(handle.get_slice(key).get_shape())
         expected = cls.from_config(config, vae_parameters=0).tensor_shapes
+        shapes = {name: shape for name, shape in shapes.items() if name in expected}  # the loader skips the rest
         if shapes != expected:
-            differing = sorted(set(shapes) ^ set(expected) or {k for k in shapes if shapes[k] != expected[k]})
+            differing = sorted(set(expected) - set(shapes) or {k for k in shapes if shapes[k] != expected[k]})
             raise NextStepError(f"the weights in {folder} do not match its config.json (first difference: "
                                 f"{differing[0]}); the model would not load: download it again")
         vae_config, vae_parameters = _vae_size(resolve_vae_path(folder))

@@ -26,6 +26,8 @@ class NextStepModel(nn.Module):
         self.image_in_projector = nn.Linear(config.token_dim, config.hidden_size)
         self.image_out_projector = nn.Linear(config.hidden_size, config.hidden_size)
         self.image_head = FlowHead(config.token_dim, config.hidden_size, config.head_width, config.head_depth)
+        # [tokens, hidden] position table of `use_gen_pos_embed` models (see positions.py), set by the loader
+        self.register_buffer("gen_pos_embed", None, persistent=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -61,12 +63,17 @@ class NextStepModel(nn.Module):
         return self.image_in_projector(tokens.to(self.dtype))[:, None]
 
     def decode(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache, mask: torch.Tensor | None,
-               cache_position: torch.Tensor | None = None) -> torch.Tensor:
+               cache_position: torch.Tensor | None = None,
+               position_offset: torch.Tensor | None = None) -> torch.Tensor:
         """Run the decoder over new positions and write them to the cache (as the prefix, or at
         `cache_position` for one image token); returns the last position's image condition
-        `image_out_projector(norm(hidden))` [rows, hidden]."""
+        `image_out_projector(norm(hidden) + position_offset)` [rows, hidden] (the offset: the next image
+        token's `gen_pos_embed` row, for models that use one)."""
         cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta, embeds.dtype)
         x = embeds
         for layer in self.layers:
             x = layer(x, cos, sin, cache, cache_position, mask)
-        return self.image_out_projector(self.norm(x[:, -1]))
+        hidden = self.norm(x[:, -1])
+        if position_offset is not None:
+            hidden = hidden + position_offset
+        return self.image_out_projector(hidden)

@@ -17,6 +17,7 @@ from .errors import NextStepError
 from .generate import KeptTokens, NoiseSpec, TokenCallback, TokenLoopInputs, sample_tokens
 from .keep_mask import kept_tokens, regenerated_cells
 from .images import check_input_image_size
+from .hub import resolve_model_source
 from .loading import check_vae_matches, load_model, load_vae, resolve_vae_path
 from .memory_check import FreeMemory, check_job_memory, free_memory
 from .memory_plan import Job
@@ -128,13 +129,15 @@ class NextStepPipeline:
     def from_pretrained(cls, folder: str | Path, vae: str | Path | None = None, device: str = "auto",
                         dtype: str = "auto", fp8: bool = False,
                         resident_layers: int | None = None) -> "NextStepPipeline":
-        """Load the model folder; the VAE from `vae` or the config's `vae_name_or_path`. The latent
-        scale/shift come from the config of the VAE actually loaded.
+        """Load the model folder, or a Hugging Face repo id (`org/name[@revision]`) from the local Hugging Face
+        cache; the VAE from `vae` or the config's `vae_name_or_path`. The latent scale/shift come from the
+        config of the VAE actually loaded.
 
         `fp8` stores the decoder's linear weights as float8 (about half the memory of bf16);
         `resident_layers` keeps only that many decoder layers on the device and streams the rest."""
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
+        folder = resolve_model_source(folder)
         model = load_model(folder, torch_dtype, torch_device, fp8=fp8, resident_layers=resident_layers)
         tokenizer = load_tokenizer(folder)
         vae_path = resolve_vae_path(folder, vae)

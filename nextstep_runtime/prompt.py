@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .errors import NextStepError
+from .hub import resolve_model_source
 
 IMAGE_TAG = "<image>"
 IMAGE_AREA = "<|image_area|>"
@@ -18,16 +19,30 @@ IMAGE_PLACEHOLDER = "<|image_placeholder|>"
 PROFILES = ("official", "hf")
 
 
-def load_tokenizer(folder: str | Path):
-    """The model folder's fast tokenizer (tokenizer.json); nothing from the folder is executed."""
-    from transformers import PreTrainedTokenizerFast  # heavy import, deferred to first use
+SLOW_TOKENIZER_FILES = ("vocab.json", "merges.txt")
+"""The byte-level BPE files some repos ship instead of tokenizer.json (with tokenizer_config.json and
+added_tokens.json / special_tokens_map.json for the special tokens)."""
 
-    folder = Path(folder)
-    if not (folder / "tokenizer.json").is_file():
-        raise NextStepError(f"{folder} has no tokenizer.json; copy the tokenizer files of the Hugging Face repo "
-                            f"into the model folder")
+
+def load_tokenizer(folder: str | Path):
+    """The model folder's tokenizer as a fast tokenizer; nothing from the folder is executed.
+
+    `tokenizer.json` is used when present. Without it the Qwen2 byte-level BPE (the tokenizer of every
+    NextStep release) is built from vocab.json + merges.txt by transformers' own class, ignoring any
+    `auto_map` in tokenizer_config.json; the special tokens come from tokenizer_config.json,
+    added_tokens.json and special_tokens_map.json, so the ids are those of the tokenizer.json route."""
+    from transformers import PreTrainedTokenizerFast, Qwen2TokenizerFast  # heavy import, deferred to first use
+
+    folder = resolve_model_source(folder)
+    if (folder / "tokenizer.json").is_file():
+        tokenizer_class = PreTrainedTokenizerFast
+    elif all((folder / name).is_file() for name in SLOW_TOKENIZER_FILES):
+        tokenizer_class = Qwen2TokenizerFast
+    else:
+        raise NextStepError(f"{folder} has no tokenizer: expected tokenizer.json, or vocab.json and merges.txt; copy "
+                            f"the tokenizer files of the Hugging Face repo into the model folder")
     try:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+        tokenizer = tokenizer_class.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:  # tokenizers raises its own exception types for malformed files
         raise NextStepError(f"cannot load the tokenizer in {folder} ({exc})") from None
     if tokenizer.pad_token_id is None:

@@ -163,11 +163,12 @@ class NextStepVAE(nn.Module):
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Images [B,3,H,W] in [-1,1] to the VAE-space latent [B,z,H/8,W/8]: the encoder mean,
-        patch-normalised when `encoder_norm` (LayerNorm over each psz x psz x z patch)."""
+        patch-normalised when `encoder_norm` (LayerNorm over each psz x psz x z patch; over the z values of
+        each position when psz is null)."""
         moments = self.encoder(pixels.to(self.device, self.dtype))
         mean = moments[:, : self.config.z_channels]
         if self.config.encoder_norm:
-            psz = self.config.psz
+            psz = self.config.psz or 1
             tokens = patchify(mean, psz)
             tokens = F.layer_norm(tokens, tokens.shape[-1:], eps=1e-6)
             mean = unpatchify(tokens, mean.shape[2] // psz, mean.shape[3] // psz, psz)

@@ -1,9 +1,10 @@
 """What the loader nodes offer: NextStep model folders and VAEs, by the names shown in their drop-downs.
 
-Model names are folder names under the `nextstep` model folders (a folder counts when it holds config.json).
-VAE names are `.safetensors` files under the `vae` model folders, plus `<model folder>/vae` for every model
-that ships its VAE folder. Names are resolved only against these lists, so a name from an API request can
-never point outside the model folders.
+Model names are folder names under the `nextstep` model folders (a folder counts when it holds config.json),
+then the repo ids (`stepfun-ai/NextStep-1.1`) of NextStep models in the local Hugging Face cache. VAE names
+are `<model>/vae` for every model that ships its VAE folder, then `.safetensors` files under the `vae` model
+folders. Names are resolved only against these lists, so a name from an API request can never point outside
+the model folders and the cache.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 from pathlib import Path
 
 from nextstep_runtime.errors import NextStepError
+from nextstep_runtime.hub import cache_root, cached_nextstep_repos
 
 from . import host
 
@@ -21,13 +23,15 @@ VAE_FILE_SUFFIX = ".safetensors"
 
 
 def _model_folders() -> dict[str, Path]:
-    """Model name -> folder; the first search folder holding a name wins."""
+    """Model name -> folder; the first search folder holding a name wins, cached Hugging Face repos last."""
     found: dict[str, Path] = {}
     for root in map(Path, host.folder_roots(host.MODEL_FOLDER_KEY)):
         if root.is_dir():
             for child in sorted(root.iterdir()):
                 if child.name not in found and (child / "config.json").is_file():
                     found[child.name] = child
+    for repo, snapshot in cached_nextstep_repos().items():
+        found.setdefault(repo, snapshot)
     return found
 
 
@@ -61,8 +65,9 @@ def model_folder(name: str) -> Path:
     """The folder of model `name`, or an error that says where models are looked for."""
     folder = _model_folders().get(name)
     if folder is None:
-        raise NextStepError(f"NextStep model folder {name!r} not found (searched {_searched(host.MODEL_FOLDER_KEY)}); "
-                            f"download the whole Hugging Face repo (e.g. stepfun-ai/NextStep-1.1) into "
+        raise NextStepError(f"NextStep model {name!r} not found (searched {_searched(host.MODEL_FOLDER_KEY)} and the "
+                            f"Hugging Face cache {cache_root()}); fetch it with `python -m nextstep_runtime download "
+                            f"stepfun-ai/NextStep-1.1` (into the cache), or put the whole repo folder in "
                             f"models/{host.MODEL_FOLDER_KEY}/{name}/ so that it holds config.json")
     return folder
 

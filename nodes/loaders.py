@@ -23,7 +23,8 @@ class NextStepModelLoader:
 
     CATEGORY = CATEGORY
     DESCRIPTION = ("Loads a NextStep model folder from models/nextstep/<name>/ (the whole Hugging Face repo: "
-                   "config.json, weights, tokenizer files, vae/).")
+                   "config.json, weights, tokenizer files, vae/), or a NextStep repo from the Hugging Face cache "
+                   "(listed by its repo id).")
     RETURN_TYPES = (MODEL,)
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("The NextStep model, for NextStep Text Encode and NextStep Sampler.",)
@@ -34,7 +35,9 @@ class NextStepModelLoader:
         return {
             "required": {
                 "model_name": (catalog.model_names(), {"tooltip": "A folder in models/nextstep/ holding config.json, "
-                                                                  "e.g. NextStep-1.1 or NextStep-1-Large-Edit."}),
+                                                                  "e.g. NextStep-1.1 or NextStep-1-Large-Edit, or a "
+                                                                  "repo id (stepfun-ai/NextStep-1.1) from the "
+                                                                  "Hugging Face cache."}),
                 "dtype": (list(DTYPE_CHOICES), {"default": "auto",
                                                 "tooltip": "Weight precision. auto: bfloat16 on GPUs that support "
                                                            "it (float16 otherwise), float32 on the CPU. The 14B "
@@ -84,8 +87,9 @@ class NextStepVAELoader:
         return {
             "required": {
                 "vae_name": (catalog.vae_names(), {"tooltip": "<model>/vae: the VAE folder shipped inside a NextStep "
-                                                              "model folder (recommended). Or a single-file NextStep "
-                                                              "VAE (.safetensors) from models/vae/."}),
+                                                              "model folder or cached repo (recommended). Or a "
+                                                              "single-file NextStep VAE (.safetensors) from "
+                                                              "models/vae/."}),
             },
         }
 

@@ -11,7 +11,7 @@ from nextstep_runtime.images import center_crop_to_multiple, check_input_image_s
 from nextstep_runtime.memory_plan import vae_decode_bytes, vae_encode_bytes
 from nextstep_runtime.out_of_memory import run_or_explain_out_of_memory
 from nextstep_runtime.pipeline import images_to_unit
-from nextstep_runtime.validation import MAX_SIZE
+from nextstep_runtime.validation import MAX_SIZE, SIZE_MULTIPLE
 
 from . import host
 from .models import LoadedVAE
@@ -77,7 +77,7 @@ class NextStepVAEEncode:
     def encode(self, vae: LoadedVAE, pixels: torch.Tensor) -> tuple[dict]:
         images = pixels[..., :3].movedim(-1, 1)
         check_input_image_size(images.shape[-1], images.shape[-2], "the image to encode", MAX_SIZE)
-        cropped = center_crop_to_multiple(images, 8 * vae.vae.config.psz)
+        cropped = center_crop_to_multiple(images, SIZE_MULTIPLE)
         if cropped.shape != images.shape:
             log.info("NextStep VAE Encode: centre-cropped %dx%d to %dx%d", images.shape[-1], images.shape[-2],
                      cropped.shape[-1], cropped.shape[-2])

@@ -70,3 +70,56 @@ def deepen(folder: Path, layers: int) -> None:
                         if k.startswith(prefix)})
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     edit_config(folder, num_hidden_layers=layers)
+
+
+def use_slow_tokenizer_files(folder: Path) -> None:
+    """Drop tokenizer.json and keep the slow files as some Hugging Face repos ship them: vocab.json, merges.txt,
+    tokenizer_config.json naming a remote-code tokenizer class (auto_map), added_tokens.json and
+    special_tokens_map.json. The remote code is a file that would fail loudly if it were ever executed."""
+    (folder / "tokenizer.json").unlink()
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    added = config.pop("added_tokens_decoder")
+    (folder / "added_tokens.json").write_text(json.dumps({entry["content"]: int(i) for i, entry in added.items()}))
+    config["tokenizer_class"] = "NextStepTokenizer"
+    config["auto_map"] = {"AutoTokenizer": ["models.tokenization_nextstep.NextStepTokenizer", None]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (folder / "models").mkdir(exist_ok=True)
+    (folder / "models" / "tokenization_nextstep.py").write_text(
+        'raise RuntimeError("code from the model folder was executed")\n')
+
+
+def add_tensors(folder: Path, extra: dict[str, torch.Tensor]) -> None:
+    """Add tensors to model.safetensors (tensors an export holds beyond what NextStep reads)."""
+    tensors = load_file(folder / "model.safetensors")
+    tensors.update(extra)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def edit_vae_config(folder: Path, **changes) -> None:
+    """Change keys of vae/config.json (None stores null)."""
+    path = folder / "vae" / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config, indent=2))
+
+
+def write_hf_cache(cache: Path, repo_id: str, folder: Path, commit: str, ref: str = "main") -> Path:
+    """Lay `folder` out as huggingface_hub's cache holds a downloaded repo: models--org--name/ with the file
+    contents in blobs/ (named by hash), snapshots/<commit>/ of relative symlinks into blobs/, and refs/<ref>
+    holding the commit. Returns the snapshot folder."""
+    import hashlib
+    import os
+
+    storage = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = storage / "snapshots" / commit
+    (storage / "blobs").mkdir(parents=True, exist_ok=True)
+    for source in sorted(path for path in folder.rglob("*") if path.is_file()):
+        data = source.read_bytes()
+        blob = storage / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        pointer = snapshot / source.relative_to(folder)
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        pointer.symlink_to(os.path.relpath(blob, pointer.parent))
+    (storage / "refs").mkdir(exist_ok=True)
+    (storage / "refs" / ref).write_text(commit)
+    return snapshot

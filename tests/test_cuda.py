@@ -34,6 +34,8 @@ def generate(pipe: NextStepPipeline, case: GoldenCase):
 
 
 @pytest.mark.parametrize("case", golden_cases(), ids=lambda case: case.name)
+
+
 def test_goldens_through_the_cuda_graph(case: GoldenCase, monkeypatch) -> None:
     captured = []
     original = TokenStep._capture
@@ -76,6 +78,8 @@ def test_bfloat16_graph_equals_bfloat16_eager(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("fp8,resident", [(False, None), (True, None), (True, 2)])
+
+
 def test_memory_plan_weights_are_what_sits_on_the_gpu(model_copy, fp8, resident) -> None:
     """Every tensor the loaded model holds (registered ones, streaming slots, streamed host layers), summed by
     the device it really lives on, against the planner's device and host figures; and the GPU's size as the
@@ -153,3 +157,24 @@ def test_cuda_out_of_memory_is_a_clear_error_and_the_model_stays_usable() -> Non
         torch.cuda.set_per_process_memory_fraction(1.0, pipe.model.device)
     assert torch.cuda.memory_allocated() <= allocated + 2**20  # the failed run's cache and buffers are gone
     assert torch.equal(pipe.generate("a fox", small).images, before)
+
+
+def test_gen_pos_embed_through_the_cuda_graph(model_copy, monkeypatch) -> None:
+    """The position row is picked on the device from the token index, so the replayed graph adds the right one."""
+    from model_folders import edit_config
+
+    case = next(c for c in golden_cases() if c.name == "official_t2i_sde")
+    edit_config(model_copy, use_gen_pos_embed=True, base_image_grid_size=5)
+    captured = []
+    original = TokenStep._capture
+
+    def capture(self, device, work):
+        graph, output = original(self, device, work)
+        captured.append(graph)
+        return graph, output
+
+    monkeypatch.setattr(TokenStep, "_capture", capture)
+    on_gpu = generate(NextStepPipeline.from_pretrained(model_copy, device="cuda", dtype="float32"), case)
+    on_cpu = generate(NextStepPipeline.from_pretrained(model_copy, device="cpu", dtype="float32"), case)
+    assert captured and captured[0] is not None
+    torch.testing.assert_close(on_gpu.tokens.cpu(), on_cpu.tokens, atol=1e-3, rtol=0)

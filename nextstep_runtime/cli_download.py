@@ -1,0 +1,58 @@
+"""`python -m nextstep_runtime download REPO [--to DIR] [--revision REV]`: fetch what the runtime reads.
+
+Only config, weights (and their index), tokenizer files and `vae/` are fetched, never the repos' Python
+code. huggingface_hub does the transfer: files already complete are not fetched again and a transfer cut
+off mid-file continues from where it stopped. Without `--to` the files go into the Hugging Face cache, where
+`--model REPO` and the ComfyUI loader find them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import NextStepError
+from .hub import NEVER_FETCHED, RUNTIME_FILES, parse_repo_id
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser("download", help="fetch a NextStep model from the Hugging Face Hub",
+                                 description="Fetch the files the runtime reads (config, weights, tokenizer, "
+                                             "vae/; never *.py) from the Hugging Face Hub.")
+    parser.add_argument("repo", help="Hugging Face repo id, e.g. stepfun-ai/NextStep-1.1")
+    parser.add_argument("--to", metavar="DIR", help="write a plain model folder here instead of the Hugging Face cache")
+    parser.add_argument("--revision", help="branch, tag or commit (default: main)")
+
+
+def _human_size(size: int) -> str:
+    return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+
+
+def run(args: argparse.Namespace) -> None:
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.utils import (HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError,
+                                       filter_repo_objects)
+
+    if parse_repo_id(args.repo) is None or "@" in args.repo:
+        raise NextStepError(f"{args.repo!r} is not a Hugging Face repo id like stepfun-ai/NextStep-1.1 (give a "
+                            f"revision with --revision)")
+    try:
+        info = HfApi().model_info(args.repo, revision=args.revision, files_metadata=True)
+        files = list(filter_repo_objects(info.siblings or [], allow_patterns=RUNTIME_FILES,
+                                         ignore_patterns=NEVER_FETCHED, key=lambda sibling: sibling.rfilename))
+        if not any(sibling.rfilename == "config.json" for sibling in files):
+            raise NextStepError(f"{args.repo} has no config.json at its top level; it is not a NextStep model repo")
+        total = sum(sibling.size or 0 for sibling in files)
+        target = args.to or "the Hugging Face cache"
+        sys.stderr.write(f"{args.repo} ({info.sha}): fetching {len(files)} files, {_human_size(total)} in all, "
+                         f"into {target} (files already there are kept)\n")
+        folder = snapshot_download(args.repo, revision=args.revision, local_dir=args.to,
+                                   allow_patterns=[sibling.rfilename for sibling in files])
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        raise NextStepError(f"{args.repo}{'@' + args.revision if args.revision else ''} was not found on the "
+                            f"Hugging Face Hub ({type(exc).__name__}); check the repo id and revision") from None
+    except (HfHubHTTPError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NextStepError(f"downloading {args.repo} failed ({reason}); run the same command again to continue "
+                            f"where it stopped") from None
+    sys.stdout.write(f"{folder}\n")

@@ -1,0 +1,109 @@
+"""Hugging Face repo ids as model sources: resolved from the local Hugging Face cache (never the network),
+listed from it cheaply, and the selection of files the runtime reads (what `download` fetches).
+
+The cache is huggingface_hub's own (`HF_HUB_CACHE`, else `HF_HOME/hub`, else ~/.cache/huggingface/hub), so
+models fetched by diffusers, transformers or `hf download` are found where those tools put them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .errors import NextStepError
+
+RUNTIME_FILES = [
+    "config.json",
+    "model.safetensors",
+    "model-*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vae/*",
+]
+"""Patterns (huggingface_hub's fnmatch rules) of every file the runtime reads in a model repo."""
+NEVER_FETCHED = ["*.py"]
+"""The repos' Python code is never used (no trust_remote_code), so it is never downloaded either."""
+
+REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
+"""`org/name`, optionally `@revision` (a branch, tag or commit)."""
+DOWNLOAD_HINT = "python -m nextstep_runtime download {repo}"
+
+
+def parse_repo_id(name: str) -> tuple[str, str | None] | None:
+    """(repo id, revision or None) when `name` is written like a Hugging Face repo id, else None."""
+    match = REPO_ID.match(name)
+    return (match["repo"], match["revision"]) if match else None
+
+
+def cache_root() -> Path:
+    """Where huggingface_hub keeps its cache, read from its settings at call time."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def cached_snapshot(repo: str, revision: str | None = None) -> Path:
+    """The cached snapshot folder of `repo` at `revision` (default: main), without any network access."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, local_files_only=True, allow_patterns=RUNTIME_FILES,
+                                      ignore_patterns=NEVER_FETCHED))
+    except (LocalEntryNotFoundError, HFValidationError) as exc:
+        where = f"{repo}@{revision}" if revision else repo
+        hint = DOWNLOAD_HINT.format(repo=repo) + (f" --revision {revision}" if revision else "")
+        raise NextStepError(f"{where} is not in the Hugging Face cache {cache_root()} ({exc}); download it with "
+                            f"`{hint}`") from None
+
+
+def resolve_model_source(source: str | Path) -> Path:
+    """A model folder on disk as given, else a repo id (`org/name[@revision]`) from the Hugging Face cache."""
+    path = Path(source)
+    if path.is_dir():
+        return path
+    repo = parse_repo_id(str(source))
+    if repo is None:
+        raise NextStepError(f"model folder {source} does not exist")
+    try:
+        return cached_snapshot(*repo)
+    except NextStepError as exc:
+        raise NextStepError(f"model folder {source} does not exist, and as a Hugging Face repo id: {exc}") from None
+
+
+def looks_like_nextstep(config_path: Path) -> bool:
+    """A NextStep config.json names the image tokens (boi, image_placeholder_id); read nothing else."""
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "boi" in config and "image_placeholder_id" in config
+
+
+def cached_nextstep_repos() -> dict[str, Path]:
+    """Repo id -> snapshot folder (of main, else the newest revision) for every NextStep model in the cache.
+
+    Reads the cache's directory layout and each snapshot's config.json only (no weights), so it is cheap
+    enough to run whenever ComfyUI lists the loader's choices."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.utils import CacheNotFound
+
+    try:
+        cache = scan_cache_dir(cache_root())
+    except (CacheNotFound, OSError):
+        return {}
+    found = {}
+    for repo in sorted(cache.repos, key=lambda repo: repo.repo_id):
+        if repo.repo_type != "model" or not repo.revisions:
+            continue
+        main = [revision for revision in repo.revisions if "main" in revision.refs]
+        revision = (main or sorted(repo.revisions, key=lambda revision: revision.last_modified))[-1]
+        if looks_like_nextstep(revision.snapshot_path / "config.json"):
+            found[repo.repo_id] = revision.snapshot_path
+    return found
