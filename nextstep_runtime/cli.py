@@ -10,6 +10,7 @@ from typing import NoReturn, Sequence
 import torch
 from safetensors.torch import save_file
 
+from . import cli_convert
 from .errors import NextStepError
 from .images import center_crop_to_multiple, load_rgb, save_png, to_uint8
 from .pipeline import DTYPES, SIZE_MULTIPLE, GenerationSettings, NextStepPipeline, images_to_unit
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep only N decoder layers on the GPU and stream the rest from RAM (default: all)")
     gen.add_argument("--out", required=True, help="output PNG; a batch writes OUT_0.png, OUT_1.png, ...")
     gen.add_argument("--save-tensors", help="also write tokens, latents and images to this .safetensors file")
+    cli_convert.add_parser(commands)
     return parser
 
 
@@ -123,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_request:  # --help, or a bad argument already reported in one line
         return int(exit_request.code or 0)
     try:
-        run_generate(args)
+        {"generate": run_generate, "convert": cli_convert.run}[args.command](args)
     except NextStepError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return EXIT_BAD_INPUT
