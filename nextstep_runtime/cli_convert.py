@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cli_help import HelpFormatter
 from .loading import STORED_FORMATS
 from .repack import convert_folder
 
 
 def add_parser(commands) -> None:
     parser = commands.add_parser(
-        "convert", help="rewrite a model folder's weights as bf16, fp8 or int4 (loads faster, converts nothing)",
+        "convert", formatter_class=HelpFormatter, help="rewrite a model folder's weights as bf16, fp8 or int4 (loads faster, converts nothing)",
         description="Write DST, a model folder that loads as it is: SRC's weights with the decoder's linear layers "
                     "stored as WEIGHTS (everything else bf16), shards of at most 5 GB, config, tokenizer and vae/ "
                     "copied. Load it with the same weights setting (fp8 / int4).")

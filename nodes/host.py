@@ -16,6 +16,7 @@ from PIL import Image
 from torch import nn
 
 from nextstep_runtime.errors import NextStepError
+from nextstep_runtime.memory_plan import device_memory
 from nextstep_runtime.pipeline import resolve_device
 
 try:
@@ -69,6 +70,17 @@ def initial_device(parameters: int, dtype: torch.dtype) -> torch.device:
     """Where a freshly loaded model is placed: ComfyUI's own choice for diffusion models (the GPU when it has
     more free memory than the host, else the CPU, from where it is moved before sampling)."""
     return model_management.unet_inital_load_device(parameters, dtype) if IN_COMFYUI else load_device()
+
+
+def model_memory_budget(device: torch.device) -> int | None:
+    """Bytes a model and its runs may use on a CUDA `device` (None elsewhere): inside ComfyUI, the card less
+    ComfyUI's reserve, since it unloads other models to make room; outside, what is free now."""
+    if device.type != "cuda":
+        return None
+    if IN_COMFYUI:
+        return model_management.get_total_memory(device) - model_management.extra_reserved_memory()
+    free_total = device_memory(device)
+    return None if free_total is None else free_total[0]
 
 
 def offload_device() -> torch.device:

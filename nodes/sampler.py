@@ -10,7 +10,8 @@ from nextstep_runtime.attention import set_attention_backend
 from nextstep_runtime.config import ModelConfig
 from nextstep_runtime.errors import NextStepError
 from nextstep_runtime.pipeline import SIZE_MULTIPLE, GenerationSettings, check_size
-from nextstep_runtime.prompt import PROFILES, guidance_groups
+from nextstep_runtime.memory_plan import Job, sampling_bytes
+from nextstep_runtime.prompt import PROFILES
 from nextstep_runtime.sampling import CFG_SCHEDULES, SAMPLERS
 
 from . import host
@@ -21,22 +22,18 @@ from .progress import TokenProgress
 from .sockets import CATEGORY, CONDITIONING, MODEL
 
 MAX_SIZE = 2048
-PROMPT_ALLOWANCE = 512
-"""Text positions assumed per row when estimating the KV cache before the prompt is tokenized."""
 
 _DEFAULTS = GenerationSettings()
 
 
 def _working_memory(config: ModelConfig, settings: GenerationSettings, images: tuple[torch.Tensor, ...],
                     dtype: torch.dtype) -> int:
-    """Bytes of the KV cache of a call, the bulk of what sampling allocates besides the weights; ComfyUI frees
-    this much (plus its reserve) before the run."""
-    patch = config.latent_patch_size
-    tokens = (settings.width // (8 * patch)) * (settings.height // (8 * patch))
-    image_tokens = sum(latent.shape[-2] * latent.shape[-1] // patch**2 for latent in images)
-    rows = settings.batch * guidance_groups(settings.cfg, settings.cfg_img, bool(images))
-    positions = PROMPT_ALLOWANCE + image_tokens + tokens
-    return 2 * config.num_hidden_layers * rows * config.num_key_value_heads * config.head_dim * positions * dtype.itemsize
+    """Bytes the token loop allocates besides the weights (KV cache and activations, the planner's figure);
+    ComfyUI frees this much (plus its reserve) before the run."""
+    job = Job(width=settings.width, height=settings.height, batch=settings.batch, cfg=settings.cfg,
+              cfg_img=settings.cfg_img, steps=settings.steps,
+              input_images=tuple((8 * latent.shape[-2], 8 * latent.shape[-1]) for latent in images))
+    return sampling_bytes(config, dtype, job)
 
 
 def _size_input(label: str) -> tuple:
