@@ -79,6 +79,17 @@ WEIGHTS_FORMAT_KEY = "nextstep_weights"
 STORED_FORMATS = ("bf16", "fp8", "int4")
 
 
+def model_config_path(folder: Path) -> Path:
+    """`folder/config.json`, or an error saying what a model folder holds."""
+    if not folder.is_dir():
+        raise NextStepError(f"model folder {folder} does not exist")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise NextStepError(f"{folder} has no config.json; point at a NextStep model folder "
+                            f"(config.json, model*.safetensors, tokenizer files)")
+    return config_path
+
+
 def stored_weights_format(config_raw: dict[str, Any], config_path: Path) -> str:
     """How the folder stores the decoder's linear weights: `fp8`/`int4` for repacked folders, else `bf16`
     (a plain checkpoint of any float dtype)."""
@@ -150,12 +161,7 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device | st
     placed on `device`; the rest stay in host memory and are streamed in as they run (see offload.py).
     A folder repacked by `convert` loads in the format it stores."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise NextStepError(f"model folder {folder} does not exist")
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise NextStepError(f"{folder} has no config.json; point at a NextStep model folder "
-                            f"(config.json, model*.safetensors, tokenizer files)")
+    config_path = model_config_path(folder)
     raw_config = read_json(config_path)
     config = ModelConfig.from_dict(raw_config, str(config_path))
     stored = stored_weights_format(raw_config, config_path)

@@ -12,7 +12,7 @@ import torch
 from .config import read_json
 from .errors import NextStepError
 from .int4 import int4_supported
-from .loading import stored_weights_format
+from .loading import model_config_path, stored_weights_format
 from .memory_plan import GB, Job, MemoryPlan, ModelFootprint, WeightMode, plan_memory
 
 MEMORY_CHOICES = ("auto", "full", "fp8", "int4")
@@ -56,7 +56,8 @@ def resolve_weight_mode(folder: str | Path, memory: str, device: torch.device, d
             raise NextStepError(f"fp8 is on but memory is {memory!r}; turn fp8 off or set memory to fp8")
         memory = "fp8"
     folder = Path(folder)
-    stored = stored_weights_format(read_json(folder / "config.json"), folder / "config.json")
+    config_path = model_config_path(folder)
+    stored = stored_weights_format(read_json(config_path), config_path)
     if memory == "auto" and (gpu_layers is not None or device.type != "cuda" or gpu_free is None):
         memory = "full" if stored == "bf16" else stored
     if memory != "auto":
