@@ -114,7 +114,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto")
-    parser.add_argument("--fp8", action="store_true", help="decoder linear weights stored as float8 e4m3fn")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--fp8", action="store_true", help="decoder linear weights stored as float8 e4m3fn")
+    weights.add_argument("--int4", action="store_true", help="decoder linear weights stored as grouped 4-bit")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--keep-fraction", type=float,
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    pipe = NextStepPipeline(random_model(args.preset, dtype, device, fp8=args.fp8), load_tokenizer(TOKENIZER),
+    pipe = NextStepPipeline(random_model(args.preset, dtype, device, fp8=args.fp8, int4=args.int4), load_tokenizer(TOKENIZER),
                             LatentNormalization(), random_vae(args.preset, dtype, device))
     settings = GenerationSettings(width=args.width, height=args.height, batch=args.batch, steps=args.steps,
                                   cfg=args.cfg, sampler=args.sampler)

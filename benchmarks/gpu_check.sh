@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check: first the CUDA tests (goldens through the CUDA graph, fp8, layer streaming),
 # then the `full` preset (NextStep-14B dimensions, random weights) at 512x512, 28 steps, cfg 7.5,
-# sampler sde, in bf16 and with fp8 decoder weights; one JSON line each.
+# sampler sde, in bf16, with fp8 and with int4 decoder weights; one JSON line each.
 # Needs a CUDA GPU with about 40 GB free; finishes in a few minutes (each run is capped at 200 s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,3 +13,4 @@ timeout 120 python3 -m pytest -q tests/test_cuda.py || echo "CUDA TESTS FAILED (
 common=(--preset full --height 512 --width 512 --steps 28 --cfg 7.5 --sampler sde --device cuda --dtype bfloat16 --repeat 1)
 timeout 200 python3 benchmarks/bench_generate.py "${common[@]}"
 timeout 200 python3 benchmarks/bench_generate.py "${common[@]}" --fp8
+timeout 200 python3 benchmarks/bench_generate.py "${common[@]}" --int4

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from nextstep_runtime.backbone import RMSNorm
 from nextstep_runtime.config import ModelConfig, VAEConfig
-from nextstep_runtime.fp8 import quantize_per_channel, use_fp8_linears
+from nextstep_runtime.checkpoint import expected_shapes, load_weights
+from nextstep_runtime.loading import weight_converter
 from nextstep_runtime.model import NextStepModel
 from nextstep_runtime.vae import NextStepVAE
 
@@ -34,23 +36,25 @@ VAE_PRESETS: dict[str, VAEConfig] = {
 
 
 @torch.no_grad()
-def random_model(preset: str, dtype: torch.dtype, device: torch.device, fp8: bool = False,
+def random_model(preset: str, dtype: torch.dtype, device: torch.device, fp8: bool = False, int4: bool = False,
                  seed: int = 0) -> NextStepModel:
-    """Weights ~ N(0, 0.02), norms at 1: activations of realistic scale at any size. With `fp8` the
-    decoder's linear weights are quantised as the loader would quantise a checkpoint."""
+    """Weights ~ N(0, 0.02), norms at 1: activations of realistic scale at any size. Filled through the
+    loader's own per-tensor conversion, so fp8 and int4 weights are quantised as a checkpoint's would be."""
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = NextStepModel(PRESETS[preset])
-    fp8_modules = {f"layers.{name}" for name in use_fp8_linears(model.layers)} if fp8 else set()
-    model.to_empty(device=device)
-    for name, module in model.named_modules():
-        for attr, param in list(module.named_parameters(recurse=False)):
-            if isinstance(module, (nn.LayerNorm, RMSNorm)):
-                param.data = torch.ones(param.shape, dtype=dtype, device=device)
-            elif name in fp8_modules and attr == "weight":
-                param.data, module.weight_scale = quantize_per_channel(torch.randn(param.shape, device=device) * 0.02)
+    plain_shapes = expected_shapes(model)
+    norms = {f"{name}.{attr}" for name, module in model.named_modules() if isinstance(module, (nn.LayerNorm, RMSNorm))
+             for attr, _ in module.named_parameters(recurse=False)}
+    convert = weight_converter(model, dtype, device, fp8, int4, "bf16", None)
+
+    def tensors():
+        for name, shape in plain_shapes.items():
+            if name in norms:
+                yield Path(preset), name, lambda shape=shape: torch.ones(shape, device=device)
             else:
-                param.data = (torch.randn(param.shape, device=device) * 0.02).to(dtype)
+                yield Path(preset), name, lambda shape=shape: torch.randn(shape, device=device) * 0.02
+    load_weights(model, tensors(), dtype, device, f"preset {preset}", convert=convert)
     return model.eval().requires_grad_(False)
 
 

@@ -11,13 +11,16 @@ from typing import Any, NoReturn, Sequence
 import torch
 from safetensors.torch import save_file
 
-from . import cli_download, cli_plan
+from . import cli_convert, cli_download, cli_plan
 from .cli_help import HelpFormatter
 from .errors import NextStepError
 from .images import save_png, to_uint8
 from .init_image import InitImage, load_cropped_rgb, load_init_image, load_mask
+from .memory_mode import MEMORY_CHOICES, resolve_weight_mode
+from .memory_plan import Job, device_memory
 from .output_paths import check_output_paths
-from .pipeline import DTYPES, PRESET_SETTINGS, GenerationSettings, NextStepPipeline, images_to_unit
+from .pipeline import (DTYPES, PRESET_SETTINGS, GenerationSettings, NextStepPipeline, images_to_unit, resolve_device,
+                       resolve_dtype)
 from .presets import DEFAULT_PRESET, PRESETS
 from .prompt import PROFILES
 from .sampling import CFG_SCHEDULES, SAMPLERS
@@ -84,14 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=defaults.seed, help="noise seed (drawn on the CPU: same image on any device)")
     gen.add_argument("--device", default="auto", help="cpu, cuda or auto")
     gen.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="compute dtype (auto: bf16 on CUDA)")
-    gen.add_argument("--fp8", action="store_true",
-                     help="store the decoder's linear weights as float8 (NextStep-14B in about 15 GB)")
+    gen.add_argument("--memory", choices=MEMORY_CHOICES, default="auto",
+                     help="decoder weights: full (the dtype), fp8 (NextStep-14B in about 15 GB), int4 (about 9 GB), "
+                          "or auto: the fastest that fits this GPU (full on the CPU)")
+    gen.add_argument("--fp8", action="store_true", help="same as --memory fp8")
     gen.add_argument("--gpu-layers", type=int, metavar="N",
-                     help="keep only N decoder layers on the GPU and stream the rest from RAM (default: all)")
+                     help="keep only N decoder layers on the GPU and stream the rest from RAM (default: all, or "
+                          "as --memory auto decides)")
     gen.add_argument("--out", required=True, help="output PNG; a batch writes OUT_0.png, OUT_1.png, ...")
     gen.add_argument("--save-tensors", help="also write tokens, latents and images to this .safetensors file")
     cli_plan.add_parser(commands)
     cli_download.add_parser(commands)
+    cli_convert.add_parser(commands)
     return parser
 
 
@@ -129,6 +136,20 @@ def settings_from_args(args: argparse.Namespace) -> tuple[GenerationSettings, st
     return settings, preset.negative if args.negative is None else args.negative
 
 
+def _weight_mode(args: argparse.Namespace, settings: GenerationSettings, edit_images: list[torch.Tensor]) -> dict:
+    """from_pretrained's weight arguments from --memory/--fp8/--gpu-layers; `auto` plans for this job."""
+    device = resolve_device(args.device)
+    measured = device_memory(device) if device.type == "cuda" else None
+    job = Job(width=settings.width, height=settings.height, batch=settings.batch, cfg=settings.cfg,
+              cfg_img=settings.cfg_img, steps=settings.steps,
+              input_images=tuple(tuple(image.shape[-2:]) for image in edit_images))
+    mode, choice = resolve_weight_mode(args.model, args.memory, device, resolve_dtype(args.dtype, device), args.fp8,
+                                       args.gpu_layers, None if measured is None else measured[0], job)
+    if choice:
+        sys.stderr.write(choice + "\n")
+    return {"fp8": mode.fp8, "int4": mode.int4, "resident_layers": mode.gpu_layers}
+
+
 def run_generate(args: argparse.Namespace) -> None:
     if args.mask and not args.init_image:
         raise NextStepError("--mask needs --init-image (the image whose unmasked tokens are kept)")
@@ -142,7 +163,7 @@ def run_generate(args: argparse.Namespace) -> None:
     edit_images = [load_cropped_rgb(args.image, edit_size)] if args.image else []
     mask = load_mask(args.mask, init) if args.mask else None
     pipe = NextStepPipeline.from_pretrained(args.model, vae=args.vae, device=args.device, dtype=args.dtype,
-                                            fp8=args.fp8, resident_layers=args.gpu_layers)
+                                            **_weight_mode(args, settings, edit_images))
     result = pipe.generate(args.prompt, settings, negative=negative, positive=args.positive,
                            edit_images=edit_images, callback=ProgressBar(), mask=mask,
                            init_image=init.pixels if init else None, init_latents=init.latents if init else None)
@@ -156,7 +177,7 @@ def run_generate(args: argparse.Namespace) -> None:
         sys.stderr.write(f"saved {args.save_tensors}\n")
 
 
-RUNNERS = {"generate": run_generate, "plan": cli_plan.run, "download": cli_download.run}
+RUNNERS = {"generate": run_generate, "plan": cli_plan.run, "download": cli_download.run, "convert": cli_convert.run}
 """Subcommand name -> the function that runs it."""
 
 

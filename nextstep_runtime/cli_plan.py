@@ -31,7 +31,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                                description="Reads config.json and the weights' headers only (no weights).")
     plan.add_argument("model", help="NextStep model folder")
     plan.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="compute dtype")
-    plan.add_argument("--fp8", action="store_true", help="float8 decoder linear weights (generate --fp8)")
+    weights = plan.add_mutually_exclusive_group()
+    weights.add_argument("--fp8", action="store_true", help="float8 decoder linear weights (generate --memory fp8)")
+    weights.add_argument("--int4", action="store_true", help="4-bit decoder linear weights (generate --memory int4)")
     plan.add_argument("--gpu-layers", type=int, metavar="N", default=None,
                       help="decoder layers kept on the GPU, the rest streamed (generate --gpu-layers; default: all)")
     plan.add_argument("--width", type=int, default=_DEFAULT_JOB.width, help="pixels")
@@ -63,7 +65,7 @@ def _gpu(args: argparse.Namespace) -> tuple[int | None, int | None]:
 
 def make_plan(args: argparse.Namespace) -> MemoryPlan:
     footprint = ModelFootprint.from_folder(args.model)
-    mode = WeightMode(dtype=DTYPES[args.dtype], fp8=args.fp8, gpu_layers=args.gpu_layers)
+    mode = WeightMode(dtype=DTYPES[args.dtype], fp8=args.fp8, gpu_layers=args.gpu_layers, int4=args.int4)
     job = Job(width=args.width, height=args.height, batch=args.batch, cfg=args.cfg, cfg_img=args.cfg_img,
               input_images=tuple(args.input_size), prompt_tokens=args.prompt_tokens, steps=args.steps)
     total, free = _gpu(args)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linears import replace_linears
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
 SCALED_MM_ALIGN = 16
@@ -69,15 +71,6 @@ class FP8Linear(nn.Module):
 
 
 def use_fp8_linears(decoder_layers: nn.Module) -> set[str]:
-    """Swap every nn.Linear under `decoder_layers` (built on the meta device) for FP8Linear.
-
-    Returns the qualified names (relative to `decoder_layers`) of the swapped modules."""
-    swapped = set()
-    for name, module in list(decoder_layers.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                with torch.device(child.weight.device):  # meta stays meta: no host memory for placeholders
-                    replacement = FP8Linear(child.in_features, child.out_features, child.bias is not None)
-                setattr(module, child_name, replacement)
-                swapped.add(f"{name}.{child_name}" if name else child_name)
-    return swapped
+    """Swap every nn.Linear under `decoder_layers` (built on the meta device) for FP8Linear; returns their names."""
+    return replace_linears(decoder_layers, lambda linear: FP8Linear(linear.in_features, linear.out_features,
+                                                                   linear.bias is not None))

@@ -15,6 +15,7 @@ from .config import RELEASED_VAE_CONFIG, ModelConfig, VAEConfig, read_json
 from .errors import NextStepError
 from .fp8 import quantize_per_channel, use_fp8_linears
 from .hub import resolve_model_source
+from .int4 import check_int4_device, pack_for_device, quantize_grouped, use_int4_linears
 from .model import NextStepModel
 from .offload import stream_layers
 from .positions import OFFICIAL_POSITION_GRID, sincos_position_table
@@ -91,11 +92,55 @@ def _position_table(files: list[Path], config: ModelConfig, source: str) -> torc
     return sincos_position_table(config.hidden_size, config.base_image_grid_size or OFFICIAL_POSITION_GRID)
 
 
-def _converter(model: NextStepModel, dtype: torch.dtype, device: torch.device, fp8: bool,
-               resident_layers: int | None) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Per tensor: its device (streamed decoder layers stay on the CPU) and storage (fp8 for the
-    decoder's linear weights when asked; the compute dtype otherwise)."""
-    fp8_modules = {f"layers.{name}" for name in use_fp8_linears(model.layers)} if fp8 else set()
+WEIGHTS_FORMAT_KEY = "nextstep_weights"
+"""config.json key a repacked folder records its decoder weight storage under (see repack.py)."""
+STORED_FORMATS = ("bf16", "fp8", "int4")
+
+
+def model_config_path(folder: Path) -> Path:
+    """`folder/config.json`, or an error saying what a model folder holds."""
+    if not folder.is_dir():
+        raise NextStepError(f"model folder {folder} does not exist")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise NextStepError(f"{folder} has no config.json; point at a NextStep model folder "
+                            f"(config.json, model*.safetensors, tokenizer files)")
+    return config_path
+
+
+def stored_weights_format(config_raw: dict[str, Any], config_path: Path) -> str:
+    """How the folder stores the decoder's linear weights: `fp8`/`int4` for repacked folders, else `bf16`
+    (a plain checkpoint of any float dtype)."""
+    stored = config_raw.get(WEIGHTS_FORMAT_KEY, "bf16")
+    if stored not in STORED_FORMATS:
+        raise NextStepError(f"{config_path}: {WEIGHTS_FORMAT_KEY}={stored!r} is not one of {', '.join(STORED_FORMATS)}; "
+                            f"convert the model again with this version")
+    return stored
+
+
+def _check_mode_matches_storage(stored: str, fp8: bool, int4: bool, folder: Path) -> None:
+    """A repacked folder loads in its own format: its original weights are gone, and dequantising 4-bit or
+    fp8 values to bf16 would take the memory of bf16 with the accuracy of the quantised form."""
+    if fp8 and int4:
+        raise NextStepError("choose fp8 or int4 weights, not both")
+    asked = "fp8" if fp8 else "int4" if int4 else "bf16"
+    if stored != "bf16" and asked != stored:
+        raise NextStepError(f"{folder} holds {stored} weights (repacked); load it with {stored} weights, or "
+                            f"convert the original model to {asked} instead")
+
+
+def weight_converter(model: NextStepModel, dtype: torch.dtype, device: torch.device, fp8: bool, int4: bool,
+               stored: str, resident_layers: int | None) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per tensor: its device (streamed decoder layers stay on the CPU) and storage (fp8 or packed 4-bit
+    for the decoder's linear weights when asked, quantised here unless the folder holds them already;
+    the compute dtype otherwise)."""
+    if fp8:
+        quantized = {f"layers.{name}" for name in use_fp8_linears(model.layers)}
+    elif int4:
+        check_int4_device(device, dtype)
+        quantized = {f"layers.{name}" for name in use_int4_linears(model.layers, stored=stored == "int4")}
+    else:
+        quantized = set()
     cpu = torch.device("cpu")
 
     def placement(name: str) -> torch.device:
@@ -105,27 +150,41 @@ def _converter(model: NextStepModel, dtype: torch.dtype, device: torch.device, f
 
     def convert(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         owner, _, attr = name.rpartition(".")
-        if owner in fp8_modules and attr == "weight":
-            weight, scale = quantize_per_channel(tensor.to(placement(name)))
+        target = placement(name)
+        if owner not in quantized or attr == "bias":
+            return {name: tensor.to(device=target, dtype=dtype)}
+        if fp8 and attr == "weight":
+            if stored == "fp8":
+                return {name: tensor.to(target)}
+            weight, scale = quantize_per_channel(tensor.to(target))
             return {name: weight, f"{owner}.weight_scale": scale}
-        return {name: tensor.to(device=placement(name), dtype=dtype)}
+        if int4 and attr == "weight":  # packed on the run device, then moved where the layer waits
+            nibbles, scales_and_zeros = (tensor, None) if stored == "int4" else quantize_grouped(tensor.to(device))
+            values = {name: pack_for_device(nibbles, device).to(target)}
+            if scales_and_zeros is not None:
+                values[f"{owner}.scales_and_zeros"] = scales_and_zeros.to(device=target, dtype=dtype)
+            return values
+        if attr == "scales_and_zeros":
+            return {name: tensor.to(device=target, dtype=dtype)}
+        return {name: tensor.to(device=target, dtype=torch.float32)}  # fp8 weight_scale
     return convert
 
 
 def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device | str, fp8: bool = False,
-               resident_layers: int | None = None) -> NextStepModel:
+               resident_layers: int | None = None, int4: bool = False) -> NextStepModel:
     """Build the network from `folder/config.json` and fill it from the safetensors weights (`folder` may
     also be a Hugging Face repo id in the local cache, see hub.py).
 
-    `dtype` is the compute dtype; with `fp8` the decoder's linear weights are stored as float8. With
-    `resident_layers` N, only the first N decoder layers are placed on `device`; the rest stay in host
-    memory and are streamed in as they run (see offload.py)."""
+    `dtype` is the compute dtype; with `fp8` the decoder's linear weights are stored as float8, with
+    `int4` as grouped 4-bit (int4.py). With `resident_layers` N, only the first N decoder layers are
+    placed on `device`; the rest stay in host memory and are streamed in as they run (see offload.py).
+    A folder repacked by `convert` loads in the format it stores."""
     folder = resolve_model_source(folder)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise NextStepError(f"{folder} has no config.json; point at a NextStep model folder "
-                            f"(config.json, model*.safetensors, tokenizer files)")
-    config = ModelConfig.from_dict(read_json(config_path), str(config_path))
+    config_path = model_config_path(folder)
+    raw_config = read_json(config_path)
+    config = ModelConfig.from_dict(raw_config, str(config_path))
+    stored = stored_weights_format(raw_config, config_path)
+    _check_mode_matches_storage(stored, fp8, int4, folder)
     files = weight_files(folder)
     found_layers, found_depth = _count_blocks(files)
     if found_layers != config.num_hidden_layers:
@@ -140,7 +199,7 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device | st
     if resident_layers is not None and not 0 <= resident_layers <= config.num_hidden_layers:
         raise NextStepError(f"layers kept on the GPU must be between 0 and {config.num_hidden_layers} "
                             f"(got {resident_layers})")
-    convert = _converter(model, dtype, device, fp8, resident_layers)
+    convert = weight_converter(model, dtype, device, fp8, int4, stored, resident_layers)
     load_weights(model, iter_safetensors(files), dtype, device, str(config_path), _model_shape_hint(config), convert)
     if config.use_gen_pos_embed:
         model.gen_pos_embed = _position_table(files, config, str(config_path)).to(device, dtype)

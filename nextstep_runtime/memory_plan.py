@@ -26,6 +26,7 @@ from .config import ModelConfig, VAEConfig, read_json
 from .errors import NextStepError
 from .fp8 import FP8_DTYPE, use_fp8_linears
 from .hub import resolve_model_source
+from .int4 import group_size_for
 from .loading import VAE_CONFIG_METADATA_KEY, resolve_vae_path, weight_files
 from .model import NextStepModel
 from .presets import DEFAULT_PRESET, PRESETS
@@ -55,9 +56,10 @@ class WeightMode:
     fp8: bool = False
     gpu_layers: int | None = None
     """Decoder layers resident on the run device; the others are streamed from host RAM. None = all."""
+    int4: bool = False
 
     def describe(self) -> str:
-        parts = [str(self.dtype).removeprefix("torch.")] + (["fp8"] if self.fp8 else [])
+        parts = [str(self.dtype).removeprefix("torch.")] + (["fp8"] if self.fp8 else []) + (["int4"] if self.int4 else [])
         if self.gpu_layers is not None:
             parts.append(f"gpu_layers {self.gpu_layers}")
         return ", ".join(parts)
@@ -114,6 +116,7 @@ class ModelFootprint:
                     name = canonical_key(key)
                     if name not in IGNORED_KEYS:
                         shapes[name] = tuple(handle.get_slice(key).get_shape())
+        _unpack_repacked_shapes(shapes)
         expected = cls.from_config(config, vae_parameters=0).tensor_shapes
         shapes = {name: shape for name, shape in shapes.items() if name in expected}  # the loader skips the rest
         if shapes != expected:
@@ -134,6 +137,18 @@ class ModelFootprint:
         if vae_parameters is None:
             vae_parameters = _meta_vae_parameters(vae_config)
         return cls(config, shapes, vae_parameters, vae_config)
+
+
+def _unpack_repacked_shapes(shapes: dict[str, tuple[int, ...]]) -> None:
+    """A repacked folder (repack.py) stores quantised weights with side tensors (fp8 `weight_scale`, int4
+    `scales_and_zeros`) and int4 nibbles at half width: plan them as the [N, K] weights they stand for, so a
+    mode's bytes are computed one way whatever the folder holds."""
+    for name in [name for name in shapes if name.endswith((".weight_scale", ".scales_and_zeros"))]:
+        owner = name.rpartition(".")[0]
+        if name.endswith(".scales_and_zeros"):
+            rows, half_width = shapes[f"{owner}.weight"]
+            shapes[f"{owner}.weight"] = (rows, 2 * half_width)
+        del shapes[name]
 
 
 def _meta_vae_parameters(config: VAEConfig) -> int:
@@ -205,9 +220,9 @@ class WeightBytes:
     host: int
 
 
-def _fp8_linear_names(config: ModelConfig) -> set[str]:
-    """Names (inside one decoder layer) of the linears the loader stores as fp8: the loader's own swap, run
-    on a meta-device layer."""
+def _quantized_linear_names(config: ModelConfig) -> set[str]:
+    """Names (inside one decoder layer) of the linears the loader stores as fp8 or int4: the loader's own
+    swap, run on a meta-device layer."""
     with torch.device("meta"):
         layer = nn.ModuleList([DecoderLayer(config, 0)])
     return {name.removeprefix("0.") for name in use_fp8_linears(layer)}
@@ -219,12 +234,12 @@ _LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)")
 def weight_bytes(footprint: ModelFootprint, mode: WeightMode) -> WeightBytes:
     """Bytes of the model's weights on the run device and in host RAM, as `load_model` stores them: the
     compute dtype everywhere, except fp8 decoder linear weights (1 byte each plus a float32 scale per output
-    channel); streamed layers in host RAM, and two device slots (one with a single streamed layer) they are
+    channel) and int4 ones (half a byte each plus a scale and zero per group, in the compute dtype); streamed layers in host RAM, and two device slots (one with a single streamed layer) they are
     copied into."""
     layers = footprint.config.num_hidden_layers
     if mode.gpu_layers is not None and not 0 <= mode.gpu_layers <= layers:
         raise NextStepError(f"gpu_layers must be between 0 and {layers} (got {mode.gpu_layers})")
-    fp8_owners = _fp8_linear_names(footprint.config) if mode.fp8 else set()
+    quantized_owners = _quantized_linear_names(footprint.config) if mode.fp8 or mode.int4 else set()
     itemsize = mode.dtype.itemsize
     per_layer = [0] * layers
     rest = 0
@@ -232,8 +247,10 @@ def weight_bytes(footprint: ModelFootprint, mode: WeightMode) -> WeightBytes:
         count = math.prod(shape)
         match = _LAYER_KEY.fullmatch(name)
         owner, _, attr = (match.group(2) if match else name).rpartition(".")
-        if match and owner in fp8_owners and attr == "weight":
+        if match and owner in quantized_owners and attr == "weight" and mode.fp8:
             size = count * FP8_DTYPE.itemsize + shape[0] * torch.float32.itemsize
+        elif match and owner in quantized_owners and attr == "weight":
+            size = count // 2 + 2 * (count // group_size_for(shape[1])) * itemsize
         else:
             size = count * itemsize
         if match:
@@ -340,8 +357,10 @@ def cheaper_modes(mode: WeightMode) -> list[tuple[WeightMode, str]]:
     """Whole-model modes to try, in order, when `mode` does not fit, each with the advice that selects it.
     Streaming (the slowest remedy) is tried after these, on top of the last one."""
     candidates = []
-    if not mode.fp8:
+    if not mode.fp8 and not mode.int4:
         candidates.append((replace(mode, fp8=True, gpu_layers=None), "turn on fp8"))
+    if not mode.int4:
+        candidates.append((replace(mode, fp8=False, int4=True, gpu_layers=None), "use int4 weights"))
     return candidates
 
 

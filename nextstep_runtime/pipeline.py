@@ -128,17 +128,18 @@ class NextStepPipeline:
     @classmethod
     def from_pretrained(cls, folder: str | Path, vae: str | Path | None = None, device: str = "auto",
                         dtype: str = "auto", fp8: bool = False,
-                        resident_layers: int | None = None) -> "NextStepPipeline":
+                        resident_layers: int | None = None, int4: bool = False) -> "NextStepPipeline":
         """Load the model folder, or a Hugging Face repo id (`org/name[@revision]`) from the local Hugging Face
         cache; the VAE from `vae` or the config's `vae_name_or_path`. The latent scale/shift come from the
         config of the VAE actually loaded.
 
-        `fp8` stores the decoder's linear weights as float8 (about half the memory of bf16);
+        `fp8` stores the decoder's linear weights as float8 (about half the memory of bf16), `int4` as
+        grouped 4-bit (about a quarter);
         `resident_layers` keeps only that many decoder layers on the device and streams the rest."""
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         folder = resolve_model_source(folder)
-        model = load_model(folder, torch_dtype, torch_device, fp8=fp8, resident_layers=resident_layers)
+        model = load_model(folder, torch_dtype, torch_device, fp8=fp8, resident_layers=resident_layers, int4=int4)
         tokenizer = load_tokenizer(folder)
         vae_path = resolve_vae_path(folder, vae)
         vae_model = load_vae(vae_path, torch_dtype, torch_device)

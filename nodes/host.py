@@ -72,6 +72,16 @@ def initial_device(parameters: int, dtype: torch.dtype) -> torch.device:
     return model_management.unet_inital_load_device(parameters, dtype) if IN_COMFYUI else load_device()
 
 
+def model_memory_budget(device: torch.device) -> int | None:
+    """Bytes a model and its runs may use on a CUDA `device` (None elsewhere): inside ComfyUI, the card less
+    ComfyUI's reserve, since it unloads other models to make room; outside, what is free now."""
+    if device.type != "cuda":
+        return None
+    if IN_COMFYUI:
+        return model_management.get_total_memory(device) - model_management.extra_reserved_memory()
+    return runtime_free_memory(device)
+
+
 def offload_device() -> torch.device:
     """Where a model waits while other models use the GPU."""
     return model_management.unet_offload_device() if IN_COMFYUI else load_device()

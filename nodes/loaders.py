@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from nextstep_runtime.attention import set_attention_backend
+from nextstep_runtime.memory_mode import MEMORY_CHOICES, resolve_weight_mode
 from nextstep_runtime.pipeline import resolve_dtype
 
 from . import catalog, host
@@ -51,23 +52,37 @@ class NextStepModelLoader:
                 "fp8": ("BOOLEAN", {"default": False,
                                     "tooltip": "Store the decoder's linear weights as float8 (e4m3fn), computing in "
                                                "the dtype above: the 14B models in about 15 GB instead of 28, for "
-                                               "24 GB cards. Images stay close to, not identical with, bfloat16."}),
+                                               "24 GB cards. Images stay close to, not identical with, bfloat16. "
+                                               "Same as memory fp8."}),
                 "gpu_layers": ("INT", {"default": ALL_LAYERS, "min": ALL_LAYERS, "max": 1024,
                                        "tooltip": "-1: every decoder layer on the GPU (fastest). N >= 0: keep only N "
                                                   "of the 48 layers on the GPU and stream the others from RAM for "
                                                   "every token (slow, for cards that cannot hold the model even "
                                                   "in fp8)."}),
+                "memory": (list(MEMORY_CHOICES), {"default": "auto",
+                                                  "tooltip": "Decoder weights. auto: the fastest that fits this GPU "
+                                                             "(full, then fp8, then int4, then streaming layers; "
+                                                             "planned for 512x512). full: the dtype above. fp8: "
+                                                             "about 15 GB for the 14B models. int4: 4-bit, about "
+                                                             "9 GB, for 12-16 GB cards (needs an Ampere or newer "
+                                                             "GPU). A repacked folder loads in its own format."}),
             },
         }
 
     def load(self, model_name: str, dtype: str, attention: str, fp8: bool = False,
-             gpu_layers: int = ALL_LAYERS) -> tuple[NextStepModelHandle]:
+             gpu_layers: int = ALL_LAYERS, memory: str = "auto") -> tuple[NextStepModelHandle]:
         folder = catalog.model_folder(model_name)
         if set_attention_backend(attention) != attention and attention == "flash_attn":
             log.warning("NextStep: flash-attn is not installed; using PyTorch SDPA attention instead "
                         "(`pip install flash-attn` in ComfyUI's environment to use it).")
-        resident = None if gpu_layers == ALL_LAYERS else gpu_layers
-        loaded = load_nextstep_model(folder, resolve_dtype(dtype, host.load_device()), fp8, resident)
+        device = host.load_device()
+        torch_dtype = resolve_dtype(dtype, device)
+        mode, choice = resolve_weight_mode(folder, memory, device, torch_dtype, fp8,
+                                           None if gpu_layers == ALL_LAYERS else gpu_layers,
+                                           host.model_memory_budget(device))
+        if choice:
+            log.info("NextStep: %s", choice)
+        loaded = load_nextstep_model(folder, torch_dtype, mode.fp8, mode.gpu_layers, mode.int4)
         return (NextStepModelHandle(loaded, attention),)
 
 

@@ -84,17 +84,17 @@ def _parameter_count(folder: Path) -> int:
 
 
 def load_nextstep_model(folder: Path, dtype: torch.dtype, fp8: bool = False,
-                        resident_layers: int | None = None) -> LoadedModel:
-    """The model in `folder` at `dtype` (decoder linears in fp8 if asked; only `resident_layers` decoder
-    layers on the GPU if given), reusing a copy that is still loaded."""
-    key = (str(folder.resolve()), dtype, fp8, resident_layers)
+                        resident_layers: int | None = None, int4: bool = False) -> LoadedModel:
+    """The model in `folder` at `dtype` (decoder linears in fp8 or int4 if asked; only `resident_layers`
+    decoder layers on the GPU if given), reusing a copy that is still loaded."""
+    key = (str(folder.resolve()), dtype, fp8, resident_layers, int4)
     loaded = _models.get(key)
     if loaded is None:
-        if resident_layers is None:
+        if resident_layers is None and not int4:
             device = host.initial_device(_parameter_count(folder), torch.float8_e4m3fn if fp8 else dtype)
-        else:  # streaming is set up for the run device at load time
+        else:  # streaming is set up, and int4 weights are packed, for the run device at load time
             device = host.load_device()
-        model = load_model(folder, dtype, device, fp8=fp8, resident_layers=resident_layers)
+        model = load_model(folder, dtype, device, fp8=fp8, resident_layers=resident_layers, int4=int4)
         pipeline = NextStepPipeline(model, load_tokenizer(folder), latent_normalization(folder),
                                     free_memory=host.free_memory)
         registration = host.register_model(model, device, host.load_device(), host.offload_device())

@@ -38,7 +38,7 @@ RUN_TIMEOUT_S = 600
 CASES = {case.name: case for case in golden_cases()}
 API_WORKFLOWS = ROOT / "example_workflows" / "api"
 TYPES = {  # node -> (required inputs, optional inputs, output types); combos listed as None
-    "NextStepModelLoader": ({"model_name": None, "dtype": None, "attention": None}, {"fp8": "BOOLEAN", "gpu_layers": "INT"},
+    "NextStepModelLoader": ({"model_name": None, "dtype": None, "attention": None}, {"fp8": "BOOLEAN", "gpu_layers": "INT", "memory": None},
                             ["NEXTSTEP_MODEL"]),
     "NextStepVAELoader": ({"vae_name": None}, {}, ["NEXTSTEP_VAE"]),
     "NextStepTextEncode": ({"model": "NEXTSTEP_MODEL", "text": "STRING"}, {"image": "LATENT"},

@@ -56,29 +56,32 @@ def test_single_file_vae_is_counted_from_its_header(model_copy) -> None:
     assert footprint.vae_config == vae.config
 
 
-@pytest.mark.parametrize("dtype,fp8", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True),
-                                       (torch.bfloat16, True)])
-def test_resident_weights_equal_the_loaded_model(dtype: torch.dtype, fp8: bool) -> None:
-    model = load_model(TINY_MODEL, dtype, "cpu", fp8=fp8)
-    plan = plan_memory(ModelFootprint.from_folder(TINY_MODEL), WeightMode(dtype, fp8), Job())
+@pytest.mark.parametrize("dtype,fp8,int4", [(torch.float32, False, False), (torch.bfloat16, False, False),
+                                            (torch.float32, True, False), (torch.bfloat16, True, False),
+                                            (torch.float32, False, True), (torch.bfloat16, False, True)])
+def test_resident_weights_equal_the_loaded_model(dtype: torch.dtype, fp8: bool, int4: bool) -> None:
+    model = load_model(TINY_MODEL, dtype, "cpu", fp8=fp8, int4=int4)
+    plan = plan_memory(ModelFootprint.from_folder(TINY_MODEL), WeightMode(dtype, fp8, int4=int4), Job())
     assert plan.weights_gpu_bytes == tensor_bytes(model.state_dict().values())
     assert plan.weights_host_bytes == 0
     vae = load_vae(resolve_vae_path(TINY_MODEL), dtype, "cpu")
     assert plan.vae_bytes == tensor_bytes(vae.state_dict().values())
 
 
-@pytest.mark.parametrize("fp8,resident", [(False, 0), (False, 1), (True, 1), (False, 2), (True, 3)])
-def test_streamed_weights_equal_the_loaded_model(model_copy, fp8: bool, resident: int) -> None:
+@pytest.mark.parametrize("weights,resident", [("bf16", 0), ("bf16", 1), ("fp8", 1), ("bf16", 2), ("fp8", 3),
+                                              ("int4", 2)])
+def test_streamed_weights_equal_the_loaded_model(model_copy, weights: str, resident: int) -> None:
     """Device side: every registered tensor plus the streamer's slots; host side: the streamed layers."""
     deepen(model_copy, 5)
-    model = load_model(model_copy, torch.bfloat16, "cpu", fp8=fp8, resident_layers=resident)
+    fp8, int4 = weights == "fp8", weights == "int4"
+    model = load_model(model_copy, torch.bfloat16, "cpu", fp8=fp8, int4=int4, resident_layers=resident)
     streamers = {id(layer._streamer[0]): layer._streamer[0] for layer in model.layers
                  if isinstance(layer, StreamedLayer)}
     assert len(streamers) == 1
     streamer = next(iter(streamers.values()))
     slots = tensor_bytes(t for slot in streamer.slots for t in slot.state_dict().values())
     host = tensor_bytes(t for layer in streamer.host_layers for t in layer.state_dict().values())
-    bytes_ = weight_bytes(ModelFootprint.from_folder(model_copy), WeightMode(torch.bfloat16, fp8, resident))
+    bytes_ = weight_bytes(ModelFootprint.from_folder(model_copy), WeightMode(torch.bfloat16, fp8, resident, int4))
     assert bytes_.gpu == tensor_bytes(model.state_dict().values()) + slots
     assert bytes_.host == host > 0
 
@@ -151,11 +154,16 @@ def test_advice_is_the_cheapest_mode_that_fits() -> None:
     assert tight.advice == f"needs {tight.peak_gpu_bytes / GB:.1f} GB, 23.6 GB free: turn on fp8"
     assert tight.suggested_mode == WeightMode(torch.bfloat16, fp8=True)
 
-    small = plan_memory(footprint, bf16, Job(), gpu_total=12 * GB)
+    card_16gb = plan_memory(footprint, bf16, Job(), gpu_total=16 * GB, gpu_free=15.5 * GB)
+    assert card_16gb.advice.endswith(": use int4 weights")
+    assert card_16gb.suggested_mode == WeightMode(torch.bfloat16, int4=True)
+
+    small = plan_memory(footprint, bf16, Job(), gpu_total=8 * GB)
     layers = small.suggested_mode.gpu_layers
-    assert small.suggested_mode.fp8 and 0 < layers < 48 and f"gpu_layers {layers}" in small.advice
-    assert plan_memory(footprint, small.suggested_mode, Job(), gpu_total=12 * GB).fits
-    assert not plan_memory(footprint, WeightMode(torch.bfloat16, True, layers + 1), Job(), gpu_total=12 * GB).fits
+    assert small.suggested_mode.int4 and 0 < layers < 48 and f"gpu_layers {layers}" in small.advice
+    assert plan_memory(footprint, small.suggested_mode, Job(), gpu_total=8 * GB).fits
+    assert not plan_memory(footprint, WeightMode(torch.bfloat16, False, layers + 1, True), Job(),
+                           gpu_total=8 * GB).fits
 
     hopeless = plan_memory(footprint, bf16, Job(), gpu_total=GB)
     assert hopeless.suggested_mode is None and "does not fit even with every decoder layer streamed" in hopeless.advice

@@ -30,7 +30,7 @@ progress = importlib.import_module(f"{PACK.__name__}.nodes.progress")
 MODEL_VAE = f"{MODEL_NAME}/vae"
 CASES = {case.name: case for case in golden_cases()}
 API_CONTRACT = {
-    "NextStepModelLoader": ["model_name", "dtype", "attention", "fp8", "gpu_layers"],
+    "NextStepModelLoader": ["model_name", "dtype", "attention", "fp8", "gpu_layers", "memory"],
     "NextStepVAELoader": ["vae_name"],
     "NextStepTextEncode": ["model", "text", "image"],
     "NextStepSampler": ["model", "positive", "width", "height", "batch_size", "seed", "steps", "cfg", "cfg_img",
@@ -329,6 +329,43 @@ def test_loader_fp8_and_streamed_layers_stay_close_to_bfloat16():
     assert (fp8 - bf16).abs().max() > 0  # really a different weight format
     assert (fp8 - bf16).abs().mean() < 0.05
     assert torch.equal(streamed, fp8)
+
+
+def test_loader_memory_setting_int4_and_the_older_fp8_switch():
+    """memory int4 packs the decoder; auto on the CPU is the plain dtype; a saved `fp8: true` still means fp8
+    (and contradicting it is an error); a repacked folder loads as it is."""
+    from nextstep_runtime.fp8 import FP8Linear
+    from nextstep_runtime.int4 import Int4Linear
+
+    def linears(handle, kind):
+        return sum(isinstance(m, kind) for m in handle.loaded.pipeline.model.layers.modules())
+
+    int4 = node("NextStepModelLoader", MODEL_NAME, "bfloat16", "sdpa", memory="int4")[0]
+    assert linears(int4, Int4Linear) == 14
+    auto = node("NextStepModelLoader", MODEL_NAME, "bfloat16", "sdpa")[0]
+    assert linears(auto, Int4Linear) == linears(auto, FP8Linear) == 0
+    legacy = node("NextStepModelLoader", MODEL_NAME, "bfloat16", "sdpa", True, -1)[0]  # old widgets_values
+    assert linears(legacy, FP8Linear) == 14
+    with pytest.raises(NextStepError, match="fp8 is on but memory is 'int4'"):
+        node("NextStepModelLoader", MODEL_NAME, "bfloat16", "sdpa", fp8=True, memory="int4")
+    case = CASES["official_t2i_cps_nocfg"].params
+    positive = node("NextStepTextEncode", int4, case["caption"])[0]
+    latents = node("NextStepSampler", int4, positive, **sampler_settings(case))[0]["samples"]
+    assert torch.isfinite(latents).all()
+
+
+def test_loader_accepts_a_repacked_folder(models_dir):
+    from nextstep_runtime.repack import convert_folder
+
+    convert_folder(FIXTURES / MODEL_NAME, models_dir / "nextstep" / "tiny-int4", "int4")
+    handle = node("NextStepModelLoader", "tiny-int4", "bfloat16", "sdpa")[0]  # memory auto: its own format
+    reference = node("NextStepModelLoader", MODEL_NAME, "bfloat16", "sdpa", memory="int4")[0]
+    case = CASES["official_t2i_cps_nocfg"].params
+    results = [node("NextStepSampler", h, node("NextStepTextEncode", h, case["caption"])[0],
+                    **sampler_settings(case))[0]["samples"] for h in (handle, reference)]
+    assert torch.equal(*results)
+    with pytest.raises(NextStepError, match="holds int4 weights"):
+        node("NextStepModelLoader", "tiny-int4", "bfloat16", "sdpa", memory="full")
 
 
 def test_loader_rejects_more_gpu_layers_than_the_model_has():

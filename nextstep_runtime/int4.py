@@ -1,0 +1,120 @@
+"""Weight-only 4-bit storage for the decoder's linear layers, computing in the activation dtype.
+
+Puts the 14B decoder at about 8 GB, so the model fits 12-16 GB cards without layer streaming. Each run
+of `group_size` input weights of an output row shares a scale and a zero point (asymmetric min/max
+quantisation): w ~= (q - 8) * scale + zero, q in 0..15. The products run in PyTorch's own int4 kernels
+(`aten._weight_int4pack_mm` on CUDA, `_weight_int4pack_mm_for_cpu` on the CPU), which read the packed
+weight directly; nothing dequantises the whole matrix. Those kernels want the weight packed in a
+device-specific tiling, so the device-neutral form (`quantize_grouped`, also what repacked folders
+store) is packed for the run device while loading, and a packed layer only runs on that device type.
+torchao wraps the same kernels; calling them directly avoids a dependency whose releases are tied to
+exact torch versions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import NextStepError
+from .linears import replace_linears
+
+LEVELS = 16
+MIDPOINT = 8
+"""The kernels dequantise as (q - 8) * scale + zero."""
+GROUP_SIZES = (128, 64, 32)
+"""Group sizes the kernels accept, largest (fewest scales) first; the first that divides the input width is used."""
+INNER_K_TILES = (8, 4, 2)
+"""CUDA packing tiles; the input width must be a multiple of 16 x tiles."""
+SCALE_DTYPE = torch.bfloat16
+"""Scales and zeros are rounded to bf16 when quantising (what the CUDA kernel reads), so the stored form
+and the form packed for any compute dtype hold the same values."""
+
+
+def group_size_for(in_features: int) -> int:
+    for size in GROUP_SIZES:
+        if in_features % size == 0:
+            return size
+    raise NextStepError(f"4-bit weights need layer input widths divisible by {GROUP_SIZES[-1]} "
+                        f"(got {in_features}); load this model in bf16 or fp8")
+
+
+def quantize_grouped(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nibbles, scales_and_zeros): the weight [N, K] as 4-bit values packed two per byte (even column in
+    the high nibble) [N, K/2] uint8, and per-group [K/group, N, 2] (scale, zero) in bf16."""
+    rows, columns = weight.shape
+    group = group_size_for(columns)
+    grouped = weight.float().reshape(rows, columns // group, group)
+    low, high = grouped.amin(dim=2), grouped.amax(dim=2)
+    scale = ((high - low) / (LEVELS - 1)).clamp(min=1e-6).to(SCALE_DTYPE).float()
+    zero = (low + scale * MIDPOINT).to(SCALE_DTYPE).float()
+    q = torch.round((grouped - (zero - scale * MIDPOINT)[..., None]) / scale[..., None]).clamp(0, LEVELS - 1)
+    q = q.to(torch.uint8).reshape(rows, columns)
+    nibbles = q[:, ::2] << 4 | q[:, 1::2]
+    scales_and_zeros = torch.stack([scale, zero], dim=2).transpose(0, 1).contiguous().to(SCALE_DTYPE)
+    return nibbles, scales_and_zeros
+
+
+def unpack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
+    """[N, K/2] uint8 -> [N, K] int32 values 0..15 (inverse of the packing in quantize_grouped)."""
+    return torch.stack([nibbles >> 4, nibbles & 0xF], dim=2).reshape(nibbles.shape[0], -1).to(torch.int32)
+
+
+def pack_for_device(nibbles: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The kernel's packed weight for `device` (layout differs between the CPU and CUDA kernels)."""
+    if device.type == "cuda":
+        columns = nibbles.shape[1] * 2
+        tiles = next(t for t in INNER_K_TILES if columns % (16 * t) == 0)
+        return torch.ops.aten._convert_weight_to_int4pack(nibbles.to(device).contiguous(), tiles)
+    if device.type == "cpu":
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(nibbles.cpu()), 1)
+    raise NextStepError(f"4-bit weights run on the CPU or CUDA GPUs, not on {device}; choose bf16 or fp8")
+
+
+def int4_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """The CPU kernel takes float32, bf16 and fp16; the CUDA one needs bf16 tensor cores (compute capability 8.0+)."""
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def check_int4_device(device: torch.device, dtype: torch.dtype) -> None:
+    """Fail at load time, not mid-run."""
+    if device.type == "cuda" and not int4_supported(device, dtype):
+        raise NextStepError(f"4-bit weights on CUDA need a GPU of compute capability 8.0+ and dtype bfloat16 "
+                            f"(got {torch.cuda.get_device_name(device)}, {dtype}); use fp8 or gpu_layers instead")
+
+
+class Int4Linear(nn.Module):
+    """A Linear whose weight is packed 4-bit for one device type, with grouped bf16 scales and zeros.
+
+    Built on the meta device, its placeholders have the shapes of the tensors the loader will read:
+    the plain [N, K] weight, or with `stored` the [N, K/2] nibbles of a repacked folder."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, stored: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size = group_size_for(in_features)
+        weight_shape = (out_features, in_features // 2) if stored else (out_features, in_features)
+        self.register_buffer("weight", torch.empty(weight_shape, dtype=torch.uint8 if stored else torch.bfloat16))
+        self.register_buffer("scales_and_zeros",
+                             torch.empty(in_features // self.group_size, out_features, 2, dtype=SCALE_DTYPE))
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed_for = "cuda" if self.weight.dim() == 4 else "cpu"  # the CUDA tiling is 4-D, the CPU one 2-D
+        if x.device.type != packed_for:
+            raise NextStepError(f"a 4-bit layer packed for {packed_for} was run on {x.device.type}; load the "
+                                f"model on the device it runs on")
+        flat = x.reshape(-1, self.in_features).contiguous()
+        mm = torch.ops.aten._weight_int4pack_mm if x.device.type == "cuda" else \
+            torch.ops.aten._weight_int4pack_mm_for_cpu
+        out = mm(flat, self.weight, self.group_size, self.scales_and_zeros)
+        out = out.reshape(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+
+def use_int4_linears(decoder_layers: nn.Module, stored: bool = False) -> set[str]:
+    """Swap every nn.Linear under `decoder_layers` (built on the meta device) for Int4Linear; returns their names."""
+    return replace_linears(decoder_layers, lambda linear: Int4Linear(linear.in_features, linear.out_features,
+                                                                    linear.bias is not None, stored))

@@ -1,0 +1,145 @@
+"""Repacking a model folder: its weights rewritten once as bf16, fp8 or 4-bit, so later loads read the smaller
+form and convert nothing (the released float32 shards are 56 GB; fp8 about 15 GB, int4 about 9 GB).
+
+Streams tensor by tensor: each source tensor is read, converted and added to the output shard being filled,
+which is written once it would pass the shard size; peak memory is about one source shard (mapped) plus one
+output shard. Quantised tensors are stored in a device-neutral form (int4.py, fp8.py) and packed for the
+run device at load time. The format is recorded in config.json (`nextstep_weights`), which the loader reads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .checkpoint import IGNORED_KEYS, canonical_key, expected_shapes, iter_safetensors
+from .config import ModelConfig, read_json
+from .errors import NextStepError
+from .fp8 import quantize_per_channel
+from .int4 import quantize_grouped
+from .loading import BUNDLED_VAE_FOLDER, WEIGHTS_FORMAT_KEY, STORED_FORMATS, stored_weights_format, weight_files
+from .model import NextStepModel
+
+MAX_SHARD_BYTES = 5 * 10**9
+"""Hugging Face's customary shard limit (5 GB)."""
+STORED_DTYPE = torch.bfloat16
+"""Everything not quantised (embeddings, norms, head, biases) is stored in the release compute dtype."""
+COPIED_SUFFIXES = (".json", ".txt", ".model")
+"""Top-level files copied besides the weights: config, tokenizer (json, vocab/merges, sentencepiece) files."""
+INDEX_NAME = "model.safetensors.index.json"
+
+log = logging.getLogger(__name__)
+
+
+def _layout(config: ModelConfig) -> tuple[set[str], dict[str, torch.Size]]:
+    """(names of the decoder's linear layers, shape of every tensor the runtime reads)."""
+    with torch.device("meta"):
+        model = NextStepModel(config)
+    return {f"layers.{name}" for name, module in model.layers.named_modules() if isinstance(module, nn.Linear)}, \
+        expected_shapes(model)
+
+
+def _stored_tensors(name: str, tensor: torch.Tensor, weights: str, linears: set[str]) -> dict[str, torch.Tensor]:
+    """The tensors a repacked folder holds for one source tensor."""
+    owner, _, attr = name.rpartition(".")
+    if owner in linears and attr == "weight" and weights == "fp8":
+        weight, scale = quantize_per_channel(tensor)
+        return {name: weight, f"{owner}.weight_scale": scale}
+    if owner in linears and attr == "weight" and weights == "int4":
+        nibbles, scales_and_zeros = quantize_grouped(tensor)
+        return {name: nibbles, f"{owner}.scales_and_zeros": scales_and_zeros}
+    return {name: tensor.to(STORED_DTYPE)}
+
+
+def _converted(files: list[Path], weights: str, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    linears, shapes = _layout(config)
+    skipped, seen = [], set()
+    for path, key, load in iter_safetensors(files):
+        name = canonical_key(key)
+        if name in IGNORED_KEYS or name not in shapes:
+            skipped.append(key)
+            continue
+        tensor = load()
+        if tensor.shape != shapes[name]:
+            raise NextStepError(f"{path}: tensor {key!r} has shape {list(tensor.shape)} but config.json implies "
+                                f"{list(shapes[name])}; config.json and the weights disagree")
+        seen.add(name)
+        yield from _stored_tensors(name, tensor, weights, linears).items()
+    missing = sorted(set(shapes) - seen)
+    if missing:
+        raise NextStepError(f"the weights in {files[0].parent} are missing tensors: {', '.join(missing[:5])}")
+    if skipped:
+        log.warning("convert: left out %d tensors the runtime never reads: %s", len(skipped), ", ".join(skipped[:5]))
+
+
+def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], destination: Path, max_shard_bytes: int) -> None:
+    """Fill shards up to `max_shard_bytes`, writing each as soon as it is full; then name them and the index."""
+    written: list[tuple[Path, list[str]]] = []
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes = total = 0
+
+    def flush() -> None:
+        path = destination / f"partial-{len(written):05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in shard.items()}, path, metadata={"format": "pt"})
+        written.append((path, list(shard)))
+        shard.clear()
+
+    for name, tensor in tensors:
+        size = tensor.numel() * tensor.element_size()
+        if shard and shard_bytes + size > max_shard_bytes:
+            flush()
+            shard_bytes = 0
+        shard[name] = tensor
+        shard_bytes += size
+        total += size
+    if shard:
+        flush()
+    if len(written) == 1:
+        written[0][0].rename(destination / "model.safetensors")
+        return
+    weight_map = {}
+    for index, (path, names) in enumerate(written):
+        final = f"model-{index + 1:05d}-of-{len(written):05d}.safetensors"
+        path.rename(destination / final)
+        weight_map.update(dict.fromkeys(names, final))
+    (destination / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                     indent=2))
+
+
+def convert_folder(source: str | Path, destination: str | Path, weights: str,
+                   max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write `destination`: `source`'s model with the decoder's linear weights stored as `weights`
+    (bf16, fp8 or int4), its config (with the format recorded), tokenizer files and vae/ (never code)."""
+    source, destination = Path(source), Path(destination)
+    if weights not in STORED_FORMATS:
+        raise NextStepError(f"unknown weight format {weights!r}; choose {', '.join(STORED_FORMATS)}")
+    config_path = source / "config.json"
+    if not config_path.is_file():
+        raise NextStepError(f"{source} has no config.json; point at a NextStep model folder")
+    raw_config = read_json(config_path)
+    config = ModelConfig.from_dict(raw_config, str(config_path))
+    stored = stored_weights_format(raw_config, config_path)
+    if stored != "bf16":
+        raise NextStepError(f"{source} is already repacked ({stored}); convert the original model folder instead")
+    files = weight_files(source)
+    if destination.exists() and any(destination.iterdir()):
+        raise NextStepError(f"{destination} exists and is not empty; choose a new folder")
+    destination.mkdir(parents=True, exist_ok=True)
+    _write_shards(_converted(files, weights, config), destination, max_shard_bytes)
+    for item in source.iterdir():
+        if item.is_file() and item.suffix in COPIED_SUFFIXES and item.name not in ("config.json", INDEX_NAME):
+            shutil.copy2(item, destination / item.name)
+    vae = source / BUNDLED_VAE_FOLDER
+    if vae.is_dir():
+        shutil.copytree(vae, destination / BUNDLED_VAE_FOLDER, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    recorded = {**raw_config, "torch_dtype": "bfloat16"}
+    if weights != "bf16":
+        recorded[WEIGHTS_FORMAT_KEY] = weights
+    (destination / "config.json").write_text(json.dumps(recorded, indent=2))
