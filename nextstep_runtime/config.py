@@ -189,7 +189,7 @@ RELEASED_VAE_CONFIG: dict[str, Any] = {
 """The released f8ch16 tokenizer's values, used for a single-file VAE that carries no config."""
 
 
-_VAE_POSITIVE_INT_KEYS = ("ch", "num_res_blocks", "z_channels", "in_channels", "out_ch", "psz")
+_VAE_POSITIVE_INT_KEYS = ("ch", "num_res_blocks", "z_channels", "in_channels", "out_ch")
 
 
 def check_vae_values(merged: dict[str, Any], source: str) -> None:
@@ -197,6 +197,8 @@ def check_vae_values(merged: dict[str, Any], source: str) -> None:
     scalings that would turn every image into NaN, naming the config and key."""
     for key in _VAE_POSITIVE_INT_KEYS:
         _positive_whole(source, key, merged[key])
+    if merged["psz"] is not None:  # null: no patchify
+        _positive_whole(source, "psz", merged["psz"])
     ch_mult = merged["ch_mult"]
     if not isinstance(ch_mult, (list, tuple)) or not ch_mult or not all(_is_whole(m) and m > 0 for m in ch_mult):
         raise NextStepError(f"{source}: ch_mult is {ch_mult!r} but must be a non-empty list of positive whole numbers")
