@@ -112,6 +112,11 @@ class ModelFootprint:
                     name = canonical_key(key)
                     if name not in IGNORED_KEYS:
                         shapes[name] = tuple(handle.get_slice(key).get_shape())
+        expected = cls.from_config(config, vae_parameters=0).tensor_shapes
+        if shapes != expected:
+            differing = sorted(set(shapes) ^ set(expected) or {k for k in shapes if shapes[k] != expected[k]})
+            raise NextStepError(f"the weights in {folder} do not match its config.json (first difference: "
+                                f"{differing[0]}); the model would not load: download it again")
         vae_config, vae_parameters = _vae_size(resolve_vae_path(folder))
         return cls(config, shapes, vae_parameters, vae_config)
 
@@ -191,6 +196,8 @@ def _mode_dict(mode: WeightMode) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class WeightBytes:
+    """A mode's weight bytes on the run device and in host RAM."""
+
     gpu: int
     host: int
 

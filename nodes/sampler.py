@@ -11,6 +11,7 @@ from nextstep_runtime.config import ModelConfig
 from nextstep_runtime.errors import NextStepError
 from nextstep_runtime.memory_plan import Job, sampling_bytes
 from nextstep_runtime.pipeline import GenerationSettings
+from nextstep_runtime.presets import PRESETS
 from nextstep_runtime.prompt import PROFILES
 from nextstep_runtime.sampling import CFG_SCHEDULES, SAMPLERS
 from nextstep_runtime.validation import (MAX_BATCH, MAX_CFG, MAX_SEED, MAX_SHIFT, MAX_SIZE, MAX_STEPS, MIN_CFG,
@@ -55,7 +56,7 @@ class NextStepSampler:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        d = _DEFAULTS
+        d, edit = _DEFAULTS, PRESETS["NextStep-1-Large-Edit"]
         return {
             "required": {
                 "model": (MODEL, {"tooltip": "The NextStep model from NextStep Model Loader."}),
@@ -69,13 +70,13 @@ class NextStepSampler:
                                  "tooltip": "Seed of the noise. The noise is drawn on the CPU, so a seed gives the "
                                             "same image on every device."}),
                 "steps": ("INT", {"default": d.steps, "min": 1, "max": MAX_STEPS,
-                                  "tooltip": "Flow-matching solver steps per token (official: 28). Time grows "
+                                  "tooltip": f"Flow-matching solver steps per token (official: {d.steps}). Time grows "
                                              "with steps x tokens."}),
                 "cfg": ("FLOAT", {"default": d.cfg, "min": MIN_CFG, "max": MAX_CFG, "step": 0.1, "round": 0.01,
-                                  "tooltip": "Text guidance scale (official: 7.5). 1 turns guidance off and skips "
+                                  "tooltip": f"Text guidance scale (official: {d.cfg}). 1 turns guidance off and skips "
                                              "the negative prompt."}),
                 "cfg_img": ("FLOAT", {"default": d.cfg_img, "min": MIN_CFG, "max": MAX_CFG, "step": 0.1, "round": 0.01,
-                                      "tooltip": "Editing only: image guidance scale (NextStep-1-Large-Edit: 2.0). "
+                                      "tooltip": f"Editing only: image guidance scale (NextStep-1-Large-Edit: {edit.cfg_img}). "
                                                  "1 turns it off; ignored without an input image or when cfg is 1."}),
                 "cfg_schedule": (list(CFG_SCHEDULES), {"default": d.cfg_schedule,
                                                        "tooltip": "constant (official): the same guidance for every "
@@ -84,7 +85,7 @@ class NextStepSampler:
                 "timesteps_shift": ("FLOAT", {"default": d.timesteps_shift, "min": MIN_SHIFT, "max": MAX_SHIFT, "step": 0.1,
                                               "round": 0.01,
                                               "tooltip": "Shifts the solver's time grid towards the noisy end "
-                                                         "(1.0 for text-to-image, 3.2 for NextStep-1-Large-Edit)."}),
+                                                         f"({d.timesteps_shift} for text-to-image, {edit.timesteps_shift} for NextStep-1-Large-Edit)."}),
                 "sampler": (list(SAMPLERS), {"default": d.sampler,
                                              "tooltip": "sde: the official stochastic solver. cps: its coefficient-"
                                                         "preserving variant. ode: deterministic. sde_score: the "

@@ -15,6 +15,7 @@ from goldens import FIXTURES, TINY_MODEL, TINY_VAE_FILE
 from model_folders import deepen, edit_config
 
 from nextstep_runtime import NextStepError
+from nextstep_runtime.cli_plan import format_plan
 from nextstep_runtime.config import ModelConfig
 from nextstep_runtime.generate import DecodeState
 from nextstep_runtime.images import load_rgb
@@ -160,6 +161,13 @@ def test_advice_is_the_cheapest_mode_that_fits() -> None:
     assert hopeless.suggested_mode is None and "does not fit even with every decoder layer streamed" in hopeless.advice
 
 
+def test_readme_example_is_the_planners_output() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    shown = readme.split("```\nmode: ", 1)[1].split("```", 1)[0]
+    plan = plan_memory(ModelFootprint.from_config(NEXTSTEP_14B), WeightMode(torch.bfloat16), Job(), 24 * GB)
+    assert "mode: " + shown == format_plan(plan) + "\n"
+
+
 def test_streaming_moves_weights_to_the_host() -> None:
     footprint = ModelFootprint.from_config(NEXTSTEP_14B)
     whole = weight_bytes(footprint, WeightMode(torch.bfloat16))
@@ -176,6 +184,12 @@ def test_bad_plans_are_clear_errors() -> None:
         plan_memory(footprint, WeightMode(), Job(width=100))
     with pytest.raises(NextStepError, match="has no config.json"):
         ModelFootprint.from_folder(FIXTURES)
+
+
+def test_weights_that_disagree_with_the_config_are_refused(model_copy) -> None:
+    edit_config(model_copy, num_hidden_layers=3)
+    with pytest.raises(NextStepError, match=r"do not match its config.json \(first difference: layers\.2\."):
+        ModelFootprint.from_folder(model_copy)
 
 
 def test_host_memory_is_read_from_meminfo() -> None:
