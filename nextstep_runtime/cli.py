@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from typing import NoReturn, Sequence
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="store the decoder's linear weights as float8 (NextStep-14B in about 15 GB)")
     gen.add_argument("--gpu-layers", type=int, metavar="N",
                      help="keep only N decoder layers on the GPU and stream the rest from RAM (default: all)")
+    gen.add_argument("--no-compile", dest="compile", action="store_false",
+                     help="run the flow head eagerly instead of compiling it with torch.compile (compiling takes "
+                          "a minute or more per image shape on a CPU; without a C++ compiler it falls back anyway)")
     gen.add_argument("--out", required=True, help="output PNG; a batch writes OUT_0.png, OUT_1.png, ...")
     gen.add_argument("--save-tensors", help="also write tokens, latents and images to this .safetensors file")
     return parser
@@ -104,7 +108,7 @@ def run_generate(args: argparse.Namespace) -> None:
     settings.validate()  # before the (slow) model load
     edit_images = [_input_image(args.image)] if args.image else []
     pipe = NextStepPipeline.from_pretrained(args.model, vae=args.vae, device=args.device, dtype=args.dtype,
-                                            fp8=args.fp8, resident_layers=args.gpu_layers)
+                                            fp8=args.fp8, resident_layers=args.gpu_layers, compile=args.compile)
     result = pipe.generate(args.prompt, settings, negative=args.negative, positive=args.positive,
                            edit_images=edit_images, callback=ProgressBar())
     unit = images_to_unit(result.images)
@@ -122,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_request:  # --help, or a bad argument already reported in one line
         return int(exit_request.code or 0)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # progress lines such as compiling
     try:
         run_generate(args)
     except NextStepError as exc:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import prefix_attention_mask
+from .compiled_step import SolverSteps
 from .model import NextStepModel
 from .offload import StreamedLayer
 from .prompt import PromptRows
@@ -60,15 +61,16 @@ class TokenSolver:
     only the head runs in that dtype.
     """
 
-    def __init__(self, model: NextStepModel, inputs: TokenLoopInputs) -> None:
+    def __init__(self, model: NextStepModel, inputs: TokenLoopInputs, compile: bool = False) -> None:
         device = model.device
         plan = inputs.plan
+        self.steps = SolverSteps(compile)
+        self.step_indices = [torch.tensor([k], device=device) for k in range(len(plan.a))]
         self.head = model.image_head.net
-        self.dtype = model.dtype
         self.groups, self.batch = inputs.rows.groups, inputs.batch
         self.dim = model.config.token_dim
         self.use_norm = inputs.use_norm
-        self.keep = plan.a
+        self.keep = torch.tensor(plan.a, device=device)
         self.time_embeddings = self.head.time_embed(torch.tensor(plan.times, device=device))
         noise = inputs.noise.to(device)
         self.initial_noise = noise[:, 0]
@@ -84,13 +86,10 @@ class TokenSolver:
         """Token `index` ([1] long) [B, D] float32 from the decoder's condition [R, hidden]."""
         weights = self.step_weights.index_select(0, index)[0]
         noise = self.step_noise.index_select(0, index)[0].flatten(1) if self.step_noise is not None else None
-        modulations = self.head.modulations(self.time_embeddings, condition)
+        modulations = self.steps.modulations(self.head, self.time_embeddings, condition)
         x = self.initial_noise.index_select(0, index).flatten(1)  # [1, B*D]
-        for k, keep in enumerate(self.keep):
-            rows = x.view(self.batch, self.dim).to(self.dtype).repeat(self.groups, 1)
-            velocity = self.head.velocity(rows, modulations, k).float().view(self.groups, -1)
-            base = x if noise is None else torch.add(noise[k : k + 1], x, alpha=keep)  # ode: a = 1, no noise
-            x = base + (weights[k] * velocity).sum(0, keepdim=True)
+        for step in self.step_indices:
+            x = self.steps.step(self.head, x, modulations, step, weights, noise, self.keep)
         x = x.view(self.batch, self.dim)
         return F.layer_norm(x, (self.dim,), eps=1e-6) if self.use_norm else x
 
@@ -186,11 +185,13 @@ def cuda_graph_possible(model: NextStepModel) -> bool:
 
 
 @torch.inference_mode()
-def sample_tokens(model: NextStepModel, inputs: TokenLoopInputs, callback: TokenCallback | None = None) -> torch.Tensor:
-    """Generate every image token; returns [B, L, D] float32 (after use_norm when on)."""
+def sample_tokens(model: NextStepModel, inputs: TokenLoopInputs, callback: TokenCallback | None = None,
+                  compile: bool = False) -> torch.Tensor:
+    """Generate every image token; returns [B, L, D] float32 (after use_norm when on). `compile`: the flow
+    head through torch.compile (see compiled_step.py), eager where that fails."""
     total_tokens = inputs.grid[0] * inputs.grid[1]
     state = DecodeState(model, inputs.rows, total_tokens)
-    solve = TokenSolver(model, inputs)
+    solve = TokenSolver(model, inputs, compile)
     out = torch.empty((inputs.batch, total_tokens, model.config.token_dim), dtype=torch.float32, device=model.device)
     out[:, 0] = solve(torch.zeros(1, dtype=torch.long, device=model.device), state.prefill(inputs.rows, inputs.image_tokens))
     step = TokenStep(state, solve, cuda_graph_possible(model)) if total_tokens > 1 else None

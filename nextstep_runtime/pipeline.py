@@ -109,8 +109,9 @@ class NextStepPipeline:
     """A loaded model, its tokenizer and (optionally) its VAE."""
 
     def __init__(self, model: NextStepModel, tokenizer, normalization: LatentNormalization,
-                 vae: NextStepVAE | None = None, vae_description: str = "VAE") -> None:
+                 vae: NextStepVAE | None = None, vae_description: str = "VAE", compile: bool = True) -> None:
         self.model = model
+        self.compile = compile
         self.tokenizer = tokenizer
         self.normalization = normalization
         self.vae = vae
@@ -119,13 +120,15 @@ class NextStepPipeline:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, vae: str | Path | None = None, device: str = "auto",
-                        dtype: str = "auto", fp8: bool = False,
-                        resident_layers: int | None = None) -> "NextStepPipeline":
+                        dtype: str = "auto", fp8: bool = False, resident_layers: int | None = None,
+                        compile: bool = True) -> "NextStepPipeline":
         """Load the model folder; the VAE from `vae` or the config's `vae_name_or_path`. The latent
         scale/shift come from the config of the VAE actually loaded.
 
         `fp8` stores the decoder's linear weights as float8 (about half the memory of bf16);
-        `resident_layers` keeps only that many decoder layers on the device and streams the rest."""
+        `resident_layers` keeps only that many decoder layers on the device and streams the rest;
+        `compile` runs the flow head through torch.compile (compiled at the first call of each shape;
+        eager, with one warning, where compiling fails)."""
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         model = load_model(folder, torch_dtype, torch_device, fp8=fp8, resident_layers=resident_layers)
@@ -133,7 +136,7 @@ class NextStepPipeline:
         vae_path = resolve_vae_path(folder, vae)
         vae_model = load_vae(vae_path, torch_dtype, torch_device)
         normalization = LatentNormalization(vae_model.config.scaling_factor, vae_model.config.shift_factor)
-        return cls(model, tokenizer, normalization, vae_model, str(vae_path))
+        return cls(model, tokenizer, normalization, vae_model, str(vae_path), compile=compile)
 
     def _require_vae(self) -> NextStepVAE:
         if self.vae is None:
@@ -191,11 +194,11 @@ class NextStepPipeline:
 
     def sample(self, caption: str, settings: GenerationSettings, negative: str | None = None,
                positive: str | None = None, edit_latents: list[torch.Tensor] | None = None,
-               callback: TokenCallback | None = None) -> GenerationResult:
+               callback: TokenCallback | None = None, compile: bool | None = None) -> GenerationResult:
         """Generate tokens and VAE-space latents (no decoding). `edit_latents`: one VAE-space latent
-        [1, C, h, w] per `<image>` tag in the caption."""
+        [1, C, h, w] per `<image>` tag in the caption. `compile`: None uses the pipeline's setting."""
         inputs = self.prepare(caption, settings, negative, positive, edit_latents)
-        tokens = sample_tokens(self.model, inputs, callback)
+        tokens = sample_tokens(self.model, inputs, callback, self.compile if compile is None else compile)
         model_latents = unpatchify(tokens, *inputs.grid, self.model.config.latent_patch_size)
         return GenerationResult(tokens=tokens, latents=self.normalization.to_vae_space(model_latents))
 

@@ -54,18 +54,24 @@ class NextStepModelLoader:
                                                   "of the 48 layers on the GPU and stream the others from RAM for "
                                                   "every token (slow, for cards that cannot hold the model even "
                                                   "in fp8)."}),
+                "compile": ("BOOLEAN", {"default": True,
+                                        "tooltip": "Compile the flow head with torch.compile into fused kernels "
+                                                   "(faster sampling). Paid once per image shape, at the first "
+                                                   "run: seconds on a GPU, a minute or more on a CPU. Without a "
+                                                   "working compiler (common on Windows) it logs one warning and "
+                                                   "runs uncompiled."}),
             },
         }
 
     def load(self, model_name: str, dtype: str, attention: str, fp8: bool = False,
-             gpu_layers: int = ALL_LAYERS) -> tuple[NextStepModelHandle]:
+             gpu_layers: int = ALL_LAYERS, compile: bool = True) -> tuple[NextStepModelHandle]:
         folder = catalog.model_folder(model_name)
         if set_attention_backend(attention) != attention and attention == "flash_attn":
             log.warning("NextStep: flash-attn is not installed; using PyTorch SDPA attention instead "
                         "(`pip install flash-attn` in ComfyUI's environment to use it).")
         resident = None if gpu_layers == ALL_LAYERS else gpu_layers
         loaded = load_nextstep_model(folder, resolve_dtype(dtype, host.load_device()), fp8, resident)
-        return (NextStepModelHandle(loaded, attention),)
+        return (NextStepModelHandle(loaded, attention, compile),)
 
 
 class NextStepVAELoader:

@@ -141,7 +141,8 @@ class NextStepSampler:
         progress = TokenProgress(host.progress_sink(grid[0] * grid[1]), preview)
         try:
             result = pipeline.sample(positive.text, settings, negative=negative_prompt,
-                                     edit_latents=list(positive.images), callback=progress)
+                                     edit_latents=list(positive.images), callback=progress,
+                                     compile=model.compile)
         except BaseException as exc:
             # The traceback holds the token loop's frames and with them the KV cache; let it go now, not at
             # the next garbage collection, so a cancelled or failed run hands its memory straight back.

@@ -67,3 +67,21 @@ def test_bfloat16_graph_equals_bfloat16_eager(monkeypatch) -> None:
     monkeypatch.setattr(generate_module, "cuda_graph_possible", lambda model: False)
     eager = generate(pipe, case)
     assert torch.equal(graphed.tokens, eager.tokens)
+
+
+@pytest.mark.parametrize("name", ["official_t2i_sde", "official_edit_sde"])
+def test_compiled_head_goldens_through_the_cuda_graph(name: str, monkeypatch) -> None:
+    """The torch.compile'd head (Triton kernels) captured inside the token step's CUDA graph, float32 goldens."""
+    from nextstep_runtime.compiled_step import SolverSteps
+
+    case = next(c for c in golden_cases() if c.name == name)
+    captured = []
+    original = TokenStep._capture
+    monkeypatch.setattr(TokenStep, "_capture", lambda self, device: (original(self, device), captured.append(self.graph)))
+    with torch._dynamo.config.patch(disable=False):
+        pipe = NextStepPipeline.from_pretrained(TINY_MODEL, device="cuda", dtype="float32", compile=True)
+        result = generate(pipe, case)
+        assert SolverSteps(True).active, "compiling failed on this GPU machine"
+    assert captured and captured[0] is not None, "the token step was not captured as a CUDA graph"
+    assert_matches_golden(case, {"tokens": result.tokens.cpu(), "latents": result.latents.cpu(),
+                                 "images": result.images.cpu()})
