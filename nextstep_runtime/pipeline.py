@@ -204,10 +204,11 @@ class NextStepPipeline:
 
     def generate(self, caption: str, settings: GenerationSettings | None = None, negative: str | None = None,
                  positive: str | None = None, edit_images: list[torch.Tensor] | None = None,
-                 callback: TokenCallback | None = None) -> GenerationResult:
-        """Prompt to decoded images. `edit_images`: RGB [1, 3, H, W] in [0, 1], one per `<image>` tag."""
+                 callback: TokenCallback | None = None, compile: bool | None = None) -> GenerationResult:
+        """Prompt to decoded images. `edit_images`: RGB [1, 3, H, W] in [0, 1], one per `<image>` tag.
+        `compile`: None uses the pipeline's setting."""
         settings = settings or GenerationSettings()
         edit_latents = [self.encode_image(image) for image in edit_images or []]
-        result = self.sample(caption, settings, negative, positive, edit_latents, callback)
+        result = self.sample(caption, settings, negative, positive, edit_latents, callback, compile)
         result.images = self.decode(result.latents)
         return result
