@@ -1,25 +1,42 @@
 """End-to-end generation benchmark on a random-weight model of a named size; prints one JSON object.
 
     python benchmarks/bench_generate.py --preset small --height 128 --width 128 --steps 28 --cfg 7.5 \\
-        --sampler sde --threads 2 --repeat 3 --compare-eager
+        --sampler sde --threads 2 --repeat 5 --compare-eager \\
+        --compare-official ~/NextStep-1 --official-python ~/nextstep-official/bin/python
 
 seconds_per_image: median over --repeat runs after one warm-up, prompt to decoded image (loading
-excluded), divided by the batch. The component figures are timed separately on the same inputs:
-prefill_ms (prompt rows through the decoder), ms_per_token_backbone (one image token through the
-decoder), ms_per_token_head (one token's solver steps with guidance),
-vae_decode_ms. ms_per_token is the sampling time (prefill included) over the image's tokens.
+excluded), divided by the batch, with the flow head compiled (torch.compile; --no-compile: eager).
+compile_seconds: the warm-up's extra time over a compiled run (compiling every graph of this shape).
+eager_seconds_per_image: the same runs with the head uncompiled, interleaved with the compiled ones (and
+with the official pipeline's), so a busy machine slows all of them alike. The component figures are timed
+separately on the same inputs: prefill_ms (prompt rows through the decoder), ms_per_token_backbone (one
+image token through the decoder), ms_per_token_head / ms_per_token_head_eager (one token's solver steps
+with guidance), vae_decode_ms. head_ops_per_token / head_ops_per_token_eager: operations one token's head
+work dispatches (profiler: aten operators not inside another one, plus each fused CPU kernel; on CUDA, GPU
+kernels); head_profiler_events_per_token(_eager): every profiler event (internal calls and wrappers too).
+
+--compare-official PATH: a checkout of github stepfun-ai/NextStep-1 (the 2025 pipeline,
+nextstep/models/pipeline_nextstep.py), run by --official-python (an environment with its dependencies,
+transformers 4.49) on the same random weights, saved in the official layout to a temporary folder, with the
+same settings; its own torch.compile is off (ENABLE_TORCH_COMPILE=false) unless --official-compile.
+official_ratio: seconds_per_image / official_seconds_per_image.
 planned_peak_vram_mb: the memory planner's peak for the same job, next to the measured peak_vram_mb.
 --keep-fraction F also times, in the same process and alternating with full runs, a run that keeps the
 first F of the token rows of a full run's output and regenerates the rest (inpainting/outpainting cost).
+--compare-eager: also time the straightforward eager loop (benchmarks/eager_baseline.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -30,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).parent)]
 
 from eager_baseline import eager_sample  # noqa: E402
+from official_layout import save_official_layout  # noqa: E402
 from presets import PRESETS, VAE_PRESETS, random_model, random_vae  # noqa: E402
 
 from nextstep_runtime.generate import DecodeState, TokenSolver  # noqa: E402
@@ -60,20 +78,82 @@ def _median_ms(fn: Callable[[], object], device: torch.device, repeat: int) -> f
     return 1000 * statistics.median(_timed(fn, device) for _ in range(repeat))
 
 
+def _profiled_ops(fn: Callable[[], object], device: torch.device) -> tuple[int, int]:
+    """(operations dispatched, all profiler events) of one call. Dispatched: aten operators not called from
+    inside another aten operator, plus every fused inductor CPU kernel (on CUDA: every GPU kernel instead);
+    all events also count the operators' internal calls (as_strided, copy_, ...) and wrappers."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profile:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    events = profile.events()
+    if device.type == "cuda":
+        return sum(event.device_type == torch.autograd.DeviceType.CUDA for event in events), len(events)
+
+    def nested(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                return True
+            parent = parent.cpu_parent
+        return False
+
+    dispatched = [event for event in events
+                  if (event.name.startswith("aten::") or "cpp_fused" in event.name) and not nested(event)]
+    return len(dispatched), len(events)
+
+
 @torch.inference_mode()
-def _component_ms(pipe: NextStepPipeline, inputs, device: torch.device, repeat: int) -> tuple[float, float, float]:
-    """(prefill, one token's head work, one token through the decoder at mid-image), median milliseconds."""
+def _component_figures(pipe: NextStepPipeline, inputs, device: torch.device, repeat: int) -> dict[str, float]:
+    """Prefill, one token's head work (compiled and eager: time and profiler events), one token through the
+    decoder at mid-image; median milliseconds."""
     total = inputs.grid[0] * inputs.grid[1]
     state = DecodeState(pipe.model, inputs.rows, total)
-    prefill_ms = _median_ms(lambda: state.prefill(inputs.rows, None), device, repeat)
-    solve = TokenSolver(pipe.model, inputs)
+    figures = {"prefill_ms": _median_ms(lambda: state.prefill(inputs.rows, None), device, repeat)}
     condition = state.prefill(inputs.rows, None)
     first = torch.zeros(1, dtype=torch.long, device=device)
-    token = solve(first, condition)
-    head_ms = _median_ms(lambda: solve(first, condition), device, max(repeat, 5))
+    for suffix, compile in (("", pipe.compile), ("_eager", False)):
+        solve = TokenSolver(pipe.model, inputs, compile)
+        token = solve(first, condition)
+        figures[f"ms_per_token_head{suffix}"] = _median_ms(lambda: solve(first, condition), device, max(repeat, 5))
+        ops, events = _profiled_ops(lambda: solve(first, condition), device)
+        figures[f"head_ops_per_token{suffix}"], figures[f"head_profiler_events_per_token{suffix}"] = ops, events
     middle = torch.tensor([state.prefill_len + total // 2], device=device)
-    backbone_ms = _median_ms(lambda: state.feed(token, middle), device, max(repeat, 5))
-    return prefill_ms, head_ms, backbone_ms
+    figures["ms_per_token_backbone"] = _median_ms(lambda: state.feed(token, middle), device, max(repeat, 5))
+    return figures
+
+
+class OfficialPipeline:
+    """The official pipeline in its own process (benchmarks/official_runner.py), loaded once; `run()` times one
+    image there."""
+
+    def __init__(self, python: str, checkout: Path, model, vae, args: argparse.Namespace, workdir: Path) -> None:
+        folder = save_official_layout(model, vae, workdir / "official-model")
+        settings = {"caption": CAPTION, "negative": NEGATIVE, "batch": args.batch, "height": args.height,
+                    "width": args.width, "cfg": args.cfg, "steps": args.steps, "threads": torch.get_num_threads()}
+        env = {**os.environ, "ENABLE_TORCH_COMPILE": "true" if args.official_compile else "false"}
+        self.process = subprocess.Popen([python, str(Path(__file__).with_name("official_runner.py")), str(checkout),
+                                         str(folder), json.dumps(settings)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.info = self._answer()
+
+    def _answer(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            raise SystemExit(f"the official pipeline exited (code {self.process.wait()}); see its messages above")
+        return json.loads(line)
+
+    def run(self) -> float:
+        self.process.stdin.write("run\n")
+        self.process.stdin.flush()
+        return self._answer()["seconds"]
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
 
 
 def _planned_peak(args: argparse.Namespace, dtype: torch.dtype, prompt_tokens: int) -> int:
@@ -81,7 +161,7 @@ def _planned_peak(args: argparse.Namespace, dtype: torch.dtype, prompt_tokens: i
     footprint = ModelFootprint.from_config(PRESETS[args.preset], vae_config=VAE_PRESETS[args.preset])
     job = Job(width=args.width, height=args.height, batch=args.batch, cfg=args.cfg, steps=args.steps,
               prompt_tokens=prompt_tokens)
-    return plan_memory(footprint, WeightMode(dtype, args.fp8), job).peak_gpu_bytes
+    return plan_memory(footprint, WeightMode(dtype, args.fp8, int4=args.int4), job).peak_gpu_bytes
 
 
 def _kept_vs_full(pipe: NextStepPipeline, settings: GenerationSettings, latents: torch.Tensor, fraction: float,
@@ -121,31 +201,60 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--keep-fraction", type=float,
                         help="also time a run keeping this fraction of the token rows (e.g. 0.5) against a full run")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="time the eager head only (no torch.compile)")
     parser.add_argument("--compare-eager", action="store_true",
                         help="also time the straightforward eager loop (benchmarks/eager_baseline.py)")
+    parser.add_argument("--compare-official", type=Path, metavar="CHECKOUT",
+                        help="a checkout of github stepfun-ai/NextStep-1 to time side by side (CPU, float32)")
+    parser.add_argument("--official-python", default=sys.executable,
+                        help="the Python of an environment where the official pipeline runs (transformers 4.49)")
+    parser.add_argument("--official-compile", action="store_true",
+                        help="let the official pipeline torch.compile its sampler (its default; minutes on a CPU)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # compile progress on stderr
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch._inductor.config.cpp.enable_kernel_profile = True  # fused CPU kernels visible to the op count
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    pipe = NextStepPipeline(random_model(args.preset, dtype, device, fp8=args.fp8, int4=args.int4), load_tokenizer(TOKENIZER),
-                            LatentNormalization(), random_vae(args.preset, dtype, device))
+    model = random_model(args.preset, dtype, device, fp8=args.fp8, int4=args.int4)
+    vae = random_vae(args.preset, dtype, device)
+    pipe = NextStepPipeline(model, load_tokenizer(TOKENIZER), LatentNormalization(), vae, compile=args.compile)
     settings = GenerationSettings(width=args.width, height=args.height, batch=args.batch, steps=args.steps,
                                   cfg=args.cfg, sampler=args.sampler)
     generate = lambda: pipe.generate(CAPTION, settings, negative=NEGATIVE)  # noqa: E731
-    generate()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    runs = [_timed(generate, device) for _ in range(args.repeat)]
-    seconds = statistics.median(runs) / args.batch
+    official = None
+    with tempfile.TemporaryDirectory() as workdir:
+        if args.compare_official:
+            if device.type != "cpu" or dtype != torch.float32 or args.fp8:
+                raise SystemExit("--compare-official runs on the CPU in float32: add --device cpu --dtype float32")
+            official = OfficialPipeline(args.official_python, args.compare_official, model, vae, args, Path(workdir))
+        warmup_s = _timed(generate, device)  # compiles every graph of this shape when compiling
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        official_warmup_s = official.run() if official else None
+        runs: dict[str, list[float]] = {"compiled": [], "eager": [], "official": []}
+        for _ in range(args.repeat):  # interleaved: a busy machine slows every variant alike
+            runs["compiled" if args.compile else "eager"].append(_timed(generate, device))
+            if args.compile:
+                pipe.compile = False
+                runs["eager"].append(_timed(generate, device))
+                pipe.compile = True
+            if official:
+                runs["official"].append(official.run())
+        if official:
+            official.close()
+    per_image = {name: statistics.median(times) / args.batch for name, times in runs.items() if times}
+    seconds = per_image["compiled" if args.compile else "eager"]
 
     inputs = pipe.prepare(CAPTION, settings, negative=NEGATIVE)
     total = inputs.grid[0] * inputs.grid[1]
-    prefill_ms, head_ms, backbone_ms = _component_ms(pipe, inputs, device, args.repeat)
+    figures = _component_figures(pipe, inputs, device, args.repeat)
     with torch.inference_mode():
         sample_s = statistics.median(_timed(lambda: pipe.sample(CAPTION, settings, negative=NEGATIVE), device)
                                      for _ in range(args.repeat))
@@ -154,26 +263,34 @@ def main(argv: list[str] | None = None) -> dict:
 
     report = {
         "seconds_per_image": round(seconds, 4),
+        "eager_seconds_per_image": round(per_image["eager"], 4),
+        "compile_speedup": round(per_image["eager"] / seconds, 3),
+        "compile_seconds": round(max(warmup_s - seconds * args.batch, 0.0), 2) if args.compile else None,
+        "runs_seconds": {name: [round(t, 3) for t in times] for name, times in runs.items() if times},
         "ms_per_token": round(1000 * sample_s / total, 3),
-        "ms_per_token_backbone": round(backbone_ms, 3),
-        "ms_per_token_head": round(head_ms, 3),
-        "prefill_ms": round(prefill_ms, 3),
+        **{name: round(value, 3) for name, value in figures.items()},
         "vae_decode_ms": round(vae_ms, 3),
         "tokens_per_s": round(total * args.batch / sample_s, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_vram_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None,
         "planned_peak_vram_mb": round(_planned_peak(args, dtype, inputs.rows.input_ids.shape[1]) / 2**20, 1),
-        "args": {**vars(args), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-                 "threads": torch.get_num_threads()},
+        "load_average": os.getloadavg(),
+        "args": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "device": str(device),
+                 "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads()},
     }
     if args.keep_fraction is not None:
         report.update(_kept_vs_full(pipe, settings, latents, args.keep_fraction, device, args.repeat))
+    if official:
+        report["official_seconds_per_image"] = round(per_image["official"], 4)
+        report["official_first_run_seconds"] = round(official_warmup_s, 2)
+        report["official_ratio"] = round(seconds / per_image["official"], 3)
+        report["official_runtime"] = official.info
     if args.compare_eager:
         eager_s = statistics.median(_timed(lambda: eager_sample(pipe, CAPTION, NEGATIVE, settings), device)
                                     for _ in range(args.repeat))
-        report["eager_sampling_seconds"] = round(eager_s, 4)
+        report["eager_loop_sampling_seconds"] = round(eager_s, 4)
         report["sampling_seconds"] = round(sample_s, 4)
-        report["speedup_vs_eager"] = round(eager_s / sample_s, 3)
+        report["speedup_vs_eager_loop"] = round(eager_s / sample_s, 3)
     return report
 
 

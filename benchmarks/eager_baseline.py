@@ -35,7 +35,7 @@ def eager_sample(pipe: NextStepPipeline, caption: str, negative: str, settings: 
         for k in range(settings.steps):
             t = torch.tensor([plan.times[k]], device=device)
             modulations = head.modulations(head.time_embed(t), hidden)
-            velocity = head.velocity(x.to(dtype).repeat(rows.groups, 1), modulations, 0).float()
+            velocity = head.velocity(x.to(dtype).repeat(rows.groups, 1), modulations, torch.zeros(1, dtype=torch.long, device=device)).float()
             guided = combine_guidance(velocity.view(rows.groups, settings.batch, -1), torch.tensor(inputs.cfg[n]),
                                       torch.tensor(1.0))
             x = plan.a[k] * x + plan.b[k] * guided

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from typing import Any, NoReturn, Sequence
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--gpu-layers", type=int, metavar="N",
                      help="keep only N decoder layers on the GPU and stream the rest from RAM (default: all, or "
                           "as --memory auto decides)")
+    gen.add_argument("--no-compile", dest="compile", action="store_false",
+                     help="run the flow head eagerly instead of compiling it with torch.compile (compiling takes "
+                          "a minute or more per image shape on a CPU; without a C++ compiler it falls back anyway)")
     gen.add_argument("--out", required=True, help="output PNG; a batch writes OUT_0.png, OUT_1.png, ...")
     gen.add_argument("--save-tensors", help="also write tokens, latents and images to this .safetensors file")
     cli_plan.add_parser(commands)
@@ -163,7 +167,7 @@ def run_generate(args: argparse.Namespace) -> None:
     edit_images = [load_cropped_rgb(args.image, edit_size)] if args.image else []
     mask = load_mask(args.mask, init) if args.mask else None
     pipe = NextStepPipeline.from_pretrained(args.model, vae=args.vae, device=args.device, dtype=args.dtype,
-                                            **_weight_mode(args, settings, edit_images))
+                                            compile=args.compile, **_weight_mode(args, settings, edit_images))
     result = pipe.generate(args.prompt, settings, negative=negative, positive=args.positive,
                            edit_images=edit_images, callback=ProgressBar(), mask=mask,
                            init_image=init.pixels if init else None, init_latents=init.latents if init else None)
@@ -186,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_request:  # --help, or a bad argument already reported in one line
         return int(exit_request.code or 0)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # progress lines such as compiling
     try:
         RUNNERS[args.command](args)
     except NextStepError as exc:

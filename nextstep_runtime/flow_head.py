@@ -88,12 +88,13 @@ class FlowNet(nn.Module):
         y = time_embeddings[:, None] + self.cond_embed(condition)[None]
         return [block.modulation(y) for block in self.res_blocks] + [self.final_layer.modulation(y)]
 
-    def velocity(self, x: torch.Tensor, modulations: list[torch.Tensor], step: int) -> torch.Tensor:
-        """Velocity of tokens x [R, token_dim] at solver step `step`."""
+    def velocity(self, x: torch.Tensor, modulations: list[torch.Tensor], step: torch.Tensor) -> torch.Tensor:
+        """Velocity of tokens x [R, token_dim] at solver step `step` ([1] long: a tensor, so one compiled
+        graph serves every step)."""
         h = self.input_proj(x)
         for block, modulation in zip(self.res_blocks, modulations):
-            h = block(h, *modulation[:, step])
-        return self.final_layer(h, *modulations[-1][:, step])
+            h = block(h, *modulation.index_select(1, step)[:, 0])
+        return self.final_layer(h, *modulations[-1].index_select(1, step)[:, 0])
 
 
 class FlowHead(nn.Module):

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import prefix_attention_mask
+from .compiled_step import SolverSteps
 from .model import NextStepModel
 from .offload import StreamedLayer
 from .positions import condition_offsets
@@ -114,15 +115,16 @@ class TokenSolver:
     float32 whatever the model dtype; only the head runs in that dtype.
     """
 
-    def __init__(self, model: NextStepModel, inputs: TokenLoopInputs) -> None:
+    def __init__(self, model: NextStepModel, inputs: TokenLoopInputs, compile: bool = False) -> None:
         device = model.device
         plan = inputs.plan
+        self.steps = SolverSteps(compile)
+        self.step_indices = [torch.tensor([k], device=device) for k in range(len(plan.a))]
         self.head = model.image_head.net
-        self.dtype = model.dtype
         self.groups, self.batch = inputs.rows.groups, inputs.batch
         self.dim = model.config.token_dim
         self.use_norm = inputs.use_norm
-        self.keep = plan.a
+        self.keep = torch.tensor(plan.a, device=device)
         self.time_embeddings = self.head.time_embed(torch.tensor(plan.times, device=device))
         spec = inputs.noise
         self.chunk_tokens = spec.chunk_tokens
@@ -150,13 +152,10 @@ class TokenSolver:
         weights = self.step_weights.index_select(0, index)[0]
         slot = torch.remainder(index, self.chunk_tokens)
         noise = self.step_noise.index_select(0, slot)[0].flatten(1) if self.step_noise is not None else None
-        modulations = self.head.modulations(self.time_embeddings, condition)
+        modulations = self.steps.modulations(self.head, self.time_embeddings, condition)
         x = self.initial_noise.index_select(0, slot).flatten(1)  # [1, B*D]
-        for k, keep in enumerate(self.keep):
-            rows = x.view(self.batch, self.dim).to(self.dtype).repeat(self.groups, 1)
-            velocity = self.head.velocity(rows, modulations, k).float().view(self.groups, -1)
-            base = x if noise is None else torch.add(noise[k : k + 1], x, alpha=keep)  # ode: a = 1, no noise
-            x = base + (weights[k] * velocity).sum(0, keepdim=True)
+        for step in self.step_indices:
+            x = self.steps.step(self.head, x, modulations, step, weights, noise, self.keep)
         x = x.view(self.batch, self.dim)
         return F.layer_norm(x, (self.dim,), eps=1e-6) if self.use_norm else x
 
@@ -289,14 +288,16 @@ def _token_plan(kept: KeptTokens | None, total: int) -> list[str]:
 
 
 @torch.inference_mode()
-def sample_tokens(model: NextStepModel, inputs: TokenLoopInputs, callback: TokenCallback | None = None) -> torch.Tensor:
+def sample_tokens(model: NextStepModel, inputs: TokenLoopInputs, callback: TokenCallback | None = None,
+                  compile: bool = False) -> torch.Tensor:
     """Generate every image token (or take the kept ones as given); returns [B, L, D] float32 (sampled
-    tokens after use_norm when on, kept tokens exactly as given)."""
+    tokens after use_norm when on, kept tokens exactly as given). `compile`: the flow head through
+    torch.compile (see compiled_step.py), eager where that fails."""
     total_tokens = inputs.grid[0] * inputs.grid[1]
     device = model.device
     plan = _token_plan(inputs.kept, total_tokens)
     state = DecodeState(model, inputs.rows, total_tokens)
-    solve = TokenSolver(model, inputs)
+    solve = TokenSolver(model, inputs, compile)
     noise = NoiseStream(inputs.noise)
     out = torch.empty((inputs.batch, total_tokens, model.config.token_dim), dtype=torch.float32, device=device)
     if inputs.kept is not None:

@@ -114,11 +114,12 @@ class NextStepPipeline:
 
     def __init__(self, model: NextStepModel, tokenizer, normalization: LatentNormalization,
                  vae: NextStepVAE | None = None, vae_description: str = "VAE",
-                 free_memory: FreeMemory = free_memory) -> None:
+                 free_memory: FreeMemory = free_memory, compile: bool = True) -> None:
         """`free_memory` tells the memory check what a run may use on a device (a host such as ComfyUI
-        passes its own accounting)."""
+        passes its own accounting); `compile` runs the flow head through torch.compile (see sample)."""
         self.model = model
         self.free_memory = free_memory
+        self.compile = compile
         self.tokenizer = tokenizer
         self.normalization = normalization
         self.vae = vae
@@ -128,14 +129,17 @@ class NextStepPipeline:
     @classmethod
     def from_pretrained(cls, folder: str | Path, vae: str | Path | None = None, device: str = "auto",
                         dtype: str = "auto", fp8: bool = False,
-                        resident_layers: int | None = None, int4: bool = False) -> "NextStepPipeline":
+                        resident_layers: int | None = None, int4: bool = False,
+                        compile: bool = True) -> "NextStepPipeline":
         """Load the model folder, or a Hugging Face repo id (`org/name[@revision]`) from the local Hugging Face
         cache; the VAE from `vae` or the config's `vae_name_or_path`. The latent scale/shift come from the
         config of the VAE actually loaded.
 
         `fp8` stores the decoder's linear weights as float8 (about half the memory of bf16), `int4` as
         grouped 4-bit (about a quarter);
-        `resident_layers` keeps only that many decoder layers on the device and streams the rest."""
+        `resident_layers` keeps only that many decoder layers on the device and streams the rest;
+        `compile` runs the flow head through torch.compile (compiled at the first call of each shape;
+        eager, with one warning, where compiling fails)."""
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         folder = resolve_model_source(folder)
@@ -144,7 +148,7 @@ class NextStepPipeline:
         vae_path = resolve_vae_path(folder, vae)
         vae_model = load_vae(vae_path, torch_dtype, torch_device)
         normalization = LatentNormalization(vae_model.config.scaling_factor, vae_model.config.shift_factor)
-        return cls(model, tokenizer, normalization, vae_model, str(vae_path))
+        return cls(model, tokenizer, normalization, vae_model, str(vae_path), compile=compile)
 
     def _require_vae(self) -> NextStepVAE:
         if self.vae is None:
@@ -247,15 +251,17 @@ class NextStepPipeline:
     def sample(self, caption: str, settings: GenerationSettings, negative: str | None = None,
                positive: str | None = None, edit_latents: list[torch.Tensor] | None = None,
                callback: TokenCallback | None = None, init_latents: torch.Tensor | None = None,
-               mask: torch.Tensor | None = None) -> GenerationResult:
+               mask: torch.Tensor | None = None, compile: bool | None = None) -> GenerationResult:
         """Generate tokens and VAE-space latents (no decoding). `edit_latents`: one VAE-space latent
         [1, C, h, w] per `<image>` tag in the caption. `init_latents` [1 or B, C, H/8, W/8] (VAE space, the
         settings' size) with `mask` (pixels, 1 = regenerate, see keep_mask): the tokens the mask keeps are
         taken from the init latents, the rest generated after them in raster order. Without a mask every
-        token is generated."""
+        token is generated. `compile`: None uses the pipeline's setting."""
+        use_compile = self.compile if compile is None else compile
+
         def run() -> tuple[torch.Tensor, TokenLoopInputs]:
             inputs = self.prepare(caption, settings, negative, positive, edit_latents, init_latents, mask)
-            return sample_tokens(self.model, inputs, callback), inputs
+            return sample_tokens(self.model, inputs, callback, use_compile), inputs
 
         tokens, inputs = run_or_explain_out_of_memory("sampling", self.model.device, run)
         model_latents = unpatchify(tokens, *inputs.grid, self.model.config.latent_patch_size)
@@ -264,14 +270,17 @@ class NextStepPipeline:
     def generate(self, caption: str, settings: GenerationSettings | None = None, negative: str | None = None,
                  positive: str | None = None, edit_images: list[torch.Tensor] | None = None,
                  callback: TokenCallback | None = None, init_image: torch.Tensor | None = None,
-                 mask: torch.Tensor | None = None, init_latents: torch.Tensor | None = None) -> GenerationResult:
+                 mask: torch.Tensor | None = None, init_latents: torch.Tensor | None = None,
+                 compile: bool | None = None) -> GenerationResult:
         """Prompt to decoded images. `edit_images`: RGB [1, 3, H, W] in [0, 1], one per `<image>` tag.
         `init_image`: RGB [1 or B, 3, H, W] in [0, 1] of the settings' size (or `init_latents`, VAE space), to
-        inpaint, outpaint or continue where `mask` (pixels, 1 = regenerate) says; see `sample`."""
+        inpaint, outpaint or continue where `mask` (pixels, 1 = regenerate) says; see `sample`. `compile`: None
+        uses the pipeline's setting."""
         settings = settings or GenerationSettings()
         edit_latents = [self.encode_image(image) for image in edit_images or []]
         if init_image is not None:
             init_latents = self.encode_image(init_image)
-        result = self.sample(caption, settings, negative, positive, edit_latents, callback, init_latents, mask)
+        result = self.sample(caption, settings, negative, positive, edit_latents, callback, init_latents, mask,
+                             compile)
         result.images = self.decode(result.latents)
         return result

@@ -66,11 +66,17 @@ class NextStepModelLoader:
                                                              "about 15 GB for the 14B models. int4: 4-bit, about "
                                                              "9 GB, for 12-16 GB cards (needs an Ampere or newer "
                                                              "GPU). A repacked folder loads in its own format."}),
+                "compile": ("BOOLEAN", {"default": True,
+                                        "tooltip": "Compile the flow head with torch.compile into fused kernels "
+                                                   "(faster sampling). Paid once per image shape, at the first "
+                                                   "run: seconds on a GPU, a minute or more on a CPU. Without a "
+                                                   "working compiler (common on Windows) it logs one warning and "
+                                                   "runs uncompiled."}),
             },
         }
 
     def load(self, model_name: str, dtype: str, attention: str, fp8: bool = False,
-             gpu_layers: int = ALL_LAYERS, memory: str = "auto") -> tuple[NextStepModelHandle]:
+             gpu_layers: int = ALL_LAYERS, memory: str = "auto", compile: bool = True) -> tuple[NextStepModelHandle]:
         folder = catalog.model_folder(model_name)
         if set_attention_backend(attention) != attention and attention == "flash_attn":
             log.warning("NextStep: flash-attn is not installed; using PyTorch SDPA attention instead "
@@ -83,7 +89,7 @@ class NextStepModelLoader:
         if choice:
             log.info("NextStep: %s", choice)
         loaded = load_nextstep_model(folder, torch_dtype, mode.fp8, mode.gpu_layers, mode.int4)
-        return (NextStepModelHandle(loaded, attention),)
+        return (NextStepModelHandle(loaded, attention, compile),)
 
 
 class NextStepVAELoader:

@@ -51,10 +51,11 @@ class LoadedModel:
 
 @dataclass(frozen=True, eq=False)
 class NextStepModelHandle:
-    """What a NEXTSTEP_MODEL socket carries: shared weights plus this loader's attention choice."""
+    """What a NEXTSTEP_MODEL socket carries: shared weights plus this loader's attention and compile choices."""
 
     loaded: LoadedModel
     attention: str
+    compile: bool = True
 
 
 @dataclass(eq=False)

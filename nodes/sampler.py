@@ -175,7 +175,7 @@ class NextStepSampler:
         try:
             result = pipeline.sample(positive.text, settings, negative=negative_prompt,
                                      edit_latents=list(positive.images), callback=progress,
-                                     init_latents=init_latents, mask=mask)
+                                     init_latents=init_latents, mask=mask, compile=model.compile)
         except BaseException as exc:
             # The traceback holds the token loop's frames and with them the KV cache; let it go now, not at
             # the next garbage collection, so a cancelled or failed run hands its memory straight back.

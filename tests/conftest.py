@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
+# Tests run the flow head eagerly unless they ask for compiling (tests/test_compile.py): compiling costs a minute
+# per shape on a small CPU. Set before torch is imported; subprocesses (CLI, ComfyUI) inherit it.
+os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from goldens import TINY_MODEL  # noqa: E402

@@ -205,3 +205,19 @@ def test_auto_memory_on_cuda_keeps_a_small_model_whole() -> None:
     free = device_memory(torch.device("cuda"))[0]
     mode, choice = resolve_weight_mode(TINY_MODEL, "auto", torch.device("cuda"), torch.bfloat16, gpu_free=free)
     assert mode == WeightMode(torch.bfloat16) and choice.startswith("memory auto: bfloat16 (needs ")
+
+
+@pytest.mark.parametrize("name", ["official_t2i_sde", "official_edit_sde"])
+def test_compiled_head_goldens_through_the_cuda_graph(name: str, monkeypatch) -> None:
+    """The torch.compile'd head (Triton kernels) captured inside the token step's CUDA graph, float32 goldens."""
+    from nextstep_runtime.compiled_step import SolverSteps
+
+    case = next(c for c in golden_cases() if c.name == name)
+    captured = record_captured_graphs(monkeypatch)
+    with torch._dynamo.config.patch(disable=False):
+        pipe = NextStepPipeline.from_pretrained(TINY_MODEL, device="cuda", dtype="float32", compile=True)
+        result = generate(pipe, case)
+        assert SolverSteps(True).active, "compiling failed on this GPU machine"
+    assert captured and captured[0] is not None, "the token step was not captured as a CUDA graph"
+    assert_matches_golden(case, {"tokens": result.tokens.cpu(), "latents": result.latents.cpu(),
+                                 "images": result.images.cpu()})

@@ -1,0 +1,141 @@
+"""The flow head's per-token work as fused kernels: `torch.compile` (inductor) of the solver step.
+
+Why: per token the head runs S solver steps x depth blocks on a handful of rows, thousands of tiny
+operations (layer norms, modulations, activations, the guidance sum) between a few small matmuls. Inductor
+fuses each block's elementwise work into one kernel around the matmuls, so the per-token operation count
+drops several-fold; on CUDA the existing graph capture then replays those fused kernels.
+
+One step function serves every step of every token: the step index is a [1] long tensor, so one graph
+is compiled for the first shape (batch, guidance rows, steps) and reused; the adaLN modulations of a token
+are a second small graph. A second shape makes torch compile a dynamic-shape graph that then serves every
+later shape too, so a session compiles each function at most twice per dtype and device. Compiling the S
+steps unrolled into one graph was tried and rejected: its compile time grows with S and exceeded 13
+minutes on two busy CPU cores (one step compiled in 20-80 s there).
+
+Inductor compiles lazily, at the first call of a new shape: that call logs a progress line and pays the
+compile time (the disk cache of inductor makes later processes faster). If compiling fails there (no C++
+compiler on a Windows install, a toolchain inductor cannot use, any compiler error), one warning is logged
+and the process runs eagerly from then on, with the same results.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import torch
+
+from .flow_head import FlowNet
+
+log = logging.getLogger(__name__)
+
+RECOMPILE_LIMIT = 64
+"""Shapes compiled per process before torch falls back to eager (its default of 8 is too few for a
+session that changes batch, guidance rows and step counts)."""
+
+
+def solver_step(head: FlowNet, x: torch.Tensor, modulations: list[torch.Tensor], step: torch.Tensor,
+                weights: torch.Tensor, noise: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
+    """One solver step of a token with guidance: x' = (a x + c n) + sum_g W_g v_g.
+
+    x [1, B*D] float32; `step` [1] long; `weights` [S, G, 1] the step's velocity coefficient times each of
+    the G guidance rows' weight; `noise` [S, B*D] already scaled by c (None for the ode solver, where a = 1);
+    `keep` [S] the coefficients a. The guidance sum is elementwise in float32 (a matmul could run in TF32).
+    """
+    groups = weights.shape[1]
+    rows = x.view(-1, head.input_proj.in_features).to(head.input_proj.weight.dtype).repeat(groups, 1)
+    velocity = head.velocity(rows, modulations, step).float().view(groups, -1)
+    base = x if noise is None else noise.index_select(0, step) + keep.index_select(0, step) * x
+    return base + (weights.index_select(0, step)[0] * velocity).sum(0, keepdim=True)
+
+
+class _Compiled:
+    """The process-wide compiled functions and what happened to them: compiled once, shared by every model
+    and call (inductor's graphs are keyed on shapes, not on the model instance); disabled for good after the
+    first failure."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.modulations = torch.compile(FlowNet.modulations, fullgraph=True, dynamic=None)
+        self.step = torch.compile(solver_step, fullgraph=True, dynamic=None)
+        self.shapes: set[tuple] = set()
+        self.failed = False
+
+
+_compiled: _Compiled | None = None
+
+
+def _shared() -> _Compiled:
+    global _compiled
+    if _compiled is None:
+        _compiled = _Compiled()
+    return _compiled
+
+
+class SolverSteps:
+    """A token's modulations and solver steps, through the compiled functions when `compile` is on and
+    compiling works here, eagerly otherwise. Callers see the same results either way (within float
+    rounding: fused kernels may order a reduction differently)."""
+
+    def __init__(self, compile: bool) -> None:
+        # torch's own switch (TORCH_COMPILE_DISABLE=1) turns torch.compile into a no-op: then say nothing of compiling
+        self.compiled = _shared() if compile and not torch._dynamo.config.disable else None
+
+    @property
+    def active(self) -> bool:
+        """Whether the compiled functions are in use (False after a failure fell back to eager)."""
+        return self.compiled is not None and not self.compiled.failed
+
+    def modulations(self, head: FlowNet, time_embeddings: torch.Tensor, condition: torch.Tensor) -> list[torch.Tensor]:
+        if not self.active:
+            return head.modulations(time_embeddings, condition)
+        key = ("modulations", len(head.res_blocks), condition.shape[0], time_embeddings.shape[0],
+               condition.dtype, condition.device)
+        return self._call(key, self.compiled.modulations, FlowNet.modulations, head, time_embeddings, condition)
+
+    def step(self, head: FlowNet, x: torch.Tensor, modulations: list[torch.Tensor], step: torch.Tensor,
+             weights: torch.Tensor, noise: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
+        args = (head, x, modulations, step, weights, noise, keep)
+        if not self.active:
+            return solver_step(*args)
+        key = ("step", len(modulations), x.numel() // head.input_proj.in_features, weights.shape[1], weights.shape[0],
+               noise is None, x.device, modulations[0].dtype)
+        return self._call(key, self.compiled.step, solver_step, *args)
+
+    def _call(self, key: tuple, compiled, eager, *args):
+        shared = self.compiled
+        if key in shared.shapes:
+            return compiled(*args)
+        with shared.lock:  # the first call of a shape compiles; two threads must not compile it twice
+            if shared.failed:
+                return eager(*args)
+            log.info("NextStep: compiling the flow head's %s for %s (a new shape compiles once per process: "
+                     "seconds on a GPU, a minute or more on a small CPU)...", key[0], _describe(key))
+            start = time.perf_counter()
+            try:
+                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
+                                                accumulated_recompile_limit=16 * RECOMPILE_LIMIT):
+                    result = compiled(*args)
+            except Exception as exc:  # noqa: BLE001 - any compiler or toolchain failure: never fail the run
+                shared.failed = True
+                log.warning("NextStep: torch.compile of the flow head failed (%s: %s); running it without "
+                            "compiling (same images, slower). To skip the attempt, turn compile off (Model Loader "
+                            "`compile`, CLI --no-compile, from_pretrained(compile=False)).",
+                            type(exc).__name__, _first_line(exc))
+                return eager(*args)
+            shared.shapes.add(key)
+            log.info("NextStep: compiled flow head %s ready in %.1f s", key[0], time.perf_counter() - start)
+            return result
+
+
+def _describe(key: tuple) -> str:
+    if key[0] == "modulations":
+        return f"{key[2]} rows, {key[3]} steps"
+    return f"batch {key[2]}, {key[3]} guidance rows, {key[4]} steps"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else "no message"
+
