@@ -8,6 +8,7 @@ excluded), divided by the batch. The component figures are timed separately on t
 prefill_ms (prompt rows through the decoder), ms_per_token_backbone (one image token through the
 decoder), ms_per_token_head (one token's solver steps with guidance),
 vae_decode_ms. ms_per_token is the sampling time (prefill included) over the image's tokens.
+planned_peak_vram_mb: the memory planner's peak for the same job, next to the measured peak_vram_mb.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).parent)]
 
 from eager_baseline import eager_sample  # noqa: E402
-from presets import PRESETS, random_model, random_vae  # noqa: E402
+from presets import PRESETS, VAE_PRESETS, random_model, random_vae  # noqa: E402
 
 from nextstep_runtime.generate import DecodeState, TokenSolver  # noqa: E402
+from nextstep_runtime.memory_plan import Job, ModelFootprint, WeightMode, plan_memory  # noqa: E402
 from nextstep_runtime.pipeline import DTYPES, GenerationSettings, NextStepPipeline, resolve_device, resolve_dtype  # noqa: E402
 from nextstep_runtime.prompt import load_tokenizer  # noqa: E402
 from nextstep_runtime.sampling import SAMPLERS  # noqa: E402
@@ -72,14 +74,23 @@ def _component_ms(pipe: NextStepPipeline, inputs, device: torch.device, repeat: 
     return prefill_ms, head_ms, backbone_ms
 
 
+def _planned_peak(args: argparse.Namespace, dtype: torch.dtype, prompt_tokens: int) -> int:
+    """The memory planner's peak for this run, to compare with the measured peak_vram_mb."""
+    footprint = ModelFootprint.from_config(PRESETS[args.preset], vae_config=VAE_PRESETS[args.preset])
+    job = Job(width=args.width, height=args.height, batch=args.batch, cfg=args.cfg, steps=args.steps,
+              prompt_tokens=prompt_tokens)
+    return plan_memory(footprint, WeightMode(dtype, args.fp8), job).peak_gpu_bytes
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
-    parser.add_argument("--height", type=int, default=512)
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--cfg", type=float, default=7.5)
-    parser.add_argument("--sampler", choices=SAMPLERS, default="sde")
+    defaults = GenerationSettings()
+    parser.add_argument("--height", type=int, default=defaults.height)
+    parser.add_argument("--width", type=int, default=defaults.width)
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--cfg", type=float, default=defaults.cfg)
+    parser.add_argument("--sampler", choices=SAMPLERS, default=defaults.sampler)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto")
@@ -127,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens_per_s": round(total * args.batch / sample_s, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_vram_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None,
+        "planned_peak_vram_mb": round(_planned_peak(args, dtype, inputs.rows.input_ids.shape[1]) / 2**20, 1),
         "args": {**vars(args), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
                  "threads": torch.get_num_threads()},
     }

@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import NoReturn, Sequence
+from typing import Any, NoReturn, Sequence
 
 import torch
 from safetensors.torch import save_file
 
+from . import cli_plan
+from .cli_help import HelpFormatter
 from .errors import NextStepError
 from .images import center_crop_to_multiple, load_rgb, save_png, to_uint8
-from .pipeline import DTYPES, SIZE_MULTIPLE, GenerationSettings, NextStepPipeline, images_to_unit
+from .pipeline import DTYPES, PRESET_SETTINGS, SIZE_MULTIPLE, GenerationSettings, NextStepPipeline, images_to_unit
+from .presets import DEFAULT_PRESET, PRESETS
 from .prompt import PROFILES
 from .sampling import CFG_SCHEDULES, SAMPLERS
 
@@ -26,13 +29,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"error: {message} (see --help)\n")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except the empty ones (None, off)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or isinstance(action.default, bool):
-            return action.help
-        return super()._get_help_string(action)
+def _preset_option(parser: argparse.ArgumentParser, flag: str, field: str, help: str, **kwargs: Any) -> None:
+    """A setting that --preset also sets: parsed as None when not given (so the preset's value applies), with
+    the default preset's value shown in --help."""
+    if "type" in kwargs and "choices" not in kwargs:
+        kwargs["metavar"] = flag.lstrip("-").replace("-", "_").upper()
+    shown = getattr(PRESETS[DEFAULT_PRESET], field)
+    shown = ("on" if shown else "off") if isinstance(shown, bool) else repr(shown) if shown == "" else shown
+    parser.add_argument(flag, dest=field, default=None, **kwargs,
+                        help=f"{help} (default: {shown}, or the preset's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,26 +45,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m nextstep_runtime", description="NextStep text-to-image and image editing.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     gen = commands.add_parser("generate", help="generate or edit images",
-                              formatter_class=_HelpFormatter)
+                              formatter_class=HelpFormatter)
     gen.add_argument("--model", required=True, help="NextStep model folder (config.json, weights, tokenizer)")
     gen.add_argument("--vae", help="VAE folder or .safetensors file (default: the model's vae_name_or_path)")
     gen.add_argument("--prompt", required=True, help="caption; for editing it holds <image> where the image goes")
     gen.add_argument("--positive", help="appended to the caption after a space")
-    gen.add_argument("--negative", help="negative prompt (empty when omitted)")
+    gen.add_argument("--preset", choices=list(PRESETS), metavar="NAME",
+                     help=f"the recommended settings of a released model ({', '.join(PRESETS)}): size, steps, "
+                          f"guidance, shift, sampler, profile, use_norm and negative prompt; explicit flags win "
+                          f"(default: {DEFAULT_PRESET}'s, shown below)")
+    _preset_option(gen, "--negative", "negative", help="negative prompt")
     gen.add_argument("--image", help="input image for editing")
-    gen.add_argument("--width", type=int, default=defaults.width, help="pixels, a multiple of 16")
-    gen.add_argument("--height", type=int, default=defaults.height, help="pixels, a multiple of 16")
+    _preset_option(gen, "--width", "width", type=int, help="pixels, a multiple of 16")
+    _preset_option(gen, "--height", "height", type=int, help="pixels, a multiple of 16")
     gen.add_argument("--batch", type=int, default=defaults.batch, help="images per prompt")
-    gen.add_argument("--steps", type=int, default=defaults.steps, help="solver steps per token")
-    gen.add_argument("--cfg", type=float, default=defaults.cfg, help="text guidance scale (1 = off)")
-    gen.add_argument("--cfg-img", type=float, default=defaults.cfg_img, help="image guidance scale for editing")
+    _preset_option(gen, "--steps", "steps", type=int, help="solver steps per token")
+    _preset_option(gen, "--cfg", "cfg", type=float, help="text guidance scale (1 = off)")
+    _preset_option(gen, "--cfg-img", "cfg_img", type=float, help="image guidance scale for editing")
     gen.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default=defaults.cfg_schedule,
                      help="guidance per token: constant, or linear (rising for official, falling for hf)")
-    gen.add_argument("--shift", type=float, default=defaults.timesteps_shift, help="timesteps shift")
-    gen.add_argument("--sampler", choices=SAMPLERS, default=defaults.sampler, help="flow-matching solver")
-    gen.add_argument("--profile", choices=PROFILES, default=defaults.profile,
-                     help="official: GitHub pipeline; hf: pipeline shipped in the Hugging Face repos")
-    gen.add_argument("--use-norm", action="store_true", help="LayerNorm each sampled token (NextStep-1-Large)")
+    _preset_option(gen, "--shift", "timesteps_shift", type=float, help="timesteps shift")
+    _preset_option(gen, "--sampler", "sampler", choices=SAMPLERS, help="flow-matching solver")
+    _preset_option(gen, "--profile", "profile", choices=PROFILES,
+                   help="official: GitHub pipeline; hf: pipeline shipped in the Hugging Face repos")
+    _preset_option(gen, "--use-norm", "use_norm", action=argparse.BooleanOptionalAction,
+                   help="LayerNorm each sampled token (NextStep-1-Large)")
     gen.add_argument("--seed", type=int, default=defaults.seed, help="noise seed (drawn on the CPU: same image on any device)")
     gen.add_argument("--device", default="auto", help="cpu, cuda or auto")
     gen.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="compute dtype (auto: bf16 on CUDA)")
@@ -69,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep only N decoder layers on the GPU and stream the rest from RAM (default: all)")
     gen.add_argument("--out", required=True, help="output PNG; a batch writes OUT_0.png, OUT_1.png, ...")
     gen.add_argument("--save-tensors", help="also write tokens, latents and images to this .safetensors file")
+    cli_plan.add_parser(commands)
     return parser
 
 
@@ -96,16 +107,23 @@ def _input_image(path: str) -> torch.Tensor:
     return cropped
 
 
+def settings_from_args(args: argparse.Namespace) -> tuple[GenerationSettings, str]:
+    """The settings and negative prompt of a `generate` call: the preset's (or the default preset's) values,
+    with every flag given explicitly winning."""
+    preset = PRESETS[args.preset or DEFAULT_PRESET]
+    given = {name: getattr(args, name) for name in PRESET_SETTINGS if getattr(args, name) is not None}
+    settings = GenerationSettings.from_preset(preset, batch=args.batch, cfg_schedule=args.cfg_schedule,
+                                              seed=args.seed, **given)
+    return settings, preset.negative if args.negative is None else args.negative
+
+
 def run_generate(args: argparse.Namespace) -> None:
-    settings = GenerationSettings(
-        width=args.width, height=args.height, batch=args.batch, steps=args.steps, cfg=args.cfg,
-        cfg_img=args.cfg_img, cfg_schedule=args.cfg_schedule, timesteps_shift=args.shift, sampler=args.sampler,
-        profile=args.profile, use_norm=args.use_norm, seed=args.seed)
+    settings, negative = settings_from_args(args)
     settings.validate()  # before the (slow) model load
     edit_images = [_input_image(args.image)] if args.image else []
     pipe = NextStepPipeline.from_pretrained(args.model, vae=args.vae, device=args.device, dtype=args.dtype,
                                             fp8=args.fp8, resident_layers=args.gpu_layers)
-    result = pipe.generate(args.prompt, settings, negative=args.negative, positive=args.positive,
+    result = pipe.generate(args.prompt, settings, negative=negative, positive=args.positive,
                            edit_images=edit_images, callback=ProgressBar())
     unit = images_to_unit(result.images)
     for path in save_png(unit, args.out):
@@ -117,13 +135,17 @@ def run_generate(args: argparse.Namespace) -> None:
         sys.stderr.write(f"saved {args.save_tensors}\n")
 
 
+RUNNERS = {"generate": run_generate, "plan": cli_plan.run}
+"""Subcommand name -> the function that runs it."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_request:  # --help, or a bad argument already reported in one line
         return int(exit_request.code or 0)
     try:
-        run_generate(args)
+        RUNNERS[args.command](args)
     except NextStepError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return EXIT_BAD_INPUT

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from .config import ModelConfig
 from .errors import NextStepError
 from .generate import TokenCallback, TokenLoopInputs, draw_noise, sample_tokens
 from .loading import check_vae_matches, load_model, load_vae, resolve_vae_path
 from .model import NextStepModel
+from .presets import DEFAULT_PRESET, PRESETS, Preset
 from .prompt import PROFILES, build_rows, load_tokenizer
 from .sampling import guidance_scales, solver_plan
 from .tokens import LatentNormalization, patchify, unpatchify
@@ -62,22 +65,40 @@ def check_size(width: int, height: int) -> None:
                                 f"try {label} {_nearest_sizes(value)}")
 
 
+_RECOMMENDED = PRESETS[DEFAULT_PRESET]
+PRESET_SETTINGS = ("width", "height", "steps", "cfg", "cfg_img", "timesteps_shift", "sampler", "profile", "use_norm")
+
+
+def token_grid(config: ModelConfig, height: int, width: int) -> tuple[int, int]:
+    """Image tokens down and across an image of that many pixels: one token is a patch of latent pixels,
+    each 8 image pixels square."""
+    patch_pixels = 8 * config.latent_patch_size
+    return height // patch_pixels, width // patch_pixels
+
+
 @dataclass
 class GenerationSettings:
-    """One call's settings; the defaults are the official NextStep-1.1 recommendation."""
+    """One call's settings; the defaults are the official NextStep-1.1 recommendation (presets.py)."""
 
-    width: int = 512
-    height: int = 512
+    width: int = _RECOMMENDED.width
+    height: int = _RECOMMENDED.height
     batch: int = 1
-    steps: int = 28
-    cfg: float = 7.5
-    cfg_img: float = 1.0
+    steps: int = _RECOMMENDED.steps
+    cfg: float = _RECOMMENDED.cfg
+    cfg_img: float = _RECOMMENDED.cfg_img
     cfg_schedule: str = "constant"
-    timesteps_shift: float = 1.0
-    sampler: str = "sde"
-    profile: str = "official"
-    use_norm: bool = False
+    timesteps_shift: float = _RECOMMENDED.timesteps_shift
+    sampler: str = _RECOMMENDED.sampler
+    profile: str = _RECOMMENDED.profile
+    use_norm: bool = _RECOMMENDED.use_norm
     seed: int = 0
+
+    @classmethod
+    def from_preset(cls, preset: Preset, **overrides: Any) -> "GenerationSettings":
+        """A preset's sampling settings (its size included; the negative prompt is not a setting), with
+        `overrides` (any field) winning."""
+        fields = {name: getattr(preset, name) for name in PRESET_SETTINGS}
+        return cls(**{**fields, **overrides})
 
     def validate(self) -> None:
         check_size(self.width, self.height)
@@ -147,9 +168,12 @@ class NextStepPipeline:
             return self._require_vae().encode(pixels * 2 - 1).float()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE-space latents to images [B, 3, H, W] in about [-1, 1] (clamp with `images_to_unit`)."""
+        """VAE-space latents to images [B, 3, H, W] in about [-1, 1] (clamp with `images_to_unit`).
+
+        One image at a time: the full-resolution activations dominate memory, and a batch would multiply them."""
+        vae = self._require_vae()
         with torch.inference_mode():
-            return self._require_vae().decode(latents).float()
+            return torch.cat([vae.decode(one).float() for one in latents.split(1)])
 
     def latents_to_tokens(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE-space latents [1, C, h, w] to model-space tokens [h*w/p^2, D] for an editing prompt."""
@@ -164,8 +188,7 @@ class NextStepPipeline:
         """Validate and tokenize, and prepare everything the token loop needs (rows, noise, schedules)."""
         settings.validate()
         config = self.model.config
-        patch_pixels = 8 * config.latent_patch_size
-        grid = (settings.height // patch_pixels, settings.width // patch_pixels)
+        grid = token_grid(config, settings.height, settings.width)
         edit_latents = list(edit_latents or [])
         input_grids = [(lat.shape[-2] // config.latent_patch_size, lat.shape[-1] // config.latent_patch_size)
                        for lat in edit_latents]

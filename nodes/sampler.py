@@ -10,7 +10,9 @@ from nextstep_runtime.attention import set_attention_backend
 from nextstep_runtime.config import ModelConfig
 from nextstep_runtime.errors import NextStepError
 from nextstep_runtime.pipeline import SIZE_MULTIPLE, GenerationSettings, check_size
-from nextstep_runtime.prompt import PROFILES, guidance_groups
+from nextstep_runtime.memory_plan import Job, sampling_bytes
+from nextstep_runtime.presets import PRESETS
+from nextstep_runtime.prompt import PROFILES
 from nextstep_runtime.sampling import CFG_SCHEDULES, SAMPLERS
 
 from . import host
@@ -21,22 +23,18 @@ from .progress import TokenProgress
 from .sockets import CATEGORY, CONDITIONING, MODEL
 
 MAX_SIZE = 2048
-PROMPT_ALLOWANCE = 512
-"""Text positions assumed per row when estimating the KV cache before the prompt is tokenized."""
 
 _DEFAULTS = GenerationSettings()
 
 
 def _working_memory(config: ModelConfig, settings: GenerationSettings, images: tuple[torch.Tensor, ...],
                     dtype: torch.dtype) -> int:
-    """Bytes of the KV cache of a call, the bulk of what sampling allocates besides the weights; ComfyUI frees
-    this much (plus its reserve) before the run."""
-    patch = config.latent_patch_size
-    tokens = (settings.width // (8 * patch)) * (settings.height // (8 * patch))
-    image_tokens = sum(latent.shape[-2] * latent.shape[-1] // patch**2 for latent in images)
-    rows = settings.batch * guidance_groups(settings.cfg, settings.cfg_img, bool(images))
-    positions = PROMPT_ALLOWANCE + image_tokens + tokens
-    return 2 * config.num_hidden_layers * rows * config.num_key_value_heads * config.head_dim * positions * dtype.itemsize
+    """Bytes the token loop allocates besides the weights (KV cache and activations, the planner's figure);
+    ComfyUI frees this much (plus its reserve) before the run."""
+    job = Job(width=settings.width, height=settings.height, batch=settings.batch, cfg=settings.cfg,
+              cfg_img=settings.cfg_img, steps=settings.steps,
+              input_images=tuple((8 * latent.shape[-2], 8 * latent.shape[-1]) for latent in images))
+    return sampling_bytes(config, dtype, job)
 
 
 def _size_input(label: str) -> tuple:
@@ -58,7 +56,7 @@ class NextStepSampler:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        d = _DEFAULTS
+        d, edit = _DEFAULTS, PRESETS["NextStep-1-Large-Edit"]
         return {
             "required": {
                 "model": (MODEL, {"tooltip": "The NextStep model from NextStep Model Loader."}),
@@ -72,13 +70,13 @@ class NextStepSampler:
                                  "tooltip": "Seed of the noise. The noise is drawn on the CPU, so a seed gives the "
                                             "same image on every device."}),
                 "steps": ("INT", {"default": d.steps, "min": 1, "max": 200,
-                                  "tooltip": "Flow-matching solver steps per token (official: 28). Time grows "
+                                  "tooltip": f"Flow-matching solver steps per token (official: {d.steps}). Time grows "
                                              "with steps x tokens."}),
                 "cfg": ("FLOAT", {"default": d.cfg, "min": 1.0, "max": 30.0, "step": 0.1, "round": 0.01,
-                                  "tooltip": "Text guidance scale (official: 7.5). 1 turns guidance off and skips "
+                                  "tooltip": f"Text guidance scale (official: {d.cfg}). 1 turns guidance off and skips "
                                              "the negative prompt."}),
                 "cfg_img": ("FLOAT", {"default": d.cfg_img, "min": 1.0, "max": 30.0, "step": 0.1, "round": 0.01,
-                                      "tooltip": "Editing only: image guidance scale (NextStep-1-Large-Edit: 2.0). "
+                                      "tooltip": f"Editing only: image guidance scale (NextStep-1-Large-Edit: {edit.cfg_img}). "
                                                  "1 turns it off; ignored without an input image or when cfg is 1."}),
                 "cfg_schedule": (list(CFG_SCHEDULES), {"default": d.cfg_schedule,
                                                        "tooltip": "constant (official): the same guidance for every "
@@ -87,7 +85,7 @@ class NextStepSampler:
                 "timesteps_shift": ("FLOAT", {"default": d.timesteps_shift, "min": 0.01, "max": 20.0, "step": 0.1,
                                               "round": 0.01,
                                               "tooltip": "Shifts the solver's time grid towards the noisy end "
-                                                         "(1.0 for text-to-image, 3.2 for NextStep-1-Large-Edit)."}),
+                                                         f"({d.timesteps_shift} for text-to-image, {edit.timesteps_shift} for NextStep-1-Large-Edit)."}),
                 "sampler": (list(SAMPLERS), {"default": d.sampler,
                                              "tooltip": "sde: the official stochastic solver. cps: its coefficient-"
                                                         "preserving variant. ode: deterministic. sde_score: the "

@@ -8,6 +8,7 @@ import torch
 
 from nextstep_runtime.errors import NextStepError
 from nextstep_runtime.images import center_crop_to_multiple
+from nextstep_runtime.memory_plan import vae_decode_bytes, vae_encode_bytes
 from nextstep_runtime.pipeline import images_to_unit
 
 from . import host
@@ -15,16 +16,6 @@ from .models import LoadedVAE
 from .sockets import CATEGORY, VAE
 
 log = logging.getLogger("NextStep")
-
-
-def _decode_memory(latent_h: int, latent_w: int, dtype: torch.dtype) -> int:
-    """Working memory to decode one image: ComfyUI's estimate for this same Flux-style VAE architecture."""
-    return 2562 * latent_h * latent_w * 64 * dtype.itemsize
-
-
-def _encode_memory(height: int, width: int, dtype: torch.dtype) -> int:
-    """Working memory to encode one image: ComfyUI's estimate for this same Flux-style VAE architecture."""
-    return 1767 * height * width * dtype.itemsize
 
 
 class NextStepVAEDecode:
@@ -53,7 +44,7 @@ class NextStepVAEDecode:
             shape = list(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
             raise NextStepError(f"NextStep VAE Decode needs a LATENT of [batch, {channels}, height/8, width/8] from "
                                 f"NextStep Sampler, got {shape}; latents of other models need their own VAE")
-        host.prepare_model(vae.registration, _decode_memory(latent.shape[2], latent.shape[3], vae.vae.dtype))
+        host.prepare_model(vae.registration, vae_decode_bytes(latent.shape[2], latent.shape[3], vae.vae.dtype))
         with torch.inference_mode():  # one image at a time: the full-resolution activations dominate memory
             images = torch.cat([images_to_unit(vae.vae.decode(one).float()) for one in latent.split(1)])
         return (images.movedim(1, -1).to(host.intermediate_device(), torch.float32),)
@@ -84,7 +75,7 @@ class NextStepVAEEncode:
         if cropped.shape != images.shape:
             log.info("NextStep VAE Encode: centre-cropped %dx%d to %dx%d", images.shape[-1], images.shape[-2],
                      cropped.shape[-1], cropped.shape[-2])
-        host.prepare_model(vae.registration, _encode_memory(cropped.shape[2], cropped.shape[3], vae.vae.dtype))
+        host.prepare_model(vae.registration, vae_encode_bytes(cropped.shape[2], cropped.shape[3], vae.vae.dtype))
         with torch.inference_mode():
             latents = torch.cat([vae.vae.encode(one * 2 - 1).float() for one in cropped.split(1)])
         return ({"samples": latents.to(host.intermediate_device(), torch.float32)},)

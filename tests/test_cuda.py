@@ -67,3 +67,30 @@ def test_bfloat16_graph_equals_bfloat16_eager(monkeypatch) -> None:
     monkeypatch.setattr(generate_module, "cuda_graph_possible", lambda model: False)
     eager = generate(pipe, case)
     assert torch.equal(graphed.tokens, eager.tokens)
+
+
+@pytest.mark.parametrize("fp8,resident", [(False, None), (True, None), (True, 2)])
+def test_memory_plan_weights_are_what_sits_on_the_gpu(model_copy, fp8, resident) -> None:
+    """Every tensor the loaded model holds (registered ones, streaming slots, streamed host layers), summed by
+    the device it really lives on, against the planner's device and host figures; and the GPU's size as the
+    planner reads it."""
+    from nextstep_runtime.loading import load_model
+    from nextstep_runtime.memory_plan import Job, ModelFootprint, WeightMode, device_memory, plan_memory
+    from nextstep_runtime.offload import StreamedLayer
+
+    deepen(model_copy, 5)
+    model = load_model(model_copy, torch.bfloat16, "cuda", fp8=fp8, resident_layers=resident)
+    tensors = list(model.state_dict().values())
+    streamers = {id(layer._streamer[0]): layer._streamer[0] for layer in model.layers if isinstance(layer, StreamedLayer)}
+    for streamer in streamers.values():
+        for layer in streamer.slots + streamer.host_layers:
+            tensors += list(layer.state_dict().values())
+    by_device = {"cuda": 0, "cpu": 0}
+    for tensor in tensors:
+        by_device[tensor.device.type] += tensor.numel() * tensor.element_size()
+    free, total = device_memory(torch.device("cuda"))
+    plan = plan_memory(ModelFootprint.from_folder(model_copy), WeightMode(torch.bfloat16, fp8, resident), Job(),
+                       gpu_total=total, gpu_free=free)
+    assert (plan.weights_gpu_bytes, plan.weights_host_bytes) == (by_device["cuda"], by_device["cpu"])
+    assert 0 < free <= total == torch.cuda.mem_get_info()[1]
+    assert plan.fits is True

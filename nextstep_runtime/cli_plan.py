@@ -1,0 +1,93 @@
+"""`python -m nextstep_runtime plan MODEL ...`: the memory a model folder needs for a job, and whether (and in
+which mode) it fits this machine's GPU or a GPU of a given size. Reads no weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from .cli_help import HelpFormatter
+from .errors import NextStepError
+from .memory_plan import GB, PROMPT_ALLOWANCE, Job, MemoryPlan, ModelFootprint, WeightMode, device_memory, plan_memory
+from .pipeline import DTYPES
+
+_DEFAULT_JOB = Job()
+
+
+def _size(text: str) -> tuple[int, int]:
+    """`WxH` to (height, width)."""
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 512x512 (width x height)")
+    return int(height), int(width)
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    plan = commands.add_parser("plan", help="memory needed for a model and job, and the mode that fits",
+                               formatter_class=HelpFormatter,
+                               description="Reads config.json and the weights' headers only (no weights).")
+    plan.add_argument("model", help="NextStep model folder")
+    plan.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="compute dtype")
+    plan.add_argument("--fp8", action="store_true", help="float8 decoder linear weights (generate --fp8)")
+    plan.add_argument("--gpu-layers", type=int, metavar="N", default=None,
+                      help="decoder layers kept on the GPU, the rest streamed (generate --gpu-layers; default: all)")
+    plan.add_argument("--width", type=int, default=_DEFAULT_JOB.width, help="pixels")
+    plan.add_argument("--height", type=int, default=_DEFAULT_JOB.height, help="pixels")
+    plan.add_argument("--batch", type=int, default=_DEFAULT_JOB.batch, help="images per prompt")
+    plan.add_argument("--cfg", type=float, default=_DEFAULT_JOB.cfg, help="text guidance (1 = one row per image)")
+    plan.add_argument("--cfg-img", type=float, default=_DEFAULT_JOB.cfg_img,
+                      help="image guidance (editing; above 1 adds a row per image)")
+    plan.add_argument("--steps", type=int, default=_DEFAULT_JOB.steps, help="solver steps per token")
+    plan.add_argument("--input-size", type=_size, action="append", default=[], metavar="WxH",
+                      help="an editing input image's size (repeat for several images)")
+    plan.add_argument("--prompt-tokens", type=int, metavar="N", default=None,
+                      help=f"prompt positions per row besides input images (default: {PROMPT_ALLOWANCE}, a long "
+                           f"prompt)")
+    plan.add_argument("--gpu-memory", type=float, metavar="GB", default=None,
+                      help="GPU size in GB (10^9 bytes), taken as all free (default: this machine's CUDA GPU)")
+    plan.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+
+def _gpu(args: argparse.Namespace) -> tuple[int | None, int | None]:
+    if args.gpu_memory is not None:
+        if args.gpu_memory <= 0:
+            raise NextStepError(f"--gpu-memory must be a positive number of GB (got {args.gpu_memory})")
+        size = int(args.gpu_memory * GB)
+        return size, size
+    measured = device_memory(torch.device("cuda")) if torch.cuda.is_available() else None
+    return (None, None) if measured is None else (measured[1], measured[0])
+
+
+def make_plan(args: argparse.Namespace) -> MemoryPlan:
+    footprint = ModelFootprint.from_folder(args.model)
+    mode = WeightMode(dtype=DTYPES[args.dtype], fp8=args.fp8, gpu_layers=args.gpu_layers)
+    job = Job(width=args.width, height=args.height, batch=args.batch, cfg=args.cfg, cfg_img=args.cfg_img,
+              input_images=tuple(args.input_size), prompt_tokens=args.prompt_tokens, steps=args.steps)
+    total, free = _gpu(args)
+    return plan_memory(footprint, mode, job, gpu_total=total, gpu_free=free)
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """The plan as a small aligned table, sizes in GB."""
+    def gb(value: int) -> str:
+        return f"{value / GB:8.2f} GB"
+
+    rows = [("weights on the GPU", gb(plan.weights_gpu_bytes)),
+            ("weights in host RAM (streamed)", gb(plan.weights_host_bytes)),
+            ("VAE weights", gb(plan.vae_bytes)),
+            ("KV cache", gb(plan.kv_cache_bytes)),
+            ("one run (KV cache, activations, VAE)", gb(plan.job_bytes)),
+            ("peak on the GPU", gb(plan.peak_gpu_bytes))]
+    if plan.gpu_total_bytes is not None:
+        rows.append(("GPU total / free", f"{gb(plan.gpu_total_bytes)} / {plan.gpu_free_bytes / GB:.2f} GB"))
+    width = max(len(label) for label, _ in rows)
+    lines = [f"mode: {plan.mode.describe()}"] + [f"{label:<{width}}  {value}" for label, value in rows]
+    return "\n".join(lines + [f"advice: {plan.advice}"])
+
+
+def run(args: argparse.Namespace) -> None:
+    plan = make_plan(args)
+    sys.stdout.write((json.dumps(plan.to_dict()) if args.json else format_plan(plan)) + "\n")
