@@ -10,12 +10,15 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from comfyui_server import ComfyUI, example_prompt, running_comfyui
 from goldens import FIXTURES, UINT8_TOLERANCE, golden_cases
 from nextstep_runtime import GenerationSettings, NextStepPipeline, images_to_unit
 from nextstep_runtime.images import to_uint8
+from nextstep_runtime.loading import load_model
+from nextstep_runtime.presets import presets_as_json
 from nodes_pack import MODEL_NAME, VAE_FILE
 
 CASES = {case.name: case for case in golden_cases()}
@@ -167,3 +170,16 @@ def test_bad_width_is_refused_with_a_readable_message(comfy):
     assert "width 500 is not a positive multiple of 16" in details
     assert comfy.process.poll() is None
     assert comfy.request("/object_info/NextStepSampler")[0] == 200
+
+
+def test_routes_serve_presets_and_the_memory_plan(comfy):
+    assert comfy.request("/nextstep/presets") == (200, presets_as_json())
+    status, plan = comfy.request(f"/api/nextstep/plan?model={MODEL_NAME}&dtype=bfloat16&width=64&height=64")
+    assert status == 200, plan
+    model = load_model(FIXTURES / MODEL_NAME, torch.bfloat16, "cpu")
+    assert plan["weights_gpu_bytes"] == sum(tensor.nbytes for tensor in model.state_dict().values())
+    assert plan["fits"] is True  # a CPU server plans against its host RAM
+    status, answer = comfy.request("/nextstep/plan?model=NextStep-1.1")
+    assert status == 404 and "'NextStep-1.1' is not in NextStep Model Loader's list" in answer["error"]
+    status, answer = comfy.request(f"/nextstep/plan?model={MODEL_NAME}&width=500")
+    assert status == 400 and "width 500 is not a positive multiple of 16" in answer["error"]
