@@ -82,7 +82,8 @@ class ComfyUI:
         """Run a workflow with one SaveImage and return the saved image as uint8 [H, W, 3]."""
         entry = self.wait(self.submit(prompt))
         assert entry["status"]["status_str"] == "success", f"{entry['status']}\n{self.log_tail()}"
-        (saved,) = [image for output in entry["outputs"].values() for image in output.get("images", [])]
+        (saved,) = [image for output in entry["outputs"].values() for image in output.get("images", [])
+                    if image["type"] == "output"]  # previews are "temp"
         return np.asarray(Image.open(self.output / saved["subfolder"] / saved["filename"]).convert("RGB"))
 
 

@@ -125,6 +125,28 @@ def test_upscale_workflow_chains_into_native_nodes(comfy):
     assert_close_uint8(saved, expected, UINT8_TOLERANCE + 1)
 
 
+def test_generate_then_edit_workflow_runs_both_samplers(comfy):
+    prompt = example_prompt("nextstep_generate_then_edit")
+    for node in prompt.values():
+        inputs = node["inputs"]
+        match node["class_type"]:
+            case "NextStepModelLoader":
+                inputs["model_name"] = MODEL_NAME
+            case "NextStepVAELoader":
+                inputs["vae_name"] = f"{MODEL_NAME}/vae"
+            case "NextStepSampler":
+                inputs.update(width=32, height=48, steps=2, seed=1)
+            case "SaveImage":
+                inputs["filename_prefix"] = "e2e/generate-edit"
+    entry = comfy.wait(comfy.submit(prompt))
+    assert entry["status"]["status_str"] == "success", f"{entry['status']}\n{comfy.log_tail()}"
+    (generated,) = entry["outputs"]["7"]["images"]  # Preview Image of the generated picture
+    (edited,) = entry["outputs"]["15"]["images"]
+    assert (generated["type"], edited["type"]) == ("temp", "output")
+    saved = np.asarray(Image.open(comfy.output / edited["subfolder"] / edited["filename"]))
+    assert saved.shape == (48, 32, 3)
+
+
 def expected_from_runtime(case: dict, **changes) -> np.ndarray:
     """What the runtime itself makes of a case with changed settings (float32, CPU)."""
     pipeline = NextStepPipeline.from_pretrained(FIXTURES / MODEL_NAME, device="cpu", dtype="float32")
