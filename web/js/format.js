@@ -12,7 +12,8 @@ export function formatDuration(seconds) {
 /** Bytes as GB with one decimal (the unit of the memory advice), small sizes in MB or kB. */
 export function formatBytes(bytes) {
   if (bytes >= 1e9) return `${(bytes / 1e9).toFixed(1)} GB`;
-  return bytes >= 1e6 ? `${Math.round(bytes / 1e6)} MB` : `${Math.round(bytes / 1e3)} kB`;
+  if (bytes >= 1e6) return `${(bytes / 1e6).toFixed(bytes < 1e8 ? 1 : 0)} MB`;
+  return `${Math.round(bytes / 1e3)} kB`;
 }
 
 /** "token 312 / 1024 · 5.1 tok/s · 2:26 left"; the rate and time left once a rate is known. */
