@@ -75,7 +75,10 @@ class Page:
     def js(self, script: str, argument=None):
         return self.page.evaluate(script, argument)
 
-    def screenshot(self, name: str) -> None:
+    def screenshot(self, name: str, whole_graph: bool = False) -> None:
+        if whole_graph:
+            self.js("() => app.extensionManager.command.execute('Comfy.Canvas.FitView')")
+            self.page.wait_for_timeout(300)
         SCREENSHOTS.mkdir(exist_ok=True)
         self.page.screenshot(path=SCREENSHOTS / f"{name}-{self.mode}.png")
 
@@ -207,7 +210,7 @@ HAS_PICKERS = "() => LiteGraph.createNode('NextStepSampler').widgets.some(w => w
 def test_examples_save_and_export_the_same_with_and_without_the_extension(page, browser, server):
     names = sorted(path.stem for path in EXAMPLES.glob("*.json"))
     with_extension = {name: export(page, example(name)) for name in names}
-    page.screenshot("example-with-extension")
+    page.screenshot("example-with-extension", whole_graph=True)
     assert page.js(HAS_PICKERS)
     assert server.request("/settings/Comfy.Extension.Disabled", [EXTENSION])[0] == 200
     try:
@@ -217,7 +220,7 @@ def test_examples_save_and_export_the_same_with_and_without_the_extension(page, 
         plain.page.wait_for_function("() => window.app?.graph && window.app.extensions?.length")
         assert not plain.js(HAS_PICKERS)
         without_extension = {name: export(plain, example(name)) for name in names}
-        plain.screenshot("example-without-extension")
+        plain.screenshot("example-without-extension", whole_graph=True)
         plain.page.close()
     finally:
         assert server.request("/settings/Comfy.Extension.Disabled", [])[0] == 200
@@ -238,21 +241,22 @@ def load_runnable_example(page: Page, width: int, height: int, steps: int) -> di
     page.js("""async workflow => {
         await app.loadGraphData(workflow, true, true, null, {showMissingModelsDialog: false});
     }""", example("nextstep_1.1_text_to_image"))
-    ids = page.js("""([model, vae]) => {
+    ids = page.js("""() => {
         const byType = Object.fromEntries(app.graph.nodes.map(node => [node.type, node]));
-        byType.NextStepModelLoader.widgets.find(w => w.name === 'model_name').value = model;
-        byType.NextStepVAELoader.widgets.find(w => w.name === 'vae_name').value = vae;
         const status = byType.NextStepSampler.widgets.find(w => w.name === 'nextstep_status').element;
         window.nextstepTexts = [];
         new MutationObserver(() => window.nextstepTexts.push(status.innerText))
             .observe(status, {childList: true, subtree: true, characterData: true});
         return Object.fromEntries(Object.entries(byType).map(([type, node]) => [type, node.id]));
-    }""", [MODEL_NAME, f"{MODEL_NAME}/vae"])
-    set_sampler(page, ids["NextStepSampler"], width=width, height=height, steps=steps)
+    }""")
+    set_widgets(page, ids["NextStepModelLoader"], model_name=MODEL_NAME)
+    set_widgets(page, ids["NextStepVAELoader"], vae_name=f"{MODEL_NAME}/vae")
+    set_widgets(page, ids["NextStepSampler"], width=width, height=height, steps=steps)
     return ids
 
 
-def set_sampler(page: Page, sampler: int, **values) -> None:
+def set_widgets(page: Page, node_id: int, **values) -> None:
+    """Set widgets through their callbacks, as an edit on the node does (Nodes 2.0 shows them then)."""
     page.js("""([id, values]) => {
         const node = app.graph.getNodeById(id);
         for (const [name, value] of Object.entries(values)) {
@@ -260,7 +264,7 @@ def set_sampler(page: Page, sampler: int, **values) -> None:
             widget.value = value;
             widget.callback?.(value);
         }
-    }""", [sampler, values])
+    }""", [node_id, values])
 
 
 def run_button(page: Page):
@@ -292,7 +296,7 @@ def test_text_to_image_example_runs_from_the_page_with_live_progress(page, serve
     assert image["filename"].endswith(".png") and image["type"] == "output"
     assert any(re.search(r"token \d+ / 16", text) for text in status_texts(page)[:-1])  # shown while running
     page.page.wait_for_timeout(500)
-    page.screenshot("run")
+    page.screenshot("run", whole_graph=True)
 
 
 def test_cancel_from_the_page_shows_where_it_stopped_and_the_next_run_works(page, server):
@@ -301,13 +305,13 @@ def test_cancel_from_the_page_shows_where_it_stopped_and_the_next_run_works(page
     run_button(page).click()
     running = wait_for_status(page, server, sampler, r"token (\d+) / 1024 · [\d.]+ tok/s · [\d:]+ left")
     assert 0 < int(running[1]) < 1024
-    page.screenshot("running")
+    page.screenshot("running", whole_graph=True)
     page.page.get_by_role("button", name="Cancel current run").click()
     stopped = wait_for_status(page, server, sampler, r"stopped at token (\d+) / 1024")
     assert int(running[1]) <= int(stopped[1]) < 1024
-    page.screenshot("stopped")
-    set_sampler(page, sampler, width=64, height=64, steps=2)
+    page.screenshot("stopped", whole_graph=True)
+    set_widgets(page, sampler, width=64, height=64, steps=2)
     run_button(page).click()
     wait_for_status(page, server, sampler, r"token 16 / 16 · done in")
     page.page.wait_for_function("id => app.nodeOutputs[String(id)]?.images?.length === 1", arg=ids["SaveImage"])
-    page.screenshot("after-cancel")
+    page.screenshot("after-cancel", whole_graph=True)

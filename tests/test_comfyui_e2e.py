@@ -62,6 +62,17 @@ def workflow(name: str, case: dict, prefix: str, **sampler_changes) -> dict:
     text = case["caption"] + (f" {case['positive_prompt']}" if case["positive_prompt"] else "")
     prompt[sampler["positive"][0]]["inputs"]["text"] = text
     prompt[sampler["negative"][0]]["inputs"]["text"] = case["negative_prompt"] or ""
+    for node in with_fixture_models(prompt, prefix).values():
+        match node["class_type"]:
+            case "LoadImage":
+                node["inputs"]["image"] = case["image"]
+            case "ImageScale":  # the example resizes the input to 512x512; keep the fixture's size
+                node["inputs"].update(width=width, height=height)
+    return prompt
+
+
+def with_fixture_models(prompt: dict, prefix: str) -> dict:
+    """`prompt` with the fixture model and its VAE in every loader, and `prefix` for SaveImage."""
     for node in prompt.values():
         inputs = node["inputs"]
         match node["class_type"]:
@@ -69,10 +80,6 @@ def workflow(name: str, case: dict, prefix: str, **sampler_changes) -> dict:
                 inputs["model_name"] = MODEL_NAME
             case "NextStepVAELoader":
                 inputs["vae_name"] = f"{MODEL_NAME}/vae"
-            case "LoadImage":
-                inputs["image"] = case["image"]
-            case "ImageScale":  # the example resizes the input to 512x512; keep the fixture's size
-                inputs.update(width=width, height=height)
             case "SaveImage":
                 inputs["filename_prefix"] = prefix
     return prompt
@@ -126,18 +133,10 @@ def test_upscale_workflow_chains_into_native_nodes(comfy):
 
 
 def test_generate_then_edit_workflow_runs_both_samplers(comfy):
-    prompt = example_prompt("nextstep_generate_then_edit")
+    prompt = with_fixture_models(example_prompt("nextstep_generate_then_edit"), "e2e/generate-edit")
     for node in prompt.values():
-        inputs = node["inputs"]
-        match node["class_type"]:
-            case "NextStepModelLoader":
-                inputs["model_name"] = MODEL_NAME
-            case "NextStepVAELoader":
-                inputs["vae_name"] = f"{MODEL_NAME}/vae"
-            case "NextStepSampler":
-                inputs.update(width=32, height=48, steps=2, seed=1)
-            case "SaveImage":
-                inputs["filename_prefix"] = "e2e/generate-edit"
+        if node["class_type"] == "NextStepSampler":
+            node["inputs"].update(width=32, height=48, steps=2, seed=1)
     entry = comfy.wait(comfy.submit(prompt))
     assert entry["status"]["status_str"] == "success", f"{entry['status']}\n{comfy.log_tail()}"
     (generated,) = entry["outputs"]["7"]["images"]  # Preview Image of the generated picture
