@@ -1,7 +1,9 @@
-"""The NextStep nodes, as ComfyUI's NODE_CLASS_MAPPINGS (ids are permanent: saved workflows name them)."""
+"""The NextStep nodes, as ComfyUI's NODE_CLASS_MAPPINGS (ids are permanent: saved workflows name them), and
+the HTTP routes their front-end extension asks."""
 
 from .conditioning import NextStepTextEncode
 from .loaders import NextStepModelLoader, NextStepVAELoader
+from .routes import register_routes
 from .sampler import NextStepSampler
 from .vae import NextStepVAEDecode, NextStepVAEEncode
 
@@ -22,3 +24,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "NextStepVAEDecode": "NextStep VAE Decode",
     "NextStepVAEEncode": "NextStep VAE Encode",
 }
+
+register_routes()

@@ -1,13 +1,15 @@
-"""The one adapter between the nodes and ComfyUI: model folders, devices, model management, progress, cancel.
+"""The one adapter between the nodes and ComfyUI: model folders, devices, model management, progress, cancel,
+HTTP routes.
 
 Inside ComfyUI each function delegates to `folder_paths`, `comfy.model_management`, `comfy.model_patcher`
 and `comfy.utils.ProgressBar`. Without ComfyUI (CI, scripts) plain fallbacks keep the node classes importable
 and runnable: folders come from `add_model_folder`, the device is the runtime's `auto` choice, and there is
-no model registry, progress display or cancel button to serve.
+no model registry, progress display, cancel button or web server to serve.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any, Callable
 
@@ -30,7 +32,9 @@ if IN_COMFYUI:  # a ComfyUI without these is broken: let the import error show r
     import comfy.model_patcher
     import comfy.utils
     from comfy.cli_args import LatentPreviewMethod
+    from aiohttp import web
     from comfy.cli_args import args as comfy_args
+    from server import PromptServer
 
 MODEL_FOLDER_KEY = "nextstep"
 """models/nextstep/<model folder>/ (config.json, weights, tokenizer, vae/)."""
@@ -38,6 +42,8 @@ VAE_FOLDER_KEY = "vae"
 
 _fallback_folders: dict[str, list[str]] = {MODEL_FOLDER_KEY: [], VAE_FOLDER_KEY: []}
 
+RouteHandler = Callable[[dict[str, str]], tuple[int, dict]]
+"""Takes the query parameters, returns (HTTP status, JSON body)."""
 ProgressSink = Callable[[int, int, "Image.Image | None"], None]
 """Called with (done, total, preview image or None)."""
 
@@ -167,3 +173,15 @@ def progress_sink(total: int) -> ProgressSink:
     def update(done: int, steps: int, image: Image.Image | None) -> None:
         bar.update_absolute(done, steps, None if image is None else ("JPEG", image, comfy_args.preview_size))
     return update
+
+
+def add_get_route(path: str, handler: RouteHandler) -> None:
+    """Serve GET `path` (also under /api) from ComfyUI's server with `handler`, run off the event loop since it
+    may read files (no-op outside ComfyUI)."""
+    if not IN_COMFYUI:
+        return
+
+    async def respond(request: "web.Request") -> "web.Response":
+        status, body = await asyncio.to_thread(handler, dict(request.query))
+        return web.json_response(body, status=status)
+    PromptServer.instance.routes.get(path)(respond)

@@ -1,44 +1,30 @@
 """End to end in a real ComfyUI: the pack loaded from custom_nodes, the example API workflows run over HTTP.
 
-Skipped unless COMFYUI_DIR names a ComfyUI checkout; COMFYUI_PYTHON is the interpreter that runs it
-(default: this one). The server runs headless on the CPU on a free loopback port, with its own custom_nodes,
-models (an extra_model_paths.yaml pointing at the fixture models), input, output and user folders.
+The server comes from comfyui_server.py: skipped locally unless COMFYUI_DIR names a ComfyUI checkout, failed
+under CI when it does not.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from comfyui_server import ComfyUI, example_prompt, running_comfyui
 from goldens import FIXTURES, UINT8_TOLERANCE, golden_cases
 from nextstep_runtime import GenerationSettings, NextStepPipeline, images_to_unit
 from nextstep_runtime.images import load_rgb, to_uint8
-from nodes_pack import MODEL_NAME, ROOT, VAE_FILE
+from nextstep_runtime.loading import load_model
+from nextstep_runtime.presets import presets_as_json
+from nodes_pack import MODEL_NAME, VAE_FILE
 
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
-COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
-pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout (and COMFYUI_PYTHON "
-                                                        "to the interpreter that runs it) for the end-to-end test")
-PACK_DIR_NAME = "ComfyUI-NextStep"
-START_TIMEOUT_S = 180
-RUN_TIMEOUT_S = 600
 CASES = {case.name: case for case in golden_cases()}
-API_WORKFLOWS = ROOT / "example_workflows" / "api"
 TYPES = {  # node -> (required inputs, optional inputs, output types); combos listed as None
-    "NextStepModelLoader": ({"model_name": None, "dtype": None, "attention": None}, {"fp8": "BOOLEAN", "gpu_layers": "INT", "memory": None},
+    "NextStepModelLoader": ({"model_name": None, "dtype": None, "attention": None}, {"fp8": "BOOLEAN", "gpu_layers": "INT", "memory": None,
+                                                                                      "compile": "BOOLEAN"},
                             ["NEXTSTEP_MODEL"]),
     "NextStepVAELoader": ({"vae_name": None}, {}, ["NEXTSTEP_VAE"]),
     "NextStepTextEncode": ({"model": "NEXTSTEP_MODEL", "text": "STRING"}, {"image": "LATENT"},
@@ -53,98 +39,10 @@ TYPES = {  # node -> (required inputs, optional inputs, output types); combos li
 }
 
 
-class ComfyUI:
-    """A running ComfyUI server and the folders it was given."""
-
-    def __init__(self, url: str, output: Path, log: Path, process: subprocess.Popen) -> None:
-        self.url, self.output, self.log, self.process = url, output, log, process
-
-    def request(self, path: str, body: dict | None = None) -> tuple[int, object]:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                status, text = response.status, response.read().decode()
-        except urllib.error.HTTPError as error:
-            status, text = error.code, error.read().decode()
-        return status, json.loads(text) if text else None
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-    def submit(self, prompt: dict) -> str:
-        status, answer = self.request("/prompt", {"prompt": prompt})
-        assert status == 200 and not answer["node_errors"], f"{answer}\n{self.log_tail()}"
-        return answer["prompt_id"]
-
-    def wait(self, prompt_id: str) -> dict:
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while time.monotonic() < deadline:
-            _, history = self.request(f"/history/{prompt_id}")
-            if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
-                return history[prompt_id]
-            time.sleep(0.2)
-        raise AssertionError(f"prompt {prompt_id} did not finish in {RUN_TIMEOUT_S} s\n{self.log_tail()}")
-
-    def run(self, prompt: dict) -> np.ndarray:
-        """Run a workflow with one SaveImage and return the saved image as uint8 [H, W, 3]."""
-        return self.saved_image(self.wait(self.submit(prompt)))
-
-    def saved_image(self, entry: dict) -> np.ndarray:
-        """The one image a finished run saved, as uint8 [H, W, 3]."""
-        assert entry["status"]["status_str"] == "success", f"{entry['status']}\n{self.log_tail()}"
-        (saved,) = [image for output in entry["outputs"].values() for image in output.get("images", [])]
-        return np.asarray(Image.open(self.output / saved["subfolder"] / saved["filename"]).convert("RGB"))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory) -> ComfyUI:
-    root = tmp_path_factory.mktemp("comfyui")
-    folders = {name: root / name for name in ("custom_nodes", "nextstep", "vae", "input", "output", "temp", "user")}
-    for folder in folders.values():
-        folder.mkdir()
-    (folders["custom_nodes"] / PACK_DIR_NAME).symlink_to(ROOT)
-    (folders["nextstep"] / MODEL_NAME).symlink_to(FIXTURES / MODEL_NAME)
-    (folders["vae"] / VAE_FILE).symlink_to(FIXTURES / VAE_FILE)
-    shutil.copy(FIXTURES / "edit_input_64.png", folders["input"])
-    extra_paths = root / "extra_model_paths.yaml"
-    extra_paths.write_text(f"nextstep_e2e:\n  base_path: {root}\n  nextstep: nextstep\n  vae: vae\n"
-                           f"  custom_nodes: custom_nodes\n")
-    port = free_port()
-    log = root / "comfyui.log"
-    command = [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-               "--disable-auto-launch", "--extra-model-paths-config", str(extra_paths),
-               "--input-directory", str(folders["input"]), "--output-directory", str(folders["output"]),
-               "--temp-directory", str(folders["temp"]), "--user-directory", str(folders["user"]),
-               "--database-url", "sqlite:///:memory:", "--disable-api-nodes", "--disable-all-custom-nodes",
-               "--whitelist-custom-nodes", PACK_DIR_NAME, "--preview-method", "latent2rgb"]
-    with open(log, "w") as log_file:
-        process = subprocess.Popen(command, cwd=COMFYUI_DIR, stdout=log_file, stderr=subprocess.STDOUT)
-    server = ComfyUI(f"http://127.0.0.1:{port}", folders["output"], log, process)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert process.poll() is None, f"ComfyUI exited with {process.returncode}\n{server.log_tail()}"
-            assert time.monotonic() < deadline, f"ComfyUI did not answer in {START_TIMEOUT_S} s\n{server.log_tail()}"
-            try:
-                if server.request("/object_info/NextStepSampler")[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
+    with running_comfyui(tmp_path_factory.mktemp("comfyui")) as server:
         yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def case_settings(case: dict) -> dict:
@@ -159,13 +57,24 @@ def case_settings(case: dict) -> dict:
 def workflow(name: str, case: dict, prefix: str, **sampler_changes) -> dict:
     """An example API workflow with the fixture model, the golden case's prompts and settings, and its own
     SaveImage prefix."""
-    prompt = json.loads((API_WORKFLOWS / f"{name}.json").read_text())
+    prompt = example_prompt(name)
     (sampler,) = [node["inputs"] for node in prompt.values() if node["class_type"] == "NextStepSampler"]
     sampler.update(case_settings(case), **sampler_changes)
     height, width = sampler["height"], sampler["width"]
     text = case["caption"] + (f" {case['positive_prompt']}" if case["positive_prompt"] else "")
     prompt[sampler["positive"][0]]["inputs"]["text"] = text
     prompt[sampler["negative"][0]]["inputs"]["text"] = case["negative_prompt"] or ""
+    for node in with_fixture_models(prompt, prefix).values():
+        match node["class_type"]:
+            case "LoadImage":
+                node["inputs"]["image"] = case["image"]
+            case "ImageScale":  # the example resizes the input to 512x512; keep the fixture's size
+                node["inputs"].update(width=width, height=height)
+    return prompt
+
+
+def with_fixture_models(prompt: dict, prefix: str) -> dict:
+    """`prompt` with the fixture model and its VAE in every loader, and `prefix` for SaveImage."""
     for node in prompt.values():
         inputs = node["inputs"]
         match node["class_type"]:
@@ -173,10 +82,6 @@ def workflow(name: str, case: dict, prefix: str, **sampler_changes) -> dict:
                 inputs["model_name"] = MODEL_NAME
             case "NextStepVAELoader":
                 inputs["vae_name"] = f"{MODEL_NAME}/vae"
-            case "LoadImage":
-                inputs["image"] = case["image"]
-            case "ImageScale":  # the example resizes the input to 512x512; keep the fixture's size
-                inputs.update(width=width, height=height)
             case "SaveImage":
                 inputs["filename_prefix"] = prefix
     return prompt
@@ -227,6 +132,20 @@ def test_upscale_workflow_chains_into_native_nodes(comfy):
     truncated = Image.fromarray(np.clip(255.0 * unit, 0, 255).astype(np.uint8))
     expected = np.asarray(truncated.resize((2 * unit.shape[1], 2 * unit.shape[0]), Image.Resampling.LANCZOS))
     assert_close_uint8(saved, expected, UINT8_TOLERANCE + 1)
+
+
+def test_generate_then_edit_workflow_runs_both_samplers(comfy):
+    prompt = with_fixture_models(example_prompt("nextstep_generate_then_edit"), "e2e/generate-edit")
+    for node in prompt.values():
+        if node["class_type"] == "NextStepSampler":
+            node["inputs"].update(width=32, height=48, steps=2, seed=1)
+    entry = comfy.wait(comfy.submit(prompt))
+    assert entry["status"]["status_str"] == "success", f"{entry['status']}\n{comfy.log_tail()}"
+    (generated,) = entry["outputs"]["7"]["images"]  # Preview Image of the generated picture
+    (edited,) = entry["outputs"]["15"]["images"]
+    assert (generated["type"], edited["type"]) == ("temp", "output")
+    saved = np.asarray(Image.open(comfy.output / edited["subfolder"] / edited["filename"]))
+    assert saved.shape == (48, 32, 3)
 
 
 def expected_from_runtime(case: dict, **changes) -> np.ndarray:
@@ -378,3 +297,16 @@ def test_after_refused_values_the_next_run_is_identical(comfy):
     cached = [data["nodes"] for event, data in entry["status"]["messages"] if event == "execution_cached"]
     assert cached and sampler_id not in cached[0]  # sampled again, not served from the cache
     assert np.array_equal(before, comfy.saved_image(entry))
+
+
+def test_routes_serve_presets_and_the_memory_plan(comfy):
+    assert comfy.request("/nextstep/presets") == (200, presets_as_json())
+    status, plan = comfy.request(f"/api/nextstep/plan?model={MODEL_NAME}&dtype=bfloat16&width=64&height=64")
+    assert status == 200, plan
+    model = load_model(FIXTURES / MODEL_NAME, torch.bfloat16, "cpu")
+    assert plan["weights_gpu_bytes"] == sum(tensor.nbytes for tensor in model.state_dict().values())
+    assert plan["fits"] is True  # a CPU server plans against its host RAM
+    status, answer = comfy.request("/nextstep/plan?model=NextStep-1.1")
+    assert status == 404 and "'NextStep-1.1' is not in NextStep Model Loader's list" in answer["error"]
+    status, answer = comfy.request(f"/nextstep/plan?model={MODEL_NAME}&width=500")
+    assert status == 400 and "width 500 is not a positive multiple of 16" in answer["error"]

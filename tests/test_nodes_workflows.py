@@ -23,9 +23,13 @@ NATIVE = {
     "SaveImage": (["images"], ["filename_prefix"], []),
     "ImagePadForOutpaint": (["image"], ["left", "top", "right", "bottom", "feathering"], ["IMAGE", "MASK"]),
     "SetLatentNoiseMask": (["samples", "mask"], [], ["LATENT"]),
-    "Note": ([], ["text"], []),  # UI only: not part of the API prompt
+    "PreviewImage": (["images"], [], []),
+    "Note": ([], ["text"], []),
 }
 UI_ONLY_WIDGETS = {"upload"}
+UI_ONLY_NODES = {"Note"}  # front-end only: not in API prompts
+TITLE_HEIGHT = 30  # LiteGraph draws a node's title above its pos
+PREVIEW_ROOM = 400  # kept free below each sampler: its live preview and result grow it downwards
 
 
 def is_widget(spec: tuple) -> bool:
@@ -69,7 +73,7 @@ def named_widgets(node: dict) -> dict:
 
 def test_every_ui_workflow_has_an_api_twin():
     assert [path.name for path in UI_WORKFLOWS] == sorted(path.name for path in (EXAMPLES / "api").glob("*.json"))
-    assert len(UI_WORKFLOWS) == 5
+    assert len(UI_WORKFLOWS) == 6
 
 
 def optional_sockets(node_type: str) -> set[str]:
@@ -107,10 +111,10 @@ def test_ui_workflow_matches_node_definitions(path):
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda path: path.stem)
 def test_api_twin_matches_ui_workflow(path):
     workflow, api = load(path), api_twin(path)
-    graph_nodes = [node for node in workflow["nodes"] if node["type"] != "Note"]
-    assert set(api) == {str(node["id"]) for node in graph_nodes}
+    nodes = [node for node in workflow["nodes"] if node["type"] not in UI_ONLY_NODES]
+    assert set(api) == {str(node["id"]) for node in nodes}
     links = {link[0]: link for link in workflow["links"]}
-    for node in graph_nodes:
+    for node in nodes:
         twin = api[str(node["id"])]
         assert twin["class_type"] == node["type"]
         expected = {name: value for name, value in named_widgets(node).items()
@@ -122,9 +126,37 @@ def test_api_twin_matches_ui_workflow(path):
         assert twin["inputs"] == expected, f"node {node['id']} ({node['type']})"
 
 
-def sampler_and_prompts(api: dict) -> tuple[dict, str, str | None]:
-    """The sampler's inputs and the texts of its positive and negative prompts."""
-    (sampler,) = [node["inputs"] for node in api.values() if node["class_type"] == "NextStepSampler"]
+def boxes(workflow: dict) -> dict[int, tuple[float, float, float, float]]:
+    """(left, top, right, bottom) of every node with its title; samplers with room for their preview."""
+    found = {}
+    for node in workflow["nodes"]:
+        (x, y), (width, height) = node["pos"], node["size"]
+        room = PREVIEW_ROOM if node["type"] == "NextStepSampler" else 0
+        found[node["id"]] = (x, y - TITLE_HEIGHT, x + width, y + height + room)
+    return found
+
+
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda path: path.stem)
+def test_no_node_overlaps_another_even_when_the_sampler_preview_appears(path):
+    placed = sorted(boxes(load(path)).items())
+    for index, (first, a) in enumerate(placed):
+        for second, b in placed[index + 1:]:
+            overlap = a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+            assert not overlap, f"nodes {first} and {second} overlap"
+
+
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda path: path.stem)
+def test_each_workflow_has_a_note_naming_its_models(path):
+    workflow = load(path)
+    (text,) = [node["widgets_values"][0] for node in workflow["nodes"] if node["type"] == "Note"]
+    models = {node["widgets_values"][0] for node in workflow["nodes"] if node["type"] == "NextStepModelLoader"}
+    assert all(f"models/nextstep/{model}" in text for model in models) and "cfg 7.5" in text
+
+
+def sampler_and_prompts(api: dict, sampler_id: str | None = None) -> tuple[dict, str, str | None]:
+    """The (only, or `sampler_id`) sampler's inputs and the texts of its positive and negative prompts."""
+    (sampler,) = [node["inputs"] for key, node in api.items()
+                  if node["class_type"] == "NextStepSampler" and sampler_id in (None, key)]
     text = {key: node["inputs"].get("text") for key, node in api.items()}
     negative = sampler.get("negative")
     return sampler, text[sampler["positive"][0]], text[negative[0]] if negative else None
@@ -189,13 +221,26 @@ def test_inpaint_example_takes_the_mask_editors_mask():
 
 
 @pytest.mark.parametrize("name", ["nextstep_1.1_outpaint", "nextstep_1.1_inpaint"])
-def test_image_conditioned_examples_explain_themselves_in_a_note_and_do_not_overlap(name):
-    nodes = load(EXAMPLES / f"{name}.json")["nodes"]
-    notes = [node for node in nodes if node["type"] == "Note"]
+def test_image_conditioned_examples_explain_their_limit_in_a_note(name):
+    notes = [node for node in load(EXAMPLES / f"{name}.json")["nodes"] if node["type"] == "Note"]
     assert notes and "raster order" in notes[0]["widgets_values"][0]
-    title_bar = 30
-    boxes = [(n["pos"][0], n["pos"][1] - title_bar, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
-             for n in nodes]
-    for i, a in enumerate(boxes):
-        for b in boxes[i + 1:]:
-            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
+
+
+def test_generate_then_edit_example_edits_the_generated_image_with_the_edit_model():
+    api = load(EXAMPLES / "api" / "nextstep_generate_then_edit.json")
+    samplers = [key for key, node in api.items() if node["class_type"] == "NextStepSampler"]
+    loader_of = {key: api[api[key]["inputs"]["model"][0]]["inputs"]["model_name"] for key in samplers}
+    (generate,) = [key for key in samplers if loader_of[key] == "NextStep-1.1"]
+    (edit,) = [key for key in samplers if loader_of[key] == "NextStep-1-Large-Edit"]
+    sampler, _, negative = sampler_and_prompts(api, generate)
+    assert (sampler["cfg"], sampler["cfg_img"], sampler["timesteps_shift"], sampler["use_norm"]) == (7.5, 1.0, 1.0, False)
+    assert negative.startswith("lowres")
+    sampler, positive, negative = sampler_and_prompts(api, edit)
+    assert (sampler["cfg"], sampler["cfg_img"], sampler["timesteps_shift"], sampler["use_norm"]) == (7.5, 2.0, 3.2, True)
+    assert negative == "Copy original image." and positive.startswith("<image>")
+    # the edit prompt's image is the generated one: sampler -> decode -> encode (edit VAE) -> prompt
+    encode_key, _ = api[sampler["positive"][0]]["inputs"]["image"]
+    encode = api[encode_key]["inputs"]
+    decode = api[encode["pixels"][0]]
+    assert decode["class_type"] == "NextStepVAEDecode" and decode["inputs"]["samples"] == [generate, 0]
+    assert api[encode["vae"][0]]["inputs"]["vae_name"] == "NextStep-1-Large-Edit/vae"

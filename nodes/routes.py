@@ -1,0 +1,94 @@
+"""HTTP routes for the front-end extension (web/js), served by ComfyUI's server through `host.add_get_route`.
+
+GET /nextstep/presets: the recommended settings of each released model (nextstep_runtime.presets).
+GET /nextstep/plan?model=NAME&dtype=..&fp8=..&gpu_layers=..&width=..&height=..&batch=..&cfg=..&cfg_img=..&steps=..:
+the memory plan of a model from the loader's list, in a weight mode, for a job, against this server's run
+device. Handlers are plain functions of the query parameters returning (HTTP status, JSON body), so they are
+tested without a server. A model is named, never given as a path, and only names from the loader's list
+are looked up.
+"""
+
+from __future__ import annotations
+
+import math
+
+from nextstep_runtime.errors import NextStepError
+from nextstep_runtime.memory_plan import Job, ModelFootprint, WeightMode, device_memory, plan_memory
+from nextstep_runtime.pipeline import resolve_dtype
+from nextstep_runtime.presets import presets_as_json
+
+from . import catalog, host
+from .loaders import ALL_LAYERS, DTYPE_CHOICES
+
+Response = tuple[int, dict]
+PLAN_PARAMETERS = {"model": str, "dtype": str, "fp8": bool, "gpu_layers": int, "width": int, "height": int,
+                   "batch": int, "cfg": float, "cfg_img": float, "steps": int}
+JOB_PARAMETERS = ("width", "height", "batch", "cfg", "cfg_img", "steps")
+BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def presets_response(query: dict[str, str]) -> Response:
+    return 200, presets_as_json()
+
+
+def _parse(name: str, text: str) -> object:
+    """One query parameter as the type PLAN_PARAMETERS gives it."""
+    kind = PLAN_PARAMETERS[name]
+    if kind is str:
+        return text
+    if kind is bool:
+        if text.lower() in BOOLEANS:
+            return BOOLEANS[text.lower()]
+    else:
+        try:
+            value = kind(text)
+            if math.isfinite(value):
+                return value
+        except ValueError:
+            pass
+    expected = {bool: "true or false", int: "a whole number", float: "a number"}[kind]
+    raise NextStepError(f"plan parameter {name}={text!r} is not {expected}")
+
+
+def _mode_and_job(values: dict) -> tuple[WeightMode, Job]:
+    dtype = values.get("dtype", "auto")
+    if dtype not in DTYPE_CHOICES:
+        raise NextStepError(f"plan parameter dtype={dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
+    gpu_layers = values.get("gpu_layers", ALL_LAYERS)
+    if gpu_layers < ALL_LAYERS:
+        raise NextStepError(f"plan parameter gpu_layers={gpu_layers} is below {ALL_LAYERS} (all layers)")
+    mode = WeightMode(dtype=resolve_dtype(dtype, host.load_device()), fp8=values.get("fp8", False),
+                      gpu_layers=None if gpu_layers == ALL_LAYERS else gpu_layers)
+    job = Job(**{name: values[name] for name in JOB_PARAMETERS if name in values})
+    job.validate()
+    return mode, job
+
+
+def plan_response(query: dict[str, str]) -> Response:
+    unknown = sorted(set(query) - set(PLAN_PARAMETERS))
+    if unknown:
+        return 400, {"error": f"unknown plan parameter {unknown[0]!r}; known: {', '.join(PLAN_PARAMETERS)}"}
+    if "model" not in query:
+        return 400, {"error": "the plan needs model=NAME, a model from NextStep Model Loader's list"}
+    try:
+        values = {name: _parse(name, text) for name, text in query.items()}
+        mode, job = _mode_and_job(values)
+    except NextStepError as exc:
+        return 400, {"error": str(exc)}
+    if values["model"] not in catalog.model_names():
+        return 404, {"error": f"NextStep model {values['model']!r} is not in NextStep Model Loader's list "
+                              f"(folders under models/{host.MODEL_FOLDER_KEY}/ that hold config.json)"}
+    memory = device_memory(host.load_device())
+    free, total = memory if memory is not None else (None, None)
+    try:
+        footprint = ModelFootprint.from_folder(catalog.model_folder(values["model"]))
+        plan = plan_memory(footprint, mode, job, gpu_total=total, gpu_free=free)
+    except NextStepError as exc:
+        return 422, {"error": str(exc)}
+    return 200, plan.to_dict()
+
+
+def register_routes() -> None:
+    """Serve the routes when running inside ComfyUI (a no-op elsewhere)."""
+    host.add_get_route("/nextstep/presets", presets_response)
+    host.add_get_route("/nextstep/plan", plan_response)

@@ -1,0 +1,148 @@
+"""A real ComfyUI server with this pack and the fixture models, for the end-to-end and browser tests.
+
+COMFYUI_DIR names a ComfyUI checkout and COMFYUI_PYTHON the interpreter of its environment (default: this
+one); `.ci/setup_comfyui.sh` prepares both. Without them the tests skip locally, but fail under CI (CI set),
+so a broken CI setup cannot pass by skipping. Each server runs headless on the CPU on a free loopback port,
+with its own custom_nodes, models (an extra_model_paths.yaml pointing at the fixture models), input, output
+and user folders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from goldens import FIXTURES
+from nodes_pack import MODEL_NAME, ROOT, VAE_FILE
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
+IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
+PACK_DIR_NAME = "ComfyUI-NextStep"
+START_TIMEOUT_S = 180
+RUN_TIMEOUT_S = 600
+API_WORKFLOWS = ROOT / "example_workflows" / "api"
+
+
+def missing(reason: str) -> None:
+    """Skip the test for want of `reason`, or fail it under CI, where everything must be there."""
+    if IN_CI:
+        pytest.fail(f"CI must provide this (see .ci/setup_comfyui.sh): {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+class ComfyUI:
+    """A running ComfyUI server and the folders it was given."""
+
+    def __init__(self, url: str, output: Path, log: Path, process: subprocess.Popen) -> None:
+        self.url, self.output, self.log, self.process = url, output, log, process
+
+    def request(self, path: str, body: dict | None = None) -> tuple[int, object]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                status, text = response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            status, text = error.code, error.read().decode()
+        return status, json.loads(text) if text else None
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def submit(self, prompt: dict) -> str:
+        status, answer = self.request("/prompt", {"prompt": prompt})
+        assert status == 200 and not answer["node_errors"], f"{answer}\n{self.log_tail()}"
+        return answer["prompt_id"]
+
+    def wait(self, prompt_id: str) -> dict:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while time.monotonic() < deadline:
+            _, history = self.request(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
+                return history[prompt_id]
+            time.sleep(0.2)
+        raise AssertionError(f"prompt {prompt_id} did not finish in {RUN_TIMEOUT_S} s\n{self.log_tail()}")
+
+    def run(self, prompt: dict) -> np.ndarray:
+        """Run a workflow with one SaveImage and return the saved image as uint8 [H, W, 3]."""
+        entry = self.wait(self.submit(prompt))
+        assert entry["status"]["status_str"] == "success", f"{entry['status']}\n{self.log_tail()}"
+        (saved,) = [image for output in entry["outputs"].values() for image in output.get("images", [])
+                    if image["type"] == "output"]  # previews are "temp"
+        return np.asarray(Image.open(self.output / saved["subfolder"] / saved["filename"]).convert("RGB"))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_comfyui(root: Path, settings: dict | None = None) -> Iterator[ComfyUI]:
+    """Start ComfyUI in folders under `root` (user settings `settings`) and stop it afterwards."""
+    if not COMFYUI_DIR:
+        missing("set COMFYUI_DIR to a ComfyUI checkout (and COMFYUI_PYTHON to its interpreter)")
+    folders = {name: root / name for name in ("custom_nodes", "nextstep", "vae", "input", "output", "temp", "user")}
+    for folder in folders.values():
+        folder.mkdir()
+    (folders["custom_nodes"] / PACK_DIR_NAME).symlink_to(ROOT)
+    (folders["nextstep"] / MODEL_NAME).symlink_to(FIXTURES / MODEL_NAME)
+    (folders["vae"] / VAE_FILE).symlink_to(FIXTURES / VAE_FILE)
+    shutil.copy(FIXTURES / "edit_input_64.png", folders["input"])
+    (folders["user"] / "default").mkdir()
+    # A new user gets the template browser over the canvas; mark the tutorial as done.
+    (folders["user"] / "default" / "comfy.settings.json").write_text(
+        json.dumps({"Comfy.TutorialCompleted": True, **(settings or {})}))
+    extra_paths = root / "extra_model_paths.yaml"
+    extra_paths.write_text(f"nextstep_e2e:\n  base_path: {root}\n  nextstep: nextstep\n  vae: vae\n"
+                           f"  custom_nodes: custom_nodes\n")
+    port = free_port()
+    log = root / "comfyui.log"
+    command = [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+               "--disable-auto-launch", "--extra-model-paths-config", str(extra_paths),
+               "--input-directory", str(folders["input"]), "--output-directory", str(folders["output"]),
+               "--temp-directory", str(folders["temp"]), "--user-directory", str(folders["user"]),
+               "--database-url", "sqlite:///:memory:", "--disable-api-nodes", "--disable-all-custom-nodes",
+               "--whitelist-custom-nodes", PACK_DIR_NAME, "--preview-method", "latent2rgb"]
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(command, cwd=COMFYUI_DIR, stdout=log_file, stderr=subprocess.STDOUT)
+    server = ComfyUI(f"http://127.0.0.1:{port}", folders["output"], log, process)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert process.poll() is None, f"ComfyUI exited with {process.returncode}\n{server.log_tail()}"
+            assert time.monotonic() < deadline, f"ComfyUI did not answer in {START_TIMEOUT_S} s\n{server.log_tail()}"
+            try:
+                if server.request("/object_info/NextStepSampler")[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def example_prompt(name: str) -> dict:
+    """An example workflow in API format."""
+    return json.loads((API_WORKFLOWS / f"{name}.json").read_text())

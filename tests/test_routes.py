@@ -1,0 +1,74 @@
+"""The pack's HTTP route handlers (nodes/routes.py) called as ComfyUI's server calls them, on the fixture model.
+
+The handlers are plain functions of the query parameters; tests/test_comfyui_e2e.py asks the same routes
+through a real ComfyUI server.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from goldens import TINY_MODEL
+from nextstep_runtime.loading import load_model
+from nextstep_runtime.memory_plan import device_memory
+from nextstep_runtime.presets import presets_as_json
+from nodes_pack import MODEL_NAME, install_fixture_models, load_pack
+
+routes = importlib.import_module(f"{load_pack().__name__}.nodes.routes")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def models_dir(tmp_path_factory):
+    return install_fixture_models(tmp_path_factory.mktemp("models"))
+
+
+def kept_weight_bytes(dtype: torch.dtype) -> int:
+    """Bytes of every tensor the runtime keeps of the fixture model loaded in `dtype`."""
+    model = load_model(TINY_MODEL, dtype, "cpu")
+    return sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+
+
+def test_presets_route_serves_the_table():
+    assert routes.presets_response({}) == (200, presets_as_json())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_plan_route_weights_are_the_fixture_model_in_that_dtype(dtype):
+    status, plan = routes.plan_response({"model": MODEL_NAME, "dtype": dtype, "width": "64", "height": "64"})
+    assert status == 200, plan
+    assert plan["weights_gpu_bytes"] == kept_weight_bytes(getattr(torch, dtype))
+    assert plan["weights_host_bytes"] == 0
+    free, total = device_memory(torch.device("cpu"))
+    assert plan["gpu_total_bytes"] == total and plan["fits"] is True and plan["advice"].startswith("fits")
+
+
+def test_plan_route_streams_layers_and_turns_on_fp8_as_asked():
+    status, plan = routes.plan_response({"model": MODEL_NAME, "dtype": "bfloat16", "fp8": "true", "gpu_layers": "1"})
+    assert status == 200, plan
+    assert plan["mode"] == {"dtype": "bfloat16", "fp8": True, "gpu_layers": 1}
+    assert plan["weights_host_bytes"] > 0
+
+
+def test_plan_route_answers_404_for_a_model_not_in_the_loader_list():
+    for name in ("NextStep-1.1", f"../nextstep/{MODEL_NAME}", "/etc"):
+        status, answer = routes.plan_response({"model": name})
+        assert status == 404 and repr(name) in answer["error"] and "Model Loader" in answer["error"]
+
+
+@pytest.mark.parametrize("query,message", [
+    ({"model": MODEL_NAME, "width": "abc"}, "width='abc' is not a whole number"),
+    ({"model": MODEL_NAME, "cfg": "nan"}, "cfg='nan' is not a number"),
+    ({"model": MODEL_NAME, "fp8": "maybe"}, "fp8='maybe' is not true or false"),
+    ({"model": MODEL_NAME, "width": "500"}, "width 500 is not a positive multiple of 16"),
+    ({"model": MODEL_NAME, "batch": "0"}, "batch must be at least 1"),
+    ({"model": MODEL_NAME, "dtype": "int8"}, "dtype='int8' is not one of auto"),
+    ({"model": MODEL_NAME, "gpu_layers": "-2"}, "gpu_layers=-2 is below -1"),
+    ({"model": MODEL_NAME, "path": "/tmp"}, "unknown plan parameter 'path'"),
+    ({}, "the plan needs model=NAME"),
+])
+def test_plan_route_answers_400_with_a_message_for_bad_parameters(query, message):
+    status, answer = routes.plan_response(query)
+    assert status == 400 and message in answer["error"]
