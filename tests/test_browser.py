@@ -160,13 +160,12 @@ def test_sampler_shows_pickers_and_each_preset_sets_the_table(page):
     assert page.js("id => app.graph.getNodeById(id).widgets.slice(-3).every(w => w.serialize === false && "
                    "w.options.serialize === false)", sampler)
     assert "1024 tokens · 2 guidance rows" in page.panel(sampler, "nextstep_status")
-    plan = page.page.wait_for_function("id => app.graph.getNodeById(id).widgets.find(w => w.name === "
-                                       "'nextstep_plan').element.innerText.match(/^fits.*\\npeak (.*) ·/)", arg=loader)
-    float32_peak = plan.json_value()[1]
-    page.pick(loader, "dtype", "bfloat16")  # the plan is asked again for the new mode
-    page.page.wait_for_function("([id, before]) => { const text = app.graph.getNodeById(id).widgets.find(w => "
-                                "w.name === 'nextstep_plan').element.innerText; return /^fits/.test(text) && "
-                                "!text.includes(`peak ${before} `); }", arg=[loader, float32_peak])
+    plan_text = "id => app.graph.getNodeById(id).widgets.find(w => w.name === 'nextstep_plan').element.innerText"
+    page.page.wait_for_function(f"id => /^fits/.test(({plan_text})(id))", arg=loader)
+    float32_weights = re.search(r"weights (\S+ \S+) · KV cache", page.js(plan_text, loader))[1]
+    page.pick(loader, "dtype", "bfloat16")  # the plan is asked again for the new mode: half the weights
+    page.page.wait_for_function(f"([id, before]) => {{ const text = ({plan_text})(id); return /^fits/.test(text) && "
+                                f"!text.includes(`weights ${{before}} `); }}", arg=[loader, float32_weights])
     for name, preset in PRESETS.items():
         page.pick(sampler, "preset", "custom" if name == "NextStep-1.1" else name)  # a change every time
         page.pick(sampler, "preset", name)

@@ -36,11 +36,9 @@ function planQuery(node) {
 
 function planLines(plan) {
   const tone = plan.fits === null ? "muted" : plan.fits ? "ok" : "warn";
-  const memory = plan.gpu_total_bytes === null
-    ? "device size unknown"
-    : `${formatBytes(plan.gpu_free_bytes)} free of ${formatBytes(plan.gpu_total_bytes)}`;
   const streamed = plan.weights_host_bytes ? ` (+${formatBytes(plan.weights_host_bytes)} in RAM)` : "";
-  return [[plan.advice, tone], [`peak ${formatBytes(plan.peak_gpu_bytes)}${streamed} · ${memory}`, "muted"]];
+  return [[plan.advice, tone], [`weights ${formatBytes(plan.weights_gpu_bytes)}${streamed} · KV cache ` +
+    `${formatBytes(plan.kv_cache_bytes)} · peak ${formatBytes(plan.peak_gpu_bytes)}`, "muted"]];
 }
 
 export function setupLoader(node, api) {
