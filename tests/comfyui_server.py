@@ -80,7 +80,10 @@ class ComfyUI:
 
     def run(self, prompt: dict) -> np.ndarray:
         """Run a workflow with one SaveImage and return the saved image as uint8 [H, W, 3]."""
-        entry = self.wait(self.submit(prompt))
+        return self.saved_image(self.wait(self.submit(prompt)))
+
+    def saved_image(self, entry: dict) -> np.ndarray:
+        """The one image a finished run saved, as uint8 [H, W, 3]."""
         assert entry["status"]["status_str"] == "success", f"{entry['status']}\n{self.log_tail()}"
         (saved,) = [image for output in entry["outputs"].values() for image in output.get("images", [])
                     if image["type"] == "output"]  # previews are "temp"
