@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
                 raise SystemExit("--compare-official runs on the CPU in float32: add --device cpu --dtype float32")
             official = OfficialPipeline(args.official_python, args.compare_official, model, vae, args, Path(workdir))
         warmup_s = _timed(generate, device)  # compiles every graph of this shape when compiling
+        logging.info("warm-up (compiling included) %.1f s", warmup_s)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         official_warmup_s = official.run() if official else None
@@ -247,6 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
                 pipe.compile = True
             if official:
                 runs["official"].append(official.run())
+            logging.info("round done: %s", {name: round(times[-1], 3) for name, times in runs.items() if times})
         if official:
             official.close()
     per_image = {name: statistics.median(times) / args.batch for name, times in runs.items() if times}

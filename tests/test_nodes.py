@@ -30,7 +30,7 @@ progress = importlib.import_module(f"{PACK.__name__}.nodes.progress")
 MODEL_VAE = f"{MODEL_NAME}/vae"
 CASES = {case.name: case for case in golden_cases()}
 API_CONTRACT = {
-    "NextStepModelLoader": ["model_name", "dtype", "attention", "fp8", "gpu_layers", "memory"],
+    "NextStepModelLoader": ["model_name", "dtype", "attention", "fp8", "gpu_layers", "memory", "compile"],
     "NextStepVAELoader": ["vae_name"],
     "NextStepTextEncode": ["model", "text", "image"],
     "NextStepSampler": ["model", "positive", "width", "height", "batch_size", "seed", "steps", "cfg", "cfg_img",
