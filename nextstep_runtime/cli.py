@@ -185,12 +185,23 @@ RUNNERS = {"generate": run_generate, "plan": cli_plan.run, "download": cli_downl
 """Subcommand name -> the function that runs it."""
 
 
+def _show_runtime_log() -> None:
+    """The runtime's own info lines (compiling, skipped tensors, ...) on stderr; not other libraries' chatter
+    (HTTP requests, ...), so an error stays the one line a failed command prints."""
+    runtime = logging.getLogger(__package__)
+    if not runtime.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        runtime.addHandler(handler)
+        runtime.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_request:  # --help, or a bad argument already reported in one line
         return int(exit_request.code or 0)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")  # progress lines such as compiling
+    _show_runtime_log()
     try:
         RUNNERS[args.command](args)
     except NextStepError as exc:

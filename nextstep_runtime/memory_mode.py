@@ -11,6 +11,7 @@ import torch
 
 from .config import read_json
 from .errors import NextStepError
+from .hub import resolve_model_source
 from .int4 import int4_supported
 from .loading import model_config_path, stored_weights_format
 from .memory_plan import GB, Job, MemoryPlan, ModelFootprint, WeightMode, plan_memory
@@ -55,7 +56,7 @@ def resolve_weight_mode(folder: str | Path, memory: str, device: torch.device, d
         if memory not in ("auto", "fp8"):
             raise NextStepError(f"fp8 is on but memory is {memory!r}; turn fp8 off or set memory to fp8")
         memory = "fp8"
-    folder = Path(folder)
+    folder = resolve_model_source(folder)
     config_path = model_config_path(folder)
     stored = stored_weights_format(read_json(config_path), config_path)
     if memory == "auto" and (gpu_layers is not None or device.type != "cuda" or gpu_free is None):
