@@ -48,7 +48,7 @@ def test_plan_route_weights_are_the_fixture_model_in_that_dtype(dtype):
 def test_plan_route_streams_layers_and_turns_on_fp8_as_asked():
     status, plan = routes.plan_response({"model": MODEL_NAME, "dtype": "bfloat16", "fp8": "true", "gpu_layers": "1"})
     assert status == 200, plan
-    assert plan["mode"] == {"dtype": "bfloat16", "fp8": True, "gpu_layers": 1}
+    assert plan["mode"] == {"dtype": "bfloat16", "fp8": True, "gpu_layers": 1, "int4": False}
     assert plan["weights_host_bytes"] > 0
 
 
