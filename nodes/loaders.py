@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from nextstep_runtime.attention import set_attention_backend
 from nextstep_runtime.memory_mode import MEMORY_CHOICES, resolve_weight_mode
+from nextstep_runtime.memory_plan import WeightMode
 from nextstep_runtime.pipeline import resolve_dtype
 
 from . import catalog, host
@@ -81,15 +83,21 @@ class NextStepModelLoader:
         if set_attention_backend(attention) != attention and attention == "flash_attn":
             log.warning("NextStep: flash-attn is not installed; using PyTorch SDPA attention instead "
                         "(`pip install flash-attn` in ComfyUI's environment to use it).")
-        device = host.load_device()
-        torch_dtype = resolve_dtype(dtype, device)
-        mode, choice = resolve_weight_mode(folder, memory, device, torch_dtype, fp8,
-                                           None if gpu_layers == ALL_LAYERS else gpu_layers,
-                                           host.model_memory_budget(device))
+        mode, choice = loader_weight_mode(folder, dtype, memory, fp8, gpu_layers)
         if choice:
             log.info("NextStep: %s", choice)
-        loaded = load_nextstep_model(folder, torch_dtype, mode.fp8, mode.gpu_layers, mode.int4)
+        loaded = load_nextstep_model(folder, mode.dtype, mode.fp8, mode.gpu_layers, mode.int4)
         return (NextStepModelHandle(loaded, attention, compile),)
+
+
+def loader_weight_mode(folder: Path, dtype: str, memory: str, fp8: bool,
+                       gpu_layers: int) -> tuple[WeightMode, str | None]:
+    """The weight mode NextStep Model Loader loads `folder` in for these widget values on this server's run
+    device (an `auto` choice planned for 512x512 against ComfyUI's memory budget), and the line that explains
+    an `auto` choice. The plan route asks the same, so the node shows what loading will do."""
+    device = host.load_device()
+    return resolve_weight_mode(folder, memory, device, resolve_dtype(dtype, device), fp8,
+                               None if gpu_layers == ALL_LAYERS else gpu_layers, host.model_memory_budget(device))
 
 
 class NextStepVAELoader:

@@ -1,9 +1,9 @@
 """HTTP routes for the front-end extension (web/js), served by ComfyUI's server through `host.add_get_route`.
 
 GET /nextstep/presets: the recommended settings of each released model (nextstep_runtime.presets).
-GET /nextstep/plan?model=NAME&dtype=..&fp8=..&gpu_layers=..&width=..&height=..&batch=..&cfg=..&cfg_img=..&steps=..:
-the memory plan of a model from the loader's list, in a weight mode, for a job, against this server's run
-device. Handlers are plain functions of the query parameters returning (HTTP status, JSON body), so they are
+GET /nextstep/plan?model=NAME&dtype=..&memory=..&fp8=..&gpu_layers=..&width=..&height=..&batch=..&cfg=..&cfg_img=..&steps=..:
+the memory plan of a model from the loader's list, in the weight mode the loader would choose with those
+widgets (`memory` auto included, for this job), against this server's run device. Handlers are plain functions of the query parameters returning (HTTP status, JSON body), so they are
 tested without a server. A model is named, never given as a path, and only names from the loader's list
 are looked up.
 """
@@ -13,16 +13,16 @@ from __future__ import annotations
 import math
 
 from nextstep_runtime.errors import NextStepError
-from nextstep_runtime.memory_plan import Job, ModelFootprint, WeightMode, device_memory, plan_memory
-from nextstep_runtime.pipeline import resolve_dtype
+from nextstep_runtime.memory_mode import MEMORY_CHOICES
+from nextstep_runtime.memory_plan import Job, ModelFootprint, device_memory, plan_memory
 from nextstep_runtime.presets import presets_as_json
 
 from . import catalog, host
-from .loaders import ALL_LAYERS, DTYPE_CHOICES
+from .loaders import ALL_LAYERS, DTYPE_CHOICES, loader_weight_mode
 
 Response = tuple[int, dict]
-PLAN_PARAMETERS = {"model": str, "dtype": str, "fp8": bool, "gpu_layers": int, "width": int, "height": int,
-                   "batch": int, "cfg": float, "cfg_img": float, "steps": int}
+PLAN_PARAMETERS = {"model": str, "dtype": str, "memory": str, "fp8": bool, "gpu_layers": int, "width": int,
+                   "height": int, "batch": int, "cfg": float, "cfg_img": float, "steps": int}
 JOB_PARAMETERS = ("width", "height", "batch", "cfg", "cfg_img", "steps")
 BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 
@@ -50,21 +50,24 @@ def _parse(name: str, text: str) -> object:
     raise NextStepError(f"plan parameter {name}={text!r} is not {expected}")
 
 
-def _mode_and_job(values: dict) -> tuple[WeightMode, Job]:
-    dtype = values.get("dtype", "auto")
-    if dtype not in DTYPE_CHOICES:
-        raise NextStepError(f"plan parameter dtype={dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
-    gpu_layers = values.get("gpu_layers", ALL_LAYERS)
-    if gpu_layers < ALL_LAYERS:
-        raise NextStepError(f"plan parameter gpu_layers={gpu_layers} is below {ALL_LAYERS} (all layers)")
-    mode = WeightMode(dtype=resolve_dtype(dtype, host.load_device()), fp8=values.get("fp8", False),
-                      gpu_layers=None if gpu_layers == ALL_LAYERS else gpu_layers)
+def _job(values: dict) -> Job:
     job = Job(**{name: values[name] for name in JOB_PARAMETERS if name in values})
     job.validate()
-    return mode, job
+    return job
+
+
+def _check_mode_values(values: dict) -> None:
+    """The weight-mode parameters are among the loader's own choices."""
+    for name, choices in (("dtype", DTYPE_CHOICES), ("memory", MEMORY_CHOICES)):
+        if name in values and values[name] not in choices:
+            raise NextStepError(f"plan parameter {name}={values[name]!r} is not one of {', '.join(choices)}")
+    if values.get("gpu_layers", ALL_LAYERS) < ALL_LAYERS:
+        raise NextStepError(f"plan parameter gpu_layers={values['gpu_layers']} is below {ALL_LAYERS} (all layers)")
 
 
 def plan_response(query: dict[str, str]) -> Response:
+    """The plan as JSON, plus `loads_as` (the mode, in words) and `memory_choice` (the loader's one-line account
+    of an `auto` choice, else null)."""
     unknown = sorted(set(query) - set(PLAN_PARAMETERS))
     if unknown:
         return 400, {"error": f"unknown plan parameter {unknown[0]!r}; known: {', '.join(PLAN_PARAMETERS)}"}
@@ -72,20 +75,26 @@ def plan_response(query: dict[str, str]) -> Response:
         return 400, {"error": "the plan needs model=NAME, a model from NextStep Model Loader's list"}
     try:
         values = {name: _parse(name, text) for name, text in query.items()}
-        mode, job = _mode_and_job(values)
+        _check_mode_values(values)
+        job = _job(values)
     except NextStepError as exc:
         return 400, {"error": str(exc)}
     if values["model"] not in catalog.model_names():
         return 404, {"error": f"NextStep model {values['model']!r} is not in NextStep Model Loader's list "
                               f"(folders under models/{host.MODEL_FOLDER_KEY}/ that hold config.json)"}
+    folder = catalog.model_folder(values["model"])
+    try:
+        mode, choice = loader_weight_mode(folder, values.get("dtype", "auto"), values.get("memory", "auto"),
+                                          values.get("fp8", False), values.get("gpu_layers", ALL_LAYERS))
+    except NextStepError as exc:  # widget values the loader refuses too (fp8 on with memory int4)
+        return 400, {"error": str(exc)}
     memory = device_memory(host.load_device())
     free, total = memory if memory is not None else (None, None)
     try:
-        footprint = ModelFootprint.from_folder(catalog.model_folder(values["model"]))
-        plan = plan_memory(footprint, mode, job, gpu_total=total, gpu_free=free)
+        plan = plan_memory(ModelFootprint.from_folder(folder), mode, job, gpu_total=total, gpu_free=free)
     except NextStepError as exc:
         return 422, {"error": str(exc)}
-    return 200, plan.to_dict()
+    return 200, {**plan.to_dict(), "loads_as": mode.describe(), "memory_choice": choice}
 
 
 def register_routes() -> None:

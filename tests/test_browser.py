@@ -166,6 +166,9 @@ def test_sampler_shows_pickers_and_each_preset_sets_the_table(page):
     page.pick(loader, "dtype", "bfloat16")  # the plan is asked again for the new mode: half the weights
     page.page.wait_for_function(f"([id, before]) => {{ const text = ({plan_text})(id); return /^fits/.test(text) && "
                                 f"!text.includes(`weights ${{before}} `); }}", arg=[loader, float32_weights])
+    assert "loads as bfloat16" in page.js(plan_text, loader)
+    page.pick(loader, "memory", "fp8")  # the loader's memory widget changes the planned mode too
+    page.page.wait_for_function(f"id => ({plan_text})(id).includes('loads as bfloat16, fp8')", arg=loader)
     for name, preset in PRESETS.items():
         page.pick(sampler, "preset", "custom" if name == "NextStep-1.1" else name)  # a change every time
         page.pick(sampler, "preset", name)

@@ -52,6 +52,24 @@ def test_plan_route_streams_layers_and_turns_on_fp8_as_asked():
     assert plan["weights_host_bytes"] > 0
 
 
+@pytest.mark.parametrize("memory,fp8,int4", [("fp8", True, False), ("int4", False, True), ("auto", False, False),
+                                              ("full", False, False)])
+def test_plan_route_plans_the_mode_the_loader_would_load(memory, fp8, int4):
+    # the loader's memory widget, resolved as loading resolves it: on this CPU server auto loads the full dtype
+    status, plan = routes.plan_response({"model": MODEL_NAME, "dtype": "bfloat16", "memory": memory})
+    assert status == 200, plan
+    assert plan["mode"] == {"dtype": "bfloat16", "fp8": fp8, "gpu_layers": None, "int4": int4}
+    assert plan["loads_as"] == ", ".join(["bfloat16"] + [memory] * (memory in ("fp8", "int4")))
+    assert plan["memory_choice"] is None
+    full = routes.plan_response({"model": MODEL_NAME, "dtype": "bfloat16", "memory": "full"})[1]
+    assert (plan["weights_gpu_bytes"] < full["weights_gpu_bytes"]) == (memory in ("fp8", "int4"))
+
+
+def test_plan_route_refuses_widget_values_the_loader_refuses():
+    status, answer = routes.plan_response({"model": MODEL_NAME, "memory": "int4", "fp8": "true"})
+    assert status == 400 and "fp8 is on but memory is 'int4'" in answer["error"]
+
+
 def test_plan_route_answers_404_for_a_model_not_in_the_loader_list():
     for name in ("NextStep-1.1", f"../nextstep/{MODEL_NAME}", "/etc"):
         status, answer = routes.plan_response({"model": name})
@@ -65,6 +83,7 @@ def test_plan_route_answers_404_for_a_model_not_in_the_loader_list():
     ({"model": MODEL_NAME, "width": "500"}, "width 500 is not a positive multiple of 16"),
     ({"model": MODEL_NAME, "batch": "0"}, "batch must be at least 1"),
     ({"model": MODEL_NAME, "dtype": "int8"}, "dtype='int8' is not one of auto"),
+    ({"model": MODEL_NAME, "memory": "int8"}, "memory='int8' is not one of auto, full, fp8, int4"),
     ({"model": MODEL_NAME, "gpu_layers": "-2"}, "gpu_layers=-2 is below -1"),
     ({"model": MODEL_NAME, "path": "/tmp"}, "unknown plan parameter 'path'"),
     ({}, "the plan needs model=NAME"),

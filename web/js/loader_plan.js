@@ -1,12 +1,13 @@
-// NextStep Model Loader in the graph editor: the memory plan of the chosen model and weight mode on this
-// server's run device (GET /nextstep/plan), for the job of the sampler it feeds; asked again whenever a
-// widget it depends on changes.
+// NextStep Model Loader in the graph editor: the memory plan of the chosen model in the weight mode the
+// loader will use (its `memory` choice resolved as loading resolves it) on this server's run device
+// (GET /nextstep/plan), for the job of the sampler it feeds; asked again whenever a widget it depends on
+// changes.
 
 import { formatBytes } from "./format.js";
 import { addTextPanel } from "./text_widget.js";
 import { onWidgetChange, widgetValue } from "./widgets.js";
 
-const MODE_WIDGETS = ["model_name", "dtype", "fp8", "gpu_layers"];
+const MODE_WIDGETS = ["model_name", "dtype", "memory", "fp8", "gpu_layers"];
 const JOB_WIDGETS = { width: "width", height: "height", batch: "batch_size", cfg: "cfg", cfg_img: "cfg_img", steps: "steps" };
 const DEBOUNCE_MS = 250;
 
@@ -37,12 +38,13 @@ function planQuery(node) {
 function planLines(plan) {
   const tone = plan.fits === null ? "muted" : plan.fits ? "ok" : "warn";
   const streamed = plan.weights_host_bytes ? ` (+${formatBytes(plan.weights_host_bytes)} in RAM)` : "";
-  return [[plan.advice, tone], [`weights ${formatBytes(plan.weights_gpu_bytes)}${streamed} · KV cache ` +
+  return [[plan.advice, tone], [`loads as ${plan.loads_as}`, ""],
+    [`weights ${formatBytes(plan.weights_gpu_bytes)}${streamed} · KV cache ` +
     `${formatBytes(plan.kv_cache_bytes)} · peak ${formatBytes(plan.peak_gpu_bytes)}`, "muted"]];
 }
 
 export function setupLoader(node, api) {
-  const show = addTextPanel(node, "nextstep_plan", 2);
+  const show = addTextPanel(node, "nextstep_plan", 3);
   let asked = null;
   let timer = null;
 
