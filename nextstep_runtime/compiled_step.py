@@ -1,16 +1,21 @@
 """The flow head's per-token work as fused kernels: `torch.compile` (inductor) of the solver step.
 
 Why: per token the head runs S solver steps x depth blocks on a handful of rows, thousands of tiny
-operations (layer norms, modulations, activations, the guidance sum) between a few small matmuls. Inductor
-fuses each block's elementwise work into one kernel around the matmuls, so the per-token operation count
-drops several-fold; on CUDA the existing graph capture then replays those fused kernels.
+operations (layer norms, modulations, activations, the guidance sum) between a few small matmuls. On the
+CPU, with few rows (`REDUCTION_ROWS`), the step's linears are written as multiply-and-sum reductions, so
+inductor fuses the whole solver step (every block's linears, norms, modulations and activations, the
+guidance sum and the solver update) into one C++ kernel: one call per step where eager dispatches about 75
+operations, and faster too, since a BLAS matmul on two rows runs far below memory speed. With more rows,
+and on CUDA, the linears stay matmuls and inductor fuses the elementwise work around them; on CUDA the
+existing graph capture then replays those kernels.
 
 One step function serves every step of every token: the step index is a [1] long tensor, so one graph
 is compiled for the first shape (batch, guidance rows, steps) and reused; the adaLN modulations of a token
 are a second small graph. A second shape makes torch compile a dynamic-shape graph that then serves every
-later shape too, so a session compiles each function at most twice per dtype and device. Compiling the S
-steps unrolled into one graph was tried and rejected: its compile time grows with S and exceeded 13
-minutes on two busy CPU cores (one step compiled in 20-80 s there).
+later shape too, so a session compiles each function at most twice per dtype and device (plus once more
+when a batch crosses `REDUCTION_ROWS`). Compiling the S steps unrolled into one graph was tried and
+rejected: its compile time grows with S and exceeded 13 minutes on two busy CPU cores (one step compiled
+in 20-80 s there).
 
 Inductor compiles lazily, at the first call of a new shape: that call logs a progress line and pays the
 compile time (the disk cache of inductor makes later processes faster). If compiling fails there (no C++
@@ -23,10 +28,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any, Callable
 
 import torch
 
-from .flow_head import FlowNet
+from .flow_head import FlowNet, Linear, apply_linear, reduction_linear
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +41,15 @@ RECOMPILE_LIMIT = 64
 session that changes batch, guidance rows and step counts)."""
 
 
+REDUCTION_ROWS = 8
+"""Up to this many head rows (guidance rows x batch), the compiled CPU step computes the head's linears as
+fused reductions (`reduction_linear`); above it a BLAS matmul is faster again (measured on a 2-core CPU: 1.6x
+faster at 2 rows, even at 8, 1.6x slower at 16)."""
+
+
 def solver_step(head: FlowNet, x: torch.Tensor, modulations: list[torch.Tensor], step: torch.Tensor,
-                weights: torch.Tensor, noise: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
+                weights: torch.Tensor, noise: torch.Tensor | None, keep: torch.Tensor,
+                linear: Linear = apply_linear) -> torch.Tensor:
     """One solver step of a token with guidance: x' = (a x + c n) + sum_g W_g v_g.
 
     x [1, B*D] float32; `step` [1] long; `weights` [S, G, 1] the step's velocity coefficient times each of
@@ -45,7 +58,7 @@ def solver_step(head: FlowNet, x: torch.Tensor, modulations: list[torch.Tensor],
     """
     groups = weights.shape[1]
     rows = x.view(-1, head.input_proj.in_features).to(head.input_proj.weight.dtype).repeat(groups, 1)
-    velocity = head.velocity(rows, modulations, step).float().view(groups, -1)
+    velocity = head.velocity(rows, modulations, step, linear).float().view(groups, -1)
     base = x if noise is None else noise.index_select(0, step) + keep.index_select(0, step) * x
     return base + (weights.index_select(0, step)[0] * velocity).sum(0, keepdim=True)
 
@@ -92,38 +105,43 @@ class SolverSteps:
             return head.modulations(time_embeddings, condition)
         key = ("modulations", len(head.res_blocks), condition.shape[0], time_embeddings.shape[0],
                condition.dtype, condition.device)
-        return self._call(key, self.compiled.modulations, FlowNet.modulations, head, time_embeddings, condition)
+        args = (head, time_embeddings, condition)
+        return self._call(key, lambda: self.compiled.modulations(*args), lambda: FlowNet.modulations(*args))
 
     def step(self, head: FlowNet, x: torch.Tensor, modulations: list[torch.Tensor], step: torch.Tensor,
              weights: torch.Tensor, noise: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
         args = (head, x, modulations, step, weights, noise, keep)
         if not self.active:
             return solver_step(*args)
-        key = ("step", len(modulations), x.numel() // head.input_proj.in_features, weights.shape[1], weights.shape[0],
-               noise is None, x.device, modulations[0].dtype)
-        return self._call(key, self.compiled.step, solver_step, *args)
+        batch, groups = x.numel() // head.input_proj.in_features, weights.shape[1]
+        reduce = x.device.type == "cpu" and batch * groups <= REDUCTION_ROWS
+        key = ("step", len(modulations), batch, groups, weights.shape[0], noise is None, x.device,
+               modulations[0].dtype)
+        linear = reduction_linear if reduce else apply_linear
+        return self._call(key, lambda: self.compiled.step(*args, linear), lambda: solver_step(*args))
 
-    def _call(self, key: tuple, compiled, eager, *args):
+    def _call(self, key: tuple, compiled: Callable[[], Any], eager: Callable[[], Any]) -> Any:
+        """compiled(), compiling it first for a new `key` (shape); eager() for good once compiling failed."""
         shared = self.compiled
         if key in shared.shapes:
-            return compiled(*args)
+            return compiled()
         with shared.lock:  # the first call of a shape compiles; two threads must not compile it twice
             if shared.failed:
-                return eager(*args)
+                return eager()
             log.info("NextStep: compiling the flow head's %s for %s (a new shape compiles once per process: "
                      "seconds on a GPU, a minute or more on a small CPU)...", key[0], _describe(key))
             start = time.perf_counter()
             try:
                 with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
                                                 accumulated_recompile_limit=16 * RECOMPILE_LIMIT):
-                    result = compiled(*args)
+                    result = compiled()
             except Exception as exc:  # noqa: BLE001 - any compiler or toolchain failure: never fail the run
                 shared.failed = True
                 log.warning("NextStep: torch.compile of the flow head failed (%s: %s); running it without "
                             "compiling (same images, slower). To skip the attempt, turn compile off (Model Loader "
                             "`compile`, CLI --no-compile, from_pretrained(compile=False)).",
                             type(exc).__name__, _first_line(exc))
-                return eager(*args)
+                return eager()
             shared.shapes.add(key)
             log.info("NextStep: compiled flow head %s ready in %.1f s", key[0], time.perf_counter() - start)
             return result

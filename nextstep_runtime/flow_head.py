@@ -7,11 +7,28 @@ step grid, `cond_embed` once per token, then `velocity` per step.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 SINUSOID_DIM = 256
+
+Linear = Callable[[torch.Tensor, nn.Linear], torch.Tensor]
+"""How the per-step MLPs apply a linear layer: `apply_linear` (the layer's own matmul), or the compiled step's
+`reduction_linear`."""
+
+
+def apply_linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    return layer(x)
+
+
+def reduction_linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """x W^T + b written as a broadcast multiply and a sum, for torch.compile on the CPU: inductor turns it into
+    one vectorised loop fused with the operations around it, where a matmul would be an opaque library call.
+    For the head's few rows (guidance rows x batch) a BLAS matmul is far from memory speed; this loop is not."""
+    return (x[:, None, :] * layer.weight[None]).sum(-1) + layer.bias
 
 
 def sinusoidal_embedding(t: torch.Tensor) -> torch.Tensor:
@@ -45,9 +62,10 @@ class ResBlock(nn.Module):
         shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
         return torch.stack((shift, 1 + scale, gate))
 
-    def forward(self, x: torch.Tensor, shift: torch.Tensor, scale_plus_one: torch.Tensor,
-                gate: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(x, gate, self.mlp(torch.addcmul(shift, self.in_ln(x), scale_plus_one)))
+    def forward(self, x: torch.Tensor, shift: torch.Tensor, scale_plus_one: torch.Tensor, gate: torch.Tensor,
+                linear: Linear = apply_linear) -> torch.Tensor:
+        hidden = linear(torch.addcmul(shift, self.in_ln(x), scale_plus_one), self.mlp[0])
+        return torch.addcmul(x, gate, linear(F.silu(hidden), self.mlp[2]))
 
 
 class FinalLayer(nn.Module):
@@ -62,8 +80,9 @@ class FinalLayer(nn.Module):
         shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
         return torch.stack((shift, 1 + scale))
 
-    def forward(self, x: torch.Tensor, shift: torch.Tensor, scale_plus_one: torch.Tensor) -> torch.Tensor:
-        return self.linear(torch.addcmul(shift, self.norm_final(x), scale_plus_one))
+    def forward(self, x: torch.Tensor, shift: torch.Tensor, scale_plus_one: torch.Tensor,
+                linear: Linear = apply_linear) -> torch.Tensor:
+        return linear(torch.addcmul(shift, self.norm_final(x), scale_plus_one), self.linear)
 
 
 class FlowNet(nn.Module):
@@ -88,13 +107,14 @@ class FlowNet(nn.Module):
         y = time_embeddings[:, None] + self.cond_embed(condition)[None]
         return [block.modulation(y) for block in self.res_blocks] + [self.final_layer.modulation(y)]
 
-    def velocity(self, x: torch.Tensor, modulations: list[torch.Tensor], step: torch.Tensor) -> torch.Tensor:
+    def velocity(self, x: torch.Tensor, modulations: list[torch.Tensor], step: torch.Tensor,
+                 linear: Linear = apply_linear) -> torch.Tensor:
         """Velocity of tokens x [R, token_dim] at solver step `step` ([1] long: a tensor, so one compiled
         graph serves every step)."""
-        h = self.input_proj(x)
+        h = linear(x, self.input_proj)
         for block, modulation in zip(self.res_blocks, modulations):
-            h = block(h, *modulation.index_select(1, step)[:, 0])
-        return self.final_layer(h, *modulations[-1].index_select(1, step)[:, 0])
+            h = block(h, *modulation.index_select(1, step)[:, 0], linear)
+        return self.final_layer(h, *modulations[-1].index_select(1, step)[:, 0], linear)
 
 
 class FlowHead(nn.Module):

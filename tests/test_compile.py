@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,16 @@ def test_without_a_compiler_the_run_falls_back_to_eager_with_one_warning(tmp_pat
     assert result.stderr.count(FALLBACK_WARNING) == 1, result.stderr
     eager = _generate(tiny_pipeline, case, compile=False)
     assert torch.equal(load_file(tensors)["tokens"], eager.tokens)
+
+
+def test_compiled_head_with_many_rows_keeps_its_matmuls_and_equals_eager(compiled_pipeline, tiny_pipeline) -> None:
+    """Batch 5 with cfg is 10 head rows, above compiled_step.REDUCTION_ROWS: the compiled step keeps BLAS
+    matmuls there (the goldens, at 1-4 rows, cover the fused-reduction step)."""
+    case = next(case for case in golden_cases() if case.name == "official_t2i_cps_nocfg")
+    settings = replace(settings_for(case), batch=5, cfg=3.0, width=32, height=32)
+    assert 2 * settings.batch > compiled_step.REDUCTION_ROWS
+    p = case.params
+    eager = tiny_pipeline.generate(p["caption"], settings, negative=p["negative_prompt"], compile=False)
+    compiled = compiled_pipeline.generate(p["caption"], settings, negative=p["negative_prompt"])
+    assert any(key[0] == "step" and key[2] == 5 for key in compiled_step._shared().shapes)
+    torch.testing.assert_close(compiled.tokens, eager.tokens, rtol=0, atol=1e-3)
