@@ -86,6 +86,21 @@ def load_weights(module: nn.Module, tensors: Iterator[tuple[Path, str, Callable[
     shapes = expected_shapes(module)
     loaded: set[str] = set()
     unknown: list[str] = []
+    for name, tensor in checked_tensors(tensors, shapes, source, unknown, shape_hint):
+        values = convert(name, tensor) if convert else {name: tensor.to(device=device, dtype=dtype)}
+        del tensor
+        for target, value in values.items():
+            _assign(module, target, value)
+            loaded.add(target)
+    report_unknown_and_missing(unknown, set(shapes) - loaded, f"weights for {source}")
+
+
+def checked_tensors(tensors: Iterator[tuple[Path, str, Callable[[], torch.Tensor]]], shapes: dict[str, torch.Size],
+                    source: str, unknown: list[str],
+                    shape_hint: Callable[[str], str] = lambda name: "") -> Iterator[tuple[str, torch.Tensor]]:
+    """(canonical name, tensor) for each checkpoint tensor with a place in `shapes`, read one at a time and
+    refused with a message naming the file when its shape differs from what `source` implies. The keys of
+    the others are appended to `unknown`, unread (IGNORED_KEYS are dropped silently)."""
     for path, key, load in tensors:
         name = canonical_key(key)
         if name in IGNORED_KEYS:
@@ -97,17 +112,18 @@ def load_weights(module: nn.Module, tensors: Iterator[tuple[Path, str, Callable[
         if tensor.shape != shapes[name]:
             raise NextStepError(f"{path}: tensor {key!r} has shape {list(tensor.shape)} but {source} implies "
                                 f"{list(shapes[name])}{shape_hint(name)}")
-        values = convert(name, tensor) if convert else {name: tensor.to(device=device, dtype=dtype)}
-        del tensor
-        for target, value in values.items():
-            _assign(module, target, value)
-            loaded.add(target)
+        yield name, tensor
+
+
+def report_unknown_and_missing(unknown: list[str], missing: set[str], what: str) -> None:
+    """One warning naming the unknown tensors (skipped, as Hugging Face loading does); an error naming the
+    missing ones."""
     if unknown:
         shown = ", ".join(unknown[:NAMED_UNKNOWN_KEYS])
         more = f" and {len(unknown) - NAMED_UNKNOWN_KEYS} more" if len(unknown) > NAMED_UNKNOWN_KEYS else ""
-        log.warning("weights for %s: skipped %d unknown tensor(s) that NextStep does not use: %s%s", source,
-                    len(unknown), shown, more)
-    missing = sorted(set(shapes) - loaded)
+        log.warning("%s: skipped %d unknown tensor(s) that NextStep does not use: %s%s", what, len(unknown),
+                    shown, more)
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise NextStepError(f"weights for {source} are missing tensors: {shown}")
+        names = sorted(missing)
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise NextStepError(f"{what} are missing tensors: {shown}")

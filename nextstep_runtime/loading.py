@@ -46,7 +46,7 @@ def weight_files(folder: Path) -> list[Path]:
                         f"with its shards")
 
 
-def _model_shape_hint(config: ModelConfig) -> Callable[[str], str]:
+def model_shape_hint(config: ModelConfig) -> Callable[[str], str]:
     """Name the config keys that decide a tensor's expected shape, so a mismatch points at the fix."""
     def hint(name: str) -> str:
         if name.startswith("image_head."):
@@ -200,7 +200,7 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device | st
         raise NextStepError(f"layers kept on the GPU must be between 0 and {config.num_hidden_layers} "
                             f"(got {resident_layers})")
     convert = weight_converter(model, dtype, device, fp8, int4, stored, resident_layers)
-    load_weights(model, iter_safetensors(files), dtype, device, str(config_path), _model_shape_hint(config), convert)
+    load_weights(model, iter_safetensors(files), dtype, device, str(config_path), model_shape_hint(config), convert)
     if config.use_gen_pos_embed:
         model.gen_pos_embed = _position_table(files, config, str(config_path)).to(device, dtype)
     if resident_layers is not None:

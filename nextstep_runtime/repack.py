@@ -19,12 +19,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import IGNORED_KEYS, canonical_key, expected_shapes, iter_safetensors
+from .checkpoint import checked_tensors, expected_shapes, iter_safetensors, report_unknown_and_missing
 from .config import ModelConfig, read_json
 from .errors import NextStepError
 from .fp8 import quantize_per_channel
 from .int4 import quantize_grouped
-from .loading import BUNDLED_VAE_FOLDER, WEIGHTS_FORMAT_KEY, STORED_FORMATS, stored_weights_format, weight_files
+from .loading import (BUNDLED_VAE_FOLDER, WEIGHTS_FORMAT_KEY, STORED_FORMATS, model_shape_hint,
+                      stored_weights_format, weight_files)
 from .model import NextStepModel
 
 MAX_SHARD_BYTES = 5 * 10**9
@@ -60,23 +61,14 @@ def _stored_tensors(name: str, tensor: torch.Tensor, weights: str, linears: set[
 
 def _converted(files: list[Path], weights: str, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     linears, shapes = _layout(config)
-    skipped, seen = [], set()
-    for path, key, load in iter_safetensors(files):
-        name = canonical_key(key)
-        if name in IGNORED_KEYS or name not in shapes:
-            skipped.append(key)
-            continue
-        tensor = load()
-        if tensor.shape != shapes[name]:
-            raise NextStepError(f"{path}: tensor {key!r} has shape {list(tensor.shape)} but config.json implies "
-                                f"{list(shapes[name])}; config.json and the weights disagree")
+    folder = files[0].parent
+    unknown: list[str] = []
+    seen = set()
+    for name, tensor in checked_tensors(iter_safetensors(files), shapes, str(folder / "config.json"), unknown,
+                                        model_shape_hint(config)):
         seen.add(name)
         yield from _stored_tensors(name, tensor, weights, linears).items()
-    missing = sorted(set(shapes) - seen)
-    if missing:
-        raise NextStepError(f"the weights in {files[0].parent} are missing tensors: {', '.join(missing[:5])}")
-    if skipped:
-        log.warning("convert: left out %d tensors the runtime never reads: %s", len(skipped), ", ".join(skipped[:5]))
+    report_unknown_and_missing(unknown, set(shapes) - seen, f"convert: the weights in {folder}")
 
 
 def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], destination: Path, max_shard_bytes: int) -> None:
