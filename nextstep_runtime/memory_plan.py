@@ -25,6 +25,7 @@ from .checkpoint import IGNORED_KEYS, canonical_key, open_safetensors
 from .config import ModelConfig, VAEConfig, read_json
 from .errors import NextStepError
 from .fp8 import FP8_DTYPE, use_fp8_linears
+from .generate import NoiseSpec
 from .hub import resolve_model_source
 from .int4 import group_size_for
 from .loading import VAE_CONFIG_METADATA_KEY, resolve_vae_path, weight_files
@@ -303,7 +304,8 @@ def sampling_activation_bytes(config: ModelConfig, dtype: torch.dtype, job: Job)
       rows x heads x P x P score matrix of SDPA's math backend, an upper bound: CUDA's fused kernels need
       none) and the MLP (gate, up and their product, 3 x rows x P x intermediate); rotary tables and the
       padding mask;
-    - the token loop: the whole image's noise in float32 (CPU-drawn, copied over, and the step-scaled copy),
+    - the token loop: one chunk of the seeded noise in float32 (NoiseSpec: the whole image's when it is at
+      most NOISE_CHUNK_BYTES), drawn on the host and held in the solver's buffers on the run device,
       the output tokens, the flow head's adaLN modulations for every step, the key-valid mask and slot
       indices, and one decode step's activations;
     - WORKSPACE_ALLOWANCE.
@@ -317,7 +319,8 @@ def sampling_activation_bytes(config: ModelConfig, dtype: torch.dtype, job: Job)
     mlp = 3 * rows * prompt * c.intermediate_size
     prefill = (3 * rows * prompt * c.hidden_size + max(attention, mlp) + 2 * rows * prompt * c.head_dim) * size
     prefill += rows * prompt * prompt  # boolean padding mask
-    noise = 2 * tokens * (1 + job.steps) * job.batch * c.token_dim * 4
+    chunk = NoiseSpec.plan(0, tokens, job.steps, True, job.batch, c.token_dim)
+    noise = 2 * chunk.chunk_tokens * chunk.draws * job.batch * c.token_dim * 4
     output = job.batch * tokens * c.token_dim * 4
     modulations = (3 * c.head_depth + 2 + 1) * job.steps * rows * c.head_width * size
     masks = rows * capacity + capacity * 8

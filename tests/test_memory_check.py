@@ -12,6 +12,9 @@ from nextstep_runtime.memory_check import check_job_memory, free_memory
 from nextstep_runtime.memory_plan import Job
 
 BUDGET = 4 * 10**9
+SAMPLING_BUDGET = 8 * 10**8
+"""For the sampler alone (no VAE in the pipeline, as in the nodes): below what a 960x960 batch of 64 needs on
+the tiny model (about 1.0 GB), above what one image needs (0.7 GB, mostly the planner's fixed allowance)."""
 
 
 @pytest.fixture(scope="module")
@@ -21,22 +24,27 @@ def budget_pipeline(tiny_pipeline) -> NextStepPipeline:
     return NextStepPipeline(pipe.model, pipe.tokenizer, pipe.normalization, pipe.vae, free_memory=lambda device: BUDGET)
 
 
-def test_a_job_that_cannot_fit_is_refused_before_any_work(budget_pipeline) -> None:
+def test_a_job_that_cannot_fit_is_refused_before_any_work(tiny_pipeline) -> None:
+    pipe = tiny_pipeline
+    sampler_only = NextStepPipeline(pipe.model, pipe.tokenizer, pipe.normalization, None,
+                                    free_memory=lambda device: SAMPLING_BUDGET)
     calls = []
-    settings = GenerationSettings(width=512, height=512, batch=64, steps=200)
+    settings = GenerationSettings(width=960, height=960, batch=64, steps=200)
     with pytest.raises(NextStepError) as caught:
-        budget_pipeline.generate("a fox", settings, callback=lambda *args: calls.append(args))
+        sampler_only.sample("a fox", settings, callback=lambda *args: calls.append(args))
     message = str(caught.value)
     assert message.startswith("this run needs about ") and " GB on cpu besides the model's weights (KV cache " in message
-    assert "but only 4.0 GB is free; use a batch of at most " in message
+    assert "but only 0.8 GB is free; use a batch of at most " in message
     assert not calls  # not a single token was sampled
     largest = int(message.split("use a batch of at most ")[1].split(",")[0])
-    config, vae_config, dtype = budget_pipeline.model.config, budget_pipeline.vae.config, torch.float32
-    job = Job(width=512, height=512, batch=largest, cfg=settings.cfg, cfg_img=settings.cfg_img, steps=200, prompt_tokens=8)
-    check_job_memory(config, vae_config, dtype, job, torch.device("cpu"), lambda device: BUDGET)  # fits
+    assert 1 <= largest < settings.batch
+    config, dtype = pipe.model.config, torch.float32
+    job = Job(width=960, height=960, batch=largest, cfg=settings.cfg, cfg_img=settings.cfg_img, steps=200,
+              prompt_tokens=8)
+    check_job_memory(config, None, dtype, job, torch.device("cpu"), lambda device: SAMPLING_BUDGET)  # fits
     with pytest.raises(NextStepError):
-        check_job_memory(config, vae_config, dtype, Job(**{**job.__dict__, "batch": largest + 1}),
-                         torch.device("cpu"), lambda device: BUDGET)
+        check_job_memory(config, None, dtype, Job(**{**job.__dict__, "batch": largest + 1}),
+                         torch.device("cpu"), lambda device: SAMPLING_BUDGET)
 
 
 def test_when_no_batch_fits_the_advice_is_a_smaller_image(budget_pipeline) -> None:
