@@ -60,6 +60,11 @@ class NoiseSpec:
         per_token = draws * batch * dim * 4
         return cls(seed, tokens, draws, batch, dim, max(1, min(tokens, chunk_bytes // per_token)))
 
+    @property
+    def chunk_bytes(self) -> int:
+        """Bytes of one chunk of noise in float32 (the host's draw and the solver's buffers each hold one)."""
+        return self.chunk_tokens * self.draws * self.batch * self.dim * 4
+
 
 class NoiseStream:
     """Draws the noise chunk by chunk from one CPU generator. On the CPU, consecutive draws of whole

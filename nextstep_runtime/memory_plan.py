@@ -319,8 +319,7 @@ def sampling_activation_bytes(config: ModelConfig, dtype: torch.dtype, job: Job)
     mlp = 3 * rows * prompt * c.intermediate_size
     prefill = (3 * rows * prompt * c.hidden_size + max(attention, mlp) + 2 * rows * prompt * c.head_dim) * size
     prefill += rows * prompt * prompt  # boolean padding mask
-    chunk = NoiseSpec.plan(0, tokens, job.steps, True, job.batch, c.token_dim)
-    noise = 2 * chunk.chunk_tokens * chunk.draws * job.batch * c.token_dim * 4
+    noise = 2 * NoiseSpec.plan(0, tokens, job.steps, True, job.batch, c.token_dim).chunk_bytes
     output = job.batch * tokens * c.token_dim * 4
     modulations = (3 * c.head_depth + 2 + 1) * job.steps * rows * c.head_width * size
     masks = rows * capacity + capacity * 8
