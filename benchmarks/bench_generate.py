@@ -63,7 +63,7 @@ NEGATIVE = ("lowres, bad anatomy, bad hands, text, error, missing fingers, extra
             "worst quality, low quality, normal quality, jpeg artifacts, signature, watermark, username, blurry.")
 
 
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
+def timed(fn: Callable[[], object], device: torch.device) -> float:
     """Seconds for fn(), with the device drained before and after."""
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -75,7 +75,7 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def _median_ms(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
-    return 1000 * statistics.median(_timed(fn, device) for _ in range(repeat))
+    return 1000 * statistics.median(timed(fn, device) for _ in range(repeat))
 
 
 def _profiled_ops(fn: Callable[[], object], device: torch.device) -> tuple[int, int]:
@@ -174,8 +174,8 @@ def _kept_vs_full(pipe: NextStepPipeline, settings: GenerationSettings, latents:
     mask[:, : kept_rows * token_pixels] = 0
     full, kept = [], []
     for _ in range(repeat):
-        full.append(_timed(lambda: pipe.sample(CAPTION, settings, negative=NEGATIVE), device))
-        kept.append(_timed(lambda: pipe.sample(CAPTION, settings, negative=NEGATIVE, init_latents=latents,
+        full.append(timed(lambda: pipe.sample(CAPTION, settings, negative=NEGATIVE), device))
+        kept.append(timed(lambda: pipe.sample(CAPTION, settings, negative=NEGATIVE, init_latents=latents,
                                                mask=mask), device))
     full_s, kept_s = statistics.median(full), statistics.median(kept)
     return {"kept_rows": kept_rows, "sampling_seconds_full": round(full_s, 4),
@@ -234,17 +234,17 @@ def main(argv: list[str] | None = None) -> dict:
             if device.type != "cpu" or dtype != torch.float32 or args.fp8:
                 raise SystemExit("--compare-official runs on the CPU in float32: add --device cpu --dtype float32")
             official = OfficialPipeline(args.official_python, args.compare_official, model, vae, args, Path(workdir))
-        warmup_s = _timed(generate, device)  # compiles every graph of this shape when compiling
+        warmup_s = timed(generate, device)  # compiles every graph of this shape when compiling
         logging.info("warm-up (compiling included) %.1f s", warmup_s)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         official_warmup_s = official.run() if official else None
         runs: dict[str, list[float]] = {"compiled": [], "eager": [], "official": []}
         for _ in range(args.repeat):  # interleaved: a busy machine slows every variant alike
-            runs["compiled" if args.compile else "eager"].append(_timed(generate, device))
+            runs["compiled" if args.compile else "eager"].append(timed(generate, device))
             if args.compile:
                 pipe.compile = False
-                runs["eager"].append(_timed(generate, device))
+                runs["eager"].append(timed(generate, device))
                 pipe.compile = True
             if official:
                 runs["official"].append(official.run())
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
     total = inputs.grid[0] * inputs.grid[1]
     figures = _component_figures(pipe, inputs, device, args.repeat)
     with torch.inference_mode():
-        sample_s = statistics.median(_timed(lambda: pipe.sample(CAPTION, settings, negative=NEGATIVE), device)
+        sample_s = statistics.median(timed(lambda: pipe.sample(CAPTION, settings, negative=NEGATIVE), device)
                                      for _ in range(args.repeat))
         latents = pipe.sample(CAPTION, settings, negative=NEGATIVE).latents
         vae_ms = _median_ms(lambda: pipe.decode(latents), device, args.repeat)
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
         report["official_ratio"] = round(seconds / per_image["official"], 3)
         report["official_runtime"] = official.info
     if args.compare_eager:
-        eager_s = statistics.median(_timed(lambda: eager_sample(pipe, CAPTION, NEGATIVE, settings), device)
+        eager_s = statistics.median(timed(lambda: eager_sample(pipe, CAPTION, NEGATIVE, settings), device)
                                     for _ in range(args.repeat))
         report["eager_loop_sampling_seconds"] = round(eager_s, 4)
         report["sampling_seconds"] = round(sample_s, 4)

@@ -27,7 +27,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).parent)]
 
-from bench_generate import CAPTION, TOKENIZER, _timed  # noqa: E402
+from bench_generate import CAPTION, TOKENIZER, timed  # noqa: E402
 from presets import PRESETS, random_model, random_vae  # noqa: E402
 
 from nextstep_runtime.generate import DecodeState  # noqa: E402
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     times: dict[str, list[float]] = {name: [] for name in pipes}
     for _ in range(args.repeat):
         for name, pipe in pipes.items():
-            times[name].append(_timed(lambda: pipe.generate(CAPTION, settings), device))
+            times[name].append(timed(lambda: pipe.generate(CAPTION, settings), device))
         logging.info("round done: %s", {name: round(values[-1], 3) for name, values in times.items()})
     report = {}
     for name, pipe in pipes.items():

@@ -2,8 +2,9 @@
 
 GET /nextstep/presets: the recommended settings of each released model (nextstep_runtime.presets).
 GET /nextstep/plan?model=NAME&dtype=..&memory=..&fp8=..&gpu_layers=..&width=..&height=..&batch=..&cfg=..&cfg_img=..&steps=..:
-the memory plan of a model from the loader's list, in the weight mode the loader would choose with those
-widgets (`memory` auto included, for this job), against this server's run device. Handlers are plain functions of the query parameters returning (HTTP status, JSON body), so they are
+the memory plan of a model from the loader's list for a job, in the weight mode the loader would load it in
+with those widgets (`memory` auto chosen as the loader chooses it, for 512x512), against this server's run
+device. Handlers are plain functions of the query parameters returning (HTTP status, JSON body), so they are
 tested without a server. A model is named, never given as a path, and only names from the loader's list
 are looked up.
 """
