@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from goldens import TINY_MODEL  # noqa: E402
+from model_folders import copy_model  # noqa: E402
 
 from nextstep_runtime import NextStepPipeline  # noqa: E402
 
@@ -27,8 +27,4 @@ def tiny_pipeline() -> NextStepPipeline:
 @pytest.fixture
 def model_copy(tmp_path: Path) -> Path:
     """A writable copy of the tiny model folder (tokenizer, config, weights, vae/)."""
-    target = tmp_path / "tiny-nextstep"
-    shutil.copytree(TINY_MODEL, target)
-    for path in target.rglob("*"):
-        path.chmod(0o644 if path.is_file() else 0o755)
-    return target
+    return copy_model(tmp_path / "tiny-nextstep")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from goldens import TINY_MODEL
 
 NAMING_1_0_TO_1_1 = {
     "latent_channels": "num_channels",
@@ -15,6 +18,14 @@ NAMING_1_0_TO_1_1 = {
     "fm_head_dim": "genloss_width",
     "fm_head_layers": "genloss_depth",
 }
+
+
+def copy_model(target: Path) -> Path:
+    """A writable copy of the tiny model folder (tokenizer, config, weights, vae/) at `target`."""
+    shutil.copytree(TINY_MODEL, target)
+    for path in target.rglob("*"):
+        path.chmod(0o644 if path.is_file() else 0o755)
+    return target
 
 
 def rewrite_weights(folder: Path, shards: int = 1, dtype: torch.dtype | None = None, prefix: str = "") -> None:

@@ -8,7 +8,6 @@ import importlib
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from goldens import TINY_MODEL, GoldenCase, assert_matches_golden, golden_cases
-from model_folders import add_tensors, edit_config, edit_vae_config, use_slow_tokenizer_files
+from model_folders import add_tensors, copy_model, edit_config, edit_vae_config, use_slow_tokenizer_files
 from nodes_pack import load_pack
 from test_goldens import settings_for
 
@@ -56,13 +55,6 @@ VARIANTS = {
     "gen-pos-embed": _gen_pos_embed,
 }
 REPRODUCE_GOLDENS = ("slow-tokenizer", "extra-tensors", "vae-psz-null")
-
-
-def copy_model(target: Path) -> Path:
-    shutil.copytree(TINY_MODEL, target)
-    for path in target.rglob("*"):
-        path.chmod(0o644 if path.is_file() else 0o755)
-    return target
 
 
 @pytest.fixture(scope="module")
