@@ -24,8 +24,8 @@ from .config import ModelConfig, read_json
 from .errors import NextStepError
 from .fp8 import quantize_per_channel
 from .int4 import quantize_grouped
-from .loading import (BUNDLED_VAE_FOLDER, WEIGHTS_FORMAT_KEY, STORED_FORMATS, model_shape_hint,
-                      stored_weights_format, weight_files)
+from .loading import (BUNDLED_VAE_FOLDER, WEIGHTS_FORMAT_KEY, STORED_FORMATS, model_config_path,
+                      model_shape_hint, stored_weights_format, weight_files)
 from .model import NextStepModel
 
 MAX_SHARD_BYTES = 5 * 10**9
@@ -112,9 +112,7 @@ def convert_folder(source: str | Path, destination: str | Path, weights: str,
     source, destination = Path(source), Path(destination)
     if weights not in STORED_FORMATS:
         raise NextStepError(f"unknown weight format {weights!r}; choose {', '.join(STORED_FORMATS)}")
-    config_path = source / "config.json"
-    if not config_path.is_file():
-        raise NextStepError(f"{source} has no config.json; point at a NextStep model folder")
+    config_path = model_config_path(source)
     raw_config = read_json(config_path)
     config = ModelConfig.from_dict(raw_config, str(config_path))
     stored = stored_weights_format(raw_config, config_path)

@@ -85,6 +85,15 @@ def test_repacked_folder_refuses_another_weight_mode_and_reconversion(tmp_path: 
         convert_folder(TINY_MODEL, destination, "fp8")
 
 
+def test_convert_names_what_a_model_folder_lacks(tmp_path: Path) -> None:
+    """The same messages as loading: a folder that does not exist, a folder without config.json."""
+    with pytest.raises(NextStepError, match="model folder .* does not exist"):
+        convert_folder(tmp_path / "absent", tmp_path / "out", "fp8")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NextStepError, match="has no config.json; point at a NextStep model folder"):
+        convert_folder(tmp_path / "empty", tmp_path / "out", "fp8")
+
+
 def test_bf16_shards_convert_like_the_float32_release(model_copy: Path, tmp_path: Path) -> None:
     """A bf16 checkpoint (what many re-uploads ship) repacks to the same int4 tensors as its float32 source
     cast to bf16 would."""
