@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,6 @@ import pytest
 # Tests run the flow head eagerly unless they ask for compiling (tests/test_compile.py): compiling costs a minute
 # per shape on a small CPU. Set before torch is imported; subprocesses (CLI, ComfyUI) inherit it.
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
-sys.path.insert(0, str(Path(__file__).parent))
 
 from goldens import TINY_MODEL  # noqa: E402
 from model_folders import copy_model  # noqa: E402
