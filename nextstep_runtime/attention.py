@@ -46,9 +46,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         return out.transpose(1, 2)
     if sq == 1 and groups > 1:
         # one query per head (decoding): the query heads sharing a KV head become that head's query rows,
-        # so K/V are read once, unrepeated, by any SDPA backend
+        # so K/V are read once, unrepeated, by any SDPA backend. CUDA's kernels return a transposed view
+        # (their buffer is [rows, groups, kv_heads, dim]): reshape, never view, their output.
         out = F.scaled_dot_product_attention(q.view(rows, kv_heads, groups, dim), k, v, attn_mask=mask)
-        return out.view(rows, heads, 1, dim)
+        return out.reshape(rows, heads, 1, dim)
     if _SDPA_HAS_GQA and groups > 1 and mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=sq > 1, enable_gqa=True)
     # a mask with GQA would force the math backend; repeating K/V keeps the efficient kernels usable

@@ -11,8 +11,11 @@ import pytest
 # per shape on a small CPU. Set before torch is imported; subprocesses (CLI, ComfyUI) inherit it.
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 
+import torch.nn.functional as F  # noqa: E402
+
 from goldens import TINY_MODEL  # noqa: E402
 from model_folders import copy_model  # noqa: E402
+from sdpa_layouts import LAYOUTS, sdpa_with_cuda_layout  # noqa: E402
 
 from nextstep_runtime import NextStepPipeline  # noqa: E402
 
@@ -26,3 +29,12 @@ def tiny_pipeline() -> NextStepPipeline:
 def model_copy(tmp_path: Path) -> Path:
     """A writable copy of the tiny model folder (tokenizer, config, weights, vae/)."""
     return copy_model(tmp_path / "tiny-nextstep")
+
+
+@pytest.fixture(params=LAYOUTS, ids=lambda layout: f"sdpa-{layout}-layout")
+def sdpa_layout(request, monkeypatch) -> str:
+    """SDPA's output as the CPU returns it, or with the strides CUDA's kernels give it (sdpa_layouts.py), so the
+    goldens also run as an NVIDIA GPU lays out attention outputs."""
+    if request.param == "cuda":
+        monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa_with_cuda_layout)
+    return request.param

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +15,16 @@ from goldens import TINY_MODEL, GoldenCase, assert_matches_golden, golden_cases
 from nextstep_runtime import GenerationSettings, images_to_unit
 from nextstep_runtime.images import load_rgb, to_uint8
 
-REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nextstep_runtime", "generate", *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+def run_cli(*args: str, sdpa_layout: str = "cpu") -> subprocess.CompletedProcess:
+    """`generate` in a subprocess; with sdpa_layout "cuda", under the CUDA output-layout emulation."""
+    module = "sdpa_layouts" if sdpa_layout == "cuda" else "nextstep_runtime"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", module, "generate", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
 
 
 def settings_for(case: GoldenCase) -> GenerationSettings:
@@ -31,10 +36,11 @@ def settings_for(case: GoldenCase) -> GenerationSettings:
 
 
 @pytest.mark.parametrize("case", golden_cases(), ids=lambda case: case.name)
-def test_cli_reproduces_golden(case: GoldenCase, tmp_path: Path) -> None:
+def test_cli_reproduces_golden(case: GoldenCase, tmp_path: Path, sdpa_layout: str) -> None:
     tensors = tmp_path / "out.safetensors"
     result = run_cli("--model", str(TINY_MODEL), "--device", "cpu", "--dtype", "float32",
-                     "--out", str(tmp_path / "out.png"), "--save-tensors", str(tensors), *case.cli_args())
+                     "--out", str(tmp_path / "out.png"), "--save-tensors", str(tensors), *case.cli_args(),
+                     sdpa_layout=sdpa_layout)
     assert result.returncode == 0, result.stderr
     saved = load_file(tensors)
     assert_matches_golden(case, {key: saved[key] for key in ("tokens", "latents", "images", "images_uint8")})
@@ -46,7 +52,7 @@ def test_cli_reproduces_golden(case: GoldenCase, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("case", golden_cases(), ids=lambda case: case.name)
-def test_api_reproduces_golden(case: GoldenCase, tiny_pipeline) -> None:
+def test_api_reproduces_golden(case: GoldenCase, tiny_pipeline, sdpa_layout: str) -> None:
     p = case.params
     edit_images = [load_rgb(case.image_path)] if case.image_path else []
     progress = []

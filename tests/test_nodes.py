@@ -136,7 +136,7 @@ def run_graph(model, case: dict, vae_name: str) -> tuple[torch.Tensor, torch.Ten
 
 
 @pytest.mark.parametrize("case", golden_cases(), ids=lambda case: case.name)
-def test_graph_reproduces_golden(model, case: GoldenCase):
+def test_graph_reproduces_golden(model, case: GoldenCase, sdpa_layout: str):
     vae_name = VAE_FILE if case.image_path else MODEL_VAE  # both kinds of VAE entry
     latents, images = run_graph(model, case.params, vae_name)
 
