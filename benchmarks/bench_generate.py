@@ -50,12 +50,12 @@ from eager_baseline import eager_sample  # noqa: E402
 from official_layout import save_official_layout  # noqa: E402
 from presets import PRESETS, VAE_PRESETS, random_model, random_vae  # noqa: E402
 
-from nextstep_runtime.generate import DecodeState, TokenSolver  # noqa: E402
-from nextstep_runtime.memory_plan import Job, ModelFootprint, WeightMode, plan_memory  # noqa: E402
+from nextstep_runtime.memory.plan import Job, ModelFootprint, WeightMode, plan_memory  # noqa: E402
+from nextstep_runtime.model.tokens import LatentNormalization  # noqa: E402
 from nextstep_runtime.pipeline import DTYPES, GenerationSettings, NextStepPipeline, resolve_device, resolve_dtype  # noqa: E402
-from nextstep_runtime.prompt import load_tokenizer  # noqa: E402
-from nextstep_runtime.sampling import SAMPLERS  # noqa: E402
-from nextstep_runtime.tokens import LatentNormalization  # noqa: E402
+from nextstep_runtime.sampling.prompt import load_tokenizer  # noqa: E402
+from nextstep_runtime.sampling.solvers import SAMPLERS  # noqa: E402
+from nextstep_runtime.sampling.token_loop import DecodeState, TokenSolver  # noqa: E402
 
 TOKENIZER = ROOT / "tests" / "fixtures" / "tiny-nextstep"
 CAPTION = "A baby panda wearing an Iron Man mask, holding a board with 'NextStep-1' written on it"

@@ -1,6 +1,6 @@
 """A straightforward eager token loop, the reference the benchmark reports its speed-up against.
 
-It computes what `nextstep_runtime.generate.sample_tokens` computes, the way a direct transcription of
+It computes what `nextstep_runtime.sampling.token_loop.sample_tokens` computes, the way a direct transcription of
 the official pipeline does: each solver step evaluates the whole flow head (time embedding, condition
 embedding, every adaLN modulation) for that step alone and draws its noise when it needs it. The
 backbone and its KV cache are the runtime's own, so the ratio measures the token loop's head work.
@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nextstep_runtime.generate import DecodeState
-from nextstep_runtime.model import NextStepModel
+from nextstep_runtime.model.network import NextStepModel
 from nextstep_runtime.pipeline import GenerationSettings, NextStepPipeline
-from nextstep_runtime.sampling import combine_guidance
+from nextstep_runtime.sampling.solvers import combine_guidance
+from nextstep_runtime.sampling.token_loop import DecodeState
 
 
 @torch.inference_mode()

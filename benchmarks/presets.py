@@ -7,12 +7,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nextstep_runtime.backbone import RMSNorm
 from nextstep_runtime.config import ModelConfig, VAEConfig
-from nextstep_runtime.checkpoint import expected_shapes, load_weights
-from nextstep_runtime.loading import weight_converter
-from nextstep_runtime.model import NextStepModel
-from nextstep_runtime.vae import NextStepVAE
+from nextstep_runtime.model.backbone import RMSNorm
+from nextstep_runtime.model.network import NextStepModel
+from nextstep_runtime.model.vae import NextStepVAE
+from nextstep_runtime.weights.checkpoint import expected_shapes, load_weights
+from nextstep_runtime.weights.loading import weight_converter
 
 _BASE = dict(rms_norm_eps=1e-6, rope_theta=1e6, attention_bias=True, o_attention_bias=False, mlp_bias=False,
              boi=517, eoi=518, image_placeholder_id=519)

@@ -124,7 +124,7 @@ class ModelConfig:
     head_depth: int = 12
     max_positions: int = DEFAULT_MAX_POSITIONS
     use_gen_pos_embed: bool = False
-    """Add a 2-D sin-cos table row to each image token's condition (see positions.py)."""
+    """Add a 2-D sin-cos table row to each image token's condition (see model/positions.py)."""
     base_image_grid_size: int | None = None
     """Side of that table when the config names it; else the checkpoint's table or the official 32."""
 

@@ -14,21 +14,21 @@ from typing import Any
 import torch
 
 from .errors import NextStepError
-from .generate import KeptTokens, NoiseSpec, TokenCallback, TokenLoopInputs, sample_tokens
-from .keep_mask import kept_tokens, regenerated_cells
 from .images import check_input_image_size
-from .hub import resolve_model_source
-from .loading import check_vae_matches, load_model, load_vae, resolve_vae_path
-from .memory_check import FreeMemory, check_job_memory, free_memory
-from .memory_plan import Job
-from .model import NextStepModel
-from .out_of_memory import run_or_explain_out_of_memory
+from .memory.check import FreeMemory, check_job_memory, free_memory
+from .memory.out_of_memory import run_or_explain_out_of_memory
+from .memory.plan import Job
+from .model.network import NextStepModel
+from .model.tokens import LatentNormalization, patchify, token_grid, unpatchify
+from .model.vae import NextStepVAE
 from .presets import DEFAULT_PRESET, PRESETS, Preset
-from .prompt import build_rows, load_tokenizer
-from .sampling import guidance_scales, solver_plan
-from .tokens import LatentNormalization, patchify, token_grid, unpatchify
-from .vae import NextStepVAE
+from .sampling.keep_mask import kept_tokens, regenerated_cells
+from .sampling.prompt import build_rows, load_tokenizer
+from .sampling.solvers import guidance_scales, solver_plan
+from .sampling.token_loop import KeptTokens, NoiseSpec, TokenCallback, TokenLoopInputs, sample_tokens
 from .validation import MAX_SIZE, SETTING_CHECKS, check_context_length, check_size, check_text
+from .weights.hub import resolve_model_source
+from .weights.loading import check_vae_matches, load_model, load_vae, resolve_vae_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -14,8 +14,8 @@ from numbers import Integral, Real
 from typing import Any, Callable
 
 from .errors import NextStepError
-from .prompt import PROFILES
-from .sampling import CFG_SCHEDULES, SAMPLERS
+from .sampling.prompt import PROFILES
+from .sampling.solvers import CFG_SCHEDULES, SAMPLERS
 
 SIZE_MULTIPLE = 16
 """One image token is 16x16 pixels."""

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from nextstep_runtime.errors import NextStepError
-from nextstep_runtime.hub import cache_root, cached_nextstep_repos
+from nextstep_runtime.weights.hub import cache_root, cached_nextstep_repos
 
 from . import host
 

@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 from nextstep_runtime.errors import NextStepError
-from nextstep_runtime.memory_check import free_memory as runtime_free_memory
+from nextstep_runtime.memory.check import free_memory as runtime_free_memory
 from nextstep_runtime.pipeline import resolve_device
 
 try:
@@ -31,8 +31,8 @@ if IN_COMFYUI:  # a ComfyUI without these is broken: let the import error show r
     import comfy.model_management as model_management
     import comfy.model_patcher
     import comfy.utils
-    from comfy.cli_args import LatentPreviewMethod
     from aiohttp import web
+    from comfy.cli_args import LatentPreviewMethod
     from comfy.cli_args import args as comfy_args
     from server import PromptServer
 

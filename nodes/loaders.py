@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from nextstep_runtime.attention import set_attention_backend
-from nextstep_runtime.memory_mode import MEMORY_CHOICES, resolve_weight_mode
-from nextstep_runtime.memory_plan import WeightMode
+from nextstep_runtime.memory.modes import MEMORY_CHOICES, resolve_weight_mode
+from nextstep_runtime.memory.plan import WeightMode
+from nextstep_runtime.model.attention import set_attention_backend
 from nextstep_runtime.pipeline import resolve_dtype
 
 from . import catalog, host

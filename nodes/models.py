@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from nextstep_runtime.checkpoint import IGNORED_KEYS, canonical_key, open_safetensors
-from nextstep_runtime.loading import latent_normalization, load_model, load_vae, resolve_vae_path, weight_files
+from nextstep_runtime.model.vae import NextStepVAE
 from nextstep_runtime.pipeline import NextStepPipeline
-from nextstep_runtime.prompt import load_tokenizer
-from nextstep_runtime.vae import NextStepVAE
+from nextstep_runtime.sampling.prompt import load_tokenizer
+from nextstep_runtime.weights.checkpoint import IGNORED_KEYS, canonical_key, open_safetensors
+from nextstep_runtime.weights.loading import latent_normalization, load_model, load_vae, resolve_vae_path, weight_files
 
 from . import host
 from .preview import LatentToRGB, channel_view, fit_latent_to_rgb

@@ -14,8 +14,8 @@ from __future__ import annotations
 import math
 
 from nextstep_runtime.errors import NextStepError
-from nextstep_runtime.memory_mode import MEMORY_CHOICES
-from nextstep_runtime.memory_plan import Job, ModelFootprint, device_memory, plan_memory
+from nextstep_runtime.memory.modes import MEMORY_CHOICES
+from nextstep_runtime.memory.plan import Job, ModelFootprint, device_memory, plan_memory
 from nextstep_runtime.presets import presets_as_json
 
 from . import catalog, host

@@ -6,16 +6,27 @@ import traceback
 
 import torch
 
-from nextstep_runtime.attention import set_attention_backend
 from nextstep_runtime.config import ModelConfig
 from nextstep_runtime.errors import NextStepError
-from nextstep_runtime.memory_plan import Job, sampling_bytes
+from nextstep_runtime.memory.plan import Job, sampling_bytes
+from nextstep_runtime.model.attention import set_attention_backend
 from nextstep_runtime.pipeline import GenerationSettings
 from nextstep_runtime.presets import PRESETS
-from nextstep_runtime.prompt import PROFILES
-from nextstep_runtime.sampling import CFG_SCHEDULES, SAMPLERS
-from nextstep_runtime.validation import (MAX_BATCH, MAX_CFG, MAX_SEED, MAX_SHIFT, MAX_SIZE, MAX_STEPS, MIN_CFG,
-                                         MIN_SHIFT, SIZE_MULTIPLE, check_setting, check_size)
+from nextstep_runtime.sampling.prompt import PROFILES
+from nextstep_runtime.sampling.solvers import CFG_SCHEDULES, SAMPLERS
+from nextstep_runtime.validation import (
+    MAX_BATCH,
+    MAX_CFG,
+    MAX_SEED,
+    MAX_SHIFT,
+    MAX_SIZE,
+    MAX_STEPS,
+    MIN_CFG,
+    MIN_SHIFT,
+    SIZE_MULTIPLE,
+    check_setting,
+    check_size,
+)
 
 from . import host
 from .conditioning import NextStepConditioning, negative_text

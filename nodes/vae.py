@@ -8,8 +8,8 @@ import torch
 
 from nextstep_runtime.errors import NextStepError
 from nextstep_runtime.images import center_crop_to_multiple, check_input_image_size
-from nextstep_runtime.memory_plan import vae_decode_bytes, vae_encode_bytes
-from nextstep_runtime.out_of_memory import run_or_explain_out_of_memory
+from nextstep_runtime.memory.out_of_memory import run_or_explain_out_of_memory
+from nextstep_runtime.memory.plan import vae_decode_bytes, vae_encode_bytes
 from nextstep_runtime.pipeline import images_to_unit
 from nextstep_runtime.validation import MAX_SIZE, SIZE_MULTIPLE
 

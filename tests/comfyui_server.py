@@ -24,10 +24,9 @@ from typing import Iterator
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from goldens import FIXTURES
 from nodes_pack import MODEL_NAME, ROOT, VAE_FILE
+from PIL import Image
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)

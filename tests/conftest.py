@@ -12,7 +12,6 @@ import pytest
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 
 import torch.nn.functional as F  # noqa: E402
-
 from goldens import TINY_MODEL  # noqa: E402
 from model_folders import copy_model  # noqa: E402
 from sdpa_layouts import LAYOUTS, sdpa_with_cuda_layout  # noqa: E402

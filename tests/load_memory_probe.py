@@ -11,12 +11,11 @@ import json
 import sys
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nextstep_runtime.loading import load_model  # noqa: E402
 from nextstep_runtime.pipeline import DTYPES  # noqa: E402
-from nextstep_runtime.repack import convert_folder  # noqa: E402
+from nextstep_runtime.weights.loading import load_model  # noqa: E402
+from nextstep_runtime.weights.repack import convert_folder  # noqa: E402
 
 
 def _status_kb(field: str) -> int:

@@ -7,9 +7,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-
 from goldens import TINY_MODEL
+from safetensors.torch import load_file, save_file
 
 NAMING_1_0_TO_1_1 = {
     "latent_channels": "num_channels",

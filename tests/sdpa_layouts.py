@@ -32,6 +32,6 @@ def install() -> None:
 
 if __name__ == "__main__":
     install()
-    from nextstep_runtime.cli import main
+    from nextstep_runtime.cli.main import main
 
     sys.exit(main(sys.argv[1:]))

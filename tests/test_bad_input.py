@@ -8,14 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file, save_file
-
 from goldens import FIXTURES, TINY_MODEL, TINY_VAE_FILE
 from model_folders import edit_config, rewrite_weights
+from safetensors.torch import load_file, save_file
 
-from nextstep_runtime.cli import main
+from nextstep_runtime.cli.main import main
 from nextstep_runtime.config import VAEConfig
-from nextstep_runtime.vae import NextStepVAE
+from nextstep_runtime.model.vae import NextStepVAE
 
 EDIT_IMAGE = str(FIXTURES / "edit_input_64.png")
 

@@ -14,10 +14,10 @@ import re
 from pathlib import Path
 
 import pytest
-
 from comfyui_server import ComfyUI, missing, running_comfyui
-from nextstep_runtime.presets import PRESETS
 from nodes_pack import MODEL_NAME, ROOT
+
+from nextstep_runtime.presets import PRESETS
 
 SCREENSHOTS = ROOT / "tests" / "screenshots"
 CHROMIUM_PATHS = ("/usr/lib/chromium/chromium", "/usr/bin/chromium")

@@ -11,15 +11,15 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from comfyui_server import ComfyUI, example_prompt, running_comfyui
 from goldens import FIXTURES, UINT8_TOLERANCE, golden_cases
+from nodes_pack import MODEL_NAME, VAE_FILE
+from PIL import Image
+
 from nextstep_runtime import GenerationSettings, NextStepPipeline, images_to_unit
 from nextstep_runtime.images import load_rgb, to_uint8
-from nextstep_runtime.loading import load_model
 from nextstep_runtime.presets import presets_as_json
-from nodes_pack import MODEL_NAME, VAE_FILE
+from nextstep_runtime.weights.loading import load_model
 
 CASES = {case.name: case for case in golden_cases()}
 TYPES = {  # node -> (required inputs, optional inputs, output types); combos listed as None

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from goldens import TINY_MODEL, GoldenCase, assert_matches_golden, golden_cases
+from safetensors.torch import load_file
 from test_goldens import settings_for
 
 from nextstep_runtime import NextStepPipeline, images_to_unit
-from nextstep_runtime import compiled_step
+from nextstep_runtime.sampling import compiled_step
 from nextstep_runtime.images import load_rgb, to_uint8
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from goldens import TINY_MODEL, GoldenCase, assert_matches_golden, golden_cases
 from model_folders import deepen
 from test_goldens import settings_for
 
 from nextstep_runtime import GenerationSettings, NextStepError, NextStepPipeline
-from nextstep_runtime.generate import TokenStep
 from nextstep_runtime.images import load_rgb
+from nextstep_runtime.sampling.token_loop import TokenStep
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -71,7 +70,7 @@ def test_fp8_and_streaming_on_cuda(model_copy) -> None:
 
 def test_bfloat16_graph_equals_bfloat16_eager(monkeypatch) -> None:
     """The captured graph replays exactly the eager computation in the production dtype."""
-    import nextstep_runtime.generate as generate_module
+    import nextstep_runtime.sampling.token_loop as generate_module
 
     case = next(c for c in golden_cases() if c.name == "official_t2i_sde")
     pipe = NextStepPipeline.from_pretrained(TINY_MODEL, device="cuda", dtype="bfloat16")
@@ -86,9 +85,9 @@ def test_memory_plan_weights_are_what_sits_on_the_gpu(model_copy, fp8, resident)
     """Every tensor the loaded model holds (registered ones, streaming slots, streamed host layers), summed by
     the device it really lives on, against the planner's device and host figures; and the GPU's size as the
     planner reads it."""
-    from nextstep_runtime.loading import load_model
-    from nextstep_runtime.memory_plan import Job, ModelFootprint, WeightMode, device_memory, plan_memory
-    from nextstep_runtime.offload import StreamedLayer
+    from nextstep_runtime.memory.plan import Job, ModelFootprint, WeightMode, device_memory, plan_memory
+    from nextstep_runtime.weights.loading import load_model
+    from nextstep_runtime.weights.offload import StreamedLayer
 
     deepen(model_copy, 5)
     model = load_model(model_copy, torch.bfloat16, "cuda", fp8=fp8, resident_layers=resident)
@@ -113,7 +112,7 @@ def test_kept_tokens_and_noise_chunks_through_the_cuda_graphs(monkeypatch) -> No
     keeping the golden's first two rows (and a middle token) gives the golden back."""
     import dataclasses
 
-    from nextstep_runtime.generate import sample_tokens
+    from nextstep_runtime.sampling.token_loop import sample_tokens
 
     captured = record_captured_graphs(monkeypatch)
     case = next(c for c in golden_cases() if c.name == "official_t2i_sde")
@@ -171,8 +170,8 @@ def test_int4_kernel_packing_and_model_on_cuda(model_copy, tmp_path) -> None:
     the CPU (test_weight_modes' tolerances), streams exactly, and a repacked folder gives the same tokens."""
     from test_weight_modes import dequantize_grouped
 
-    from nextstep_runtime.int4 import pack_for_device, quantize_grouped
-    from nextstep_runtime.repack import convert_folder
+    from nextstep_runtime.weights.int4 import pack_for_device, quantize_grouped
+    from nextstep_runtime.weights.repack import convert_folder
 
     weight = torch.randn(96, 256) * 0.02
     nibbles, scales_and_zeros = quantize_grouped(weight)
@@ -199,8 +198,8 @@ def test_int4_kernel_packing_and_model_on_cuda(model_copy, tmp_path) -> None:
 
 
 def test_auto_memory_on_cuda_keeps_a_small_model_whole() -> None:
-    from nextstep_runtime.memory_mode import resolve_weight_mode
-    from nextstep_runtime.memory_plan import WeightMode, device_memory
+    from nextstep_runtime.memory.modes import resolve_weight_mode
+    from nextstep_runtime.memory.plan import WeightMode, device_memory
 
     free = device_memory(torch.device("cuda"))[0]
     mode, choice = resolve_weight_mode(TINY_MODEL, "auto", torch.device("cuda"), torch.bfloat16, gpu_free=free)
@@ -210,7 +209,7 @@ def test_auto_memory_on_cuda_keeps_a_small_model_whole() -> None:
 @pytest.mark.parametrize("name", ["official_t2i_sde", "official_edit_sde"])
 def test_compiled_head_goldens_through_the_cuda_graph(name: str, monkeypatch) -> None:
     """The torch.compile'd head (Triton kernels) captured inside the token step's CUDA graph, float32 goldens."""
-    from nextstep_runtime.compiled_step import SolverSteps
+    from nextstep_runtime.sampling.compiled_step import SolverSteps
 
     case = next(c for c in golden_cases() if c.name == name)
     captured = record_captured_graphs(monkeypatch)

@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
-
 from goldens import TINY_MODEL, GoldenCase, assert_matches_golden, golden_cases
+from safetensors.torch import load_file
 
 from nextstep_runtime import GenerationSettings, images_to_unit
 from nextstep_runtime.images import load_rgb, to_uint8
@@ -68,7 +67,7 @@ def test_api_reproduces_golden(case: GoldenCase, tiny_pipeline, sdpa_layout: str
 @pytest.mark.parametrize("case", golden_cases(), ids=lambda case: case.name)
 def test_prompt_rows_match_golden_tokenization(case: GoldenCase, tiny_pipeline) -> None:
     """The text rows before the size suffix are exactly the official tokenization (ids and padding)."""
-    from nextstep_runtime.prompt import build_rows
+    from nextstep_runtime.sampling.prompt import build_rows
 
     p = case.params
     grids = [(load_rgb(case.image_path).shape[-2] // 16, load_rgb(case.image_path).shape[-1] // 16)] if case.image_path else []
@@ -85,7 +84,7 @@ def test_official_profile_with_a_bos_tokenizer_matches_the_official_rows(model_c
     every row and drops the size suffix's first token; the ids below are the official pipeline's own rows."""
     import json
 
-    from nextstep_runtime.prompt import build_rows, load_tokenizer
+    from nextstep_runtime.sampling.prompt import build_rows, load_tokenizer
 
     config_path = model_copy / "tokenizer_config.json"
     config = json.loads(config_path.read_text())

@@ -9,17 +9,16 @@ import dataclasses
 
 import pytest
 import torch
+from goldens import FLOAT_TOLERANCE, TINY_MODEL, assert_matches_golden, golden_cases
 from PIL import Image
 from safetensors.torch import load_file, save_file
-
-from goldens import FLOAT_TOLERANCE, TINY_MODEL, assert_matches_golden, golden_cases
 from test_goldens import run_cli, settings_for
 
+from nextstep_runtime.cli.init_image import load_cropped_rgb
 from nextstep_runtime.errors import NextStepError
-from nextstep_runtime.generate import NOISE_CHUNK_BYTES, NoiseSpec, sample_tokens
 from nextstep_runtime.images import load_rgb
-from nextstep_runtime.init_image import load_cropped_rgb
-from nextstep_runtime.keep_mask import regenerated_cells
+from nextstep_runtime.sampling.keep_mask import regenerated_cells
+from nextstep_runtime.sampling.token_loop import NOISE_CHUNK_BYTES, NoiseSpec, sample_tokens
 
 CASES = {case.name: case for case in golden_cases()}
 

@@ -8,11 +8,10 @@ import math
 
 import pytest
 import torch
-from PIL import Image
-
 from goldens import TINY_MODEL
 from model_folders import edit_config
 from nodes_pack import load_pack
+from PIL import Image
 from test_bad_input import cli_error
 
 from nextstep_runtime import GenerationSettings, NextStepError
@@ -135,7 +134,7 @@ def test_cli_save_tensors_checked_before_the_image_is_written(capsys, tmp_path) 
 
 
 def test_cli_out_in_a_missing_folder_is_created(tmp_path) -> None:
-    from nextstep_runtime.cli import main
+    from nextstep_runtime.cli.main import main
 
     out = tmp_path / "new" / "deeper" / "out.png"
     code = main(["generate", "--model", str(TINY_MODEL), "--device", "cpu", "--dtype", "float32", "--prompt", "x",

@@ -10,12 +10,11 @@ import sys
 from pathlib import Path
 
 import torch
+from goldens import TINY_MODEL
 from safetensors.torch import save_file
 
-from goldens import TINY_MODEL
-
 from nextstep_runtime.config import ModelConfig
-from nextstep_runtime.model import NextStepModel
+from nextstep_runtime.model.network import NextStepModel
 
 PROBE = Path(__file__).parent / "load_memory_probe.py"
 

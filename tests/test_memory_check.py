@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from nextstep_runtime import GenerationSettings, NextStepError, NextStepPipeline
-from nextstep_runtime.memory_check import check_job_memory, free_memory
-from nextstep_runtime.memory_plan import Job
+from nextstep_runtime.memory.check import check_job_memory, free_memory
+from nextstep_runtime.memory.plan import Job
 
 BUDGET = 4 * 10**9
 SAMPLING_BUDGET = 8 * 10**8

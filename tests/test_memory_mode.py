@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from goldens import TINY_MODEL
 from test_memory_plan import NEXTSTEP_14B
 
 from nextstep_runtime import NextStepError
-from nextstep_runtime.memory_mode import choose_mode, resolve_weight_mode
-from nextstep_runtime.memory_plan import GB, Job, ModelFootprint, WeightMode, plan_memory
-from nextstep_runtime.repack import convert_folder
+from nextstep_runtime.memory.modes import choose_mode, resolve_weight_mode
+from nextstep_runtime.memory.plan import GB, Job, ModelFootprint, WeightMode, plan_memory
+from nextstep_runtime.weights.repack import convert_folder
 
 FOOTPRINT = ModelFootprint.from_config(NEXTSTEP_14B)
 BF16 = WeightMode(torch.bfloat16)

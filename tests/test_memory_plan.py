@@ -10,20 +10,27 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from goldens import FIXTURES, TINY_MODEL, TINY_VAE_FILE
 from model_folders import deepen, edit_config
 
 from nextstep_runtime import NextStepError
-from nextstep_runtime.cli_plan import format_plan
+from nextstep_runtime.cli.plan import format_plan
 from nextstep_runtime.config import ModelConfig
-from nextstep_runtime.generate import DecodeState
 from nextstep_runtime.images import load_rgb
-from nextstep_runtime.loading import load_model, load_vae, resolve_vae_path
-from nextstep_runtime.memory_plan import (
-    GB, Job, ModelFootprint, WeightMode, device_memory, kv_cache_bytes, plan_memory, weight_bytes)
-from nextstep_runtime.offload import StreamedLayer
+from nextstep_runtime.memory.plan import (
+    GB,
+    Job,
+    ModelFootprint,
+    WeightMode,
+    device_memory,
+    kv_cache_bytes,
+    plan_memory,
+    weight_bytes,
+)
 from nextstep_runtime.pipeline import GenerationSettings
+from nextstep_runtime.sampling.token_loop import DecodeState
+from nextstep_runtime.weights.loading import load_model, load_vae, resolve_vae_path
+from nextstep_runtime.weights.offload import StreamedLayer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,19 +9,18 @@ import logging
 import numpy as np
 import pytest
 import torch
+from goldens import FIXTURES, GoldenCase, assert_matches_golden, golden_cases
+from nodes_pack import MODEL_NAME, VAE_FILE, install_fixture_models, load_pack
 from safetensors.torch import save_file
 
-from nextstep_runtime.attention import FLASH_ATTN_AVAILABLE, set_attention_backend
 from nextstep_runtime.config import VAEConfig
 from nextstep_runtime.errors import NextStepError
 from nextstep_runtime.images import load_rgb, to_uint8
-from nextstep_runtime.loading import VAE_CONFIG_METADATA_KEY
+from nextstep_runtime.model.attention import FLASH_ATTN_AVAILABLE, set_attention_backend
+from nextstep_runtime.model.tokens import patchify
+from nextstep_runtime.model.vae import NextStepVAE
 from nextstep_runtime.pipeline import GenerationSettings, images_to_unit
-from nextstep_runtime.tokens import patchify
-from nextstep_runtime.vae import NextStepVAE
-
-from goldens import FIXTURES, GoldenCase, assert_matches_golden, golden_cases
-from nodes_pack import MODEL_NAME, VAE_FILE, install_fixture_models, load_pack
+from nextstep_runtime.weights.loading import VAE_CONFIG_METADATA_KEY
 
 PACK = load_pack()
 NODES = PACK.NODE_CLASS_MAPPINGS
@@ -334,8 +333,8 @@ def test_loader_fp8_and_streamed_layers_stay_close_to_bfloat16():
 def test_loader_memory_setting_int4_and_the_older_fp8_switch():
     """memory int4 packs the decoder; auto on the CPU is the plain dtype; a saved `fp8: true` still means fp8
     (and contradicting it is an error); a repacked folder loads as it is."""
-    from nextstep_runtime.fp8 import FP8Linear
-    from nextstep_runtime.int4 import Int4Linear
+    from nextstep_runtime.weights.fp8 import FP8Linear
+    from nextstep_runtime.weights.int4 import Int4Linear
 
     def linears(handle, kind):
         return sum(isinstance(m, kind) for m in handle.loaded.pipeline.model.layers.modules())
@@ -355,7 +354,7 @@ def test_loader_memory_setting_int4_and_the_older_fp8_switch():
 
 
 def test_loader_accepts_a_repacked_folder(models_dir):
-    from nextstep_runtime.repack import convert_folder
+    from nextstep_runtime.weights.repack import convert_folder
 
     convert_folder(FIXTURES / MODEL_NAME, models_dir / "nextstep" / "tiny-int4", "int4")
     handle = node("NextStepModelLoader", "tiny-int4", "bfloat16", "sdpa")[0]  # memory auto: its own format

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from nodes_pack import ROOT, load_pack
 
 EXAMPLES = ROOT / "example_workflows"

@@ -8,12 +8,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from goldens import TINY_MODEL
 from safetensors.torch import load_file
 
-from goldens import TINY_MODEL
-
 from nextstep_runtime import GenerationSettings
-from nextstep_runtime.cli import build_parser, main, settings_from_args
+from nextstep_runtime.cli.main import build_parser, main, settings_from_args
 from nextstep_runtime.presets import DEFAULT_PRESET, PRESETS, presets_as_json
 
 README = Path(__file__).resolve().parents[1] / "README.md"

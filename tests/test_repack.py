@@ -11,17 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-
 from goldens import TINY_MODEL, golden_cases
 from model_folders import rewrite_weights
+from safetensors import safe_open
 from test_goldens import settings_for
 from test_load_memory import PROBE, write_sharded_fp32_model
 
 from nextstep_runtime import NextStepError, NextStepPipeline
-from nextstep_runtime.cli import main
-from nextstep_runtime.loading import WEIGHTS_FORMAT_KEY, load_model
-from nextstep_runtime.repack import convert_folder
+from nextstep_runtime.cli.main import main
+from nextstep_runtime.weights.loading import WEIGHTS_FORMAT_KEY, load_model
+from nextstep_runtime.weights.repack import convert_folder
 
 CASE = next(case for case in golden_cases() if case.name == "official_t2i_cps_nocfg")
 

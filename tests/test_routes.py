@@ -10,12 +10,12 @@ import importlib
 
 import pytest
 import torch
-
 from goldens import TINY_MODEL
-from nextstep_runtime.loading import load_model
-from nextstep_runtime.memory_plan import device_memory
-from nextstep_runtime.presets import presets_as_json
 from nodes_pack import MODEL_NAME, install_fixture_models, load_pack
+
+from nextstep_runtime.memory.plan import device_memory
+from nextstep_runtime.presets import presets_as_json
+from nextstep_runtime.weights.loading import load_model
 
 routes = importlib.import_module(f"{load_pack().__name__}.nodes.routes")
 

@@ -8,7 +8,13 @@ import math
 import pytest
 import torch
 
-from nextstep_runtime.sampling import combine_guidance, guidance_scales, guidance_weights, solver_plan, time_grid
+from nextstep_runtime.sampling.solvers import (
+    combine_guidance,
+    guidance_scales,
+    guidance_weights,
+    solver_plan,
+    time_grid,
+)
 
 
 @pytest.mark.parametrize("groups,cfg,cfg_img", [(1, 1.0, 1.0), (2, 7.5, 1.0), (3, 7.5, 2.0), (3, 4.0, 1.5)])

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from nodes_pack import MODEL_NAME, install_fixture_models, load_pack
 
 from nextstep_runtime import GenerationSettings

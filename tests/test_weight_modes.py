@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from goldens import TINY_MODEL, golden_cases
 from model_folders import deepen
 from test_goldens import settings_for
 
 from nextstep_runtime import NextStepPipeline
-from nextstep_runtime.fp8 import FP8_DTYPE, FP8Linear, quantize_per_channel
-from nextstep_runtime.int4 import Int4Linear, pack_for_device, quantize_grouped, unpack_nibbles
-from nextstep_runtime.loading import load_model
+from nextstep_runtime.weights.fp8 import FP8_DTYPE, FP8Linear, quantize_per_channel
+from nextstep_runtime.weights.int4 import Int4Linear, pack_for_device, quantize_grouped, unpack_nibbles
+from nextstep_runtime.weights.loading import load_model
 
 CASE = next(case for case in golden_cases() if case.name == "official_t2i_cps_nocfg")
 
@@ -109,7 +108,7 @@ def test_streamed_layers_give_the_same_tokens_as_resident_ones(weights: str, res
     resident_model = NextStepPipeline.from_pretrained(model_copy, device="cpu", dtype="bfloat16", **mode)
     streamed = NextStepPipeline.from_pretrained(model_copy, device="cpu", dtype="bfloat16", **mode,
                                                 resident_layers=resident)
-    from nextstep_runtime.offload import StreamedLayer
+    from nextstep_runtime.weights.offload import StreamedLayer
 
     assert not any(isinstance(layer, StreamedLayer) for layer in streamed.model.layers[:resident])
     assert all(isinstance(layer, StreamedLayer) for layer in streamed.model.layers[resident:])

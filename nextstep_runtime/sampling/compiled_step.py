@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import torch
 
-from .flow_head import FlowNet, Linear, apply_linear, reduction_linear
+from ..model.flow_head import FlowNet, Linear, apply_linear, reduction_linear
 
 log = logging.getLogger(__name__)
 

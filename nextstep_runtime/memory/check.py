@@ -14,9 +14,9 @@ from typing import Callable
 
 import torch
 
-from .config import ModelConfig, VAEConfig
-from .errors import NextStepError
-from .memory_plan import GB, Job, ModelFootprint, device_memory, job_bytes, kv_cache_bytes, sampling_bytes
+from ..config import ModelConfig, VAEConfig
+from ..errors import NextStepError
+from .plan import GB, Job, ModelFootprint, device_memory, job_bytes, kv_cache_bytes, sampling_bytes
 
 FreeMemory = Callable[[torch.device], "int | None"]
 """Bytes free for a run on a device, or None where unknown (the check is then skipped)."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import NextStepError
+from ..errors import NextStepError
 
 SAMPLERS = ("sde", "cps", "ode", "sde_score")
 CFG_SCHEDULES = ("constant", "linear")

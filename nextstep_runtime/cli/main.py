@@ -1,5 +1,5 @@
 """Command line: `python -m nextstep_runtime generate ...` writes PNGs (and optionally tensors);
-`download` fetches a model (cli_download.py)."""
+`download` fetches a model (download.py)."""
 
 from __future__ import annotations
 
@@ -12,19 +12,28 @@ from typing import Any, NoReturn, Sequence
 import torch
 from safetensors.torch import save_file
 
-from . import cli_convert, cli_download, cli_plan
-from .cli_help import HelpFormatter
-from .errors import NextStepError
-from .images import save_png, to_uint8
+from ..errors import NextStepError
+from ..images import save_png, to_uint8
+from ..memory.modes import MEMORY_CHOICES, resolve_weight_mode
+from ..memory.plan import Job, device_memory
+from ..pipeline import (
+    DTYPES,
+    PRESET_SETTINGS,
+    GenerationSettings,
+    NextStepPipeline,
+    images_to_unit,
+    resolve_device,
+    resolve_dtype,
+)
+from ..presets import DEFAULT_PRESET, PRESETS
+from ..sampling.prompt import PROFILES
+from ..sampling.solvers import CFG_SCHEDULES, SAMPLERS
+from . import convert as cli_convert
+from . import download as cli_download
+from . import plan as cli_plan
+from .help import HelpFormatter
 from .init_image import InitImage, load_cropped_rgb, load_init_image, load_mask
-from .memory_mode import MEMORY_CHOICES, resolve_weight_mode
-from .memory_plan import Job, device_memory
 from .output_paths import check_output_paths
-from .pipeline import (DTYPES, PRESET_SETTINGS, GenerationSettings, NextStepPipeline, images_to_unit, resolve_device,
-                       resolve_dtype)
-from .presets import DEFAULT_PRESET, PRESETS
-from .prompt import PROFILES
-from .sampling import CFG_SCHEDULES, SAMPLERS
 
 EXIT_BAD_INPUT = 2
 
@@ -188,7 +197,7 @@ RUNNERS = {"generate": run_generate, "plan": cli_plan.run, "download": cli_downl
 def _show_runtime_log() -> None:
     """The runtime's own info lines (compiling, skipped tensors, ...) on stderr; not other libraries' chatter
     (HTTP requests, ...), so an error stays the one line a failed command prints."""
-    runtime = logging.getLogger(__package__)
+    runtime = logging.getLogger(__package__.partition(".")[0])
     if not runtime.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli_help import HelpFormatter
-from .loading import STORED_FORMATS
-from .repack import convert_folder
+from ..weights.loading import STORED_FORMATS
+from ..weights.repack import convert_folder
+from .help import HelpFormatter
 
 
 def add_parser(commands) -> None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .errors import NextStepError
-from .generate import KeptTokens
+from ..errors import NextStepError
+from .token_loop import KeptTokens
 
 REGENERATE_THRESHOLD = 0.5
 

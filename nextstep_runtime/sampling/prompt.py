@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import NextStepError
-from .hub import resolve_model_source
+from ..errors import NextStepError
+from ..weights.hub import resolve_model_source
 
 IMAGE_TAG = "<image>"
 IMAGE_AREA = "<|image_area|>"

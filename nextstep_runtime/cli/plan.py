@@ -9,10 +9,10 @@ import sys
 
 import torch
 
-from .cli_help import HelpFormatter
-from .errors import NextStepError
-from .memory_plan import GB, PROMPT_ALLOWANCE, Job, MemoryPlan, ModelFootprint, WeightMode, device_memory, plan_memory
-from .pipeline import DTYPES
+from ..errors import NextStepError
+from ..memory.plan import GB, PROMPT_ALLOWANCE, Job, MemoryPlan, ModelFootprint, WeightMode, device_memory, plan_memory
+from ..pipeline import DTYPES
+from .help import HelpFormatter
 
 _DEFAULT_JOB = Job()
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .errors import NextStepError
+from ..errors import NextStepError
 
 TENSORS_SUFFIX = ".safetensors"
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ModelConfig
 from .attention import attend
-from .config import ModelConfig
 
 
 class RMSNorm(nn.Module):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import NextStepError
+from ..errors import NextStepError
 
 OFFICIAL_POSITION_GRID = 32
 """Side of the official code's `gen_pos_embed` table (32 x 32 tokens: a 512 x 512 image)."""

@@ -20,21 +20,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backbone import DecoderLayer
-from .checkpoint import IGNORED_KEYS, canonical_key, open_safetensors
-from .config import ModelConfig, VAEConfig, read_json
-from .errors import NextStepError
-from .fp8 import FP8_DTYPE, use_fp8_linears
-from .generate import NoiseSpec
-from .hub import resolve_model_source
-from .int4 import group_size_for
-from .loading import VAE_CONFIG_METADATA_KEY, resolve_vae_path, weight_files
-from .model import NextStepModel
-from .presets import DEFAULT_PRESET, PRESETS
-from .prompt import guidance_groups
-from .tokens import token_grid
-from .vae import NextStepVAE
-from .validation import check_size
+from ..config import ModelConfig, VAEConfig, read_json
+from ..errors import NextStepError
+from ..model.backbone import DecoderLayer
+from ..model.network import NextStepModel
+from ..model.tokens import token_grid
+from ..model.vae import NextStepVAE
+from ..presets import DEFAULT_PRESET, PRESETS
+from ..sampling.prompt import guidance_groups
+from ..sampling.token_loop import NoiseSpec
+from ..validation import check_size
+from ..weights.checkpoint import IGNORED_KEYS, canonical_key, open_safetensors
+from ..weights.fp8 import FP8_DTYPE, use_fp8_linears
+from ..weights.hub import resolve_model_source
+from ..weights.int4 import group_size_for
+from ..weights.loading import VAE_CONFIG_METADATA_KEY, resolve_vae_path, weight_files
 
 GB = 10**9
 PROMPT_ALLOWANCE = 512

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-from .config import read_json
-from .errors import NextStepError
-from .hub import resolve_model_source
-from .int4 import int4_supported
-from .loading import model_config_path, stored_weights_format
-from .memory_plan import GB, Job, MemoryPlan, ModelFootprint, WeightMode, plan_memory
+from ..config import read_json
+from ..errors import NextStepError
+from ..weights.hub import resolve_model_source
+from ..weights.int4 import int4_supported
+from ..weights.loading import model_config_path, stored_weights_format
+from .plan import GB, Job, MemoryPlan, ModelFootprint, WeightMode, plan_memory
 
 MEMORY_CHOICES = ("auto", "full", "fp8", "int4")
 """auto: chosen for this GPU; full: the compute dtype; fp8/int4: the decoder's linear weights quantised."""

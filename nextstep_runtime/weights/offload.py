@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from .backbone import DecoderLayer
+from ..model.backbone import DecoderLayer
 
 
 class LayerStreamer:

@@ -11,7 +11,7 @@ import json
 import re
 from pathlib import Path
 
-from .errors import NextStepError
+from ..errors import NextStepError
 
 RUNTIME_FILES = [
     "config.json",

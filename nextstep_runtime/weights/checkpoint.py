@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .errors import NextStepError
+from ..errors import NextStepError
 
 POSITION_TABLE_KEY = "gen_pos_embed"
 IGNORED_KEYS = (POSITION_TABLE_KEY, "lm_head.weight", "lm_head.bias")

@@ -21,13 +21,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .backbone import prefix_attention_mask
+from ..model.backbone import prefix_attention_mask
+from ..model.network import NextStepModel
+from ..model.positions import condition_offsets
+from ..weights.offload import StreamedLayer
 from .compiled_step import SolverSteps
-from .model import NextStepModel
-from .offload import StreamedLayer
-from .positions import condition_offsets
 from .prompt import PromptRows
-from .sampling import SolverPlan, guidance_weights
+from .solvers import SolverPlan, guidance_weights
 
 log = logging.getLogger(__name__)
 

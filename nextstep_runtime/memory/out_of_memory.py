@@ -15,7 +15,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-from .errors import NextStepError
+from ..errors import NextStepError
 
 T = TypeVar("T")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import NextStepError
+from ..errors import NextStepError
 from .linears import replace_linears
 
 LEVELS = 16

@@ -18,10 +18,9 @@ from PIL import Image, UnidentifiedImageError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .errors import NextStepError
-from .images import center_crop_to_multiple, load_rgb
-from .validation import MAX_SIZE, SIZE_MULTIPLE
-
+from ..errors import NextStepError
+from ..images import center_crop_to_multiple, load_rgb
+from ..validation import MAX_SIZE, SIZE_MULTIPLE
 
 
 @dataclass(frozen=True)

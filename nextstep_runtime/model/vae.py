@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import VAEConfig
+from ..config import VAEConfig
 from .tokens import patchify, unpatchify
 
 

@@ -19,14 +19,21 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..config import ModelConfig, read_json
+from ..errors import NextStepError
+from ..model.network import NextStepModel
 from .checkpoint import checked_tensors, expected_shapes, iter_safetensors, report_unknown_and_missing
-from .config import ModelConfig, read_json
-from .errors import NextStepError
 from .fp8 import quantize_per_channel
 from .int4 import quantize_grouped
-from .loading import (BUNDLED_VAE_FOLDER, WEIGHTS_FORMAT_KEY, STORED_FORMATS, model_config_path,
-                      model_shape_hint, stored_weights_format, weight_files)
-from .model import NextStepModel
+from .loading import (
+    BUNDLED_VAE_FOLDER,
+    STORED_FORMATS,
+    WEIGHTS_FORMAT_KEY,
+    model_config_path,
+    model_shape_hint,
+    stored_weights_format,
+    weight_files,
+)
 
 MAX_SHARD_BYTES = 5 * 10**9
 """Hugging Face's customary shard limit (5 GB)."""

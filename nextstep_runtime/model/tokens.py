@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 
 @dataclass(frozen=True)

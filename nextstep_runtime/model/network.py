@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import ModelConfig
+from ..errors import NextStepError
 from .backbone import DecoderLayer, KVCache, RMSNorm, rotary_tables
-from .config import ModelConfig
-from .errors import NextStepError
 from .flow_head import FlowHead
 
 

@@ -10,17 +10,17 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ..config import RELEASED_VAE_CONFIG, ModelConfig, VAEConfig, read_json
+from ..errors import NextStepError
+from ..model.network import NextStepModel
+from ..model.positions import OFFICIAL_POSITION_GRID, sincos_position_table
+from ..model.tokens import LatentNormalization
+from ..model.vae import NextStepVAE
 from .checkpoint import POSITION_TABLE_KEY, canonical_key, iter_safetensors, load_weights, open_safetensors
-from .config import RELEASED_VAE_CONFIG, ModelConfig, VAEConfig, read_json
-from .errors import NextStepError
 from .fp8 import quantize_per_channel, use_fp8_linears
 from .hub import resolve_model_source
 from .int4 import check_int4_device, pack_for_device, quantize_grouped, use_int4_linears
-from .model import NextStepModel
 from .offload import stream_layers
-from .positions import OFFICIAL_POSITION_GRID, sincos_position_table
-from .tokens import LatentNormalization
-from .vae import NextStepVAE
 
 VAE_CONFIG_METADATA_KEY = "nextstep_vae_config"
 BUNDLED_VAE_FOLDER = "vae"

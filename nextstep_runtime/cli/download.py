@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import NextStepError
-from .hub import NEVER_FETCHED, RUNTIME_FILES, parse_repo_id
+from ..errors import NextStepError
+from ..weights.hub import NEVER_FETCHED, RUNTIME_FILES, parse_repo_id
 
 
 def add_parser(commands) -> None:
@@ -30,8 +30,12 @@ def _human_size(size: int) -> str:
 
 def run(args: argparse.Namespace) -> None:
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.utils import (HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError,
-                                       filter_repo_objects)
+    from huggingface_hub.utils import (
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+        filter_repo_objects,
+    )
 
     if parse_repo_id(args.repo) is None or "@" in args.repo:
         raise NextStepError(f"{args.repo!r} is not a Hugging Face repo id like stepfun-ai/NextStep-1.1 (give a "
