@@ -50,11 +50,20 @@ from eager_baseline import eager_sample  # noqa: E402
 from official_layout import save_official_layout  # noqa: E402
 from presets import PRESETS, VAE_PRESETS, random_model, random_vae  # noqa: E402
 
-from nextstep_runtime.memory.plan import Job, ModelFootprint, WeightMode, plan_memory  # noqa: E402
-from nextstep_runtime.model.tokens import LatentNormalization  # noqa: E402
-from nextstep_runtime.pipeline import DTYPES, GenerationSettings, NextStepPipeline, resolve_device, resolve_dtype  # noqa: E402
-from nextstep_runtime.sampling.prompt import load_tokenizer  # noqa: E402
-from nextstep_runtime.sampling.solvers import SAMPLERS  # noqa: E402
+from nextstep_runtime import (  # noqa: E402  # noqa: E402
+    DTYPES,
+    SAMPLERS,  # noqa: E402
+    GenerationSettings,
+    Job,
+    LatentNormalization,  # noqa: E402
+    ModelFootprint,
+    NextStepPipeline,
+    WeightMode,
+    load_tokenizer,  # noqa: E402
+    plan_memory,
+    resolve_device,
+    resolve_dtype,
+)
 from nextstep_runtime.sampling.token_loop import DecodeState, TokenSolver  # noqa: E402
 
 TOKENIZER = ROOT / "tests" / "fixtures" / "tiny-nextstep"
@@ -159,8 +168,9 @@ class OfficialPipeline:
 def _planned_peak(args: argparse.Namespace, dtype: torch.dtype, prompt_tokens: int) -> int:
     """The memory planner's peak for this run, to compare with the measured peak_vram_mb."""
     footprint = ModelFootprint.from_config(PRESETS[args.preset], vae_config=VAE_PRESETS[args.preset])
-    job = Job(width=args.width, height=args.height, batch=args.batch, cfg=args.cfg, steps=args.steps,
-              prompt_tokens=prompt_tokens)
+    settings = GenerationSettings(width=args.width, height=args.height, batch=args.batch, cfg=args.cfg,
+                                  steps=args.steps)
+    job = Job(settings, prompt_tokens=prompt_tokens)
     return plan_memory(footprint, WeightMode(dtype, args.fp8, int4=args.int4), job).peak_gpu_bytes
 
 

@@ -30,9 +30,13 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).par
 from bench_generate import CAPTION, TOKENIZER, timed  # noqa: E402
 from presets import PRESETS, random_model, random_vae  # noqa: E402
 
-from nextstep_runtime.model.tokens import LatentNormalization  # noqa: E402
-from nextstep_runtime.pipeline import GenerationResult, GenerationSettings, NextStepPipeline  # noqa: E402
-from nextstep_runtime.sampling.prompt import load_tokenizer  # noqa: E402
+from nextstep_runtime import (  # noqa: E402
+    GenerationResult,
+    GenerationSettings,
+    LatentNormalization,  # noqa: E402
+    NextStepPipeline,
+    load_tokenizer,  # noqa: E402
+)
 from nextstep_runtime.sampling.token_loop import DecodeState  # noqa: E402
 
 MODES = {"float32": {"dtype": torch.float32}, "bf16": {}, "fp8": {"fp8": True}, "int4": {"int4": True}}

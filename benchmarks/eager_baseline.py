@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nextstep_runtime import GenerationSettings, NextStepPipeline
 from nextstep_runtime.model.network import NextStepModel
-from nextstep_runtime.pipeline import GenerationSettings, NextStepPipeline
 from nextstep_runtime.sampling.solvers import combine_guidance
 from nextstep_runtime.sampling.token_loop import DecodeState
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from nextstep_runtime import NextStepVAE
 from nextstep_runtime.model.network import NextStepModel
-from nextstep_runtime.model.vae import NextStepVAE
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tiny-nextstep"
 TOKENIZER_FILES = ("merges.txt", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.json")

@@ -7,10 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nextstep_runtime.config import ModelConfig, VAEConfig
+from nextstep_runtime import ModelConfig, NextStepVAE, VAEConfig
 from nextstep_runtime.model.backbone import RMSNorm
 from nextstep_runtime.model.network import NextStepModel
-from nextstep_runtime.model.vae import NextStepVAE
 from nextstep_runtime.weights.checkpoint import expected_shapes, load_weights
 from nextstep_runtime.weights.loading import weight_converter
 

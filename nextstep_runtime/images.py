@@ -37,6 +37,11 @@ def check_input_image_size(width: int, height: int, what: str, max_side: int) ->
                             f"the area): scale it down first")
 
 
+def images_to_unit(images: torch.Tensor) -> torch.Tensor:
+    """VAE output in [-1, 1] to [0, 1], clamped, as the official post-processing does."""
+    return (images / 2 + 0.5).clamp(0, 1)
+
+
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[B, 3, H, W] in [0, 1] to uint8 with round-to-nearest, as PIL saving of the official pipeline does."""
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)

@@ -9,92 +9,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from .devices import resolve_device, resolve_dtype
 from .errors import NextStepError
-from .images import check_input_image_size
-from .memory.check import FreeMemory, check_job_memory, free_memory
-from .memory.out_of_memory import run_or_explain_out_of_memory
-from .memory.plan import Job
+from .image_codec import decode_latents, encode_images
+from .memory.check import check_job_memory
+from .memory.device_memory import FreeMemory, free_memory
+from .memory.job import Job
+from .memory.out_of_memory import SAMPLING, run_or_explain_out_of_memory
 from .model.network import NextStepModel
-from .model.tokens import LatentNormalization, patchify, token_grid, unpatchify
+from .model.tokens import LatentNormalization, image_size_of, patchify, token_grid, token_pixels, unpatchify
 from .model.vae import NextStepVAE
-from .presets import DEFAULT_PRESET, PRESETS, Preset
 from .sampling.keep_mask import kept_tokens, regenerated_cells
 from .sampling.prompt import build_rows, load_tokenizer
 from .sampling.solvers import guidance_scales, solver_plan
 from .sampling.token_loop import KeptTokens, NoiseSpec, TokenCallback, TokenLoopInputs, sample_tokens
-from .validation import MAX_SIZE, SETTING_CHECKS, check_context_length, check_size, check_text
-from .weights.hub import resolve_model_source
-from .weights.loading import check_vae_matches, load_model, load_vae, resolve_vae_path
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when present; otherwise cpu, cuda or cuda:N that exists on this machine."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise NextStepError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise NextStepError(f"device {name} was asked for but no CUDA GPU is available; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise NextStepError(f"device {name} does not exist: this machine has {torch.cuda.device_count()} "
-                                f"CUDA GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` is bfloat16 on CUDA (where supported) and float32 on the CPU."""
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise NextStepError(f"unknown dtype {name!r}; choose auto, float32, bfloat16 or float16")
-    return DTYPES[name]
-
-
-_RECOMMENDED = PRESETS[DEFAULT_PRESET]
-PRESET_SETTINGS = ("width", "height", "steps", "cfg", "cfg_img", "timesteps_shift", "sampler", "profile", "use_norm")
-
-
-@dataclass
-class GenerationSettings:
-    """One call's settings; the defaults are the official NextStep-1.1 recommendation (presets.py)."""
-
-    width: int = _RECOMMENDED.width
-    height: int = _RECOMMENDED.height
-    batch: int = 1
-    steps: int = _RECOMMENDED.steps
-    cfg: float = _RECOMMENDED.cfg
-    cfg_img: float = _RECOMMENDED.cfg_img
-    cfg_schedule: str = "constant"
-    timesteps_shift: float = _RECOMMENDED.timesteps_shift
-    sampler: str = _RECOMMENDED.sampler
-    profile: str = _RECOMMENDED.profile
-    use_norm: bool = _RECOMMENDED.use_norm
-    seed: int = 0
-
-    @classmethod
-    def from_preset(cls, preset: Preset, **overrides: Any) -> "GenerationSettings":
-        """A preset's sampling settings (its size included; the negative prompt is not a setting), with
-        `overrides` (any field) winning."""
-        fields = {name: getattr(preset, name) for name in PRESET_SETTINGS}
-        return cls(**{**fields, **overrides})
-
-    def validate(self) -> None:
-        """Every setting's type and range (see validation.py), before any work."""
-        for name, check in SETTING_CHECKS.items():
-            check(name, getattr(self, name))
+from .settings import GenerationSettings
+from .validation import check_context_length, check_text
+from .weights.loading import check_vae_matches, load_model, load_vae
+from .weights.model_folder import ModelFolder
+from .weights.vae_files import VAEFiles
 
 
 @dataclass
@@ -102,11 +38,6 @@ class GenerationResult:
     tokens: torch.Tensor                 # [B, L, D] model-space tokens (after use_norm)
     latents: torch.Tensor                # [B, C, H/8, W/8] VAE-space latents
     images: torch.Tensor | None = None   # [B, 3, H, W] VAE output, not clamped
-
-
-def images_to_unit(images: torch.Tensor) -> torch.Tensor:
-    """VAE output in [-1, 1] to [0, 1], clamped, as the official post-processing does."""
-    return (images / 2 + 0.5).clamp(0, 1)
 
 
 class NextStepPipeline:
@@ -127,7 +58,7 @@ class NextStepPipeline:
             check_vae_matches(model, vae, vae_description)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, vae: str | Path | None = None, device: str = "auto",
+    def from_pretrained(cls, folder: str | Path | ModelFolder, vae: str | Path | None = None, device: str = "auto",
                         dtype: str = "auto", fp8: bool = False,
                         resident_layers: int | None = None, int4: bool = False,
                         compile: bool = True) -> "NextStepPipeline":
@@ -142,13 +73,12 @@ class NextStepPipeline:
         eager, with one warning, where compiling fails)."""
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
-        folder = resolve_model_source(folder)
+        folder = ModelFolder.open(folder)
         model = load_model(folder, torch_dtype, torch_device, fp8=fp8, resident_layers=resident_layers, int4=int4)
-        tokenizer = load_tokenizer(folder)
-        vae_path = resolve_vae_path(folder, vae)
-        vae_model = load_vae(vae_path, torch_dtype, torch_device)
-        normalization = LatentNormalization(vae_model.config.scaling_factor, vae_model.config.shift_factor)
-        return cls(model, tokenizer, normalization, vae_model, str(vae_path), compile=compile)
+        vae_files = folder.vae if vae is None else VAEFiles.locate(vae)
+        vae_model = load_vae(vae_files, torch_dtype, torch_device)
+        return cls(model, load_tokenizer(folder), vae_files.normalization, vae_model, str(vae_files.location),
+                   compile=compile)
 
     def _require_vae(self) -> NextStepVAE:
         if self.vae is None:
@@ -156,29 +86,12 @@ class NextStepPipeline:
         return self.vae
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """RGB [B, 3, H, W] in [0, 1] (H, W multiples of 16) to VAE-space latents [B, C, H/8, W/8], one image
-        at a time (the full-resolution activations dominate memory)."""
-        if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or pixels.shape[1] != 3:
-            shape = list(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
-            raise NextStepError(f"an input image must be an RGB tensor [B, 3, H, W] in [0, 1], got {shape}")
-        check_input_image_size(pixels.shape[-1], pixels.shape[-2], "the input image", MAX_SIZE)
-        check_size(pixels.shape[-1], pixels.shape[-2])
-        vae = self._require_vae()
-
-        @torch.inference_mode()
-        def encode() -> torch.Tensor:
-            return torch.cat([vae.encode(one * 2 - 1).float() for one in pixels.split(1)])
-        return run_or_explain_out_of_memory("VAE encoding", vae.device, encode)
+        """RGB [B, 3, H, W] in [0, 1] (H, W multiples of 16) to VAE-space latents [B, C, H/8, W/8] (image_codec.py)."""
+        return encode_images(self._require_vae(), pixels)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE-space latents to images [B, 3, H, W] in about [-1, 1] (clamp with `images_to_unit`), one image at
-        a time (the full-resolution activations dominate memory)."""
-        vae = self._require_vae()
-
-        @torch.inference_mode()
-        def decode() -> torch.Tensor:
-            return torch.cat([vae.decode(one).float() for one in latents.split(1)])
-        return run_or_explain_out_of_memory("VAE decoding", vae.device, decode)
+        """VAE-space latents to images [B, 3, H, W] in about [-1, 1] (clamp with `images_to_unit`)."""
+        return decode_latents(self._require_vae(), latents)
 
     def latents_to_tokens(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE-space latents [B, C, h, w] to model-space tokens [B, h*w/p^2, D]: exactly the tokens the model
@@ -194,12 +107,12 @@ class NextStepPipeline:
               settings: GenerationSettings) -> KeptTokens | None:
         """The tokens of `init_latents` that `mask` keeps (None: all regenerated)."""
         tokens = self.latents_to_tokens(init_latents)
-        size = (init_latents.shape[-1] * 8, init_latents.shape[-2] * 8)
-        if size != (settings.width, settings.height):
-            raise NextStepError(f"the init image is {size[0]}x{size[1]} pixels but width x height is "
+        height, width = image_size_of(init_latents)
+        if (width, height) != (settings.width, settings.height):
+            raise NextStepError(f"the init image is {width}x{height} pixels but width x height is "
                                 f"{settings.width}x{settings.height}; set the size to the init image's")
-        token_pixels = 8 * self.model.config.latent_patch_size
-        regenerate = None if mask is None else regenerated_cells(mask, settings.height, settings.width, token_pixels)
+        regenerate = None if mask is None else regenerated_cells(mask, settings.height, settings.width,
+                                                                 token_pixels(self.model.config))
         return kept_tokens(tokens, regenerate, settings.batch)
 
     def prepare(self, caption: str, settings: GenerationSettings, negative: str | None = None,
@@ -223,9 +136,7 @@ class NextStepPipeline:
                           settings.cfg, settings.cfg_img, settings.profile, config.boi)
         check_context_length(rows.input_ids.shape[1], grid[0] * grid[1], config.max_positions)
         placeholders = sum(h * w for h, w in input_grids)
-        job = Job(width=settings.width, height=settings.height, batch=settings.batch, cfg=settings.cfg,
-                  cfg_img=settings.cfg_img, steps=settings.steps, prompt_tokens=rows.input_ids.shape[1] - placeholders,
-                  input_images=tuple((8 * lat.shape[-2], 8 * lat.shape[-1]) for lat in edit_latents))
+        job = Job.with_latents(settings, edit_latents, prompt_tokens=rows.input_ids.shape[1] - placeholders)
         check_job_memory(config, self.vae.config if self.vae is not None else None, self.model.dtype, job,
                          self.model.device, self.free_memory)
         image_tokens = None
@@ -263,7 +174,7 @@ class NextStepPipeline:
             inputs = self.prepare(caption, settings, negative, positive, edit_latents, init_latents, mask)
             return sample_tokens(self.model, inputs, callback, use_compile), inputs
 
-        tokens, inputs = run_or_explain_out_of_memory("sampling", self.model.device, run)
+        tokens, inputs = run_or_explain_out_of_memory(SAMPLING, self.model.device, run)
         model_latents = unpatchify(tokens, *inputs.grid, self.model.config.latent_patch_size)
         return GenerationResult(tokens=tokens, latents=self.normalization.to_vae_space(model_latents))
 

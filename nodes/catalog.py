@@ -12,8 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from nextstep_runtime.errors import NextStepError
-from nextstep_runtime.weights.hub import cache_root, cached_nextstep_repos
+from nextstep_runtime import ModelFolder, NextStepError, cache_root, cached_nextstep_repos, holds_model_config
 
 from . import host
 
@@ -28,7 +27,7 @@ def _model_folders() -> dict[str, Path]:
     for root in map(Path, host.folder_roots(host.MODEL_FOLDER_KEY)):
         if root.is_dir():
             for child in sorted(root.iterdir()):
-                if child.name not in found and (child / "config.json").is_file():
+                if child.name not in found and holds_model_config(child):
                     found[child.name] = child
     for repo, snapshot in cached_nextstep_repos().items():
         found.setdefault(repo, snapshot)
@@ -61,15 +60,15 @@ def _searched(key: str) -> str:
     return ", ".join(host.folder_roots(key)) or f"no `{key}` folder registered"
 
 
-def model_folder(name: str) -> Path:
-    """The folder of model `name`, or an error that says where models are looked for."""
+def model_folder(name: str) -> ModelFolder:
+    """Model `name`, opened, or an error that says where models are looked for."""
     folder = _model_folders().get(name)
     if folder is None:
         raise NextStepError(f"NextStep model {name!r} not found (searched {_searched(host.MODEL_FOLDER_KEY)} and the "
                             f"Hugging Face cache {cache_root()}); fetch it with `python -m nextstep_runtime download "
                             f"stepfun-ai/NextStep-1.1` (into the cache), or put the whole repo folder in "
                             f"models/{host.MODEL_FOLDER_KEY}/{name}/ so that it holds config.json")
-    return folder
+    return ModelFolder.open(folder)
 
 
 def vae_path(name: str) -> Path:

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nextstep_runtime.errors import NextStepError
-from nextstep_runtime.sampling.prompt import IMAGE_TAG
+from nextstep_runtime import IMAGE_TAG, NextStepError
 
 from .models import NextStepModelHandle
 from .sockets import CATEGORY, CONDITIONING, MODEL

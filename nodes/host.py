@@ -17,9 +17,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from nextstep_runtime.errors import NextStepError
-from nextstep_runtime.memory.check import free_memory as runtime_free_memory
-from nextstep_runtime.pipeline import resolve_device
+from nextstep_runtime import LOADING, NextStepError, memory_remedy, resolve_device
+from nextstep_runtime import free_memory as runtime_free_memory
 
 try:
     import folder_paths
@@ -142,9 +141,8 @@ def prepare_model(handle: Any, memory_required: int = 0) -> None:
         try:
             model_management.load_models_gpu([handle], memory_required=memory_required, force_full_load=True)
         except torch.cuda.OutOfMemoryError:
-            raise NextStepError("the NextStep model does not fit in GPU memory; in NextStep Model Loader turn on "
-                                "fp8 (about 15 GB for the 14B models) or set gpu_layers to keep only part of the "
-                                "decoder on the GPU") from None
+            raise NextStepError(f"the NextStep model does not fit in GPU memory; "
+                                f"{memory_remedy(LOADING, handle.load_device)}") from None
 
 
 def free_memory(device: torch.device) -> int | None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-from nextstep_runtime.memory.modes import MEMORY_CHOICES, resolve_weight_mode
-from nextstep_runtime.memory.plan import WeightMode
-from nextstep_runtime.model.attention import set_attention_backend
-from nextstep_runtime.pipeline import resolve_dtype
+from nextstep_runtime import (
+    MEMORY_CHOICES,
+    ModelFolder,
+    WeightMode,
+    resolve_dtype,
+    resolve_weight_mode,
+    set_attention_backend,
+)
 
 from . import catalog, host
 from .models import LoadedVAE, NextStepModelHandle, load_nextstep_model, load_nextstep_vae
@@ -90,7 +93,7 @@ class NextStepModelLoader:
         return (NextStepModelHandle(loaded, attention, compile),)
 
 
-def loader_weight_mode(folder: Path, dtype: str, memory: str, fp8: bool,
+def loader_weight_mode(folder: ModelFolder, dtype: str, memory: str, fp8: bool,
                        gpu_layers: int) -> tuple[WeightMode, str | None]:
     """The weight mode NextStep Model Loader loads `folder` in for these widget values on this server's run
     device (an `auto` choice planned for 512x512 against ComfyUI's memory budget), and the line that explains

@@ -8,7 +8,6 @@ files and precision, so nothing is read from disk twice.
 from __future__ import annotations
 
 import logging
-import math
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +15,7 @@ from typing import Any
 
 import torch
 
-from nextstep_runtime.model.vae import NextStepVAE
-from nextstep_runtime.pipeline import NextStepPipeline
-from nextstep_runtime.sampling.prompt import load_tokenizer
-from nextstep_runtime.weights.checkpoint import IGNORED_KEYS, canonical_key, open_safetensors
-from nextstep_runtime.weights.loading import latent_normalization, load_model, load_vae, resolve_vae_path, weight_files
+from nextstep_runtime import ModelFolder, NextStepPipeline, NextStepVAE, load_model, load_tokenizer, load_vae
 
 from . import host
 from .preview import LatentToRGB, channel_view, fit_latent_to_rgb
@@ -30,7 +25,7 @@ from .preview import LatentToRGB, channel_view, fit_latent_to_rgb
 class LoadedModel:
     """A model folder's network, tokenizer and latent normalisation (no VAE), registered with the host."""
 
-    folder: Path
+    folder: ModelFolder
     pipeline: NextStepPipeline
     registration: Any
     _to_rgb: LatentToRGB | None = field(default=None, repr=False)
@@ -41,7 +36,7 @@ class LoadedModel:
         on a GPU, a few seconds on a small CPU."""
         if self._to_rgb is None:
             try:
-                vae = load_vae(resolve_vae_path(self.folder), torch.float32, host.vae_devices()[0])
+                vae = load_vae(self.folder.vae, torch.float32, host.vae_devices()[0])
                 self._to_rgb = fit_latent_to_rgb(vae)
             except Exception as exc:  # a preview must never fail the run (no VAE, out of memory, ...)
                 log.warning("NextStep: preview colours unavailable (%s); showing latent channels instead", exc)
@@ -73,30 +68,19 @@ _models: "weakref.WeakValueDictionary[tuple, LoadedModel]" = weakref.WeakValueDi
 _vaes: "weakref.WeakValueDictionary[tuple, LoadedVAE]" = weakref.WeakValueDictionary()
 
 
-def _parameter_count(folder: Path) -> int:
-    """Parameters the runtime will load, from the safetensors headers alone."""
-    total = 0
-    for path in weight_files(folder):
-        with open_safetensors(path) as handle:
-            for key in handle.keys():
-                if canonical_key(key) not in IGNORED_KEYS:
-                    total += math.prod(handle.get_slice(key).get_shape())
-    return total
-
-
-def load_nextstep_model(folder: Path, dtype: torch.dtype, fp8: bool = False,
+def load_nextstep_model(folder: ModelFolder, dtype: torch.dtype, fp8: bool = False,
                         resident_layers: int | None = None, int4: bool = False) -> LoadedModel:
     """The model in `folder` at `dtype` (decoder linears in fp8 or int4 if asked; only `resident_layers`
     decoder layers on the GPU if given), reusing a copy that is still loaded."""
-    key = (str(folder.resolve()), dtype, fp8, resident_layers, int4)
+    key = (str(folder.path.resolve()), dtype, fp8, resident_layers, int4)
     loaded = _models.get(key)
     if loaded is None:
         if resident_layers is None and not int4:
-            device = host.initial_device(_parameter_count(folder), torch.float8_e4m3fn if fp8 else dtype)
+            device = host.initial_device(folder.parameter_count(), torch.float8_e4m3fn if fp8 else dtype)
         else:  # streaming is set up, and int4 weights are packed, for the run device at load time
             device = host.load_device()
         model = load_model(folder, dtype, device, fp8=fp8, resident_layers=resident_layers, int4=int4)
-        pipeline = NextStepPipeline(model, load_tokenizer(folder), latent_normalization(folder),
+        pipeline = NextStepPipeline(model, load_tokenizer(folder), folder.vae.normalization,
                                     free_memory=host.free_memory)
         registration = host.register_model(model, device, host.load_device(), host.offload_device())
         loaded = _models[key] = LoadedModel(folder, pipeline, registration)

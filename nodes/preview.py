@@ -16,9 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from nextstep_runtime.model.tokens import LatentNormalization, unpatchify
-from nextstep_runtime.model.vae import NextStepVAE
-from nextstep_runtime.pipeline import images_to_unit
+from nextstep_runtime import LatentNormalization, NextStepVAE, images_to_unit, unpatchify
 
 VAE_DOWNSCALE = 8
 CHART_CELLS = 8

@@ -13,9 +13,16 @@ from __future__ import annotations
 
 import math
 
-from nextstep_runtime.errors import NextStepError
-from nextstep_runtime.memory.modes import MEMORY_CHOICES
-from nextstep_runtime.memory.plan import Job, ModelFootprint, device_memory, plan_memory
+from nextstep_runtime import (
+    MEMORY_CHOICES,
+    DeviceTraits,
+    GenerationSettings,
+    Job,
+    ModelFootprint,
+    NextStepError,
+    device_memory,
+    plan_memory,
+)
 from nextstep_runtime.presets import presets_as_json
 
 from . import catalog, host
@@ -52,7 +59,8 @@ def _parse(name: str, text: str) -> object:
 
 
 def _job(values: dict) -> Job:
-    job = Job(**{name: values[name] for name in JOB_PARAMETERS if name in values})
+    """The job the parameters describe, checked as the sampler checks its settings."""
+    job = Job(GenerationSettings(**{name: values[name] for name in JOB_PARAMETERS if name in values}))
     job.validate()
     return job
 
@@ -83,18 +91,20 @@ def plan_response(query: dict[str, str]) -> Response:
     if values["model"] not in catalog.model_names():
         return 404, {"error": f"NextStep model {values['model']!r} is not in NextStep Model Loader's list "
                               f"(folders under models/{host.MODEL_FOLDER_KEY}/ that hold config.json)"}
-    folder = catalog.model_folder(values["model"])
+    try:  # a folder that cannot be read as it is: the loader would refuse it too
+        folder = catalog.model_folder(values["model"])
+        footprint = ModelFootprint.from_folder(folder)
+    except NextStepError as exc:
+        return 422, {"error": str(exc)}
     try:
         mode, choice = loader_weight_mode(folder, values.get("dtype", "auto"), values.get("memory", "auto"),
                                           values.get("fp8", False), values.get("gpu_layers", ALL_LAYERS))
-    except NextStepError as exc:  # widget values the loader refuses too (fp8 on with memory int4)
-        return 400, {"error": str(exc)}
-    memory = device_memory(host.load_device())
-    free, total = memory if memory is not None else (None, None)
-    try:
-        plan = plan_memory(ModelFootprint.from_folder(folder), mode, job, gpu_total=total, gpu_free=free)
-    except NextStepError as exc:
-        return 422, {"error": str(exc)}
+        device = host.load_device()
+        memory = device_memory(device)
+        free, total = memory if memory is not None else (None, None)
+        plan = plan_memory(footprint, mode, job, gpu_total=total, gpu_free=free, device=DeviceTraits.of(device))
+    except NextStepError as exc:  # widget values the loader refuses too (fp8 on with memory int4, a mode the folder
+        return 400, {"error": str(exc)}  # or this device cannot load in)
     return 200, {**plan.to_dict(), "loads_as": mode.describe(), "memory_choice": choice}
 
 

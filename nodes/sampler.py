@@ -6,14 +6,20 @@ import traceback
 
 import torch
 
-from nextstep_runtime.config import ModelConfig
-from nextstep_runtime.errors import NextStepError
-from nextstep_runtime.memory.plan import Job, sampling_bytes
-from nextstep_runtime.model.attention import set_attention_backend
-from nextstep_runtime.pipeline import GenerationSettings
+from nextstep_runtime import (
+    CFG_SCHEDULES,
+    PROFILES,
+    SAMPLERS,
+    GenerationSettings,
+    Job,
+    ModelConfig,
+    NextStepError,
+    image_size_of,
+    sampling_bytes,
+    set_attention_backend,
+    token_pixels,
+)
 from nextstep_runtime.presets import PRESETS
-from nextstep_runtime.sampling.prompt import PROFILES
-from nextstep_runtime.sampling.solvers import CFG_SCHEDULES, SAMPLERS
 from nextstep_runtime.validation import (
     MAX_BATCH,
     MAX_CFG,
@@ -38,16 +44,6 @@ from .sockets import CATEGORY, CONDITIONING, MODEL
 _DEFAULTS = GenerationSettings()
 
 
-def _working_memory(config: ModelConfig, settings: GenerationSettings, images: tuple[torch.Tensor, ...],
-                    dtype: torch.dtype) -> int:
-    """Bytes the token loop allocates besides the weights (KV cache and activations, the planner's figure);
-    ComfyUI frees this much (plus its reserve) before the run."""
-    job = Job(width=settings.width, height=settings.height, batch=settings.batch, cfg=settings.cfg,
-              cfg_img=settings.cfg_img, steps=settings.steps,
-              input_images=tuple((8 * latent.shape[-2], 8 * latent.shape[-1]) for latent in images))
-    return sampling_bytes(config, dtype, job)
-
-
 def _init_latent(latent_image: dict | None, config: ModelConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(VAE-space latents, pixel noise mask or None) of the optional latent_image, checked against the model."""
     if latent_image is None:
@@ -58,7 +54,7 @@ def _init_latent(latent_image: dict | None, config: ModelConfig) -> tuple[torch.
         raise NextStepError(f"latent_image must be a NextStep LATENT of [batch, {config.latent_channels}, height/8, "
                             f"width/8], got {shape}: a latent of another model family; encode the image with "
                             f"NextStep VAE Encode")
-    height, width = samples.shape[-2] * 8, samples.shape[-1] * 8
+    height, width = image_size_of(samples)
     if max(height, width) > MAX_SIZE:
         raise NextStepError(f"latent_image is {width}x{height} pixels, larger than {MAX_SIZE}; scale the image down")
     check_size(width, height)
@@ -165,7 +161,7 @@ class NextStepSampler:
                negative: NextStepConditioning | None = None, latent_image: dict | None = None) -> tuple[dict]:
         init_latents, mask = _init_latent(latent_image, model.loaded.pipeline.model.config)
         if init_latents is not None:
-            height, width = init_latents.shape[-2] * 8, init_latents.shape[-1] * 8
+            height, width = image_size_of(init_latents)
         settings = GenerationSettings(width=width, height=height, batch=batch_size, steps=steps, cfg=cfg,
                                       cfg_img=cfg_img, cfg_schedule=cfg_schedule, timesteps_shift=timesteps_shift,
                                       sampler=sampler, profile=profile, use_norm=use_norm, seed=seed)
@@ -174,10 +170,10 @@ class NextStepSampler:
         pipeline = model.loaded.pipeline
         config = pipeline.model.config
         set_attention_backend(model.attention)
-        host.prepare_model(model.loaded.registration,
-                           _working_memory(config, settings, positive.images, pipeline.model.dtype))
-        token_pixels = 8 * config.latent_patch_size
-        grid = (height // token_pixels, width // token_pixels)
+        # ComfyUI frees what the token loop allocates besides the weights (the planner's figure) before the run
+        working_memory = sampling_bytes(config, pipeline.model.dtype, Job.with_latents(settings, positive.images))
+        host.prepare_model(model.loaded.registration, working_memory)
+        grid = (height // token_pixels(config), width // token_pixels(config))
         preview = None
         if host.previews_enabled():
             preview = TokenPreview(model.loaded.preview_colours(), pipeline.normalization, grid,

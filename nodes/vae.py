@@ -6,11 +6,16 @@ import logging
 
 import torch
 
-from nextstep_runtime.errors import NextStepError
-from nextstep_runtime.images import center_crop_to_multiple, check_input_image_size
-from nextstep_runtime.memory.out_of_memory import run_or_explain_out_of_memory
-from nextstep_runtime.memory.plan import vae_decode_bytes, vae_encode_bytes
-from nextstep_runtime.pipeline import images_to_unit
+from nextstep_runtime import (
+    NextStepError,
+    center_crop_to_multiple,
+    check_input_image_size,
+    decode_latents,
+    encode_images,
+    images_to_unit,
+    vae_decode_bytes,
+    vae_encode_bytes,
+)
 from nextstep_runtime.validation import MAX_SIZE, SIZE_MULTIPLE
 
 from . import host
@@ -41,17 +46,12 @@ class NextStepVAEDecode:
 
     def decode(self, vae: LoadedVAE, samples: dict) -> tuple[torch.Tensor]:
         latent = samples.get("samples") if isinstance(samples, dict) else None
-        channels = vae.vae.config.z_channels
-        if not isinstance(latent, torch.Tensor) or latent.ndim != 4 or latent.shape[1] != channels:
+        if not isinstance(latent, torch.Tensor) or latent.ndim != 4:
             shape = list(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
-            raise NextStepError(f"NextStep VAE Decode needs a LATENT of [batch, {channels}, height/8, width/8] from "
-                                f"NextStep Sampler, got {shape}; latents of other models need their own VAE")
+            raise NextStepError(f"NextStep VAE Decode needs a LATENT of [batch, channels, height/8, width/8] from "
+                                f"NextStep Sampler, got {shape}")
         host.prepare_model(vae.registration, vae_decode_bytes(latent.shape[2], latent.shape[3], vae.vae.dtype))
-
-        @torch.inference_mode()
-        def decode() -> torch.Tensor:  # one image at a time: the full-resolution activations dominate memory
-            return torch.cat([images_to_unit(vae.vae.decode(one).float()) for one in latent.split(1)])
-        images = run_or_explain_out_of_memory("VAE decoding", vae.vae.device, decode)
+        images = images_to_unit(decode_latents(vae.vae, latent))
         return (images.movedim(1, -1).to(host.intermediate_device(), torch.float32),)
 
 
@@ -82,9 +82,5 @@ class NextStepVAEEncode:
             log.info("NextStep VAE Encode: centre-cropped %dx%d to %dx%d", images.shape[-1], images.shape[-2],
                      cropped.shape[-1], cropped.shape[-2])
         host.prepare_model(vae.registration, vae_encode_bytes(cropped.shape[2], cropped.shape[3], vae.vae.dtype))
-
-        @torch.inference_mode()
-        def encode() -> torch.Tensor:
-            return torch.cat([vae.vae.encode(one * 2 - 1).float() for one in cropped.split(1)])
-        latents = run_or_explain_out_of_memory("VAE encoding", vae.vae.device, encode)
+        latents = encode_images(vae.vae, cropped, "the image to encode")
         return ({"samples": latents.to(host.intermediate_device(), torch.float32)},)

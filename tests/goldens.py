@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from nextstep_runtime import GenerationSettings
+
 FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN_DIR = FIXTURES / "golden"
 TINY_MODEL = FIXTURES / "tiny-nextstep"
@@ -48,6 +50,15 @@ class GoldenCase:
         if self.image_path:
             args += ["--image", str(self.image_path)]
         return args
+
+
+def settings_for(case: GoldenCase) -> GenerationSettings:
+    """The Python API's settings of a case."""
+    p = case.params
+    return GenerationSettings(
+        width=p["hw"][1], height=p["hw"][0], batch=p["num_images_per_caption"], steps=p["num_sampling_steps"],
+        cfg=p["cfg"], cfg_img=p["cfg_img"], cfg_schedule=p["cfg_schedule"], timesteps_shift=p["timesteps_shift"],
+        sampler=p["sampler"], profile=p["profile"], use_norm=p["use_norm"], seed=p["seed"])
 
 
 def golden_cases() -> list[GoldenCase]:

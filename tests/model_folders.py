@@ -10,6 +10,12 @@ import torch
 from goldens import TINY_MODEL
 from safetensors.torch import load_file, save_file
 
+from nextstep_runtime import ModelConfig
+from nextstep_runtime.model.network import NextStepModel
+
+MEMORY_PROBE = Path(__file__).parent / "load_memory_probe.py"
+"""The subprocess that loads or repacks a folder and reports its peak host memory."""
+
 NAMING_1_0_TO_1_1 = {
     "latent_channels": "num_channels",
     "latent_patch_size": "patch_size",
@@ -133,3 +139,25 @@ def write_hf_cache(cache: Path, repo_id: str, folder: Path, commit: str, ref: st
     (storage / "refs").mkdir(exist_ok=True)
     (storage / "refs" / ref).write_text(commit)
     return snapshot
+
+
+def write_sharded_fp32_model(folder: Path, shards: int) -> int:
+    """A few-hundred-MB random fp32 model in `shards` files; returns the largest shard's size in bytes."""
+    config = json.loads((TINY_MODEL / "config.json").read_text())
+    config.update(hidden_size=1024, num_hidden_layers=6, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
+                  intermediate_size=2816, vocab_size=32000, fm_head_dim=512, fm_head_layers=4)
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    with torch.device("meta"):
+        names = list(NextStepModel(ModelConfig.from_dict(config)).state_dict().items())
+    generator = torch.Generator().manual_seed(0)
+    weight_map, largest = {}, 0
+    for index in range(shards):
+        part = {name: torch.randn(tensor.shape, generator=generator) * 0.02 for name, tensor in names[index::shards]}
+        file = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
+        save_file(part, folder / file)
+        weight_map.update({name: file for name in part})
+        largest = max(largest, (folder / file).stat().st_size)
+        del part
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return largest

@@ -8,28 +8,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_runs import cli_error
 from goldens import FIXTURES, TINY_MODEL, TINY_VAE_FILE
 from model_folders import edit_config, rewrite_weights
 from safetensors.torch import load_file, save_file
 
+from nextstep_runtime import NextStepVAE, VAEConfig
 from nextstep_runtime.cli.main import main
-from nextstep_runtime.config import VAEConfig
-from nextstep_runtime.model.vae import NextStepVAE
 
 EDIT_IMAGE = str(FIXTURES / "edit_input_64.png")
 
 
-def cli_error(capsys, tmp_path: Path, *args: str, model: Path = TINY_MODEL) -> str:
-    """Run the CLI in-process; assert exit code 2, one error line, no output file; return the message."""
-    out = tmp_path / "out.png"
-    code = main(["generate", "--model", str(model), "--device", "cpu", "--dtype", "float32", "--width", "32",
-                 "--height", "32", "--steps", "2", "--out", str(out), *args])
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert code == 2, err
-    assert len(lines) == 1, err
-    assert not out.exists()
-    return lines[0]
+
 
 
 @pytest.mark.parametrize("flag,value,nearest", [

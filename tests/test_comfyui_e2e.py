@@ -16,10 +16,8 @@ from goldens import FIXTURES, UINT8_TOLERANCE, golden_cases
 from nodes_pack import MODEL_NAME, VAE_FILE
 from PIL import Image
 
-from nextstep_runtime import GenerationSettings, NextStepPipeline, images_to_unit
-from nextstep_runtime.images import load_rgb, to_uint8
+from nextstep_runtime import GenerationSettings, NextStepPipeline, images_to_unit, load_model, load_rgb, to_uint8
 from nextstep_runtime.presets import presets_as_json
-from nextstep_runtime.weights.loading import load_model
 
 CASES = {case.name: case for case in golden_cases()}
 TYPES = {  # node -> (required inputs, optional inputs, output types); combos listed as None

@@ -11,13 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from goldens import TINY_MODEL, GoldenCase, assert_matches_golden, golden_cases
+from goldens import TINY_MODEL, GoldenCase, assert_matches_golden, golden_cases, settings_for
 from safetensors.torch import load_file
-from test_goldens import settings_for
 
-from nextstep_runtime import NextStepPipeline, images_to_unit
+from nextstep_runtime import NextStepPipeline, images_to_unit, load_rgb, to_uint8
 from nextstep_runtime.sampling import compiled_step
-from nextstep_runtime.images import load_rgb, to_uint8
 
 REPO = Path(__file__).resolve().parents[1]
 FALLBACK_WARNING = "torch.compile of the flow head failed"

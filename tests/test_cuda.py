@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from goldens import TINY_MODEL, GoldenCase, assert_matches_golden, golden_cases
+from goldens import TINY_MODEL, GoldenCase, assert_matches_golden, golden_cases, settings_for
 from model_folders import deepen
-from test_goldens import settings_for
 
-from nextstep_runtime import GenerationSettings, NextStepError, NextStepPipeline
-from nextstep_runtime.images import load_rgb
+from nextstep_runtime import GenerationSettings, NextStepError, NextStepPipeline, load_rgb
 from nextstep_runtime.sampling.token_loop import TokenStep
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -85,8 +83,7 @@ def test_memory_plan_weights_are_what_sits_on_the_gpu(model_copy, fp8, resident)
     """Every tensor the loaded model holds (registered ones, streaming slots, streamed host layers), summed by
     the device it really lives on, against the planner's device and host figures; and the GPU's size as the
     planner reads it."""
-    from nextstep_runtime.memory.plan import Job, ModelFootprint, WeightMode, device_memory, plan_memory
-    from nextstep_runtime.weights.loading import load_model
+    from nextstep_runtime import Job, ModelFootprint, WeightMode, device_memory, load_model, plan_memory
     from nextstep_runtime.weights.offload import StreamedLayer
 
     deepen(model_copy, 5)
@@ -168,7 +165,7 @@ def test_gen_pos_embed_through_the_cuda_graph(model_copy, monkeypatch) -> None:
 def test_int4_kernel_packing_and_model_on_cuda(model_copy, tmp_path) -> None:
     """The CUDA int4 kernel reads our packing as (q - 8) * scale + zero; the model stays as close to bf16 as on
     the CPU (test_weight_modes' tolerances), streams exactly, and a repacked folder gives the same tokens."""
-    from test_weight_modes import dequantize_grouped
+    from reference_quantization import dequantize_grouped
 
     from nextstep_runtime.weights.int4 import pack_for_device, quantize_grouped
     from nextstep_runtime.weights.repack import convert_folder
@@ -198,8 +195,7 @@ def test_int4_kernel_packing_and_model_on_cuda(model_copy, tmp_path) -> None:
 
 
 def test_auto_memory_on_cuda_keeps_a_small_model_whole() -> None:
-    from nextstep_runtime.memory.modes import resolve_weight_mode
-    from nextstep_runtime.memory.plan import WeightMode, device_memory
+    from nextstep_runtime import WeightMode, device_memory, resolve_weight_mode
 
     free = device_memory(torch.device("cuda"))[0]
     mode, choice = resolve_weight_mode(TINY_MODEL, "auto", torch.device("cuda"), torch.bfloat16, gpu_free=free)

@@ -2,36 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from goldens import TINY_MODEL, GoldenCase, assert_matches_golden, golden_cases
+from cli_runs import run_cli
+from goldens import TINY_MODEL, GoldenCase, assert_matches_golden, golden_cases, settings_for
 from safetensors.torch import load_file
 
-from nextstep_runtime import GenerationSettings, images_to_unit
-from nextstep_runtime.images import load_rgb, to_uint8
+from nextstep_runtime import images_to_unit, load_rgb, to_uint8
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 
 
-def run_cli(*args: str, sdpa_layout: str = "cpu") -> subprocess.CompletedProcess:
-    """`generate` in a subprocess; with sdpa_layout "cuda", under the CUDA output-layout emulation."""
-    module = "sdpa_layouts" if sdpa_layout == "cuda" else "nextstep_runtime"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-m", module, "generate", *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
 
-
-def settings_for(case: GoldenCase) -> GenerationSettings:
-    p = case.params
-    return GenerationSettings(
-        width=p["hw"][1], height=p["hw"][0], batch=p["num_images_per_caption"], steps=p["num_sampling_steps"],
-        cfg=p["cfg"], cfg_img=p["cfg_img"], cfg_schedule=p["cfg_schedule"], timesteps_shift=p["timesteps_shift"],
-        sampler=p["sampler"], profile=p["profile"], use_norm=p["use_norm"], seed=p["seed"])
 
 
 @pytest.mark.parametrize("case", golden_cases(), ids=lambda case: case.name)
@@ -84,7 +68,8 @@ def test_official_profile_with_a_bos_tokenizer_matches_the_official_rows(model_c
     every row and drops the size suffix's first token; the ids below are the official pipeline's own rows."""
     import json
 
-    from nextstep_runtime.sampling.prompt import build_rows, load_tokenizer
+    from nextstep_runtime import load_tokenizer
+    from nextstep_runtime.sampling.prompt import build_rows
 
     config_path = model_copy / "tokenizer_config.json"
     config = json.loads(config_path.read_text())

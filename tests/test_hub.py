@@ -14,17 +14,14 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
-from goldens import TINY_MODEL, assert_matches_golden, golden_cases
+from goldens import TINY_MODEL, assert_matches_golden, golden_cases, settings_for
 from hub_server import HubRepo, HubServer
 from model_folders import add_tensors, write_hf_cache
 from nodes_pack import load_pack
 from safetensors.torch import load_file
-from test_goldens import settings_for
 
-from nextstep_runtime import NextStepError, NextStepPipeline
+from nextstep_runtime import NextStepError, NextStepPipeline, cached_nextstep_repos, to_uint8
 from nextstep_runtime.cli.main import main
-from nextstep_runtime.images import to_uint8
-from nextstep_runtime.weights.hub import cached_nextstep_repos
 
 REPO = "stepfun-ai/NextStep-tiny"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -64,7 +61,7 @@ def test_repo_id_loads_from_the_cache_through_the_api(hf_cache: Path) -> None:
 
 
 def test_repo_id_through_the_memory_planner(hf_cache: Path) -> None:
-    from nextstep_runtime.memory.plan import ModelFootprint
+    from nextstep_runtime import ModelFootprint
 
     write_hf_cache(hf_cache, REPO, TINY_MODEL, COMMIT)
     assert ModelFootprint.from_folder(REPO) == ModelFootprint.from_folder(TINY_MODEL)

@@ -9,16 +9,15 @@ import dataclasses
 
 import pytest
 import torch
-from goldens import FLOAT_TOLERANCE, TINY_MODEL, assert_matches_golden, golden_cases
+from cli_runs import run_cli
+from goldens import FLOAT_TOLERANCE, TINY_MODEL, assert_matches_golden, golden_cases, settings_for
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from test_goldens import run_cli, settings_for
 
+from nextstep_runtime import NextStepError, load_rgb
 from nextstep_runtime.cli.init_image import load_cropped_rgb
-from nextstep_runtime.errors import NextStepError
-from nextstep_runtime.images import load_rgb
 from nextstep_runtime.sampling.keep_mask import regenerated_cells
-from nextstep_runtime.sampling.token_loop import NOISE_CHUNK_BYTES, NoiseSpec, sample_tokens
+from nextstep_runtime.sampling.token_loop import NOISE_CHUNK_BYTES, NoiseSpec, NoiseStream, sample_tokens
 
 CASES = {case.name: case for case in golden_cases()}
 
@@ -102,6 +101,15 @@ def test_noise_held_at_once_is_bounded() -> None:
     assert spec.chunk_tokens * per_token <= NOISE_CHUNK_BYTES and spec.chunk_tokens >= 1
     huge = NoiseSpec.plan(seed=0, tokens=10, steps=200, stochastic=True, batch=4096, dim=64)
     assert huge.chunk_tokens == 1
+
+
+@pytest.mark.parametrize("tokens,steps,stochastic,limit", [(24, 28, True, NOISE_CHUNK_BYTES), (24, 28, False, 2**20),
+                                                            (1000, 7, True, 3 * 2**20), (50, 200, True, 1)])
+def test_chunk_bytes_is_what_the_noise_stream_returns_per_chunk(tokens, steps, stochastic, limit) -> None:
+    """The memory planner reads a noise chunk's size from NoiseSpec.chunk_bytes: it must be the stream's own."""
+    spec = NoiseSpec.plan(seed=0, tokens=tokens, steps=steps, stochastic=stochastic, batch=3, dim=64, chunk_bytes=limit)
+    chunk = NoiseStream(spec).next_chunk()
+    assert chunk.numel() * chunk.element_size() == spec.chunk_bytes
 
 
 def test_bad_init_latents_are_clear_errors_and_the_next_run_is_fine(tiny_pipeline) -> None:

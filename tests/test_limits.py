@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
+from cli_runs import cli_error
 from goldens import TINY_MODEL
 from model_folders import edit_config
 from nodes_pack import load_pack
 from PIL import Image
-from test_bad_input import cli_error
 
 from nextstep_runtime import GenerationSettings, NextStepError
 from nextstep_runtime.validation import MAX_BATCH, MAX_SEED, MAX_SIZE
@@ -87,7 +87,7 @@ def test_edit_image_beyond_the_size_limit_is_refused(tiny_pipeline) -> None:
     with pytest.raises(NextStepError, match=f"the input image is 16x{MAX_SIZE + 16} pixels; input images may be at "
                                             f"most {MAX_SIZE} pixels per side"):
         tiny_pipeline.encode_image(torch.zeros(1, 3, MAX_SIZE + 16, 16))
-    with pytest.raises(NextStepError, match=r"an input image must be an RGB tensor \[B, 3, H, W\]"):
+    with pytest.raises(NextStepError, match=r"the input image must be an RGB tensor \[B, 3, H, W\]"):
         tiny_pipeline.encode_image(torch.zeros(3, 16, 16))
 
 

@@ -8,13 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from goldens import TINY_MODEL, TINY_VAE_FILE, assert_matches_golden, golden_cases
+from goldens import TINY_MODEL, TINY_VAE_FILE, assert_matches_golden, golden_cases, settings_for
 from model_folders import rewrite_weights, use_1_1_naming
-from test_goldens import settings_for
 
-from nextstep_runtime import NextStepPipeline
-from nextstep_runtime.config import ModelConfig
-from nextstep_runtime.weights.loading import load_model, load_vae
+from nextstep_runtime import ModelConfig, NextStepPipeline, load_model, load_vae
 
 CASE = next(case for case in golden_cases() if case.name == "official_t2i_sde")
 
@@ -106,7 +103,7 @@ def test_model_folder_without_its_vae_names_the_missing_path(model_copy: Path) -
 def test_vae_name_that_is_not_on_disk_falls_back_to_the_bundled_vae(model_copy: Path, name: str) -> None:
     from model_folders import edit_config
 
-    from nextstep_runtime.weights.loading import resolve_vae_path
+    from nextstep_runtime import ModelFolder
 
     edit_config(model_copy, vae_name_or_path=name)
-    assert resolve_vae_path(model_copy) == model_copy / "vae"
+    assert ModelFolder.open(model_copy).vae.location == model_copy / "vae"

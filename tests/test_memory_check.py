@@ -4,12 +4,13 @@ runtime reads the device), here a fixed budget so the verdict does not depend on
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from nextstep_runtime import GenerationSettings, NextStepError, NextStepPipeline
-from nextstep_runtime.memory.check import check_job_memory, free_memory
-from nextstep_runtime.memory.plan import Job
+from nextstep_runtime import GenerationSettings, Job, NextStepError, NextStepPipeline, free_memory
+from nextstep_runtime.memory.check import check_job_memory
 
 BUDGET = 4 * 10**9
 SAMPLING_BUDGET = 8 * 10**8
@@ -39,11 +40,10 @@ def test_a_job_that_cannot_fit_is_refused_before_any_work(tiny_pipeline) -> None
     largest = int(message.split("use a batch of at most ")[1].split(",")[0])
     assert 1 <= largest < settings.batch
     config, dtype = pipe.model.config, torch.float32
-    job = Job(width=960, height=960, batch=largest, cfg=settings.cfg, cfg_img=settings.cfg_img, steps=200,
-              prompt_tokens=8)
-    check_job_memory(config, None, dtype, job, torch.device("cpu"), lambda device: SAMPLING_BUDGET)  # fits
+    fitting = Job(replace(settings, batch=largest), prompt_tokens=8)
+    check_job_memory(config, None, dtype, fitting, torch.device("cpu"), lambda device: SAMPLING_BUDGET)
     with pytest.raises(NextStepError):
-        check_job_memory(config, None, dtype, Job(**{**job.__dict__, "batch": largest + 1}),
+        check_job_memory(config, None, dtype, Job(replace(settings, batch=largest + 1), prompt_tokens=8),
                          torch.device("cpu"), lambda device: SAMPLING_BUDGET)
 
 

@@ -11,34 +11,34 @@ from pathlib import Path
 import pytest
 import torch
 from goldens import FIXTURES, TINY_MODEL, TINY_VAE_FILE
+from model_configs import NEXTSTEP_14B
 from model_folders import deepen, edit_config
 
-from nextstep_runtime import NextStepError
-from nextstep_runtime.cli.plan import format_plan
-from nextstep_runtime.config import ModelConfig
-from nextstep_runtime.images import load_rgb
-from nextstep_runtime.memory.plan import (
+from nextstep_runtime import (
     GB,
+    DeviceTraits,
+    GenerationSettings,
     Job,
+    ModelConfig,
+    ModelFolder,
     ModelFootprint,
+    NextStepError,
     WeightMode,
     device_memory,
-    kv_cache_bytes,
+    load_model,
+    load_rgb,
+    load_vae,
     plan_memory,
-    weight_bytes,
 )
-from nextstep_runtime.pipeline import GenerationSettings
+from nextstep_runtime.cli.plan import format_plan
+from nextstep_runtime.memory.estimate import kv_cache_bytes
+from nextstep_runtime.memory.footprint import weight_bytes
 from nextstep_runtime.sampling.token_loop import DecodeState
-from nextstep_runtime.weights.loading import load_model, load_vae, resolve_vae_path
 from nextstep_runtime.weights.offload import StreamedLayer
 
 REPO = Path(__file__).resolve().parents[1]
 
-NEXTSTEP_14B = ModelConfig.from_dict({  # the released config.json values (SPEC.md), 1.0 naming
-    "hidden_size": 5120, "num_hidden_layers": 48, "num_attention_heads": 40, "num_key_value_heads": 8,
-    "head_dim": 128, "intermediate_size": 13824, "vocab_size": 152064, "attention_bias": True,
-    "o_attention_bias": False, "mlp_bias": False, "boi": 151667, "eoi": 151668, "image_placeholder_id": 151669,
-    "latent_channels": 16, "latent_patch_size": 2, "fm_head_dim": 1536, "fm_head_layers": 12})
+
 
 
 def tensor_bytes(tensors) -> int:
@@ -51,7 +51,7 @@ def test_folder_footprint_equals_the_config_footprint() -> None:
     footprint = ModelFootprint.from_folder(TINY_MODEL)
     assert footprint == ModelFootprint.from_config(footprint.config, vae_config=footprint.vae_config)
     assert "lm_head.weight" not in footprint.tensor_shapes and "embed_tokens.weight" in footprint.tensor_shapes
-    vae = load_vae(resolve_vae_path(TINY_MODEL), torch.float32, "cpu")
+    vae = load_vae(ModelFolder.open(TINY_MODEL).vae, torch.float32, "cpu")
     assert footprint.vae_parameters == sum(t.numel() for t in vae.state_dict().values())
 
 
@@ -68,17 +68,19 @@ def test_single_file_vae_is_counted_from_its_header(model_copy) -> None:
                                             (torch.float32, False, True), (torch.bfloat16, False, True)])
 def test_resident_weights_equal_the_loaded_model(dtype: torch.dtype, fp8: bool, int4: bool) -> None:
     model = load_model(TINY_MODEL, dtype, "cpu", fp8=fp8, int4=int4)
-    plan = plan_memory(ModelFootprint.from_folder(TINY_MODEL), WeightMode(dtype, fp8, int4=int4), Job())
+    plan = plan_memory(ModelFootprint.from_folder(TINY_MODEL), WeightMode(dtype, fp8, int4=int4), Job(),
+                       device=DeviceTraits("cpu"))
     assert plan.weights_gpu_bytes == tensor_bytes(model.state_dict().values())
     assert plan.weights_host_bytes == 0
-    vae = load_vae(resolve_vae_path(TINY_MODEL), dtype, "cpu")
+    vae = load_vae(ModelFolder.open(TINY_MODEL).vae, dtype, "cpu")
     assert plan.vae_bytes == tensor_bytes(vae.state_dict().values())
 
 
 @pytest.mark.parametrize("weights,resident", [("bf16", 0), ("bf16", 1), ("fp8", 1), ("bf16", 2), ("fp8", 3),
-                                              ("int4", 2)])
+                                              ("int4", 2), ("bf16", 4), ("int4", 4)])
 def test_streamed_weights_equal_the_loaded_model(model_copy, weights: str, resident: int) -> None:
-    """Device side: every registered tensor plus the streamer's slots; host side: the streamed layers."""
+    """Device side: every registered tensor plus the streamer's slots (one when a single layer is streamed, else
+    two); host side: the streamed layers."""
     deepen(model_copy, 5)
     fp8, int4 = weights == "fp8", weights == "int4"
     model = load_model(model_copy, torch.bfloat16, "cpu", fp8=fp8, int4=int4, resident_layers=resident)
@@ -86,6 +88,7 @@ def test_streamed_weights_equal_the_loaded_model(model_copy, weights: str, resid
                  if isinstance(layer, StreamedLayer)}
     assert len(streamers) == 1
     streamer = next(iter(streamers.values()))
+    assert len(streamer.slots) == min(2, 5 - resident)
     slots = tensor_bytes(t for slot in streamer.slots for t in slot.state_dict().values())
     host = tensor_bytes(t for layer in streamer.host_layers for t in layer.state_dict().values())
     bytes_ = weight_bytes(ModelFootprint.from_folder(model_copy), WeightMode(torch.bfloat16, fp8, resident, int4))
@@ -108,8 +111,7 @@ def test_kv_cache_equals_what_decode_state_allocates(tiny_pipeline, batch, cfg, 
     latents = [tiny_pipeline.encode_image(load_rgb(FIXTURES / "edit_input_64.png"))] if edit else []
     caption = "<image>make it blue" if edit else "a red cube"
     allocated, prompt_tokens = _allocated_cache(tiny_pipeline, caption, settings, "blurry", latents)
-    job = Job(width=48, height=32, batch=batch, cfg=cfg, cfg_img=cfg_img, prompt_tokens=prompt_tokens,
-              input_images=((64, 64),) if edit else ())
+    job = Job(settings, ((64, 64),) if edit else (), prompt_tokens)
     assert kv_cache_bytes(tiny_pipeline.model.config, torch.float32, job) == allocated
 
 
@@ -144,7 +146,7 @@ def test_nextstep_14b_figures() -> None:
     assert fp8.weights_gpu_bytes == bf16.weights_gpu_bytes - decoder_linears + 4 * out_channels
     assert 14 * GB < fp8.weights_gpu_bytes < 16 * GB  # "about 15 GB"
 
-    job = Job(width=512, height=512, cfg=7.5, prompt_tokens=100)  # 2 rows, 100 + 1024 - 1 positions
+    job = Job(GenerationSettings(width=512, height=512, cfg=7.5), prompt_tokens=100)  # 2 rows, 100 + 1024 - 1 positions
     assert kv_cache_bytes(c, torch.bfloat16, job) == 2 * 48 * 2 * 8 * 1123 * 128 * 2
     assert 0.4 * GB < kv_cache_bytes(c, torch.bfloat16, job) < 0.5 * GB  # "about 0.45 GB"
 
@@ -158,11 +160,11 @@ def test_advice_is_the_cheapest_mode_that_fits() -> None:
 
     tight = plan_memory(footprint, bf16, Job(), gpu_total=24 * GB, gpu_free=23.6 * GB)
     assert tight.fits is False
-    assert tight.advice == f"needs {tight.peak_gpu_bytes / GB:.1f} GB, 23.6 GB free: turn on fp8"
+    assert tight.advice == f"needs {tight.peak_gpu_bytes / GB:.1f} GB, 23.6 GB free: set memory to fp8"
     assert tight.suggested_mode == WeightMode(torch.bfloat16, fp8=True)
 
     card_16gb = plan_memory(footprint, bf16, Job(), gpu_total=16 * GB, gpu_free=15.5 * GB)
-    assert card_16gb.advice.endswith(": use int4 weights")
+    assert card_16gb.advice.endswith(": set memory to int4")
     assert card_16gb.suggested_mode == WeightMode(torch.bfloat16, int4=True)
 
     small = plan_memory(footprint, bf16, Job(), gpu_total=8 * GB)
@@ -196,7 +198,7 @@ def test_bad_plans_are_clear_errors() -> None:
     with pytest.raises(NextStepError, match=r"gpu_layers must be between 0 and 2 \(got 3\)"):
         plan_memory(footprint, WeightMode(gpu_layers=3), Job())
     with pytest.raises(NextStepError, match="width 100 is not a positive multiple of 16"):
-        plan_memory(footprint, WeightMode(), Job(width=100))
+        plan_memory(footprint, WeightMode(), Job(GenerationSettings(width=100)))
     with pytest.raises(NextStepError, match="has no config.json"):
         ModelFootprint.from_folder(FIXTURES)
 

@@ -13,14 +13,19 @@ from goldens import FIXTURES, GoldenCase, assert_matches_golden, golden_cases
 from nodes_pack import MODEL_NAME, VAE_FILE, install_fixture_models, load_pack
 from safetensors.torch import save_file
 
-from nextstep_runtime.config import VAEConfig
-from nextstep_runtime.errors import NextStepError
-from nextstep_runtime.images import load_rgb, to_uint8
-from nextstep_runtime.model.attention import FLASH_ATTN_AVAILABLE, set_attention_backend
+from nextstep_runtime import (
+    GenerationSettings,
+    NextStepError,
+    NextStepVAE,
+    VAEConfig,
+    images_to_unit,
+    load_rgb,
+    set_attention_backend,
+    to_uint8,
+)
+from nextstep_runtime.model.attention import FLASH_ATTN_AVAILABLE
 from nextstep_runtime.model.tokens import patchify
-from nextstep_runtime.model.vae import NextStepVAE
-from nextstep_runtime.pipeline import GenerationSettings, images_to_unit
-from nextstep_runtime.weights.loading import VAE_CONFIG_METADATA_KEY
+from nextstep_runtime.weights.vae_files import VAE_CONFIG_METADATA_KEY
 
 PACK = load_pack()
 NODES = PACK.NODE_CLASS_MAPPINGS
@@ -243,7 +248,7 @@ def test_vae_that_does_not_match_the_model_is_refused(model, four_channel_vae):
     latent = node("NextStepSampler", model, positive, width=32, height=32, batch_size=1, seed=0, steps=1, cfg=1.0,
                   cfg_img=1.0, cfg_schedule="constant", timesteps_shift=1.0, sampler="ode", profile="official",
                   use_norm=False)[0]
-    with pytest.raises(NextStepError, match=r"LATENT of \[batch, 4, height/8, width/8\]"):
+    with pytest.raises(NextStepError, match=r"must be \[batch, 4, height/8, width/8\] for this VAE"):
         node("NextStepVAEDecode", four_channel_vae, latent)
     edit_latent = node("NextStepVAEEncode", four_channel_vae, torch.rand(1, 32, 32, 3))[0]
     with pytest.raises(NextStepError, match=r"this model needs \[batch, 16, height/8, width/8\]"):
@@ -252,7 +257,7 @@ def test_vae_that_does_not_match_the_model_is_refused(model, four_channel_vae):
 
 def test_latent_from_another_model_family_is_refused():
     sd_latent = {"samples": torch.zeros(1, 4, 8, 8)}
-    with pytest.raises(NextStepError, match="NextStep VAE Decode needs a LATENT"):
+    with pytest.raises(NextStepError, match=r"must be \[batch, 16, height/8, width/8\] for this VAE, got \[1, 4, 8, 8\]; latents of other"):
         node("NextStepVAEDecode", fixture_vae(), sd_latent)
 
 

@@ -13,20 +13,25 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from goldens import TINY_MODEL, GoldenCase, assert_matches_golden, golden_cases
+from goldens import TINY_MODEL, GoldenCase, assert_matches_golden, golden_cases, settings_for
 from model_folders import add_tensors, copy_model, edit_config, edit_vae_config, use_slow_tokenizer_files
 from nodes_pack import load_pack
 from safetensors.torch import load_file, save_file
-from test_goldens import settings_for
 
-from nextstep_runtime import NextStepError, NextStepPipeline
+from nextstep_runtime import (
+    ModelConfig,
+    NextStepError,
+    NextStepPipeline,
+    images_to_unit,
+    load_model,
+    load_rgb,
+    load_tokenizer,
+    load_vae,
+    to_uint8,
+)
 from nextstep_runtime.cli.main import main
-from nextstep_runtime.config import ModelConfig
-from nextstep_runtime.images import load_rgb, to_uint8
 from nextstep_runtime.model.positions import sincos_position_table
-from nextstep_runtime.pipeline import images_to_unit
-from nextstep_runtime.sampling.prompt import build_rows, load_tokenizer
-from nextstep_runtime.weights.loading import load_model, load_vae
+from nextstep_runtime.sampling.prompt import build_rows
 
 CASES = {case.name: case for case in golden_cases()}
 CHEAP = CASES["official_t2i_cps_nocfg"]
@@ -152,7 +157,7 @@ def test_unknown_tensors_are_named_in_one_warning_and_skipped(variants, caplog) 
 
 
 def test_memory_planner_accepts_what_the_loader_skips(variants) -> None:
-    from nextstep_runtime.memory.plan import ModelFootprint
+    from nextstep_runtime import ModelFootprint
 
     assert ModelFootprint.from_folder(variants["extra-tensors"]) == ModelFootprint.from_folder(TINY_MODEL)
 

@@ -11,15 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from goldens import TINY_MODEL, golden_cases
-from model_folders import rewrite_weights
+from goldens import TINY_MODEL, golden_cases, settings_for
+from model_folders import MEMORY_PROBE, rewrite_weights, write_sharded_fp32_model
 from safetensors import safe_open
-from test_goldens import settings_for
-from test_load_memory import PROBE, write_sharded_fp32_model
 
-from nextstep_runtime import NextStepError, NextStepPipeline
+from nextstep_runtime import NextStepError, NextStepPipeline, load_model
 from nextstep_runtime.cli.main import main
-from nextstep_runtime.weights.loading import WEIGHTS_FORMAT_KEY, load_model
+from nextstep_runtime.weights.model_folder import WEIGHTS_FORMAT_KEY
 from nextstep_runtime.weights.repack import convert_folder
 
 CASE = next(case for case in golden_cases() if case.name == "official_t2i_cps_nocfg")
@@ -30,7 +28,7 @@ def run_probe(*args: str) -> dict:
     32 MB), so freed ones would stay in the heap and be counted again; the 14B model's linear weights are
     larger than that. A fixed 1 MB threshold makes the measurement what the code holds, not allocator caching."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
-    result = subprocess.run([sys.executable, str(PROBE), *args], capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run([sys.executable, str(MEMORY_PROBE), *args], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 

@@ -13,9 +13,8 @@ import torch
 from goldens import TINY_MODEL
 from nodes_pack import MODEL_NAME, install_fixture_models, load_pack
 
-from nextstep_runtime.memory.plan import device_memory
+from nextstep_runtime import device_memory, load_model
 from nextstep_runtime.presets import presets_as_json
-from nextstep_runtime.weights.loading import load_model
 
 routes = importlib.import_module(f"{load_pack().__name__}.nodes.routes")
 
@@ -81,7 +80,7 @@ def test_plan_route_answers_404_for_a_model_not_in_the_loader_list():
     ({"model": MODEL_NAME, "cfg": "nan"}, "cfg='nan' is not a number"),
     ({"model": MODEL_NAME, "fp8": "maybe"}, "fp8='maybe' is not true or false"),
     ({"model": MODEL_NAME, "width": "500"}, "width 500 is not a positive multiple of 16"),
-    ({"model": MODEL_NAME, "batch": "0"}, "batch must be at least 1"),
+    ({"model": MODEL_NAME, "batch": "0"}, "batch 0 is outside the allowed range 1 to 64"),
     ({"model": MODEL_NAME, "dtype": "int8"}, "dtype='int8' is not one of auto"),
     ({"model": MODEL_NAME, "memory": "int8"}, "memory='int8' is not one of auto, full, fp8, int4"),
     ({"model": MODEL_NAME, "gpu_layers": "-2"}, "gpu_layers=-2 is below -1"),

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from goldens import TINY_MODEL, golden_cases
+from goldens import TINY_MODEL, golden_cases, settings_for
 from model_folders import deepen
-from test_goldens import settings_for
+from reference_quantization import dequantize_grouped
 
-from nextstep_runtime import NextStepPipeline
+from nextstep_runtime import NextStepPipeline, load_model
 from nextstep_runtime.weights.fp8 import FP8_DTYPE, FP8Linear, quantize_per_channel
-from nextstep_runtime.weights.int4 import Int4Linear, pack_for_device, quantize_grouped, unpack_nibbles
-from nextstep_runtime.weights.loading import load_model
+from nextstep_runtime.weights.int4 import Int4Linear, pack_for_device, quantize_grouped
 
 CASE = next(case for case in golden_cases() if case.name == "official_t2i_cps_nocfg")
 
@@ -52,11 +51,7 @@ def test_fp8_model_stores_decoder_linears_in_fp8_and_stays_close_to_bf16(bf16_re
     assert (result.images - bf16_result.images).abs().mean() < 0.03
 
 
-def dequantize_grouped(nibbles: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    """The kernels' documented meaning of the stored form, (q - 8) * scale + zero, written out for checking."""
-    group = nibbles.shape[1] * 2 // scales_and_zeros.shape[0]
-    scale, zero = (scales_and_zeros[..., i].float().t().repeat_interleave(group, dim=1) for i in (0, 1))
-    return (unpack_nibbles(nibbles).float() - 8) * scale + zero
+
 
 
 def test_quantize_grouped_round_trip_and_cpu_kernel() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..weights.loading import STORED_FORMATS
+from ..weights.modes import STORED_FORMATS
 from ..weights.repack import convert_folder
 from .help import HelpFormatter
 

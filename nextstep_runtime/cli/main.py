@@ -12,22 +12,18 @@ from typing import Any, NoReturn, Sequence
 import torch
 from safetensors.torch import save_file
 
+from ..devices import DTYPES, resolve_device, resolve_dtype
 from ..errors import NextStepError
-from ..images import save_png, to_uint8
-from ..memory.modes import MEMORY_CHOICES, resolve_weight_mode
-from ..memory.plan import Job, device_memory
-from ..pipeline import (
-    DTYPES,
-    PRESET_SETTINGS,
-    GenerationSettings,
-    NextStepPipeline,
-    images_to_unit,
-    resolve_device,
-    resolve_dtype,
-)
+from ..images import images_to_unit, save_png, to_uint8
+from ..memory.choice import MEMORY_CHOICES, resolve_weight_mode
+from ..memory.device_memory import device_memory
+from ..memory.job import Job
+from ..pipeline import NextStepPipeline
 from ..presets import DEFAULT_PRESET, PRESETS
 from ..sampling.prompt import PROFILES
 from ..sampling.solvers import CFG_SCHEDULES, SAMPLERS
+from ..settings import PRESET_SETTINGS, GenerationSettings
+from ..weights.model_folder import ModelFolder
 from . import convert as cli_convert
 from . import download as cli_download
 from . import plan as cli_plan
@@ -149,14 +145,13 @@ def settings_from_args(args: argparse.Namespace) -> tuple[GenerationSettings, st
     return settings, preset.negative if args.negative is None else args.negative
 
 
-def _weight_mode(args: argparse.Namespace, settings: GenerationSettings, edit_images: list[torch.Tensor]) -> dict:
+def _weight_mode(args: argparse.Namespace, folder: ModelFolder, settings: GenerationSettings,
+                 edit_images: list[torch.Tensor]) -> dict:
     """from_pretrained's weight arguments from --memory/--fp8/--gpu-layers; `auto` plans for this job."""
     device = resolve_device(args.device)
     measured = device_memory(device) if device.type == "cuda" else None
-    job = Job(width=settings.width, height=settings.height, batch=settings.batch, cfg=settings.cfg,
-              cfg_img=settings.cfg_img, steps=settings.steps,
-              input_images=tuple(tuple(image.shape[-2:]) for image in edit_images))
-    mode, choice = resolve_weight_mode(args.model, args.memory, device, resolve_dtype(args.dtype, device), args.fp8,
+    job = Job(settings, tuple(tuple(image.shape[-2:]) for image in edit_images))
+    mode, choice = resolve_weight_mode(folder, args.memory, device, resolve_dtype(args.dtype, device), args.fp8,
                                        args.gpu_layers, None if measured is None else measured[0], job)
     if choice:
         sys.stderr.write(choice + "\n")
@@ -175,8 +170,9 @@ def run_generate(args: argparse.Namespace) -> None:
     edit_size = None if args.keep_input_size else (settings.width, settings.height)
     edit_images = [load_cropped_rgb(args.image, edit_size)] if args.image else []
     mask = load_mask(args.mask, init) if args.mask else None
-    pipe = NextStepPipeline.from_pretrained(args.model, vae=args.vae, device=args.device, dtype=args.dtype,
-                                            compile=args.compile, **_weight_mode(args, settings, edit_images))
+    folder = ModelFolder.open(args.model)
+    pipe = NextStepPipeline.from_pretrained(folder, vae=args.vae, device=args.device, dtype=args.dtype,
+                                            compile=args.compile, **_weight_mode(args, folder, settings, edit_images))
     result = pipe.generate(args.prompt, settings, negative=negative, positive=args.positive,
                            edit_images=edit_images, callback=ProgressBar(), mask=mask,
                            init_image=init.pixels if init else None, init_latents=init.latents if init else None)

@@ -9,12 +9,17 @@ import sys
 
 import torch
 
+from ..devices import DTYPES, PLANNED_GPU, DeviceTraits
 from ..errors import NextStepError
-from ..memory.plan import GB, PROMPT_ALLOWANCE, Job, MemoryPlan, ModelFootprint, WeightMode, device_memory, plan_memory
-from ..pipeline import DTYPES
+from ..memory.device_memory import device_memory
+from ..memory.footprint import ModelFootprint
+from ..memory.job import PROMPT_ALLOWANCE, Job
+from ..memory.plan import GB, MemoryPlan, plan_memory
+from ..settings import GenerationSettings
+from ..weights.modes import WeightMode
 from .help import HelpFormatter
 
-_DEFAULT_JOB = Job()
+_DEFAULTS = GenerationSettings()
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -36,13 +41,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     weights.add_argument("--int4", action="store_true", help="4-bit decoder linear weights (generate --memory int4)")
     plan.add_argument("--gpu-layers", type=int, metavar="N", default=None,
                       help="decoder layers kept on the GPU, the rest streamed (generate --gpu-layers; default: all)")
-    plan.add_argument("--width", type=int, default=_DEFAULT_JOB.width, help="pixels")
-    plan.add_argument("--height", type=int, default=_DEFAULT_JOB.height, help="pixels")
-    plan.add_argument("--batch", type=int, default=_DEFAULT_JOB.batch, help="images per prompt")
-    plan.add_argument("--cfg", type=float, default=_DEFAULT_JOB.cfg, help="text guidance (1 = one row per image)")
-    plan.add_argument("--cfg-img", type=float, default=_DEFAULT_JOB.cfg_img,
+    plan.add_argument("--width", type=int, default=_DEFAULTS.width, help="pixels")
+    plan.add_argument("--height", type=int, default=_DEFAULTS.height, help="pixels")
+    plan.add_argument("--batch", type=int, default=_DEFAULTS.batch, help="images per prompt")
+    plan.add_argument("--cfg", type=float, default=_DEFAULTS.cfg, help="text guidance (1 = one row per image)")
+    plan.add_argument("--cfg-img", type=float, default=_DEFAULTS.cfg_img,
                       help="image guidance (editing; above 1 adds a row per image)")
-    plan.add_argument("--steps", type=int, default=_DEFAULT_JOB.steps, help="solver steps per token")
+    plan.add_argument("--steps", type=int, default=_DEFAULTS.steps, help="solver steps per token")
     plan.add_argument("--input-size", type=_size, action="append", default=[], metavar="WxH",
                       help="an editing input image's size (repeat for several images)")
     plan.add_argument("--prompt-tokens", type=int, metavar="N", default=None,
@@ -53,23 +58,28 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     plan.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
-def _gpu(args: argparse.Namespace) -> tuple[int | None, int | None]:
+def _gpu(args: argparse.Namespace) -> tuple[int | None, int | None, DeviceTraits]:
+    """(total, free) bytes of the GPU planned for, and its traits: --gpu-memory, else this machine's CUDA GPU."""
     if args.gpu_memory is not None:
         if args.gpu_memory <= 0:
             raise NextStepError(f"--gpu-memory must be a positive number of GB (got {args.gpu_memory})")
         size = int(args.gpu_memory * GB)
-        return size, size
-    measured = device_memory(torch.device("cuda")) if torch.cuda.is_available() else None
-    return (None, None) if measured is None else (measured[1], measured[0])
+        return size, size, PLANNED_GPU
+    if not torch.cuda.is_available():
+        return None, None, PLANNED_GPU
+    device = torch.device("cuda")
+    free, total = device_memory(device)
+    return total, free, DeviceTraits.of(device)
 
 
 def make_plan(args: argparse.Namespace) -> MemoryPlan:
     footprint = ModelFootprint.from_folder(args.model)
     mode = WeightMode(dtype=DTYPES[args.dtype], fp8=args.fp8, gpu_layers=args.gpu_layers, int4=args.int4)
-    job = Job(width=args.width, height=args.height, batch=args.batch, cfg=args.cfg, cfg_img=args.cfg_img,
-              input_images=tuple(args.input_size), prompt_tokens=args.prompt_tokens, steps=args.steps)
-    total, free = _gpu(args)
-    return plan_memory(footprint, mode, job, gpu_total=total, gpu_free=free)
+    settings = GenerationSettings(width=args.width, height=args.height, batch=args.batch, cfg=args.cfg,
+                                  cfg_img=args.cfg_img, steps=args.steps)
+    job = Job(settings, tuple(args.input_size), args.prompt_tokens)
+    total, free, device = _gpu(args)
+    return plan_memory(footprint, mode, job, gpu_total=total, gpu_free=free, device=device)
 
 
 def format_plan(plan: MemoryPlan) -> str:

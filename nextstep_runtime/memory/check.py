@@ -1,36 +1,25 @@
 """The memory check before every run: refuse a job the run device cannot hold, before any work.
 
-The estimate is the memory planner's (`memory_plan.job_bytes`: the largest of VAE encode, sampling and VAE
-decode, weights excluded since they are already loaded), compared with what is free on the run device now.
-A refusal says what the job needs, what is free, and the largest batch that would fit when a smaller batch
-is the remedy. What the estimate cannot foresee (another process taking memory mid-run) is still caught as
-an out-of-memory error by `out_of_memory.py`.
+The estimate is the memory planner's (`estimate.job_bytes`: the largest of VAE encode, sampling and VAE decode,
+weights excluded since they are already loaded), compared with what is free on the run device now. A refusal
+says what the job needs, what is free, and the largest batch that would fit when a smaller batch is the remedy.
+What the estimate cannot foresee (another process taking memory mid-run) is still caught as an out-of-memory
+error by `out_of_memory.py`.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable
 
 import torch
 
 from ..config import ModelConfig, VAEConfig
 from ..errors import NextStepError
-from .plan import GB, Job, ModelFootprint, device_memory, job_bytes, kv_cache_bytes, sampling_bytes
-
-FreeMemory = Callable[[torch.device], "int | None"]
-"""Bytes free for a run on a device, or None where unknown (the check is then skipped)."""
-
-
-def free_memory(device: torch.device) -> int | None:
-    """Free bytes on `device` for a run started now: host MemAvailable on the CPU; on CUDA the driver's free
-    memory plus what PyTorch's caching allocator holds but does not use (it hands that out first)."""
-    free = device_memory(device)
-    if free is None:
-        return None
-    if device.type == "cuda":
-        return free[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return free[0]
+from .device_memory import FreeMemory, free_memory
+from .estimate import job_bytes, kv_cache_bytes, sampling_bytes
+from .job import Job
+from .out_of_memory import SAMPLING, memory_remedy
+from .plan import gb
 
 
 def _needs(config: ModelConfig, vae_config: VAEConfig | None, dtype: torch.dtype, job: Job) -> tuple[int, int]:
@@ -38,16 +27,16 @@ def _needs(config: ModelConfig, vae_config: VAEConfig | None, dtype: torch.dtype
     decode; without one (the nodes, which decode in their own node) sampling alone."""
     if vae_config is None:
         return kv_cache_bytes(config, dtype, job), sampling_bytes(config, dtype, job)
-    return job_bytes(ModelFootprint(config, {}, 0, vae_config), dtype, job)
+    return job_bytes(config, vae_config, dtype, job)
 
 
 def _largest_batch(config: ModelConfig, vae_config: VAEConfig | None, dtype: torch.dtype, job: Job,
                    free: int) -> int:
-    """The largest batch below `job.batch` whose run fits in `free` bytes; 0 when even one image does not."""
-    low, high = 0, job.batch - 1
+    """The largest batch below the job's whose run fits in `free` bytes; 0 when even one image does not."""
+    low, high = 0, job.settings.batch - 1
     while low < high:  # memory grows with the batch: bisect for the last batch that fits
         middle = (low + high + 1) // 2
-        if _needs(config, vae_config, dtype, replace(job, batch=middle))[1] <= free:
+        if _needs(config, vae_config, dtype, replace(job, settings=replace(job.settings, batch=middle)))[1] <= free:
             low = middle
         else:
             high = middle - 1
@@ -70,6 +59,5 @@ def check_job_memory(config: ModelConfig, vae_config: VAEConfig | None, dtype: t
         change = f"use a batch of at most {batch}, or a smaller image"
     else:
         change = "make the image or the input images smaller, or use fewer steps"
-    gpu = " or, on a GPU, turn on fp8 or lower gpu_layers to free memory for it" if device.type == "cuda" else ""
-    raise NextStepError(f"this run needs about {needed / GB:.1f} GB on {device} besides the model's weights "
-                        f"(KV cache {kv / GB:.1f} GB) but only {free / GB:.1f} GB is free; {change}{gpu}")
+    raise NextStepError(f"this run needs about {gb(needed)} on {device} besides the model's weights "
+                        f"(KV cache {gb(kv)}) but only {gb(free)} is free; {memory_remedy(SAMPLING, device, change)}")

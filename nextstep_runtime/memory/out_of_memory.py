@@ -20,8 +20,28 @@ from ..errors import NextStepError
 T = TypeVar("T")
 
 HOST_ALLOCATOR_FAILURE = "DefaultCPUAllocator: can't allocate memory"
-ADVICE = ("make the batch or the image smaller, use fewer steps or a shorter prompt, or on a GPU turn on fp8 or "
-          "keep fewer decoder layers on it (gpu_layers)")
+
+SAMPLING, VAE_DECODING, VAE_ENCODING, LOADING = "sampling", "VAE decoding", "VAE encoding", "loading the model"
+"""The work a memory error names; each has its own remedy."""
+JOB_CHANGES = {
+    SAMPLING: "make the batch or the image smaller, use fewer steps or a shorter prompt",
+    VAE_DECODING: "decode fewer images at once or smaller ones",
+    VAE_ENCODING: "encode a smaller image",
+}
+MODEL_CHANGES = ("load the model with memory fp8, int4 or auto, or keep fewer decoder layers on the GPU "
+                 "(gpu_layers)")
+"""What frees GPU memory taken by the model's weights (the Model Loader's widgets, the CLI's --memory and
+--gpu-layers)."""
+
+
+def memory_remedy(work: str, device: torch.device, change: str | None = None) -> str:
+    """The remedy every memory error of `work` on `device` ends with: `change` to the job (default: the usual one
+    for that work), and on a GPU, for sampling and loading, what frees the model's memory. The VAE's work does
+    not grow with the model's weights, so its remedy is about the images alone."""
+    parts = [change or JOB_CHANGES.get(work)]
+    if torch.device(device).type == "cuda" and work in (SAMPLING, LOADING):
+        parts.append(f"on a GPU, {MODEL_CHANGES}")
+    return ", or ".join(part for part in parts if part)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -49,8 +69,8 @@ def release_cached_memory() -> None:
 
 
 def run_or_explain_out_of_memory(what: str, device: torch.device, call: Callable[[], T]) -> T:
-    """`call()`; if it runs out of memory, free what it held and raise a NextStepError naming `what` (e.g.
-    "sampling"), the device and what to change. A plain call, not a context manager, so the error is raised
+    """`call()`; if it runs out of memory, free what it held and raise a NextStepError naming `what` (SAMPLING,
+    VAE_DECODING, ...), the device and what to change. A plain call, not a context manager, so the error is raised
     with no failed run attached as its context."""
     message = None
     try:
@@ -59,6 +79,6 @@ def run_or_explain_out_of_memory(what: str, device: torch.device, call: Callable
         if not is_out_of_memory(exc):
             raise
         traceback.clear_frames(exc.__traceback__)
-        message = f"out of memory on {device} during {what}{_requested(str(exc))}; {ADVICE}"
+        message = f"out of memory on {device} during {what}{_requested(str(exc))}; {memory_remedy(what, device)}"
     release_cached_memory()
     raise NextStepError(message)

@@ -24,11 +24,23 @@ class LatentNormalization:
         return latent / self.scale + self.shift
 
 
+VAE_DOWNSCALE = 8
+"""Image pixels per latent pixel, down and across (the f8 VAE)."""
+
+
+def image_size_of(latent: torch.Tensor) -> tuple[int, int]:
+    """(height, width) in pixels of the image a VAE latent [..., h, w] stands for."""
+    return VAE_DOWNSCALE * latent.shape[-2], VAE_DOWNSCALE * latent.shape[-1]
+
+
+def token_pixels(config: ModelConfig) -> int:
+    """Image pixels per token, down and across: a patch of latent pixels."""
+    return VAE_DOWNSCALE * config.latent_patch_size
+
+
 def token_grid(config: ModelConfig, height: int, width: int) -> tuple[int, int]:
-    """Image tokens down and across an image of that many pixels: one token is a patch of latent pixels,
-    each 8 image pixels square."""
-    patch_pixels = 8 * config.latent_patch_size
-    return height // patch_pixels, width // patch_pixels
+    """Image tokens down and across an image of that many pixels."""
+    return height // token_pixels(config), width // token_pixels(config)
 
 
 def patchify(latent: torch.Tensor, patch: int) -> torch.Tensor:

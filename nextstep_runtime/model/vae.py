@@ -177,3 +177,10 @@ class NextStepVAE(nn.Module):
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """VAE-space latent [B,z,h,w] to images [B,3,8h,8w] in about [-1,1] (not clamped)."""
         return self.decoder(latent.to(self.device, self.dtype))
+
+
+def vae_parameter_count(config: VAEConfig) -> int:
+    """Parameters of the network this config describes, counted on the meta device (no memory used)."""
+    with torch.device("meta"):
+        vae = NextStepVAE(config)
+    return sum(tensor.numel() for tensor in vae.state_dict().values())

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import NextStepError
-from ..weights.hub import resolve_model_source
+from ..weights.model_folder import TOKENIZER_JSON, ModelFolder
 
 IMAGE_TAG = "<image>"
 IMAGE_AREA = "<|image_area|>"
@@ -19,12 +19,7 @@ IMAGE_PLACEHOLDER = "<|image_placeholder|>"
 PROFILES = ("official", "hf")
 
 
-SLOW_TOKENIZER_FILES = ("vocab.json", "merges.txt")
-"""The byte-level BPE files some repos ship instead of tokenizer.json (with tokenizer_config.json and
-added_tokens.json / special_tokens_map.json for the special tokens)."""
-
-
-def load_tokenizer(folder: str | Path):
+def load_tokenizer(source: str | Path | ModelFolder):
     """The model folder's tokenizer as a fast tokenizer; nothing from the folder is executed.
 
     `tokenizer.json` is used when present. Without it the Qwen2 byte-level BPE (the tokenizer of every
@@ -33,18 +28,13 @@ def load_tokenizer(folder: str | Path):
     added_tokens.json and special_tokens_map.json, so the ids are those of the tokenizer.json route."""
     from transformers import PreTrainedTokenizerFast, Qwen2TokenizerFast  # heavy import, deferred to first use
 
-    folder = resolve_model_source(folder)
-    if (folder / "tokenizer.json").is_file():
-        tokenizer_class = PreTrainedTokenizerFast
-    elif all((folder / name).is_file() for name in SLOW_TOKENIZER_FILES):
-        tokenizer_class = Qwen2TokenizerFast
-    else:
-        raise NextStepError(f"{folder} has no tokenizer: expected tokenizer.json, or vocab.json and merges.txt; copy "
-                            f"the tokenizer files of the Hugging Face repo into the model folder")
+    folder = ModelFolder.open(source)
+    has_json = folder.tokenizer_files[0].name == TOKENIZER_JSON
+    tokenizer_class = PreTrainedTokenizerFast if has_json else Qwen2TokenizerFast
     try:
-        tokenizer = tokenizer_class.from_pretrained(str(folder), local_files_only=True)
+        tokenizer = tokenizer_class.from_pretrained(str(folder.path), local_files_only=True)
     except Exception as exc:  # tokenizers raises its own exception types for malformed files
-        raise NextStepError(f"cannot load the tokenizer in {folder} ({exc})") from None
+        raise NextStepError(f"cannot load the tokenizer in {folder.path} ({exc})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

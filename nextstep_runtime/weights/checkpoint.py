@@ -7,6 +7,7 @@ converted model plus one source tensor (plus the open shard's mapping), never tw
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -27,6 +28,20 @@ NAMED_UNKNOWN_KEYS = 8
 
 log = logging.getLogger(__name__)
 
+TensorSource = tuple[Path, str, Callable[[], torch.Tensor]]
+"""(file, key as stored, a function that reads the tensor): what weight readers yield, one tensor at a time."""
+
+
+@dataclass(frozen=True)
+class TensorHeader:
+    """One tensor as a safetensors header describes it (nothing of its data read)."""
+
+    file: Path
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    """safetensors' name of the stored dtype (F32, BF16, F8_E4M3, U8, I32, ...)."""
+
 
 def canonical_key(key: str) -> str:
     """Strip the `model.` prefix some re-exports add."""
@@ -44,7 +59,18 @@ def open_safetensors(path: Path):
                             f"corrupt: download it again") from None
 
 
-def iter_safetensors(files: list[Path]) -> Iterator[tuple[Path, str, Callable[[], torch.Tensor]]]:
+def read_headers(files: list[Path]) -> dict[str, TensorHeader]:
+    """Every tensor of `files` by canonical name, from the headers alone."""
+    headers = {}
+    for path in files:
+        with open_safetensors(path) as handle:
+            for key in handle.keys():
+                view = handle.get_slice(key)
+                headers[canonical_key(key)] = TensorHeader(path, key, tuple(view.get_shape()), view.get_dtype())
+    return headers
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[TensorSource]:
     """Yield (file, key, loader) for every tensor, one shard open at a time."""
     for path in files:
         with open_safetensors(path) as handle:
@@ -72,7 +98,7 @@ def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
         owner._buffers[attr] = value
 
 
-def load_weights(module: nn.Module, tensors: Iterator[tuple[Path, str, Callable[[], torch.Tensor]]],
+def load_weights(module: nn.Module, tensors: Iterator[TensorSource],
                  dtype: torch.dtype, device: torch.device, source: str,
                  shape_hint: Callable[[str], str] = lambda name: "",
                  convert: Callable[[str, torch.Tensor], dict[str, torch.Tensor]] | None = None) -> None:
@@ -95,7 +121,7 @@ def load_weights(module: nn.Module, tensors: Iterator[tuple[Path, str, Callable[
     report_unknown_and_missing(unknown, set(shapes) - loaded, f"weights for {source}")
 
 
-def checked_tensors(tensors: Iterator[tuple[Path, str, Callable[[], torch.Tensor]]], shapes: dict[str, torch.Size],
+def checked_tensors(tensors: Iterator[TensorSource], shapes: dict[str, torch.Size],
                     source: str, unknown: list[str],
                     shape_hint: Callable[[str], str] = lambda name: "") -> Iterator[tuple[str, torch.Tensor]]:
     """(canonical name, tensor) for each checkpoint tensor with a place in `shapes`, read one at a time and

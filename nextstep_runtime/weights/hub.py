@@ -7,7 +7,6 @@ models fetched by diffusers, transformers or `hf download` are found where those
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -77,20 +76,9 @@ def resolve_model_source(source: str | Path) -> Path:
         raise NextStepError(f"model folder {source} does not exist, and as a Hugging Face repo id: {exc}") from None
 
 
-def looks_like_nextstep(config_path: Path) -> bool:
-    """A NextStep config.json names the image tokens (boi, image_placeholder_id); read nothing else."""
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and "boi" in config and "image_placeholder_id" in config
-
-
-def cached_nextstep_repos() -> dict[str, Path]:
-    """Repo id -> snapshot folder (of main, else the newest revision) for every NextStep model in the cache.
-
-    Reads the cache's directory layout and each snapshot's config.json only (no weights), so it is cheap
-    enough to run whenever ComfyUI lists the loader's choices."""
+def cached_model_repos() -> dict[str, Path]:
+    """Repo id -> snapshot folder (of main, else the newest revision) of every model repo in the cache, from the
+    cache's directory layout alone (cheap enough to run whenever ComfyUI lists the loader's choices)."""
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.utils import CacheNotFound
 
@@ -104,6 +92,5 @@ def cached_nextstep_repos() -> dict[str, Path]:
             continue
         main = [revision for revision in repo.revisions if "main" in revision.refs]
         revision = (main or sorted(repo.revisions, key=lambda revision: revision.last_modified))[-1]
-        if looks_like_nextstep(revision.snapshot_path / "config.json"):
-            found[repo.repo_id] = revision.snapshot_path
+        found[repo.repo_id] = revision.snapshot_path
     return found

@@ -71,20 +71,6 @@ def pack_for_device(nibbles: torch.Tensor, device: torch.device) -> torch.Tensor
     raise NextStepError(f"4-bit weights run on the CPU or CUDA GPUs, not on {device}; choose bf16 or fp8")
 
 
-def int4_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """The CPU kernel takes float32, bf16 and fp16; the CUDA one needs bf16 tensor cores (compute capability 8.0+)."""
-    if device.type == "cpu":
-        return True
-    return device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
-
-
-def check_int4_device(device: torch.device, dtype: torch.dtype) -> None:
-    """Fail at load time, not mid-run."""
-    if device.type == "cuda" and not int4_supported(device, dtype):
-        raise NextStepError(f"4-bit weights on CUDA need a GPU of compute capability 8.0+ and dtype bfloat16 "
-                            f"(got {torch.cuda.get_device_name(device)}, {dtype}); use fp8 or gpu_layers instead")
-
-
 class Int4Linear(nn.Module):
     """A Linear whose weight is packed 4-bit for one device type, with grouped bf16 scales and zeros.
 

@@ -19,21 +19,15 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..config import ModelConfig, read_json
+from ..config import ModelConfig
 from ..errors import NextStepError
 from ..model.network import NextStepModel
-from .checkpoint import checked_tensors, expected_shapes, iter_safetensors, report_unknown_and_missing
+from .checkpoint import TensorSource, checked_tensors, expected_shapes, iter_safetensors, report_unknown_and_missing
 from .fp8 import quantize_per_channel
 from .int4 import quantize_grouped
-from .loading import (
-    BUNDLED_VAE_FOLDER,
-    STORED_FORMATS,
-    WEIGHTS_FORMAT_KEY,
-    model_config_path,
-    model_shape_hint,
-    stored_weights_format,
-    weight_files,
-)
+from .loading import model_shape_hint
+from .model_folder import BUNDLED_VAE_FOLDER, CONFIG_NAME, INDEX_NAME, WEIGHTS_FORMAT_KEY, ModelFolder
+from .modes import STORED_FORMATS
 
 MAX_SHARD_BYTES = 5 * 10**9
 """Hugging Face's customary shard limit (5 GB)."""
@@ -41,7 +35,6 @@ STORED_DTYPE = torch.bfloat16
 """Everything not quantised (embeddings, norms, head, biases) is stored in the release compute dtype."""
 COPIED_SUFFIXES = (".json", ".txt", ".model")
 """Top-level files copied besides the weights: config, tokenizer (json, vocab/merges, sentencepiece) files."""
-INDEX_NAME = "model.safetensors.index.json"
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +59,16 @@ def _stored_tensors(name: str, tensor: torch.Tensor, weights: str, linears: set[
     return {name: tensor.to(STORED_DTYPE)}
 
 
-def _converted(files: list[Path], weights: str, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    linears, shapes = _layout(config)
-    folder = files[0].parent
+def _converted(folder: ModelFolder, tensors: Iterator[TensorSource],
+               weights: str) -> Iterator[tuple[str, torch.Tensor]]:
+    linears, shapes = _layout(folder.config)
     unknown: list[str] = []
     seen = set()
-    for name, tensor in checked_tensors(iter_safetensors(files), shapes, str(folder / "config.json"), unknown,
-                                        model_shape_hint(config)):
+    for name, tensor in checked_tensors(tensors, shapes, str(folder.config_path), unknown,
+                                        model_shape_hint(folder.config)):
         seen.add(name)
         yield from _stored_tensors(name, tensor, weights, linears).items()
-    report_unknown_and_missing(unknown, set(shapes) - seen, f"convert: the weights in {folder}")
+    report_unknown_and_missing(unknown, set(shapes) - seen, f"convert: the weights in {folder.path}")
 
 
 def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], destination: Path, max_shard_bytes: int) -> None:
@@ -112,31 +105,29 @@ def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], destination: Path
                                                      indent=2))
 
 
-def convert_folder(source: str | Path, destination: str | Path, weights: str,
+def convert_folder(source: str | Path | ModelFolder, destination: str | Path, weights: str,
                    max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """Write `destination`: `source`'s model with the decoder's linear weights stored as `weights`
     (bf16, fp8 or int4), its config (with the format recorded), tokenizer files and vae/ (never code)."""
-    source, destination = Path(source), Path(destination)
+    destination = Path(destination)
     if weights not in STORED_FORMATS:
         raise NextStepError(f"unknown weight format {weights!r}; choose {', '.join(STORED_FORMATS)}")
-    config_path = model_config_path(source)
-    raw_config = read_json(config_path)
-    config = ModelConfig.from_dict(raw_config, str(config_path))
-    stored = stored_weights_format(raw_config, config_path)
-    if stored != "bf16":
-        raise NextStepError(f"{source} is already repacked ({stored}); convert the original model folder instead")
-    files = weight_files(source)
+    folder = ModelFolder.open(source)
+    if folder.stored_format != "bf16":
+        raise NextStepError(f"{folder.path} is already repacked ({folder.stored_format}); convert the original model "
+                            f"folder instead")
+    tensors = iter_safetensors(list(folder.weight_files))  # no weights: refused before anything is written
     if destination.exists() and any(destination.iterdir()):
         raise NextStepError(f"{destination} exists and is not empty; choose a new folder")
     destination.mkdir(parents=True, exist_ok=True)
-    _write_shards(_converted(files, weights, config), destination, max_shard_bytes)
-    for item in source.iterdir():
-        if item.is_file() and item.suffix in COPIED_SUFFIXES and item.name not in ("config.json", INDEX_NAME):
+    _write_shards(_converted(folder, tensors, weights), destination, max_shard_bytes)
+    for item in folder.path.iterdir():
+        if item.is_file() and item.suffix in COPIED_SUFFIXES and item.name not in (CONFIG_NAME, INDEX_NAME):
             shutil.copy2(item, destination / item.name)
-    vae = source / BUNDLED_VAE_FOLDER
+    vae = folder.path / BUNDLED_VAE_FOLDER
     if vae.is_dir():
         shutil.copytree(vae, destination / BUNDLED_VAE_FOLDER, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
-    recorded = {**raw_config, "torch_dtype": "bfloat16"}
+    recorded = {**folder.raw_config, "torch_dtype": "bfloat16"}
     if weights != "bf16":
         recorded[WEIGHTS_FORMAT_KEY] = weights
-    (destination / "config.json").write_text(json.dumps(recorded, indent=2))
+    (destination / CONFIG_NAME).write_text(json.dumps(recorded, indent=2))

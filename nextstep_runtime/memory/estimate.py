@@ -1,0 +1,103 @@
+"""What one sampling call allocates on the run device besides the weights: the KV cache exactly as `DecodeState`
+allocates it, the token loop's activations (an estimate, documented where it is computed) and the VAE's
+working memory."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig, VAEConfig
+from ..model.tokens import token_grid
+from ..sampling.prompt import guidance_groups
+from ..sampling.token_loop import NoiseSpec
+from .job import Job
+
+WORKSPACE_ALLOWANCE = 512 * 2**20
+"""cuBLAS/cuDNN workspaces, the CUDA graph's memory pool and allocator rounding: not computable from shapes."""
+VAE_DECODE_PER_LATENT_PIXEL = 2562 * 64
+VAE_ENCODE_PER_PIXEL = 1767
+"""Working memory (in elements of the VAE's dtype) of the Flux/LDM-style KL autoencoder, per latent pixel
+decoded and per image pixel encoded: ComfyUI's measured figures for this architecture (its own reservation
+before a VAE call), so a plan agrees with what ComfyUI frees."""
+
+
+def kv_cache_bytes(config: ModelConfig, dtype: torch.dtype, job: Job) -> int:
+    """Keys and values of every layer for all guidance rows, over prompt + input-image + image positions
+    (the last image token is never fed back), exactly as `DecodeState` allocates them."""
+    rows, capacity = _rows_and_capacity(config, job)
+    per_position = config.num_key_value_heads * config.head_dim * dtype.itemsize
+    return 2 * config.num_hidden_layers * rows * capacity * per_position
+
+
+def _image_tokens(config: ModelConfig, height: int, width: int) -> int:
+    grid_h, grid_w = token_grid(config, height, width)
+    return grid_h * grid_w
+
+
+def _prompt_length(config: ModelConfig, job: Job) -> int:
+    """Positions of the longest guidance row: its text, then each input image's placeholder tokens once."""
+    return job.text_positions + sum(_image_tokens(config, h, w) for h, w in job.input_images)
+
+
+def _rows_and_capacity(config: ModelConfig, job: Job) -> tuple[int, int]:
+    settings = job.settings
+    rows = settings.batch * guidance_groups(settings.cfg, settings.cfg_img, bool(job.input_images))
+    return rows, _prompt_length(config, job) + _image_tokens(config, settings.height, settings.width) - 1
+
+
+def vae_decode_bytes(latent_height: int, latent_width: int, dtype: torch.dtype) -> int:
+    """Working memory to decode one image from a latent of that size (the VAE decodes one image at a time)."""
+    return VAE_DECODE_PER_LATENT_PIXEL * latent_height * latent_width * dtype.itemsize
+
+
+def vae_encode_bytes(height: int, width: int, dtype: torch.dtype) -> int:
+    """Working memory to encode one image of that many pixels."""
+    return VAE_ENCODE_PER_PIXEL * height * width * dtype.itemsize
+
+
+def sampling_activation_bytes(config: ModelConfig, dtype: torch.dtype, job: Job) -> int:
+    """An estimate of what the token loop allocates besides the KV cache, in bytes.
+
+    - prefill of the prompt, one layer at a time: the embeddings, residual stream and normed input
+      (3 x rows x P x hidden), then the larger of attention (q, K/V repeated to every head, output, and the
+      rows x heads x P x P score matrix of SDPA's math backend, an upper bound: CUDA's fused kernels need
+      none) and the MLP (gate, up and their product, 3 x rows x P x intermediate); rotary tables and the
+      padding mask;
+    - the token loop: one chunk of the seeded noise in float32 (NoiseSpec: the whole image's when it is at
+      most NOISE_CHUNK_BYTES), drawn on the host and held in the solver's buffers on the run device,
+      the output tokens, the flow head's adaLN modulations for every step, the key-valid mask and slot
+      indices, and one decode step's activations;
+    - WORKSPACE_ALLOWANCE.
+    """
+    c, size, settings = config, dtype.itemsize, job.settings
+    rows, capacity = _rows_and_capacity(config, job)
+    prompt = _prompt_length(config, job)
+    tokens = _image_tokens(config, settings.height, settings.width)
+    heads_width = c.num_attention_heads * c.head_dim
+    attention = rows * prompt * (3 * heads_width + 2 * heads_width) + rows * c.num_attention_heads * prompt * prompt
+    mlp = 3 * rows * prompt * c.intermediate_size
+    prefill = (3 * rows * prompt * c.hidden_size + max(attention, mlp) + 2 * rows * prompt * c.head_dim) * size
+    prefill += rows * prompt * prompt  # boolean padding mask
+    noise = 2 * NoiseSpec.plan(0, tokens, settings.steps, True, settings.batch, c.token_dim).chunk_bytes
+    output = settings.batch * tokens * c.token_dim * 4
+    modulations = (3 * c.head_depth + 2 + 1) * settings.steps * rows * c.head_width * size
+    masks = rows * capacity + capacity * 8
+    step = rows * (4 * c.hidden_size + 3 * c.intermediate_size + c.num_attention_heads * capacity) * size
+    return prefill + noise + output + modulations + masks + step + WORKSPACE_ALLOWANCE
+
+
+def sampling_bytes(config: ModelConfig, dtype: torch.dtype, job: Job) -> int:
+    """What the token loop allocates on the run device besides the weights: KV cache plus activations."""
+    return kv_cache_bytes(config, dtype, job) + sampling_activation_bytes(config, dtype, job)
+
+
+def job_bytes(config: ModelConfig, vae_config: VAEConfig, dtype: torch.dtype, job: Job) -> tuple[int, int]:
+    """(KV cache bytes, everything one run allocates besides weights): the largest of its three phases, VAE encode,
+    sampling and VAE decode, which never overlap."""
+    job.validate()
+    kv = kv_cache_bytes(config, dtype, job)
+    sampling = sampling_bytes(config, dtype, job)
+    downscale = 2 ** (len(vae_config.ch_mult) - 1)
+    decode = vae_decode_bytes(job.settings.height // downscale, job.settings.width // downscale, dtype)
+    encode = max((vae_encode_bytes(h, w, dtype) for h, w in job.input_images), default=0)
+    return kv, max(sampling, decode, encode)

@@ -1,0 +1,133 @@
+"""What a model folder's weights take in memory, per weight mode, from its config and safetensors headers alone.
+
+Weight bytes follow the loader exactly (same tensors, dtypes, fp8 scales, int4 groups and streaming slots), so
+a plan for the 14B models takes milliseconds and works before anything but the small files is downloaded.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig, VAEConfig
+from ..errors import NextStepError
+from ..model.backbone import DecoderLayer
+from ..model.network import NextStepModel
+from ..model.vae import vae_parameter_count
+from ..weights.checkpoint import IGNORED_KEYS
+from ..weights.fp8 import FP8_DTYPE, use_fp8_linears
+from ..weights.int4 import group_size_for
+from ..weights.model_folder import ModelFolder
+from ..weights.modes import WeightMode
+
+
+@dataclass(frozen=True)
+class ModelFootprint:
+    """What the planner needs to know about a model folder."""
+
+    config: ModelConfig
+    tensor_shapes: dict[str, tuple[int, ...]]
+    """The tensors the loader keeps (no `model.` prefix, lm_head and other ignored keys left out) -> shape."""
+    vae_parameters: int
+    vae_config: VAEConfig = VAEConfig()
+    stored_format: str = "bf16"
+    """How the folder stores the decoder's linear weights (see weights/modes.py)."""
+
+    @classmethod
+    def from_folder(cls, source: str | Path | ModelFolder) -> "ModelFootprint":
+        """From the folder's config, its weights' headers and its VAE's config (or header); `source` as the loader
+        takes it."""
+        folder = ModelFolder.open(source)
+        shapes = {name: header.shape for name, header in folder.tensors.items() if name not in IGNORED_KEYS}
+        _unpack_repacked_shapes(shapes)
+        expected = cls.from_config(folder.config, vae_parameters=0).tensor_shapes
+        shapes = {name: shape for name, shape in shapes.items() if name in expected}  # the loader skips the rest
+        if shapes != expected:
+            differing = sorted(set(expected) - set(shapes) or {k for k in shapes if shapes[k] != expected[k]})
+            raise NextStepError(f"the weights in {folder.path} do not match its config.json (first difference: "
+                                f"{differing[0]}); the model would not load: download it again")
+        return cls(folder.config, shapes, folder.vae.parameter_count(), folder.vae.config, folder.stored_format)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, vae_parameters: int | None = None,
+                    vae_config: VAEConfig = VAEConfig()) -> "ModelFootprint":
+        """The shapes a checkpoint of this config holds (the network built on the meta device); the VAE's
+        parameter count from `vae_config` unless given."""
+        with torch.device("meta"):
+            model = NextStepModel(config)
+        shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+        if vae_parameters is None:
+            vae_parameters = vae_parameter_count(vae_config)
+        return cls(config, shapes, vae_parameters, vae_config)
+
+    def vae_bytes(self, dtype: torch.dtype) -> int:
+        return self.vae_parameters * dtype.itemsize
+
+
+def _unpack_repacked_shapes(shapes: dict[str, tuple[int, ...]]) -> None:
+    """A repacked folder (repack.py) stores quantised weights with side tensors (fp8 `weight_scale`, int4
+    `scales_and_zeros`) and int4 nibbles at half width: plan them as the [N, K] weights they stand for, so a
+    mode's bytes are computed one way whatever the folder holds."""
+    for name in [name for name in shapes if name.endswith((".weight_scale", ".scales_and_zeros"))]:
+        owner = name.rpartition(".")[0]
+        if name.endswith(".scales_and_zeros"):
+            rows, half_width = shapes[f"{owner}.weight"]
+            shapes[f"{owner}.weight"] = (rows, 2 * half_width)
+        del shapes[name]
+
+
+
+@dataclass(frozen=True)
+class WeightBytes:
+    """A mode's weight bytes on the run device and in host RAM."""
+
+    gpu: int
+    host: int
+
+
+def _quantized_linear_names(config: ModelConfig) -> set[str]:
+    """Names (inside one decoder layer) of the linears the loader stores as fp8 or int4: the loader's own
+    swap, run on a meta-device layer."""
+    with torch.device("meta"):
+        layer = nn.ModuleList([DecoderLayer(config, 0)])
+    return {name.removeprefix("0.") for name in use_fp8_linears(layer)}
+
+
+_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)")
+
+
+def weight_bytes(footprint: ModelFootprint, mode: WeightMode) -> WeightBytes:
+    """Bytes of the model's weights on the run device and in host RAM, as `load_model` stores them: the
+    compute dtype everywhere, except fp8 decoder linear weights (1 byte each plus a float32 scale per output
+    channel) and int4 ones (half a byte each plus a scale and zero per group, in the compute dtype); streamed
+    layers in host RAM, and two device slots (one with a single streamed layer) they are copied into."""
+    layers = footprint.config.num_hidden_layers
+    if mode.gpu_layers is not None and not 0 <= mode.gpu_layers <= layers:
+        raise NextStepError(f"gpu_layers must be between 0 and {layers} (got {mode.gpu_layers})")
+    quantized_owners = _quantized_linear_names(footprint.config) if mode.fp8 or mode.int4 else set()
+    itemsize = mode.dtype.itemsize
+    per_layer = [0] * layers
+    rest = 0
+    for name, shape in footprint.tensor_shapes.items():
+        count = math.prod(shape)
+        match = _LAYER_KEY.fullmatch(name)
+        owner, _, attr = (match.group(2) if match else name).rpartition(".")
+        if match and owner in quantized_owners and attr == "weight" and mode.fp8:
+            size = count * FP8_DTYPE.itemsize + shape[0] * torch.float32.itemsize
+        elif match and owner in quantized_owners and attr == "weight":
+            size = count // 2 + 2 * (count // group_size_for(shape[1])) * itemsize
+        else:
+            size = count * itemsize
+        if match:
+            per_layer[int(match.group(1))] += size
+        else:
+            rest += size
+    resident = layers if mode.gpu_layers is None else mode.gpu_layers
+    streamed = per_layer[resident:]
+    slots = min(2, len(streamed)) * (streamed[0] if streamed else 0)
+    return WeightBytes(gpu=rest + sum(per_layer[:resident]) + slots, host=sum(streamed))

@@ -1,0 +1,145 @@
+"""A NextStep model folder, resolved once: everything the runtime reads about it, each answered in one place.
+
+A folder on disk, or a Hugging Face repo id from the local cache (hub.py), becomes one `ModelFolder`. Loading,
+the memory planner, `convert`, the nodes and the server routes all ask it, and nothing else opens a model
+folder's config.json or its safetensors headers, so they all see the same folder. The config and the stored
+weight format are read when it is opened (a folder without a readable config.json is refused at once); the
+weight files and their headers, the tokenizer files and the VAE when first asked, and then kept.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from ..config import ModelConfig, read_json
+from ..errors import NextStepError
+from .checkpoint import IGNORED_KEYS, TensorHeader, read_headers
+from .hub import cached_model_repos, resolve_model_source
+from .modes import STORED_FORMATS
+from .vae_files import VAEFiles
+
+CONFIG_NAME = "config.json"
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_FORMAT_KEY = "nextstep_weights"
+"""config.json key a folder repacked by `convert` records its decoder weight storage under (see repack.py)."""
+BUNDLED_VAE_FOLDER = "vae"
+TOKENIZER_JSON = "tokenizer.json"
+BPE_TOKENIZER_FILES = ("vocab.json", "merges.txt")
+"""The byte-level BPE files some repos ship instead of tokenizer.json."""
+
+
+class ModelFolder:
+    """A NextStep model folder; open one with `ModelFolder.open`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.config_path = path / CONFIG_NAME
+        if not holds_model_config(path):
+            raise NextStepError(f"{path} has no {CONFIG_NAME}; point at a NextStep model folder ({CONFIG_NAME}, "
+                                f"model*.safetensors, tokenizer files)")
+        self.raw_config: dict[str, Any] = read_json(self.config_path)
+        self.config = ModelConfig.from_dict(self.raw_config, str(self.config_path))
+        self.stored_format: str = self.raw_config.get(WEIGHTS_FORMAT_KEY, "bf16")
+        """How the decoder's linear weights are stored: `fp8`/`int4` for repacked folders, else `bf16`."""
+        if self.stored_format not in STORED_FORMATS:
+            raise NextStepError(f"{self.config_path}: {WEIGHTS_FORMAT_KEY}={self.stored_format!r} is not one of "
+                                f"{', '.join(STORED_FORMATS)}; convert the model again with this version")
+
+    @classmethod
+    def open(cls, source: "str | Path | ModelFolder") -> "ModelFolder":
+        """A folder path, or a repo id (`org/name[@revision]`) from the Hugging Face cache; an open folder as is."""
+        if isinstance(source, ModelFolder):
+            return source
+        if Path(source).is_file():
+            raise NextStepError(f"{source} is a file; give the model folder that holds {CONFIG_NAME} (the whole "
+                                f"Hugging Face repo folder)")
+        return cls(resolve_model_source(source))
+
+    def __repr__(self) -> str:
+        return f"ModelFolder({str(self.path)!r})"
+
+    @cached_property
+    def weight_files(self) -> tuple[Path, ...]:
+        """The safetensors files: the shards named by the index, or the single file."""
+        index = self.path / INDEX_NAME
+        if index.exists():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise NextStepError(f"{index} has no weight_map")
+            files = [self.path / name for name in dict.fromkeys(weight_map.values())]
+            for path in files:
+                if not path.is_file():
+                    raise NextStepError(f"shard {path.name} named by {index.name} is missing from {self.path}; "
+                                        f"download it again")
+            return tuple(files)
+        single = self.path / SINGLE_WEIGHTS_NAME
+        if single.is_file():
+            return (single,)
+        raise NextStepError(f"no weights in {self.path}: expected {SINGLE_WEIGHTS_NAME} or {INDEX_NAME} with its "
+                            f"shards")
+
+    @cached_property
+    def tensors(self) -> dict[str, TensorHeader]:
+        """Every tensor of the weights by canonical name (no `model.` prefix), from the headers alone."""
+        return read_headers(list(self.weight_files))
+
+    def parameter_count(self) -> int:
+        """Values of the tensors the loader reads (the text head and other ignored tensors left out)."""
+        return sum(math.prod(header.shape) for name, header in self.tensors.items() if name not in IGNORED_KEYS)
+
+    def block_counts(self) -> tuple[int, int]:
+        """(decoder layers, flow-head blocks) present in the weights, from their names."""
+        layers, head_blocks = set(), set()
+        for name in self.tensors:
+            parts = name.split(".")
+            if parts[0] == "layers" and len(parts) > 1 and parts[1].isdigit():
+                layers.add(int(parts[1]))
+            elif parts[:3] == ["image_head", "net", "res_blocks"] and len(parts) > 3 and parts[3].isdigit():
+                head_blocks.add(int(parts[3]))
+        return len(layers), len(head_blocks)
+
+    @cached_property
+    def tokenizer_files(self) -> tuple[Path, ...]:
+        """tokenizer.json when present, else the byte-level BPE's vocab.json and merges.txt."""
+        if (self.path / TOKENIZER_JSON).is_file():
+            return (self.path / TOKENIZER_JSON,)
+        if all((self.path / name).is_file() for name in BPE_TOKENIZER_FILES):
+            return tuple(self.path / name for name in BPE_TOKENIZER_FILES)
+        raise NextStepError(f"{self.path} has no tokenizer: expected {TOKENIZER_JSON}, or "
+                            f"{' and '.join(BPE_TOKENIZER_FILES)}; copy the tokenizer files of the Hugging Face repo "
+                            f"into the model folder")
+
+    @cached_property
+    def vae(self) -> VAEFiles:
+        """The VAE the config's `vae_name_or_path` names, relative to the folder; when that names nothing on disk (a
+        hub id such as `stepfun-ai/...`, or a path on the machine that exported the model), the folder's own
+        `vae/` if present."""
+        named = self.raw_config.get("vae_name_or_path") or BUNDLED_VAE_FOLDER
+        candidate = Path(named) if Path(named).is_absolute() else self.path / named
+        bundled = self.path / BUNDLED_VAE_FOLDER
+        return VAEFiles.locate(bundled if not candidate.exists() and bundled.exists() else candidate)
+
+
+def holds_model_config(path: Path) -> bool:
+    """Whether `path` is laid out as a model folder (it holds config.json); reads nothing."""
+    return (path / CONFIG_NAME).is_file()
+
+
+def is_nextstep_folder(path: Path) -> bool:
+    """Whether `path` holds a NextStep config.json (it names the image tokens: boi, image_placeholder_id); cheap
+    enough for listing folders, and never raises."""
+    try:
+        config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(config, dict) and "boi" in config and "image_placeholder_id" in config
+
+
+def cached_nextstep_repos() -> dict[str, Path]:
+    """Repo id -> snapshot folder of every NextStep model in the Hugging Face cache (see hub.cached_model_repos)."""
+    return {repo: snapshot for repo, snapshot in cached_model_repos().items() if is_nextstep_folder(snapshot)}

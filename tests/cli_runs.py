@@ -1,0 +1,37 @@
+"""The command line as the tests run it: in a subprocess (as a user would, optionally under the CUDA output-layout
+emulation of sdpa_layouts.py), or in-process for a refused call's one error line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from goldens import TINY_MODEL
+
+from nextstep_runtime.cli.main import main
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+
+
+def run_cli(*args: str, sdpa_layout: str = "cpu") -> subprocess.CompletedProcess:
+    """`generate` in a subprocess; with sdpa_layout "cuda", under the CUDA output-layout emulation."""
+    module = "sdpa_layouts" if sdpa_layout == "cuda" else "nextstep_runtime"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", module, "generate", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+
+
+def cli_error(capsys, tmp_path: Path, *args: str, model: Path = TINY_MODEL) -> str:
+    """Run the CLI in-process; assert exit code 2, one error line, no output file; return the message."""
+    out = tmp_path / "out.png"
+    code = main(["generate", "--model", str(model), "--device", "cpu", "--dtype", "float32", "--width", "32",
+                 "--height", "32", "--steps", "2", "--out", str(out), *args])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert not out.exists()
+    return lines[0]
