@@ -1,0 +1,182 @@
+"""One model folder, one memory policy: every reader of a folder sees the same VAE and normalisation, and every
+mode that `auto` or the planner's advice names is one that loading accepts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from goldens import FIXTURES, TINY_MODEL, TINY_VAE_FILE
+from model_folders import copy_model
+from nodes_pack import load_pack
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from nextstep_runtime import (
+    GB,
+    DeviceTraits,
+    GenerationSettings,
+    Job,
+    ModelFolder,
+    ModelFootprint,
+    NextStepError,
+    NextStepPipeline,
+    WeightMode,
+    images_to_unit,
+    load_model,
+    load_rgb,
+    plan_memory,
+    sampling_bytes,
+)
+from nextstep_runtime.memory.choice import choose_mode
+from nextstep_runtime.memory.plan import peak_bytes
+from nextstep_runtime.sampling.token_loop import DecodeState
+from nextstep_runtime.weights.repack import convert_folder
+from nextstep_runtime.weights.vae_files import VAE_CONFIG_METADATA_KEY
+
+SCALE, SHIFT = 0.6, 0.25
+SETTINGS = GenerationSettings(width=32, height=48, steps=3, cfg=7.5, seed=5)
+
+
+@pytest.fixture(scope="module")
+def safetensors_vae_model(tmp_path_factory) -> Path:
+    """The tiny model with a vae/ that holds only one .safetensors file, its config (with a latent scale and shift
+    that are not the released 1.0/0.0) in the file's metadata."""
+    folder = copy_model(tmp_path_factory.mktemp("models") / "tiny-safetensors-vae")
+    for name in ("checkpoint.pt", "config.json"):
+        (folder / "vae" / name).unlink()
+    with safe_open(str(TINY_VAE_FILE), "pt") as handle:
+        config = json.loads(handle.metadata()[VAE_CONFIG_METADATA_KEY])
+    config.update(scaling_factor=SCALE, shift_factor=SHIFT)
+    save_file(load_file(TINY_VAE_FILE), folder / "vae" / "tokenizer.safetensors",
+              metadata={VAE_CONFIG_METADATA_KEY: json.dumps(config)})
+    return folder
+
+
+def test_a_vae_folder_holding_one_safetensors_has_its_metadata_normalisation(safetensors_vae_model: Path) -> None:
+    vae = ModelFolder.open(safetensors_vae_model).vae
+    assert vae.weights == safetensors_vae_model / "vae" / "tokenizer.safetensors"
+    assert (vae.normalization.scale, vae.normalization.shift) == (SCALE, SHIFT)
+    assert (vae.config.scaling_factor, vae.config.shift_factor) == (SCALE, SHIFT)
+
+
+def test_nodes_and_python_api_agree_on_a_safetensors_vae_folder(safetensors_vae_model: Path) -> None:
+    """The sampler node's latents and the decoded images equal the Python API's (they differed by up to 14 when the
+    nodes took the released normalisation for this layout)."""
+    api = NextStepPipeline.from_pretrained(safetensors_vae_model, device="cpu", dtype="float32").generate(
+        "a red cube", SETTINGS)
+    pack = load_pack()
+    host = pack.nodes.host
+    host.add_model_folder(host.MODEL_FOLDER_KEY, str(safetensors_vae_model.parent))
+    nodes = pack.NODE_CLASS_MAPPINGS
+    name = safetensors_vae_model.name
+    model = nodes["NextStepModelLoader"]().load(name, "float32", "sdpa")[0]
+    vae = nodes["NextStepVAELoader"]().load(f"{name}/vae")[0]
+    positive = nodes["NextStepTextEncode"]().encode(model, "a red cube")[0]
+    latent = nodes["NextStepSampler"]().sample(
+        model, positive, SETTINGS.width, SETTINGS.height, SETTINGS.batch, SETTINGS.seed, SETTINGS.steps, SETTINGS.cfg,
+        SETTINGS.cfg_img, SETTINGS.cfg_schedule, SETTINGS.timesteps_shift, SETTINGS.sampler, SETTINGS.profile,
+        SETTINGS.use_norm)[0]
+    images = nodes["NextStepVAEDecode"]().decode(vae, latent)[0]
+    torch.testing.assert_close(latent["samples"], api.latents, atol=1e-5, rtol=0)
+    torch.testing.assert_close(images, images_to_unit(api.images).movedim(1, -1), atol=1e-5, rtol=0)
+
+
+CUDA_WITH_INT4 = DeviceTraits("cuda", (8, 9), bf16=True)
+CUDA_WITHOUT_INT4 = DeviceTraits("cuda", (7, 5), bf16=True)
+DEVICES = {"cuda-8.9": CUDA_WITH_INT4, "cuda-7.5": CUDA_WITHOUT_INT4, "cpu": DeviceTraits("cpu")}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    """The tiny model as released (bf16: any float checkpoint) and repacked to fp8 and int4."""
+    root = tmp_path_factory.mktemp("repacked")
+    repacked = {stored: root / stored for stored in ("fp8", "int4")}
+    for stored, folder in repacked.items():
+        convert_folder(TINY_MODEL, folder, stored)
+    return {"bf16": TINY_MODEL, **repacked}
+
+
+def _budgets(footprint: ModelFootprint, job: Job) -> list[int]:
+    """Free-memory sizes on both sides of every mode's peak: each boundary where the advice can change."""
+    storages = ((False, False), (True, False), (False, True))
+    modes = [WeightMode(torch.bfloat16, fp8, layers, int4) for fp8, int4 in storages
+             for layers in (None, *range(footprint.config.num_hidden_layers))]
+    peaks = {peak_bytes(footprint, mode, job).total for mode in modes}
+    return sorted({peak + delta for peak in peaks for delta in (-1, 0)} | {GB // 100})
+
+
+@pytest.mark.parametrize("device", DEVICES.values(), ids=DEVICES.keys())
+@pytest.mark.parametrize("stored", ["bf16", "fp8", "int4"])
+def test_advice_and_auto_only_name_modes_that_load(folders, stored: str, device: DeviceTraits, monkeypatch) -> None:
+    """For every free-memory boundary, the mode `auto` picks and the mode the plan's advice suggests both load on
+    that device (loading asks the device's traits, here those of the emulated device; the weights load on the
+    CPU). A folder that loads in no mode there is refused by auto, with the reason."""
+    folder = folders[stored]
+    footprint = ModelFootprint.from_folder(folder)
+    job = Job(GenerationSettings(width=32, height=32))
+    monkeypatch.setattr(DeviceTraits, "of", classmethod(lambda cls, where: device))
+    own = WeightMode(torch.bfloat16, fp8=stored == "fp8", int4=stored == "int4")
+    if stored == "int4" and device is CUDA_WITHOUT_INT4:
+        with pytest.raises(NextStepError, match="compute capability 8.0"):
+            choose_mode(footprint, job, GB, device)
+        with pytest.raises(NextStepError, match="compute capability 8.0"):
+            load_model(folder, torch.bfloat16, "cpu", int4=True)
+        return
+    named = set()
+    for free in _budgets(footprint, job):
+        named.add(choose_mode(footprint, job, free, device)[0])
+        suggested = plan_memory(footprint, own, job, gpu_free=free, device=device).suggested_mode
+        named |= {suggested} - {None}
+    assert {mode.storage for mode in named} >= {stored}
+    if stored == "bf16":  # the advice reaches beyond the asked mode where the device has the kernels
+        assert ("int4" in {mode.storage for mode in named}) == (device is not CUDA_WITHOUT_INT4)
+    for mode in named:
+        load_model(folder, mode.dtype, "cpu", fp8=mode.fp8, resident_layers=mode.gpu_layers, int4=mode.int4)
+
+
+@pytest.mark.parametrize("stored,asked", [("fp8", WeightMode(torch.bfloat16)), ("fp8", WeightMode(int4=True)),
+                                          ("int4", WeightMode(torch.bfloat16)), ("int4", WeightMode(fp8=True))])
+def test_planning_a_mode_that_loading_refuses_is_refused(folders, stored: str, asked: WeightMode) -> None:
+    footprint = ModelFootprint.from_folder(folders[stored])
+    with pytest.raises(NextStepError, match=f"holds {stored} weights"):
+        plan_memory(footprint, asked, Job(), gpu_total=80 * GB)
+    with pytest.raises(NextStepError, match=f"holds {stored} weights"):
+        load_model(folders[stored], asked.dtype, "cpu", fp8=asked.fp8, int4=asked.int4)
+
+
+def test_a_folder_is_read_once(tmp_path: Path) -> None:
+    """Config, stored format, weight files and headers come from one read; the folder may change afterwards."""
+    folder = ModelFolder.open(copy_model(tmp_path / "tiny"))
+    headers = folder.tensors
+    (folder.path / "config.json").write_text("{}")
+    assert ModelFolder.open(folder) is folder
+    assert folder.tensors is headers and folder.config.num_hidden_layers == 2
+    loaded = load_model(folder, torch.float32, "cpu").state_dict().values()
+    assert folder.parameter_count() == sum(tensor.numel() for tensor in loaded)
+
+
+@pytest.mark.parametrize("edit", [False, True])
+def test_the_memory_check_counts_the_prompt_as_the_loop_allocates_it(tiny_pipeline, edit: bool) -> None:
+    """The memory check accepts a budget of exactly what the token loop holds and refuses one byte less: the
+    prompt's text positions and each input image's placeholders are counted once, as DecodeState allocates them."""
+    settings = GenerationSettings(width=48, height=32, batch=2, cfg=7.5, cfg_img=2.0)
+    latents = [tiny_pipeline.encode_image(load_rgb(FIXTURES / "edit_input_64.png"))] if edit else []
+    caption = "<image>make it blue" if edit else "a red cube"
+    inputs = tiny_pipeline.prepare(caption, settings, "blurry", None, latents)
+    tokens = inputs.grid[0] * inputs.grid[1]
+    allocated_positions = DecodeState(tiny_pipeline.model, inputs.rows, tokens).cache.keys.shape[3]
+    placeholders = int((inputs.rows.input_ids[0] == tiny_pipeline.model.config.image_placeholder_id).sum())
+    assert placeholders == (16 if edit else 0)
+    text = allocated_positions - placeholders - tokens + 1
+    exact = sampling_bytes(tiny_pipeline.model.config, torch.float32, Job.with_latents(settings, latents, text))
+    for budget in (exact, exact - 1):
+        sampler_only = NextStepPipeline(tiny_pipeline.model, tiny_pipeline.tokenizer, tiny_pipeline.normalization,
+                                        free_memory=lambda device, budget=budget: budget)
+        if budget == exact:
+            sampler_only.prepare(caption, settings, "blurry", None, latents)
+        else:
+            with pytest.raises(NextStepError, match="this run needs about"):
+                sampler_only.prepare(caption, settings, "blurry", None, latents)
