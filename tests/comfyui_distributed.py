@@ -19,9 +19,9 @@ from comfyui_server import ComfyUI, missing, running_comfyui
 
 PACK_NAME = "ComfyUI-Distributed"  # the folder name: the whitelist and its web files go by it
 DISTRIBUTED_DIR = os.environ.get("COMFYUI_DISTRIBUTED_DIR")
-# Its two nodes a distributed NextStep workflow uses, as the front-end saves them (test_nodes_workflows.py):
-# (socket inputs, widgets in UI order, output types). The front-end gives every INT input named "seed" a
-# control widget; test_distributed.py checks the rest against the running extension's /object_info.
+# Its two nodes a distributed NextStep workflow uses, as the front-end lays them out (front_end_layout.py), for
+# the example-workflow tests without the extension: (socket inputs, widgets in saved order, output types).
+# test_distributed.py checks them against the running extension's /object_info.
 NODE_DEFINITIONS = {
     "DistributedSeed": ([], ["seed", "seed:control"], ["INT"]),
     "DistributedCollector": (["images", "audio"], ["load_balance"], ["IMAGE", "AUDIO"]),

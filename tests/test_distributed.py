@@ -14,14 +14,13 @@ import time
 
 import numpy as np
 import pytest
-
 from comfyui_distributed import NODE_DEFINITIONS, distributed, queue, running_distributed, set_workers
 from comfyui_server import ComfyUI, free_port
 from fixture_workflows import workflow
+from front_end_layout import layout
 from goldens import FIXTURES, golden_cases
 
 CASES = {case.name: case.params for case in golden_cases()}
-WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +80,9 @@ def worker_prompt(master: ComfyUI, worker: ComfyUI, entry: dict) -> dict:
 def test_node_definitions_match_the_running_extension(master):
     """The definitions the example-workflow tests check the distributed example against are the extension's."""
     _, info = master.request("/object_info")
-    for name, (sockets, widgets, outputs) in NODE_DEFINITIONS.items():
-        entry = info[name]
-        inputs = {**entry["input"]["required"], **entry["input"].get("optional", {})}
-        assert entry["output"] == outputs, name
-        assert [key for key, spec in inputs.items() if spec[0] not in WIDGET_TYPES] == sockets, name
-        assert [key for key, spec in inputs.items() if spec[0] in WIDGET_TYPES] == [
-            widget for widget in widgets if not widget.endswith(":control")], name
+    for name, expected in NODE_DEFINITIONS.items():
+        inputs = info[name]["input"]
+        assert layout({**inputs["required"], **inputs.get("optional", {})}, info[name]["output"]) == expected, name
 
 
 def test_master_and_worker_images_are_plain_runs_with_seeds_s_and_s_plus_1(master, worker):

@@ -13,12 +13,12 @@ import pytest
 
 from comfyui_distributed import NODE_DEFINITIONS as DISTRIBUTED_NODES
 from comfyui_distributed import distributed
+from front_end_layout import layout
 from nodes_pack import ROOT, load_pack
 
 EXAMPLES = ROOT / "example_workflows"
 UI_WORKFLOWS = sorted(EXAMPLES.glob("*.json"))
 NODES = load_pack().NODE_CLASS_MAPPINGS
-WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 SEED_CONTROLS = ("fixed", "increment", "decrement", "randomize")
 NATIVE = {
     # ComfyUI 0.8 core nodes used by the examples: (socket inputs, widgets in UI order, output types).
@@ -38,26 +38,13 @@ TITLE_HEIGHT = 30  # LiteGraph draws a node's title above its pos
 PREVIEW_ROOM = 400  # kept free below each sampler: its live preview and result grow it downwards
 
 
-def is_widget(spec: tuple) -> bool:
-    return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
-
-
 def definition(node_type: str) -> tuple[list[str], list[str], list[str]]:
     """(socket input names, widget names in the order the front-end saves them, output types)."""
     if node_type in NATIVE:
         return NATIVE[node_type]
     if node_type in DISTRIBUTED_NODES:
         return DISTRIBUTED_NODES[node_type]
-    cls = NODES[node_type]
-    inputs = cls.INPUT_TYPES()
-    specs = {**inputs["required"], **inputs.get("optional", {})}
-    widgets = []
-    for name, spec in specs.items():
-        if is_widget(spec):
-            widgets.append(name)
-            if len(spec) > 1 and spec[1].get("control_after_generate"):
-                widgets.append(f"{name}:control")
-    return [name for name, spec in specs.items() if not is_widget(spec)], widgets, list(cls.RETURN_TYPES)
+    return layout(all_inputs(node_type), NODES[node_type].RETURN_TYPES)
 
 
 def all_inputs(node_type: str) -> dict:
