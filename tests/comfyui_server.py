@@ -3,8 +3,8 @@
 COMFYUI_DIR names a ComfyUI checkout and COMFYUI_PYTHON the interpreter of its environment (default: this
 one); `.ci/setup_comfyui.sh` prepares both. Without them the tests skip locally, but fail under CI (CI set),
 so a broken CI setup cannot pass by skipping. Each server runs headless on the CPU on a free loopback port,
-with its own custom_nodes, models (an extra_model_paths.yaml pointing at the fixture models), input, output
-and user folders.
+with its own custom_nodes (this pack, and copies of any other packs a test gives it), models (an
+extra_model_paths.yaml pointing at the fixture models), input, output and user folders.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import numpy as np
 import pytest
@@ -47,8 +47,9 @@ def missing(reason: str) -> None:
 class ComfyUI:
     """A running ComfyUI server and the folders it was given."""
 
-    def __init__(self, url: str, output: Path, log: Path, process: subprocess.Popen) -> None:
-        self.url, self.output, self.log, self.process = url, output, log, process
+    def __init__(self, url: str, folders: dict[str, Path], log: Path, process: subprocess.Popen) -> None:
+        self.url, self.log, self.process = url, log, process
+        self.input, self.output = folders["input"], folders["output"]
 
     def request(self, path: str, body: dict | None = None) -> tuple[int, object]:
         data = None if body is None else json.dumps(body).encode()
@@ -83,10 +84,16 @@ class ComfyUI:
 
     def saved_image(self, entry: dict) -> np.ndarray:
         """The one image a finished run saved, as uint8 [H, W, 3]."""
+        (image,) = self.saved_images(entry)
+        return image
+
+    def saved_images(self, entry: dict) -> list[np.ndarray]:
+        """Every image a finished run saved, in the order its history lists them, as uint8 [H, W, 3]."""
         assert entry["status"]["status_str"] == "success", f"{entry['status']}\n{self.log_tail()}"
-        (saved,) = [image for output in entry["outputs"].values() for image in output.get("images", [])
-                    if image["type"] == "output"]  # previews are "temp"
-        return np.asarray(Image.open(self.output / saved["subfolder"] / saved["filename"]).convert("RGB"))
+        saved = [image for output in entry["outputs"].values() for image in output.get("images", [])
+                 if image["type"] == "output"]  # previews are "temp"
+        return [np.asarray(Image.open(self.output / image["subfolder"] / image["filename"]).convert("RGB"))
+                for image in saved]
 
 
 def free_port() -> int:
@@ -96,14 +103,21 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_comfyui(root: Path, settings: dict | None = None) -> Iterator[ComfyUI]:
-    """Start ComfyUI in folders under `root` (user settings `settings`) and stop it afterwards."""
+def running_comfyui(root: Path, settings: dict | None = None, packs: Mapping[str, Path] | None = None
+                    ) -> Iterator[ComfyUI]:
+    """Start ComfyUI in folders under `root` (user settings `settings`) and stop it afterwards.
+
+    `packs` maps custom-node folder names to other packs (such as ComfyUI-Distributed) to load beside this one:
+    each is copied in, not linked, because such packs write their state (ComfyUI-Distributed's gpu_config.json)
+    beside their code, and each server must keep its own."""
     if not COMFYUI_DIR:
         missing("set COMFYUI_DIR to a ComfyUI checkout (and COMFYUI_PYTHON to its interpreter)")
     folders = {name: root / name for name in ("custom_nodes", "nextstep", "vae", "input", "output", "temp", "user")}
     for folder in folders.values():
         folder.mkdir()
     (folders["custom_nodes"] / PACK_DIR_NAME).symlink_to(ROOT)
+    for name, source in (packs or {}).items():
+        shutil.copytree(source, folders["custom_nodes"] / name, symlinks=True)
     (folders["nextstep"] / MODEL_NAME).symlink_to(FIXTURES / MODEL_NAME)
     (folders["vae"] / VAE_FILE).symlink_to(FIXTURES / VAE_FILE)
     shutil.copy(FIXTURES / "edit_input_64.png", folders["input"])
@@ -116,15 +130,17 @@ def running_comfyui(root: Path, settings: dict | None = None) -> Iterator[ComfyU
                            f"  custom_nodes: custom_nodes\n")
     port = free_port()
     log = root / "comfyui.log"
-    command = [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+    # --log-stdout: ComfyUI's log lines share stdout with what packs print() (ComfyUI-Distributed logs so), and
+    # each log line flushes it, so printed lines reach the log file in order, not only when the server exits
+    command = [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--log-stdout",
                "--disable-auto-launch", "--extra-model-paths-config", str(extra_paths),
                "--input-directory", str(folders["input"]), "--output-directory", str(folders["output"]),
                "--temp-directory", str(folders["temp"]), "--user-directory", str(folders["user"]),
                "--database-url", "sqlite:///:memory:", "--disable-api-nodes", "--disable-all-custom-nodes",
-               "--whitelist-custom-nodes", PACK_DIR_NAME, "--preview-method", "latent2rgb"]
+               "--whitelist-custom-nodes", PACK_DIR_NAME, *(packs or {}), "--preview-method", "latent2rgb"]
     with open(log, "w") as log_file:
         process = subprocess.Popen(command, cwd=COMFYUI_DIR, stdout=log_file, stderr=subprocess.STDOUT)
-    server = ComfyUI(f"http://127.0.0.1:{port}", folders["output"], log, process)
+    server = ComfyUI(f"http://127.0.0.1:{port}", folders, log, process)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:

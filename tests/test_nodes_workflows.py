@@ -1,4 +1,8 @@
-"""The example workflows agree with the node definitions, and each UI workflow with its API-format twin."""
+"""The example workflows agree with the node definitions, and each UI workflow with its API-format twin.
+
+Nodes from outside this pack are checked against definitions written down here (ComfyUI's core nodes) or in
+comfyui_distributed.py (ComfyUI-Distributed's, which test_distributed.py checks against the running extension).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,14 @@ import json
 from pathlib import Path
 
 import pytest
+from comfyui_distributed import NODE_DEFINITIONS as DISTRIBUTED_NODES
+from comfyui_distributed import distributed
+from front_end_layout import layout
 from nodes_pack import ROOT, load_pack
 
 EXAMPLES = ROOT / "example_workflows"
 UI_WORKFLOWS = sorted(EXAMPLES.glob("*.json"))
 NODES = load_pack().NODE_CLASS_MAPPINGS
-WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 SEED_CONTROLS = ("fixed", "increment", "decrement", "randomize")
 NATIVE = {
     # ComfyUI 0.8 core nodes used by the examples: (socket inputs, widgets in UI order, output types).
@@ -31,24 +37,13 @@ TITLE_HEIGHT = 30  # LiteGraph draws a node's title above its pos
 PREVIEW_ROOM = 400  # kept free below each sampler: its live preview and result grow it downwards
 
 
-def is_widget(spec: tuple) -> bool:
-    return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
-
-
 def definition(node_type: str) -> tuple[list[str], list[str], list[str]]:
     """(socket input names, widget names in the order the front-end saves them, output types)."""
     if node_type in NATIVE:
         return NATIVE[node_type]
-    cls = NODES[node_type]
-    inputs = cls.INPUT_TYPES()
-    specs = {**inputs["required"], **inputs.get("optional", {})}
-    widgets = []
-    for name, spec in specs.items():
-        if is_widget(spec):
-            widgets.append(name)
-            if len(spec) > 1 and spec[1].get("control_after_generate"):
-                widgets.append(f"{name}:control")
-    return [name for name, spec in specs.items() if not is_widget(spec)], widgets, list(cls.RETURN_TYPES)
+    if node_type in DISTRIBUTED_NODES:
+        return DISTRIBUTED_NODES[node_type]
+    return layout(all_inputs(node_type), NODES[node_type].RETURN_TYPES)
 
 
 def all_inputs(node_type: str) -> dict:
@@ -72,11 +67,11 @@ def named_widgets(node: dict) -> dict:
 
 def test_every_ui_workflow_has_an_api_twin():
     assert [path.name for path in UI_WORKFLOWS] == sorted(path.name for path in (EXAMPLES / "api").glob("*.json"))
-    assert len(UI_WORKFLOWS) == 6
+    assert len(UI_WORKFLOWS) == 7
 
 
 def optional_sockets(node_type: str) -> set[str]:
-    if node_type in NATIVE:
+    if node_type not in NODES:
         return set()
     return set(NODES[node_type].INPUT_TYPES().get("optional", {}))
 
@@ -88,9 +83,11 @@ def test_ui_workflow_matches_node_definitions(path):
     links = {link[0]: link for link in workflow["links"]}
     nodes = {node["id"]: node for node in workflow["nodes"]}
     for node in workflow["nodes"]:
-        sockets, _, outputs = definition(node["type"])
+        sockets, widgets, outputs = definition(node["type"])
+        # a widget turned into a socket (a linked seed) keeps its value in widgets_values and names its widget
+        assert all(slot["widget"]["name"] == slot["name"] in widgets for slot in node["inputs"] if "widget" in slot)
         # a workflow saved before an optional input existed lacks its socket; the front-end adds it on load
-        saved = [slot["name"] for slot in node["inputs"]]
+        saved = [slot["name"] for slot in node["inputs"] if "widget" not in slot]
         assert saved == [name for name in sockets if name in saved], f"node {node['id']} inputs"
         assert set(sockets) - set(saved) <= optional_sockets(node["type"]), f"node {node['id']} inputs"
         assert [slot["type"] for slot in node["outputs"]] == outputs, f"node {node['id']} outputs"
@@ -243,3 +240,17 @@ def test_generate_then_edit_example_edits_the_generated_image_with_the_edit_mode
     decode = api[encode["pixels"][0]]
     assert decode["class_type"] == "NextStepVAEDecode" and decode["inputs"]["samples"] == [generate, 0]
     assert api[encode["vae"][0]]["inputs"]["vae_name"] == "NextStep-1-Large-Edit/vae"
+
+
+def test_distributed_example_is_the_text_to_image_example_made_distributed():
+    """The text-to-image example with ComfyUI-Distributed's two nodes wired in as comfyui_distributed.distributed()
+    wires them, which test_distributed.py runs on a real master and worker."""
+    api = load(EXAMPLES / "api" / "nextstep_1.1_distributed.json")
+    assert api == distributed(load(EXAMPLES / "api" / "nextstep_1.1_text_to_image.json"))
+
+
+def test_distributed_example_note_says_what_every_server_needs_and_the_seeds():
+    (text,) = [node["widgets_values"][0] for node in load(EXAMPLES / "nextstep_1.1_distributed.json")["nodes"]
+               if node["type"] == "Note"]
+    assert "ComfyUI-Distributed extension on the master and on every worker" in text
+    assert "model on every worker too" in text and "worker 1 S+1" in text
