@@ -3,42 +3,29 @@
 One server and one browser per module; one page per canvas mode (the classic LiteGraph canvas and Nodes 2.0),
 shared by the tests of that mode. Pickers are used as a user would (click, choose); the graph is read back
 through the page's `app`. Every test saves a screenshot under tests/screenshots/ (git-ignored) to look at.
-Skipped locally without COMFYUI_DIR, playwright or Chromium; failed under CI (comfyui_server.missing).
+Skipped locally without COMFYUI_DIR, playwright or Chromium; failed under CI (comfyui_server.missing). The page
+machinery is tests/browser_page.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-from pathlib import Path
 
 import pytest
+from browser_page import EXTENSION, MODES, PAGE_TIMEOUT_MS, VIEWPORT, Page, launched_chromium, open_page
 from comfyui_distributed import NODE_DEFINITIONS as DISTRIBUTED_NODES
-from comfyui_server import ComfyUI, missing, running_comfyui
+from comfyui_server import ComfyUI, running_comfyui
 from nodes_pack import MODEL_NAME, ROOT
 
 from nextstep_runtime.presets import PRESETS
 
-SCREENSHOTS = ROOT / "tests" / "screenshots"
-CHROMIUM_PATHS = ("/usr/lib/chromium/chromium", "/usr/bin/chromium")
 EXAMPLES = ROOT / "example_workflows"
-EXTENSION = "NextStep.Nodes"
-EXTENSION_FILES = "/extensions/ComfyUI-NextStep/"
-MODES = {"canvas": False, "nodes2": True}
-PAGE_TIMEOUT_MS = 120_000
 RUN_TIMEOUT_MS = 300_000
 # What a fresh ComfyUI 0.8 page asks for and does not find, with or without this pack.
 OUTSIDE_404 = re.compile(r"/favicon\.ico$|/user\.css$|/api/userdata(/comfy\.templates\.json|/user\.css|\?dir=)")
 SAMPLER_PICKERS = ["preset", "size", "nextstep_status"]
 PRESET_WIDGETS = ["steps", "cfg", "cfg_img", "timesteps_shift", "sampler", "profile", "use_norm", "width", "height"]
-
-
-def chromium() -> str:
-    path = os.environ.get("CHROMIUM") or next((path for path in CHROMIUM_PATHS if Path(path).exists()), None)
-    if path is None:
-        missing("Chromium not found (apt-get install chromium chromium-driver, or set CHROMIUM)")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -49,92 +36,8 @@ def server(tmp_path_factory) -> ComfyUI:
 
 @pytest.fixture(scope="module")
 def browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        missing("playwright is not installed (pip install -e '.[test]')")
-    executable = chromium()
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=executable, headless=True)
+    with launched_chromium() as launched:
         yield launched
-        launched.close()
-
-
-class Page:
-    """A ComfyUI page in one canvas mode, with what its console and network reported."""
-
-    def __init__(self, page, mode: str) -> None:
-        self.page, self.mode = page, mode
-        self.console_errors: list[str] = []
-        self.failed_requests: list[str] = []
-        page.on("console", lambda message: message.type in ("error", "warning") and self.console_errors.append(
-            f"{message.type}: {message.text} ({message.location.get('url', '')})"))
-        page.on("pageerror", lambda error: self.console_errors.append(f"pageerror: {error}"))
-        page.on("response", lambda response: response.status >= 400 and self.failed_requests.append(
-            f"{response.status} {response.url}"))
-
-    def js(self, script: str, argument=None):
-        return self.page.evaluate(script, argument)
-
-    def screenshot(self, name: str, whole_graph: bool = False) -> None:
-        if whole_graph:
-            self.js("() => app.extensionManager.command.execute('Comfy.Canvas.FitView')")
-            self.page.wait_for_timeout(300)
-        SCREENSHOTS.mkdir(exist_ok=True)
-        self.page.screenshot(path=SCREENSHOTS / f"{name}-{self.mode}.png")
-
-    def new_graph(self, node_types: list[str]) -> list[int]:
-        """Clear the graph and add the nodes side by side; returns their ids."""
-        return self.js("""types => {
-            app.graph.clear();
-            let x = 40;
-            const ids = types.map(type => {
-                const node = LiteGraph.createNode(type);
-                node.pos = [x, 80];
-                app.graph.add(node);
-                x += node.size[0] + 60;
-                return node.id;
-            });
-            app.canvas.ds.offset = [40, 40]; app.canvas.ds.scale = 1; app.graph.setDirtyCanvas(true, true);
-            return ids;
-        }""", node_types)
-
-    def widgets(self, node_id: int) -> dict:
-        return self.js("id => Object.fromEntries(app.graph.getNodeById(id).widgets.map(w => [w.name, w.value]))",
-                       node_id)
-
-    def panel(self, node_id: int, name: str) -> str:
-        return self.js("([id, name]) => app.graph.getNodeById(id).widgets.find(w => w.name === name)"
-                       ".element.innerText", [node_id, name])
-
-    def pick(self, node_id: int, widget: str, value: str) -> None:
-        """Choose `value` in a combo widget with the mouse, as a user does in this canvas mode."""
-        if self.mode == "nodes2":
-            self.page.locator(f'[data-node-id="{node_id}"] [role="combobox"][aria-label="{widget}"]').click()
-            self.page.get_by_role("option", name=value, exact=True).click()
-        else:
-            x, y = self.js("""([id, name]) => {
-                const node = app.graph.getNodeById(id);
-                const widget = node.widgets.find(w => w.name === name);
-                const box = app.canvas.canvas.getBoundingClientRect();
-                const [ox, oy] = app.canvas.ds.offset, scale = app.canvas.ds.scale;
-                const at = [node.pos[0] + node.size[0] / 2, node.pos[1] + widget.y + LiteGraph.NODE_WIDGET_HEIGHT / 2];
-                return [(at[0] + ox) * scale + box.left, (at[1] + oy) * scale + box.top];
-            }""", [node_id, widget])
-            self.page.mouse.click(x, y)
-            self.page.locator(".litecontextmenu .litemenu-entry", has_text=re.compile(f"^{re.escape(value)}$")).click()
-        self.page.wait_for_timeout(100)
-
-
-def open_page(browser, server: ComfyUI, mode: str) -> Page:
-    assert server.request("/settings/Comfy.VueNodes.Enabled", MODES[mode])[0] == 200
-    page = Page(browser.new_page(viewport={"width": 1600, "height": 1000}), mode)
-    page.page.set_default_timeout(PAGE_TIMEOUT_MS)
-    page.page.goto(server.url)
-    page.page.wait_for_function("name => window.app?.graph && window.app.extensions?.some(e => e.name === name)",
-                                arg=EXTENSION)
-    page.page.wait_for_timeout(500)
-    return page
 
 
 @pytest.fixture(scope="module", params=list(MODES))
@@ -217,7 +120,7 @@ def test_examples_save_and_export_the_same_with_and_without_the_extension(page, 
     assert page.js(HAS_PICKERS)
     assert server.request("/settings/Comfy.Extension.Disabled", [EXTENSION])[0] == 200
     try:
-        plain = Page(browser.new_page(viewport={"width": 1600, "height": 1000}), page.mode)
+        plain = Page(browser.new_page(viewport=VIEWPORT), page.mode)
         plain.page.set_default_timeout(PAGE_TIMEOUT_MS)
         plain.page.goto(server.url)
         plain.page.wait_for_function("() => window.app?.graph && window.app.extensions?.length")

@@ -31,8 +31,11 @@ from nextstep_runtime import (
     plan_memory,
 )
 from nextstep_runtime.cli.plan import format_plan
+from nextstep_runtime.devices import PLANNED_GPU
+from nextstep_runtime.memory.choice import choose_mode
 from nextstep_runtime.memory.estimate import kv_cache_bytes
 from nextstep_runtime.memory.footprint import weight_bytes
+from nextstep_runtime.memory.plan import gb
 from nextstep_runtime.sampling.token_loop import DecodeState
 from nextstep_runtime.weights.offload import StreamedLayer
 
@@ -178,11 +181,65 @@ def test_advice_is_the_cheapest_mode_that_fits() -> None:
     assert hopeless.suggested_mode is None and "does not fit even with every decoder layer streamed" in hopeless.advice
 
 
-def test_readme_example_is_the_planners_output() -> None:
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    shown = readme.split("```\nmode: ", 1)[1].split("```", 1)[0]
+def test_documented_example_is_the_planners_output() -> None:
+    """docs/memory-and-speed.md shows `plan --gpu-memory 24` for the 14B model: it must be what the planner says."""
+    page = (REPO / "docs" / "memory-and-speed.md").read_text(encoding="utf-8")
+    shown = page.split("```\nmode: ", 1)[1].split("```", 1)[0]
     plan = plan_memory(ModelFootprint.from_config(NEXTSTEP_14B), WeightMode(torch.bfloat16), Job(), 24 * GB)
     assert "mode: " + shown == format_plan(plan) + "\n"
+
+
+EDIT_512 = Job(GenerationSettings(cfg_img=2.0), ((512, 512),))
+"""Editing one 512x512 input with image guidance, as the documentation's tables plan it."""
+
+
+def table_rows(path: Path, section: str) -> dict[str, list[str]]:
+    """The first markdown table after heading `section` of a file: first cell -> the other cells."""
+    text = path.read_text(encoding="utf-8").split(f"\n{section}\n", 1)[1].split("\n#", 1)[0]
+    rows = [line.strip().strip("|").split("|") for line in text.splitlines() if line.startswith("|")]
+    return {cells[0].strip(): [cell.strip() for cell in cells[1:]] for cells in rows[2:]}
+
+
+def mode_cell(mode: WeightMode, plan) -> str:
+    """How the documentation writes a chosen mode and its planned peak: `int4`, `gpu_layers 45`, 12.0 GB."""
+    parts = ["`full`" if mode.storage == "bf16" else f"`{mode.storage}`"]
+    if mode.gpu_layers is not None:
+        parts.append(f"`gpu_layers {mode.gpu_layers}`")
+    return ", ".join(parts + [gb(plan.peak_gpu_bytes)])
+
+
+def test_readme_low_vram_table_is_the_planners_choice() -> None:
+    """README's Low VRAM table: for each GPU size, the mode `auto` takes (the planner's cheapest fitting mode) for
+    text to image and for editing, with its planned peak."""
+    footprint = ModelFootprint.from_config(NEXTSTEP_14B)
+    rows = table_rows(REPO / "README.md", "## Low VRAM")
+    assert list(rows) == ["24 GB", "16 GB", "12 GB", "8 GB"]
+    for size, cells in rows.items():
+        free = int(size.removesuffix(" GB")) * GB
+        expected = [mode_cell(*choose_mode(footprint, job, free, PLANNED_GPU)) for job in (Job(), EDIT_512)]
+        assert cells == expected, size
+
+
+def test_memory_page_table_is_the_planners_figures() -> None:
+    """docs/memory-and-speed.md's table of what the 14B models need: weights and peaks per mode, and where each
+    fits among 8, 12, 16, 24 and 32 GB."""
+    footprint = ModelFootprint.from_config(NEXTSTEP_14B)
+    rows = table_rows(REPO / "docs" / "memory-and-speed.md", "## What the 14B models need")
+    modes = {"`full` (bfloat16)": WeightMode(), "`fp8`": WeightMode(fp8=True), "`int4`": WeightMode(int4=True),
+             "`int4`, `gpu_layers 29`": WeightMode(int4=True, gpu_layers=29)}
+    assert list(rows) == list(modes)
+    for name, mode in modes.items():
+        text, edit = plan_memory(footprint, mode, Job()), plan_memory(footprint, mode, EDIT_512)
+        weights, peak_text, peak_edit, fits = rows[name]
+        assert weights.startswith(gb(text.weights_gpu_bytes)) and peak_text == gb(text.peak_gpu_bytes), name
+        assert peak_edit in ("", gb(edit.peak_gpu_bytes)), name
+        smallest = [size for size in (8, 12, 16, 24, 32) if text.peak_gpu_bytes <= size * GB][0]
+        assert fits.startswith(f"{smallest} GB"), name
+        if peak_edit and edit.peak_gpu_bytes > smallest * GB:
+            edit_fits = [size for size in (8, 12, 16, 24, 32) if edit.peak_gpu_bytes <= size * GB][0]
+            assert f"{edit_fits} GB for editing" in fits, name
+    streamed = plan_memory(footprint, modes["`int4`, `gpu_layers 29`"], Job())
+    assert f"({gb(streamed.weights_host_bytes)} streamed from RAM)" in rows["`int4`, `gpu_layers 29`"][0]
 
 
 def test_streaming_moves_weights_to_the_host() -> None:

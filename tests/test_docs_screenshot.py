@@ -1,0 +1,102 @@
+"""The README's screenshot, docs/images/text-to-image.png: the text-to-image example as ComfyUI's graph editor
+shows it once opened, before any run (so no image yet), taken from a real ComfyUI in Debian's Chromium.
+
+Regenerate it with `NEXTSTEP_UPDATE_SCREENSHOTS=1 python -m pytest -q tests/test_docs_screenshot.py` (ComfyUI and
+Chromium set up as for the browser tests: docs/development.md). Without that variable the test takes the
+screenshot again and checks that the committed file is what the command gives. The server has no NextStep-1.1
+(only the test fixtures), so the Model Loader's panel says where the model goes, as on a fresh install.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from browser_page import SCREENSHOTS, Page, launched_chromium, open_page
+from comfyui_server import running_comfyui
+from nodes_pack import ROOT
+from PIL import Image
+
+EXAMPLE = ROOT / "example_workflows" / "nextstep_1.1_text_to_image.json"
+COMMITTED = ROOT / "docs" / "images" / "text-to-image.png"
+UPDATE = os.environ.get("NEXTSTEP_UPDATE_SCREENSHOTS", "") not in ("", "0")
+SETTINGS = {"Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False}
+"""Off: the minimap (it covers a corner of the graph) and the canvas's frame-rate line (it differs every time)."""
+VIEWPORT = {"width": 2200, "height": 920}
+"""The example's shape plus the page's bars: the whole graph at 100 % zoom, its text as a user reads it."""
+MARGINS = {"left": 90, "top": 120, "right": 40, "bottom": 80}
+"""Canvas pixels left to the side bar, to the workflow name and Run button, and to the canvas toolbar."""
+CHANGED_LEVEL = 32
+"""A pixel has changed when a channel differs by more than this (of 255)."""
+MAX_CHANGED_FRACTION = 0.00005
+MAX_MEAN_DIFFERENCE = 0.01
+"""How far a screenshot may be from the committed one (about 100 of its 2 million pixels). Measured here: two runs
+gave the same pixels (no pixel changed, mean 0); the Sampler moved 10 px changes 0.78 % of the pixels (mean 0.97),
+one word of the Note replaced 0.011 % (mean 0.013)."""
+
+FIT_WHOLE_GRAPH = """margins => {  // the canvas's own fit view fills 3/4 of the view: zoom out just enough, at most 1
+    const rects = app.graph.nodes.map(node => Array.from(node.boundingRect));
+    const left = Math.min(...rects.map(r => r[0])), top = Math.min(...rects.map(r => r[1]));
+    const width = Math.max(...rects.map(r => r[0] + r[2])) - left;
+    const height = Math.max(...rects.map(r => r[1] + r[3])) - top;
+    const box = app.canvas.canvas.getBoundingClientRect();
+    const room = [box.width - margins.left - margins.right, box.height - margins.top - margins.bottom];
+    const scale = Math.min(1, room[0] / width, room[1] / height);
+    app.canvas.ds.scale = scale;
+    app.canvas.ds.offset = [margins.left / scale - left + (room[0] / scale - width) / 2, margins.top / scale - top];
+    app.graph.setDirtyCanvas(true, true);
+    return {scale, rects};
+}"""
+
+
+def overlapping(rects: list[list[float]]) -> list[tuple[int, int]]:
+    """Pairs of [x, y, w, h] rectangles that overlap."""
+    return [(i, j) for i, a in enumerate(rects) for j, b in enumerate(rects[i + 1:], i + 1)
+            if a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]]
+
+
+def take_screenshot(root: Path, path: Path) -> dict:
+    """Open the example in a fresh ComfyUI page, fit the whole graph, wait for the loader's panel, and save the
+    page as `path`; returns what the fit found (zoom, node rectangles)."""
+    with running_comfyui(root, SETTINGS) as server, launched_chromium() as browser:
+        page: Page = open_page(browser, server, "canvas")
+        page.page.set_viewport_size(VIEWPORT)
+        page.js("""async workflow => {
+            await app.loadGraphData(workflow, true, true, "nextstep_1.1_text_to_image", {showMissingModelsDialog: false});
+        }""", json.loads(EXAMPLE.read_text()))
+        page.page.wait_for_function("""() => {  // the plan's question answered, not "memory plan: …"
+            const loader = app.graph.nodes.find(node => node.type === 'NextStepModelLoader');
+            return !loader.widgets.find(w => w.name === 'nextstep_plan').element.innerText.includes('…');
+        }""")
+        fit = page.js(FIT_WHOLE_GRAPH, MARGINS)
+        page.page.wait_for_timeout(500)
+        page.page.screenshot(path=path)
+        page.page.close()
+    return fit
+
+
+def difference(a: Path, b: Path) -> tuple[tuple[int, int], tuple[int, int], float, float]:
+    """Both sizes, the fraction of pixels that changed (CHANGED_LEVEL) and the mean absolute difference."""
+    first, second = (np.asarray(Image.open(path).convert("RGB"), dtype=np.int16) for path in (a, b))
+    if first.shape != second.shape:
+        return first.shape[:2], second.shape[:2], 1.0, 255.0
+    delta = np.abs(first - second)
+    return first.shape[:2], second.shape[:2], float((delta.max(axis=2) > CHANGED_LEVEL).mean()), float(delta.mean())
+
+
+def test_the_screenshot_command_makes_the_committed_image(tmp_path):
+    """The whole example is in view at full size with no node over another, and the image is the committed one
+    (or, with NEXTSTEP_UPDATE_SCREENSHOTS, becomes it)."""
+    taken = COMMITTED if UPDATE else SCREENSHOTS / COMMITTED.name
+    taken.parent.mkdir(parents=True, exist_ok=True)
+    fit = take_screenshot(tmp_path, taken)
+    assert fit["scale"] == 1, f"the example does not fit {VIEWPORT} at 100 % zoom: {fit}"
+    assert overlapping(fit["rects"]) == []
+    if not UPDATE:
+        committed_size, taken_size, changed, mean = difference(COMMITTED, taken)
+        assert taken_size == committed_size
+        assert changed <= MAX_CHANGED_FRACTION and mean <= MAX_MEAN_DIFFERENCE, (
+            f"{taken} differs from {COMMITTED}: {changed:.2%} of the pixels changed, mean difference {mean:.2f}; "
+            f"if the change is meant, regenerate it (docs/development.md)")
