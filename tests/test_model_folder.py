@@ -4,6 +4,10 @@ mode that `auto` or the planner's advice names is one that loading accepts."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,9 +37,11 @@ from nextstep_runtime import (
 from nextstep_runtime.memory.choice import choose_mode
 from nextstep_runtime.memory.plan import peak_bytes
 from nextstep_runtime.sampling.token_loop import DecodeState
+from nextstep_runtime.weights.checkpoint import read_header
 from nextstep_runtime.weights.repack import convert_folder
 from nextstep_runtime.weights.vae_files import VAE_CONFIG_METADATA_KEY
 
+REPO = Path(__file__).resolve().parents[1]
 SCALE, SHIFT = 0.6, 0.25
 SETTINGS = GenerationSettings(width=32, height=48, steps=3, cfg=7.5, seed=5)
 
@@ -180,3 +186,51 @@ def test_the_memory_check_counts_the_prompt_as_the_loop_allocates_it(tiny_pipeli
         else:
             with pytest.raises(NextStepError, match="this run needs about"):
                 sampler_only.prepare(caption, settings, "blurry", None, latents)
+
+
+def _write_header_only(path: Path, header: dict, data_bytes: int) -> None:
+    """A safetensors file with this header and `data_bytes` of (sparse) tensor data after it."""
+    text = json.dumps(header).encode()
+    with open(path, "wb") as handle:
+        handle.write(len(text).to_bytes(8, "little") + text)
+    os.truncate(path, 8 + len(text) + data_bytes)
+
+
+def test_headers_of_a_file_larger_than_memory_are_read_without_mapping_it(tmp_path: Path) -> None:
+    """A 64 GB file (sparse on disk) under an 8 GB address-space cap: mapping it would fail, reading its header
+    does not."""
+    path = tmp_path / "huge.safetensors"
+    size = 64 * 2**30
+    _write_header_only(path, {"__metadata__": {"format": "pt"},
+                              "layers.0.mlp.up_proj.weight": {"dtype": "F32", "shape": [size // 4 // 8192, 8192],
+                                                              "data_offsets": [0, size]}}, size)
+    code = (f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({8 * 2**30}, {8 * 2**30}))\n"
+            f"from nextstep_runtime.weights.checkpoint import read_header\n"
+            f"tensors, metadata = read_header(__import__('pathlib').Path({str(path)!r}))\n"
+            f"print(tensors[0].shape, tensors[0].dtype, metadata)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"({size // 4 // 8192}, 8192) F32 {{'format': 'pt'}}"
+
+
+@pytest.mark.parametrize("header,data_bytes,reason", [
+    ({"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}}, 32, "tensors need {need} bytes but the file "
+                                                                            "has {need_less_32}"),
+    ({"w": {"dtype": "F32", "shape": [4, 4]}}, 64, "entry of tensor 'w' in its header is malformed"),
+    ({"w": {"dtype": "F32", "shape": [-4, 4], "data_offsets": [0, 64]}}, 64, "tensor 'w' has shape [-4, 4]"),
+])
+def test_a_truncated_or_malformed_header_is_named(tmp_path: Path, header: dict, data_bytes: int, reason: str) -> None:
+    path = tmp_path / "model.safetensors"
+    _write_header_only(path, header, data_bytes)
+    need = 8 + len(json.dumps(header)) + 64
+    reason = reason.format(need=need, need_less_32=need - 32)
+    with pytest.raises(NextStepError, match=f"{path} is not a readable safetensors file .*{re.escape(reason)}"):
+        read_header(path)
+
+
+def test_a_header_nested_too_deep_is_a_clean_error(tmp_path: Path) -> None:
+    path = tmp_path / "deep.safetensors"
+    text = b"[" * 200_000 + b"]" * 200_000
+    path.write_bytes(len(text).to_bytes(8, "little") + text)
+    with pytest.raises(NextStepError, match="its header is not valid JSON: RecursionError"):
+        read_header(path)

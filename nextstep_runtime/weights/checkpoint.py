@@ -6,7 +6,9 @@ converted model plus one source tensor (plus the open shard's mapping), never tw
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -22,6 +24,9 @@ IGNORED_KEYS = (POSITION_TABLE_KEY, "lm_head.weight", "lm_head.bias")
 """Checkpoint tensors the network is not filled from: the text head (unused for images) and the position
 buffer that older exports hold (read separately, and only when the config sets use_gen_pos_embed)."""
 
+HEADER_LENGTH_BYTES = 8
+MAX_HEADER_BYTES = 100 * 2**20
+"""The safetensors format's own limit on a header's size."""
 KEY_PREFIX = "model."
 NAMED_UNKNOWN_KEYS = 8
 """Unknown tensor names spelled out in the warning; the rest are counted."""
@@ -59,15 +64,52 @@ def open_safetensors(path: Path):
                             f"corrupt: download it again") from None
 
 
+def read_header(path: Path) -> tuple[list[TensorHeader], dict[str, str]]:
+    """The tensors a safetensors file holds and its metadata, from its JSON header alone (an 8-byte length, then the
+    JSON), read directly: the file is never mapped, so a file larger than this machine's memory plans in
+    milliseconds, and a truncated one is named before anything else reads it."""
+    def unreadable(reason: object) -> NextStepError:
+        return NextStepError(f"{path} is not a readable safetensors file ({reason}); it may be truncated or corrupt: "
+                             f"download it again")
+
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            prefix = handle.read(HEADER_LENGTH_BYTES)
+            length = int.from_bytes(prefix, "little") if len(prefix) == HEADER_LENGTH_BYTES else -1
+            text = handle.read(length) if 2 <= length <= min(MAX_HEADER_BYTES, size - HEADER_LENGTH_BYTES) else None
+    except FileNotFoundError:
+        raise NextStepError(f"weights file {path} not found") from None
+    except OSError as exc:
+        raise unreadable(exc) from None
+    if text is None:
+        raise unreadable(f"a header of {length} bytes in a file of {size}")
+    try:
+        header = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, or nested too deep to parse
+        raise unreadable(f"its header is not valid JSON: {type(exc).__name__}") from None
+    if not isinstance(header, dict):
+        raise unreadable("its header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    tensors, data_end = [], 0
+    for key, entry in header.items():
+        try:
+            shape = tuple(int(side) for side in entry["shape"])
+            start, stop = (int(offset) for offset in entry["data_offsets"])
+            tensors.append(TensorHeader(path, key, shape, str(entry["dtype"])))
+        except (KeyError, TypeError, ValueError):
+            raise unreadable(f"the entry of tensor {key!r} in its header is malformed") from None
+        if min(shape, default=0) < 0 or not 0 <= start <= stop:
+            raise unreadable(f"tensor {key!r} has shape {list(shape)} at bytes {start}..{stop}")
+        data_end = max(data_end, stop)
+    if HEADER_LENGTH_BYTES + length + data_end > size:
+        raise unreadable(f"its tensors need {HEADER_LENGTH_BYTES + length + data_end} bytes but the file has {size}")
+    return tensors, metadata if isinstance(metadata, dict) else {}
+
+
 def read_headers(files: list[Path]) -> dict[str, TensorHeader]:
     """Every tensor of `files` by canonical name, from the headers alone."""
-    headers = {}
-    for path in files:
-        with open_safetensors(path) as handle:
-            for key in handle.keys():
-                view = handle.get_slice(key)
-                headers[canonical_key(key)] = TensorHeader(path, key, tuple(view.get_shape()), view.get_dtype())
-    return headers
+    return {canonical_key(header.key): header for path in files for header in read_header(path)[0]}
 
 
 def iter_safetensors(files: list[Path]) -> Iterator[TensorSource]:

@@ -22,7 +22,7 @@ from ..config import RELEASED_VAE_CONFIG, VAEConfig, read_json
 from ..errors import NextStepError
 from ..model.tokens import LatentNormalization
 from ..model.vae import vae_parameter_count
-from .checkpoint import TensorSource, iter_safetensors, open_safetensors
+from .checkpoint import TensorSource, iter_safetensors, read_header
 
 VAE_CONFIG_METADATA_KEY = "nextstep_vae_config"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -85,8 +85,7 @@ class VAEFiles:
         return LatentNormalization(self.config.scaling_factor, self.config.shift_factor)
 
     def _metadata_config(self) -> dict[str, Any] | None:
-        with open_safetensors(self.weights) as handle:
-            raw = (handle.metadata() or {}).get(VAE_CONFIG_METADATA_KEY)
+        raw = read_header(self.weights)[1].get(VAE_CONFIG_METADATA_KEY)
         if not raw:
             return None
         try:
@@ -117,9 +116,8 @@ class VAEFiles:
         """Parameters of the network, without reading weights: a .safetensors header is counted; a .pt checkpoint
         has no readable header, so its count comes from the config."""
         if self.weights is not None and self.weights.suffix == ".safetensors":
-            with open_safetensors(self.weights) as handle:
-                return sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys()
-                           if key.startswith(VAE_PREFIXES))
+            return sum(math.prod(header.shape) for header in read_header(self.weights)[0]
+                       if header.key.startswith(VAE_PREFIXES))
         return vae_parameter_count(self.config)
 
 
