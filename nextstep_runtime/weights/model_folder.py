@@ -18,8 +18,9 @@ from typing import Any
 from ..config import ModelConfig, read_json
 from ..errors import NextStepError
 from .checkpoint import IGNORED_KEYS, TensorHeader, read_headers
+from .gptq import QUANTIZATION_KEY, GPTQConfig, PackedLinear, find_packed_linears
 from .hub import cached_model_repos, resolve_model_source
-from .modes import STORED_FORMATS
+from .modes import GPTQ_PACKED, STORED_FORMATS
 from .vae_files import VAEFiles
 
 CONFIG_NAME = "config.json"
@@ -45,10 +46,19 @@ class ModelFolder:
         self.raw_config: dict[str, Any] = read_json(self.config_path)
         self.config = ModelConfig.from_dict(self.raw_config, str(self.config_path))
         self.stored_format: str = self.raw_config.get(WEIGHTS_FORMAT_KEY, "bf16")
-        """How the decoder's linear weights are stored: `fp8`/`int4` for repacked folders, else `bf16`."""
+        """How the decoder's linear weights are stored: `fp8`/`int4` for repacked folders, `gptq` for GPTQ-packed
+        4-bit ones (AutoRound, GPTQ), else `bf16` (modes.py)."""
         if self.stored_format not in STORED_FORMATS:
             raise NextStepError(f"{self.config_path}: {WEIGHTS_FORMAT_KEY}={self.stored_format!r} is not one of "
                                 f"{', '.join(STORED_FORMATS)}; convert the model again with this version")
+        self.gptq: GPTQConfig | None = None
+        """The `quantization_config` of a folder of GPTQ-packed weights, else None."""
+        if self.raw_config.get(QUANTIZATION_KEY) is not None:
+            if WEIGHTS_FORMAT_KEY in self.raw_config:
+                raise NextStepError(f"{self.config_path} has both {WEIGHTS_FORMAT_KEY} and {QUANTIZATION_KEY}; a "
+                                    f"folder is either repacked by convert or an AutoRound/GPTQ export, not both")
+            self.gptq = GPTQConfig.from_config(self.raw_config[QUANTIZATION_KEY], str(self.config_path))
+            self.stored_format = GPTQ_PACKED
 
     @classmethod
     def open(cls, source: "str | Path | ModelFolder") -> "ModelFolder":
@@ -87,6 +97,16 @@ class ModelFolder:
     def tensors(self) -> dict[str, TensorHeader]:
         """Every tensor of the weights by canonical name (no `model.` prefix), from the headers alone."""
         return read_headers(list(self.weight_files))
+
+    @cached_property
+    def packed_linears(self) -> dict[str, PackedLinear]:
+        """The linears the weights hold GPTQ-packed (a folder with a `quantization_config`), by name; decided per
+        layer by the tensors present, since `extra_config` need not list every float layer."""
+        packed = find_packed_linears(self.tensors)
+        if self.gptq is not None and not packed:
+            raise NextStepError(f"{self.config_path} has a {QUANTIZATION_KEY} but its weights hold no packed layer "
+                                f"(no .qweight tensors); download the weights again")
+        return packed
 
     def parameter_count(self) -> int:
         """Values of the tensors the loader reads (the text head and other ignored tensors left out)."""
