@@ -16,6 +16,7 @@ import torch
 from cli_runs import cli_error, run_cli
 from comfyui_server import running_comfyui
 from community_folders import (
+    AUTOROUND,
     DECODER_LINEARS,
     FOLDERS,
     SHIPPED_CODE,
@@ -29,6 +30,7 @@ from community_folders import (
 )
 from fixture_workflows import workflow
 from goldens import TINY_MODEL, golden_cases, settings_for
+from model_folders import edit_config
 from nodes_pack import install_fixture_models, load_pack
 from reference_quantization import dequantize_gptq, gptq_codes, gptq_words, quantize_gptq
 from safetensors.torch import load_file
@@ -294,27 +296,45 @@ def test_auto_and_the_plan_command_choose_int4(folders, capsys):
 
 # --- variants ---------------------------------------------------------------------------------------------------------
 
-def test_a_packed_head_linear_is_dequantised_and_a_float_decoder_linear_stays_float(sym_copy):
-    """Packing is decided per layer by the tensors: a flow-head linear packed too (int4 covers the decoder only) is
-    dequantised to the compute dtype exactly, a decoder linear left in float loads as a plain Linear, and the plan
-    still equals what loading places."""
-    head = "image_head.net.res_blocks.0.mlp.0"
-    down = "layers.1.mlp.down_proj"
+def test_packing_is_decided_per_layer(sym_copy, caplog):
+    """A flow-head linear packed too (int4 covers the decoder only), and a decoder linear in groups of 16 (the
+    kernels take 32 or more), are dequantised to the compute dtype exactly, with one warning for the decoder one;
+    a decoder linear left in float loads as a plain Linear; the plan still equals what loading places, and
+    streaming layers that are not packed alike is refused."""
+    head, up, down = "image_head.net.res_blocks.0.mlp.0", "layers.0.mlp.up_proj", "layers.1.mlp.down_proj"
     tensors = folder_tensors(sym_copy)
-    packed = quantize_gptq(tensors[f"{head}.weight"], 16)
+    head_packed, up_packed = quantize_gptq(tensors[f"{head}.weight"], 16), quantize_gptq(SOURCE[f"{up}.weight"], 16)
     down_weight = reference_weights(sym_copy, IN_FEATURES)[down]
-    rewrite_tensors(sym_copy, {f"{head}.weight": None, **{f"{head}.{part}": value for part, value in packed.items()},
+    rewrite_tensors(sym_copy, {f"{head}.weight": None,
+                               **{f"{head}.{part}": value for part, value in head_packed.items()},
+                               **{f"{up}.{part}": value for part, value in up_packed.items()},
                                f"{down}.qweight": None, f"{down}.qzeros": None, f"{down}.scales": None,
                                f"{down}.weight": down_weight})
     model = load_model(sym_copy, torch.float32, "cpu", int4=True)
-    assert set(packed_layers(model)) == DECODER_LINEARS - {down}
+    assert set(packed_layers(model)) == DECODER_LINEARS - {up, down}
     assert torch.equal(model.get_submodule(down).weight, down_weight)
-    expected = dequantize_gptq(packed["qweight"], packed["qzeros"], packed["scales"], IN_FEATURES[head], 1)
-    assert torch.equal(model.get_submodule(head).weight, expected)
+    for name, packed in ((head, head_packed), (up, up_packed)):
+        expected = dequantize_gptq(packed["qweight"], packed["qzeros"], packed["scales"], IN_FEATURES[name], 1)
+        assert torch.equal(model.get_submodule(name).weight, expected), name
+    assert "1 decoder layers (layers.0.mlp.up_proj, ...) are packed in groups the int4 kernels do not take" \
+        in caplog.text
     plan = plan_memory(ModelFootprint.from_folder(sym_copy), WeightMode(torch.float32, int4=True), Job(), device=CPU)
     assert plan.weights_gpu_bytes == sum(tensor.nbytes for tensor in model.state_dict().values())
     with pytest.raises(NextStepError, match="are not all packed alike, so they cannot be streamed"):
         load_model(sym_copy, torch.float32, "cpu", int4=True, resident_layers=1)
+
+
+def test_an_export_whose_layers_all_stayed_float_is_a_float_folder(model_copy, tmp_path):
+    """auto-round 0.16.1 with --group_size -1 writes a quantization_config but packs no layer: the folder is what
+    its tensors are, a float one, loading in every mode (and convert leaves the config block out)."""
+    edit_config(model_copy, quantization_config=quantization_config(AUTOROUND / "sym-g32"))
+    folder = ModelFolder.open(model_copy)
+    assert folder.gptq is not None and folder.stored_format == "bf16"
+    reference = load_model(TINY_MODEL, torch.float32, "cpu").state_dict()
+    loaded = load_model(folder, torch.float32, "cpu").state_dict()
+    assert all(torch.equal(value, reference[key]) for key, value in loaded.items())
+    convert_folder(folder, tmp_path / "int4", "int4")
+    assert ModelFolder.open(tmp_path / "int4").stored_format == "int4"
 
 
 def test_symmetric_gptq_v2_zero_points_load_the_same_weights(tmp_path, folders):
@@ -331,7 +351,7 @@ def test_symmetric_gptq_v2_zero_points_load_the_same_weights(tmp_path, folders):
 
 @pytest.mark.parametrize("changes,expected", [
     ({"bits": 3}, "quantization_config.bits is 3; only 4-bit weights load (W4A16)"),
-    ({"quant_method": "awq"}, "quantization_config.quant_method is 'awq'; this runtime loads 4-bit GPTQ-packed weights"),
+    ({"quant_method": "awq"}, "quantization_config.quant_method is 'awq'; this runtime loads 4-bit GPTQ-packed"),
     ({"packing_format": "auto_round:auto_awq"}, "quantization_config.packing_format is 'auto_round:auto_awq'"),
     ({"data_type": "nv_fp"}, "quantization_config.data_type is 'nv_fp'; only integer weights load"),
     ({"quant_method": "gptq", "desc_act": True}, "quantization_config.desc_act is True; act-order"),
@@ -371,7 +391,7 @@ def test_incomplete_packing_is_refused_naming_the_tensor(sym_copy, capsys, tmp_p
 
 @pytest.mark.parametrize("weights", ["bf16", "fp8", "int4"])
 def test_convert_refuses_a_4bit_folder_with_the_reason(folders, tmp_path, weights):
-    reason = "there is nothing to convert" if weights == "int4" else f"not the original ones, so it cannot become {weights}"
+    reason = "nothing to convert" if weights == "int4" else f"not the original ones, so it cannot become {weights}"
     with pytest.raises(NextStepError, match=reason):
         convert_folder(folders["sym-g32"], tmp_path / "out", weights)
     assert not (tmp_path / "out").exists()

@@ -16,7 +16,8 @@ with its codes and scales unchanged and zero_k = (8 - zero) * scale (exact in fl
 float16 scale). Each layer is packed once at load, in groups the kernels accept: the file's group, or a divisor
 of it that also divides the input width. A group over padded inputs, or one larger than the kernels take, is
 thus split into kernel groups that share its scale and zero. Packed linears outside the decoder (which int4
-never covers) are dequantised to the compute dtype instead.
+never covers), and decoder ones in groups the kernels cannot take (under 32), are dequantised to the compute
+dtype instead.
 """
 
 from __future__ import annotations
@@ -135,17 +136,13 @@ class PackedLinear:
                                 f"{self.padded_in_features}] weight in groups of {group}, but config.json implies "
                                 f"{list(shape)}; config.json and the weights disagree")
 
-    def kernel_group(self, shape: tuple[int, ...]) -> int:
+    def kernel_group(self, shape: tuple[int, ...]) -> int | None:
         """The group the int4 kernels use for this layer: the largest they accept that divides both the input
-        width and the file's group, so that each kernel group lies inside one of the file's."""
+        width and the file's group, so that each kernel group lies inside one of the file's. None where none does
+        (groups under 32)."""
         self.check_shape(shape)
-        for size in KERNEL_GROUP_SIZES:
-            if shape[1] % size == 0 and self.group_size % size == 0:
-                return size
-        raise NextStepError(f"{self.qweight.file}: {self.name} is packed in groups of {self.group_size} over "
-                            f"{shape[1]} inputs, but the int4 kernels need groups of "
-                            f"{', '.join(map(str, KERNEL_GROUP_SIZES))} dividing both; quantise with group_size 32, "
-                            f"64 or 128")
+        return next((size for size in KERNEL_GROUP_SIZES if shape[1] % size == 0 and self.group_size % size == 0),
+                    None)
 
     def read(self, config: GPTQConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes [in_p, out] int32, zero points [G, out] int32, scales [G, out] float32), checked against the
@@ -206,9 +203,10 @@ def find_packed_linears(tensors: Mapping[str, TensorHeader]) -> dict[str, Packed
                                     f"incomplete: download them again")
         linear = PackedLinear(owner, qweight, parts["qzeros"], parts["scales"], parts["g_idx"])
         if not _well_formed(linear):
+            qzeros, scales = linear.qzeros, linear.scales
             raise NextStepError(f"{qweight.file}: {owner} is not {BITS}-bit GPTQ-packed as this runtime reads it "
-                                f"(qweight {qweight.dtype} {list(qweight.shape)}, qzeros {linear.qzeros.dtype} "
-                                f"{list(linear.qzeros.shape)}, scales {linear.scales.dtype} {list(linear.scales.shape)})")
+                                f"(qweight {qweight.dtype} {list(qweight.shape)}, qzeros {qzeros.dtype} "
+                                f"{list(qzeros.shape)}, scales {scales.dtype} {list(scales.shape)})")
         packed[owner] = linear
     return packed
 
@@ -225,10 +223,12 @@ def _well_formed(linear: PackedLinear) -> bool:
 
 
 def int4_groups(packed: Mapping[str, PackedLinear], weight_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
-    """The packed linears that run in the int4 kernels (the decoder's) -> their kernel group; `weight_shapes` maps
-    `<linear>.weight` to the [out, in] shape the config implies. Loading and the memory planner both ask this."""
-    return {name: linear.kernel_group(tuple(weight_shapes[f"{name}.weight"])) for name, linear in packed.items()
-            if name.startswith(DECODER_PREFIX) and f"{name}.weight" in weight_shapes}
+    """The packed linears that run in the int4 kernels -> their kernel group: the decoder's, where the kernels take
+    their groups (the others are dequantised at load). `weight_shapes` maps `<linear>.weight` to the [out, in] shape
+    the config implies. Loading and the memory planner both ask this."""
+    groups = {name: linear.kernel_group(tuple(weight_shapes[f"{name}.weight"])) for name, linear in packed.items()
+              if name.startswith(DECODER_PREFIX) and f"{name}.weight" in weight_shapes}
+    return {name: group for name, group in groups.items() if group is not None}
 
 
 def unpacked_tensors(tensors: Iterator[TensorSource], packed: Mapping[str, PackedLinear], config: GPTQConfig,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +22,8 @@ from .model_folder import ModelFolder
 from .modes import GPTQ_PACKED, WeightMode, check_loadable
 from .offload import stream_layers
 from .vae_files import VAEFiles
+
+log = logging.getLogger(__name__)
 
 
 def model_shape_hint(config: ModelConfig) -> Callable[[str], str]:
@@ -130,6 +133,11 @@ def load_model(source: str | Path | ModelFolder, dtype: torch.dtype, device: tor
     if folder.stored_format == GPTQ_PACKED:
         shapes = expected_shapes(model)
         groups = int4_groups(folder.packed_linears, shapes)
+        unfit = sorted(name for name in folder.packed_linears if name.startswith("layers.") and name not in groups)
+        if unfit:
+            log.warning("%s: %d decoder layers (%s, ...) are packed in groups the int4 kernels do not take (under "
+                        "32); they are dequantised to %s, which takes more memory", folder.path, len(unfit), unfit[0],
+                        str(dtype).removeprefix("torch."))
         if resident_layers is not None and not layers_stored_alike(groups, config.num_hidden_layers):
             raise NextStepError(f"the decoder layers of {folder.path} are not all packed alike, so they cannot be "
                                 f"streamed through shared GPU slots; keep every layer on the GPU")

@@ -24,6 +24,7 @@ from ..errors import NextStepError
 from ..model.network import NextStepModel
 from .checkpoint import TensorSource, checked_tensors, expected_shapes, iter_safetensors, report_unknown_and_missing
 from .fp8 import quantize_per_channel
+from .gptq import QUANTIZATION_KEY
 from .int4 import quantize_grouped
 from .loading import model_shape_hint
 from .model_folder import BUNDLED_VAE_FOLDER, CONFIG_NAME, INDEX_NAME, WEIGHTS_FORMAT_KEY, ModelFolder
@@ -134,6 +135,7 @@ def convert_folder(source: str | Path | ModelFolder, destination: str | Path, we
     if vae.is_dir():
         shutil.copytree(vae, destination / BUNDLED_VAE_FOLDER, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
     recorded = {**folder.raw_config, "torch_dtype": "bfloat16"}
+    recorded.pop(QUANTIZATION_KEY, None)  # an export whose layers all stayed float: no longer a quantised one
     if weights != "bf16":
         recorded[WEIGHTS_FORMAT_KEY] = weights
     (destination / CONFIG_NAME).write_text(json.dumps(recorded, indent=2))
