@@ -16,7 +16,7 @@ from ..model.positions import OFFICIAL_POSITION_GRID, sincos_position_table
 from ..model.vae import NextStepVAE
 from .checkpoint import POSITION_TABLE_KEY, expected_shapes, iter_safetensors, load_weights, open_safetensors
 from .fp8 import quantize_per_channel, use_fp8_linears
-from .gptq import int4_groups, layers_stored_alike, unpacked_tensors
+from .gptq import DECODER_PREFIX, int4_groups, layers_stored_alike, unpacked_tensors
 from .int4 import pack_for_device, quantize_grouped, use_int4_linears
 from .model_folder import ModelFolder
 from .modes import GPTQ_PACKED, WeightMode, check_loadable
@@ -133,7 +133,7 @@ def load_model(source: str | Path | ModelFolder, dtype: torch.dtype, device: tor
     if folder.stored_format == GPTQ_PACKED:
         shapes = expected_shapes(model)
         groups = int4_groups(folder.packed_linears, shapes)
-        unfit = sorted(name for name in folder.packed_linears if name.startswith("layers.") and name not in groups)
+        unfit = sorted(name for name in folder.packed_linears if name.startswith(DECODER_PREFIX) and name not in groups)
         if unfit:
             log.warning("%s: %d decoder layers (%s, ...) are packed in groups the int4 kernels do not take (under "
                         "32); they are dequantised to %s, which takes more memory", folder.path, len(unfit), unfit[0],
