@@ -45,6 +45,14 @@ _POSITIVE_FLOAT_KEYS = ("rms_norm_eps", "rope_theta")
 _TOKEN_ID_KEYS = ("boi", "eoi", "image_placeholder_id")
 
 
+def _rope_theta(raw: dict[str, Any]) -> Any:
+    """`rope_theta`, or where transformers 5 re-saves a config, `rope_parameters.rope_theta`; None if neither."""
+    if raw.get("rope_theta") is not None:
+        return raw["rope_theta"]
+    parameters = raw.get("rope_parameters")
+    return parameters.get("rope_theta") if isinstance(parameters, dict) else None
+
+
 def _is_whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -62,7 +70,7 @@ def check_model_values(raw: dict[str, Any], source: str) -> None:
         if raw.get(key) is not None:
             _positive_whole(source, key, raw[key])
     for key in _POSITIVE_FLOAT_KEYS:
-        value = raw.get(key)
+        value = _rope_theta(raw) if key == "rope_theta" else raw.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not math.isfinite(value) or value <= 0):
             raise NextStepError(f"{source}: {key} is {value!r} but must be a positive finite number")
@@ -88,11 +96,12 @@ def _reject_unimplemented(raw: dict[str, Any], source: str) -> None:
     if raw.get("use_2d_rope"):
         raise NextStepError(f"{source} sets use_2d_rope: true (2-D rotary positions for image tokens), which this "
                             f"runtime does not implement; only models with use_2d_rope false are supported")
-    scaling = raw.get("rope_scaling")
-    if scaling is not None and not (isinstance(scaling, dict)
-                                    and scaling.get("rope_type", scaling.get("type")) == "default"):
-        raise NextStepError(f"{source} sets rope_scaling {scaling!r}, which this runtime does not implement; only "
-                            f"models with rope_scaling null are supported")
+    for key in ("rope_scaling", "rope_parameters"):  # transformers 5 writes rope_parameters instead of rope_scaling
+        scaling = raw.get(key)
+        if scaling is not None and not (isinstance(scaling, dict)
+                                        and scaling.get("rope_type", scaling.get("type")) == "default"):
+            raise NextStepError(f"{source} sets {key} {scaling!r}, which this runtime does not implement; only "
+                                f"models with default rotary positions are supported")
     activation = raw.get("hidden_act", "silu")
     if activation != "silu":
         raise NextStepError(f"{source} sets hidden_act {activation!r}; this runtime implements the silu MLP of "
@@ -151,7 +160,7 @@ class ModelConfig:
                 head_dim=int(raw.get("head_dim") or hidden // heads),
                 intermediate_size=int(raw["intermediate_size"]),
                 rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(raw.get("rope_theta", 1e6)),
+                rope_theta=float(_rope_theta(raw) or 1e6),
                 attention_bias=attention_bias,
                 o_attention_bias=attention_bias if o_bias is None else bool(o_bias),
                 mlp_bias=bool(raw.get("mlp_bias", False)),

@@ -70,7 +70,8 @@ class NextStepModelLoader:
                                                              "planned for 512x512). full: the dtype above. fp8: "
                                                              "about 15 GB for the 14B models. int4: 4-bit, about "
                                                              "9 GB, for 12-16 GB cards (needs an Ampere or newer "
-                                                             "GPU). A repacked folder loads in its own format."}),
+                                                             "GPU). A repacked or 4-bit AutoRound/GPTQ folder loads in its "
+                                                             "own format."}),
                 "compile": ("BOOLEAN", {"default": True,
                                         "tooltip": "Compile the flow head with torch.compile into fused kernels "
                                                    "(faster sampling). Paid once per image shape, at the first "

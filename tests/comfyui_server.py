@@ -103,9 +103,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_comfyui(root: Path, settings: dict | None = None, packs: Mapping[str, Path] | None = None
-                    ) -> Iterator[ComfyUI]:
-    """Start ComfyUI in folders under `root` (user settings `settings`) and stop it afterwards.
+def running_comfyui(root: Path, settings: dict | None = None, packs: Mapping[str, Path] | None = None,
+                    models: Mapping[str, Path] | None = None) -> Iterator[ComfyUI]:
+    """Start ComfyUI in folders under `root` (user settings `settings`) and stop it afterwards; `models` names more
+    model folders for the Model Loader's list, beside the fixture model.
 
     `packs` maps custom-node folder names to other packs (such as ComfyUI-Distributed) to load beside this one:
     each is copied in, not linked, because such packs write their state (ComfyUI-Distributed's gpu_config.json)
@@ -118,7 +119,8 @@ def running_comfyui(root: Path, settings: dict | None = None, packs: Mapping[str
     (folders["custom_nodes"] / PACK_DIR_NAME).symlink_to(ROOT)
     for name, source in (packs or {}).items():
         shutil.copytree(source, folders["custom_nodes"] / name, symlinks=True)
-    (folders["nextstep"] / MODEL_NAME).symlink_to(FIXTURES / MODEL_NAME)
+    for name, folder in {MODEL_NAME: FIXTURES / MODEL_NAME, **(models or {})}.items():
+        (folders["nextstep"] / name).symlink_to(folder)
     (folders["vae"] / VAE_FILE).symlink_to(FIXTURES / VAE_FILE)
     shutil.copy(FIXTURES / "edit_input_64.png", folders["input"])
     (folders["user"] / "default").mkdir()

@@ -4,10 +4,13 @@ int4 kernel) near bfloat16, layer streaming with its copy stream equal to reside
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from goldens import TINY_MODEL, GoldenCase, assert_matches_golden, golden_cases, settings_for
 from model_folders import deepen
+from safetensors.torch import load_file
 
 from nextstep_runtime import GenerationSettings, NextStepError, NextStepPipeline, load_rgb
 from nextstep_runtime.sampling.token_loop import TokenStep
@@ -192,6 +195,54 @@ def test_int4_kernel_packing_and_model_on_cuda(model_copy, tmp_path) -> None:
     repacked = generate(NextStepPipeline.from_pretrained(tmp_path / "int4", device="cuda", dtype="bfloat16",
                                                          int4=True), case)
     assert torch.equal(repacked.tokens, int4.tokens)
+
+
+@pytest.mark.parametrize("name", ["sym-g32", "asym-g32", "sym-g128-padded", "sharded-prefixed-sym-g64"])
+def test_community_4bit_folder_on_cuda(name, tmp_path) -> None:
+    """An AutoRound folder (tests/fixtures/autoround) on CUDA in bfloat16: each packed layer within bf16 rounding of
+    its plain dequantisation, the image near the bf16 model's (closer than a seed change), `auto` choosing int4,
+    and the planned bytes what sits on the GPU."""
+    from community_folders import community_folder, folder_tensors, reference_weights
+
+    from nextstep_runtime import (
+        Job,
+        ModelFootprint,
+        WeightMode,
+        device_memory,
+        load_model,
+        plan_memory,
+        resolve_weight_mode,
+    )
+    from nextstep_runtime.weights.int4 import Int4Linear
+
+    folder = community_folder(name, tmp_path / name)
+    source = {key: value.shape[1] for key, value in load_file(TINY_MODEL / "model.safetensors").items()
+              if value.ndim == 2}
+    model = load_model(folder, torch.bfloat16, "cuda", int4=True)
+    tensors = folder_tensors(folder)
+    for linear, weight in reference_weights(folder, {k.removesuffix(".weight"): v for k, v in source.items()}).items():
+        layer = model.get_submodule(linear)
+        assert isinstance(layer, Int4Linear) and layer.weight.dim() == 4  # packed in the CUDA tiling
+        layer.bias = None
+        out = layer(torch.eye(layer.in_features, dtype=torch.bfloat16, device="cuda")).float().t().cpu()
+        scales = tensors[f"{linear}.scales"].float().abs()
+        step = scales.repeat_interleave(tensors[f"{linear}.qweight"].shape[0] * 8 // scales.shape[0], dim=0)
+        assert ((out - weight).abs() <= 2**-7 * (weight.abs() + 16 * step[:weight.shape[1]].t())).all(), linear
+    free, total = device_memory(torch.device("cuda"))
+    plan = plan_memory(ModelFootprint.from_folder(folder), WeightMode(torch.bfloat16, int4=True), Job(),
+                       gpu_total=total, gpu_free=free)
+    assert plan.weights_gpu_bytes == sum(tensor.nbytes for tensor in model.state_dict().values())
+    mode, _ = resolve_weight_mode(folder, "auto", torch.device("cuda"), torch.bfloat16, gpu_free=free)
+    assert mode == WeightMode(torch.bfloat16, int4=True)
+
+    case = next(c for c in golden_cases() if c.name == "official_t2i_cps_nocfg")
+    bf16 = NextStepPipeline.from_pretrained(TINY_MODEL, device="cuda", dtype="bfloat16")
+    same_seed = generate(bf16, case).images.float()
+    settings = settings_for(case)
+    next_seed = bf16.generate(case.params["caption"], dataclasses.replace(settings, seed=settings.seed + 1)).images
+    next_seed = next_seed.float()
+    int4 = generate(NextStepPipeline.from_pretrained(folder, device="cuda", dtype="bfloat16", int4=True), case)
+    assert (int4.images.float() - same_seed).abs().mean() < (next_seed - same_seed).abs().mean() / 5
 
 
 def test_auto_memory_on_cuda_keeps_a_small_model_whole() -> None:

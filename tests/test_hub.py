@@ -14,6 +14,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
+from community_folders import community_folder
 from goldens import TINY_MODEL, assert_matches_golden, golden_cases, settings_for
 from hub_server import HubRepo, HubServer
 from model_folders import add_tensors, write_hf_cache
@@ -200,6 +201,28 @@ def test_download_to_a_folder(tmp_path: Path) -> None:
              if path.is_file() and ".cache" not in path.parts}
     assert files == RUNTIME_FILES
     assert_matches_golden(CASE, generate(NextStepPipeline.from_pretrained(target, device="cpu", dtype="float32")))
+
+
+def test_download_of_a_community_4bit_repo_fetches_what_the_runtime_reads(tmp_path: Path) -> None:
+    """An AutoRound repo laid out as INCModel/NextStep-1.1-W4A16-AutoRound is (its remote code, compiled
+    __pycache__ files beside the VAE, quantization_config.json): only config, weights, tokenizer and VAE come, and
+    the result generates offline in its own int4 format as the folder does."""
+    folder = community_folder("gptq-sym-g32", tmp_path / "community")
+    code = b'raise RuntimeError("downloaded code was executed")\n'
+    extra = {"vae/__pycache__/nextstep_ae.cpython-312.pyc": b"\x00" * 64, "vae/nextstep_ae.py": code,
+             "models/__pycache__/heads.cpython-312.pyc": b"\x00" * 64, "generation_config.json": b"{}",
+             "README.md": b"# 4-bit\n"}
+    repo = HubRepo.from_folder(REPO, COMMIT, folder, extra)
+    with HubServer(repo) as endpoint:
+        result = run_cli(["download", REPO], endpoint, tmp_path)
+        assert result.returncode == 0, result.stderr
+        generated = run_cli(cli_args(REPO, tmp_path), endpoint, tmp_path, offline=True)
+        assert generated.returncode == 0, generated.stderr
+    tokenizer = {"merges.txt", "vocab.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"}
+    assert repo.fetched() == {"config.json", "model.safetensors", "vae/config.json", "vae/checkpoint.pt"} | tokenizer
+    saved = load_file(tmp_path / "o.safetensors")
+    local = generate(NextStepPipeline.from_pretrained(folder, device="cpu", dtype="float32", int4=True))
+    assert torch.equal(saved["tokens"], local["tokens"]) and torch.equal(saved["images"], local["images"])
 
 
 def test_download_of_an_unknown_repo_is_one_error_line(tmp_path: Path) -> None:

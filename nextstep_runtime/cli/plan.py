@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -16,7 +17,7 @@ from ..memory.footprint import ModelFootprint
 from ..memory.job import PROMPT_ALLOWANCE, Job
 from ..memory.plan import GB, MemoryPlan, plan_memory
 from ..settings import GenerationSettings
-from ..weights.modes import WeightMode
+from ..weights.modes import WeightMode, loadable_modes
 from .help import HelpFormatter
 
 _DEFAULTS = GenerationSettings()
@@ -37,8 +38,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     plan.add_argument("model", help="NextStep model folder")
     plan.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="compute dtype")
     weights = plan.add_mutually_exclusive_group()
-    weights.add_argument("--fp8", action="store_true", help="float8 decoder linear weights (generate --memory fp8)")
-    weights.add_argument("--int4", action="store_true", help="4-bit decoder linear weights (generate --memory int4)")
+    weights.add_argument("--fp8", action="store_true", help="float8 decoder linear weights (generate --memory fp8; "
+                                                            "default: the folder's own format, as loading takes it)")
+    weights.add_argument("--int4", action="store_true", help="4-bit decoder linear weights (generate --memory int4; "
+                                                             "what a repacked int4 or AutoRound/GPTQ folder holds)")
     plan.add_argument("--gpu-layers", type=int, metavar="N", default=None,
                       help="decoder layers kept on the GPU, the rest streamed (generate --gpu-layers; default: all)")
     plan.add_argument("--width", type=int, default=_DEFAULTS.width, help="pixels")
@@ -73,13 +76,18 @@ def _gpu(args: argparse.Namespace) -> tuple[int | None, int | None, DeviceTraits
 
 
 def make_plan(args: argparse.Namespace) -> MemoryPlan:
+    """The plan in the mode asked for; without --fp8/--int4, in the first mode the folder loads in (the dtype for a
+    float folder, its own format for a repacked or 4-bit one)."""
     footprint = ModelFootprint.from_folder(args.model)
-    mode = WeightMode(dtype=DTYPES[args.dtype], fp8=args.fp8, gpu_layers=args.gpu_layers, int4=args.int4)
+    total, free, device = _gpu(args)
+    dtype = DTYPES[args.dtype]
+    mode = WeightMode(dtype=dtype, fp8=args.fp8, int4=args.int4) if args.fp8 or args.int4 else \
+        loadable_modes(footprint.stored_format, device, dtype, args.model)[0]
     settings = GenerationSettings(width=args.width, height=args.height, batch=args.batch, cfg=args.cfg,
                                   cfg_img=args.cfg_img, steps=args.steps)
     job = Job(settings, tuple(args.input_size), args.prompt_tokens)
-    total, free, device = _gpu(args)
-    return plan_memory(footprint, mode, job, gpu_total=total, gpu_free=free, device=device)
+    return plan_memory(footprint, replace(mode, gpu_layers=args.gpu_layers), job, gpu_total=total, gpu_free=free,
+                       device=device)
 
 
 def format_plan(plan: MemoryPlan) -> str:

@@ -21,9 +21,10 @@ from ..model.network import NextStepModel
 from ..model.vae import vae_parameter_count
 from ..weights.checkpoint import IGNORED_KEYS
 from ..weights.fp8 import FP8_DTYPE, use_fp8_linears
+from ..weights.gptq import PACKED_PARTS, int4_groups
 from ..weights.int4 import group_size_for
 from ..weights.model_folder import ModelFolder
-from ..weights.modes import WeightMode
+from ..weights.modes import GPTQ_PACKED, WeightMode
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,10 @@ class ModelFootprint:
     vae_config: VAEConfig = VAEConfig()
     stored_format: str = "bf16"
     """How the folder stores the decoder's linear weights (see weights/modes.py)."""
+    int4_groups: dict[str, int] | None = None
+    """A folder of GPTQ-packed weights: the linears it holds 4-bit -> the kernel group each loads with
+    (weights/gptq.py); its other linears load in the compute dtype. None: the mode decides (every decoder linear
+    for int4)."""
 
     @classmethod
     def from_folder(cls, source: str | Path | ModelFolder) -> "ModelFootprint":
@@ -46,12 +51,17 @@ class ModelFootprint:
         shapes = {name: header.shape for name, header in folder.tensors.items() if name not in IGNORED_KEYS}
         _unpack_repacked_shapes(shapes)
         expected = cls.from_config(folder.config, vae_parameters=0).tensor_shapes
+        groups = None
+        if folder.stored_format == GPTQ_PACKED:
+            groups = int4_groups(folder.packed_linears, expected)
+            _unpack_gptq_shapes(shapes, folder, expected)
         shapes = {name: shape for name, shape in shapes.items() if name in expected}  # the loader skips the rest
         if shapes != expected:
             differing = sorted(set(expected) - set(shapes) or {k for k in shapes if shapes[k] != expected[k]})
             raise NextStepError(f"the weights in {folder.path} do not match its config.json (first difference: "
                                 f"{differing[0]}); the model would not load: download it again")
-        return cls(folder.config, shapes, folder.vae.parameter_count(), folder.vae.config, folder.stored_format)
+        return cls(folder.config, shapes, folder.vae.parameter_count(), folder.vae.config, folder.stored_format,
+                   groups)
 
     @classmethod
     def from_config(cls, config: ModelConfig, vae_parameters: int | None = None,
@@ -80,6 +90,18 @@ def _unpack_repacked_shapes(shapes: dict[str, tuple[int, ...]]) -> None:
             shapes[f"{owner}.weight"] = (rows, 2 * half_width)
         del shapes[name]
 
+
+def _unpack_gptq_shapes(shapes: dict[str, tuple[int, ...]], folder: ModelFolder,
+                        expected: dict[str, tuple[int, ...]]) -> None:
+    """A GPTQ-packed linear's tensors stand for its [out, in] weight (the padding of its input left out), checked
+    against the config as loading checks it."""
+    for name, linear in folder.packed_linears.items():
+        for part in PACKED_PARTS:
+            shapes.pop(f"{name}.{part}", None)
+        weight = f"{name}.weight"
+        if weight in expected:
+            linear.check_shape(expected[weight])
+            shapes[weight] = expected[weight]
 
 
 @dataclass(frozen=True)
@@ -117,10 +139,15 @@ def weight_bytes(footprint: ModelFootprint, mode: WeightMode) -> WeightBytes:
         count = math.prod(shape)
         match = _LAYER_KEY.fullmatch(name)
         owner, _, attr = (match.group(2) if match else name).rpartition(".")
-        if match and owner in quantized_owners and attr == "weight" and mode.fp8:
+        group = None
+        if footprint.int4_groups is not None:
+            group = footprint.int4_groups.get(name.removesuffix(".weight")) if attr == "weight" else None
+        elif match and owner in quantized_owners and attr == "weight" and mode.int4:
+            group = group_size_for(shape[1])
+        if group is not None:
+            size = count // 2 + 2 * (count // group) * itemsize
+        elif match and owner in quantized_owners and attr == "weight" and mode.fp8:
             size = count * FP8_DTYPE.itemsize + shape[0] * torch.float32.itemsize
-        elif match and owner in quantized_owners and attr == "weight":
-            size = count // 2 + 2 * (count // group_size_for(shape[1])) * itemsize
         else:
             size = count * itemsize
         if match:

@@ -72,5 +72,5 @@ class FP8Linear(nn.Module):
 
 def use_fp8_linears(decoder_layers: nn.Module) -> set[str]:
     """Swap every nn.Linear under `decoder_layers` (built on the meta device) for FP8Linear; returns their names."""
-    return replace_linears(decoder_layers, lambda linear: FP8Linear(linear.in_features, linear.out_features,
-                                                                   linear.bias is not None))
+    return replace_linears(decoder_layers, lambda name, linear: FP8Linear(linear.in_features, linear.out_features,
+                                                                         linear.bias is not None))

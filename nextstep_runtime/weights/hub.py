@@ -26,8 +26,9 @@ RUNTIME_FILES = [
     "vae/*",
 ]
 """Patterns (huggingface_hub's fnmatch rules) of every file the runtime reads in a model repo."""
-NEVER_FETCHED = ["*.py"]
-"""The repos' Python code is never used (no trust_remote_code), so it is never downloaded either."""
+NEVER_FETCHED = ["*.py", "*.pyc"]
+"""The repos' Python code is never used (no trust_remote_code), so it is never downloaded either (some repos ship
+compiled `__pycache__` files too, as INCModel/NextStep-1.1-W4A16-AutoRound does under vae/)."""
 
 REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
 """`org/name`, optionally `@revision` (a branch, tag or commit)."""

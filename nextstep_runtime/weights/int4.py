@@ -22,8 +22,11 @@ from .linears import replace_linears
 LEVELS = 16
 MIDPOINT = 8
 """The kernels dequantise as (q - 8) * scale + zero."""
-GROUP_SIZES = (128, 64, 32)
-"""Group sizes the kernels accept, largest (fewest scales) first; the first that divides the input width is used."""
+KERNEL_GROUP_SIZES = (256, 128, 64, 32)
+"""Group sizes the kernels accept, largest (fewest scales) first."""
+GROUP_SIZES = KERNEL_GROUP_SIZES[1:]
+"""Group sizes `quantize_grouped` chooses from, largest first; the first that divides the input width is used
+(groups of 256 would halve the scales but round more coarsely)."""
 INNER_K_TILES = (8, 4, 2)
 """CUDA packing tiles; the input width must be a multiple of 16 x tiles."""
 SCALE_DTYPE = torch.bfloat16
@@ -49,10 +52,16 @@ def quantize_grouped(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = ((high - low) / (LEVELS - 1)).clamp(min=1e-6).to(SCALE_DTYPE).float()
     zero = (low + scale * MIDPOINT).to(SCALE_DTYPE).float()
     q = torch.round((grouped - (zero - scale * MIDPOINT)[..., None]) / scale[..., None]).clamp(0, LEVELS - 1)
-    q = q.to(torch.uint8).reshape(rows, columns)
-    nibbles = q[:, ::2] << 4 | q[:, 1::2]
+    nibbles = pack_nibbles(q.reshape(rows, columns))
     scales_and_zeros = torch.stack([scale, zero], dim=2).transpose(0, 1).contiguous().to(SCALE_DTYPE)
     return nibbles, scales_and_zeros
+
+
+def pack_nibbles(values: torch.Tensor) -> torch.Tensor:
+    """[N, K] values 0..15 -> [N, K/2] uint8, two per byte, the even column in the high nibble: the
+    device-neutral form `pack_for_device` takes."""
+    values = values.to(torch.uint8)
+    return values[:, ::2] << 4 | values[:, 1::2]
 
 
 def unpack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
@@ -75,12 +84,14 @@ class Int4Linear(nn.Module):
     """A Linear whose weight is packed 4-bit for one device type, with grouped bf16 scales and zeros.
 
     Built on the meta device, its placeholders have the shapes of the tensors the loader will read:
-    the plain [N, K] weight, or with `stored` the [N, K/2] nibbles of a repacked folder."""
+    the plain [N, K] weight, or with `stored` the [N, K/2] nibbles of a repacked folder or of a GPTQ-packed one
+    (gptq.py), whose `group_size` the folder decides."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, stored: bool = False) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, stored: bool = False,
+                 group_size: int | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.group_size = group_size_for(in_features)
+        self.group_size = group_size or group_size_for(in_features)
         weight_shape = (out_features, in_features // 2) if stored else (out_features, in_features)
         self.register_buffer("weight", torch.empty(weight_shape, dtype=torch.uint8 if stored else torch.bfloat16))
         self.register_buffer("scales_and_zeros",
@@ -100,7 +111,13 @@ class Int4Linear(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
-def use_int4_linears(decoder_layers: nn.Module, stored: bool = False) -> set[str]:
-    """Swap every nn.Linear under `decoder_layers` (built on the meta device) for Int4Linear; returns their names."""
-    return replace_linears(decoder_layers, lambda linear: Int4Linear(linear.in_features, linear.out_features,
-                                                                    linear.bias is not None, stored))
+def use_int4_linears(decoder_layers: nn.Module, stored: bool = False,
+                     groups: dict[str, int] | None = None) -> set[str]:
+    """Swap the nn.Linear layers under `decoder_layers` (built on the meta device) for Int4Linear: every one, or
+    with `groups` (names relative to `decoder_layers` -> group size) those it names; returns their names."""
+    def make(name: str, linear: nn.Linear) -> Int4Linear | None:
+        if groups is not None and name not in groups:
+            return None
+        return Int4Linear(linear.in_features, linear.out_features, linear.bias is not None, stored,
+                          None if groups is None else groups[name])
+    return replace_linears(decoder_layers, make)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable
 
@@ -13,13 +14,16 @@ from ..errors import NextStepError
 from ..model.network import NextStepModel
 from ..model.positions import OFFICIAL_POSITION_GRID, sincos_position_table
 from ..model.vae import NextStepVAE
-from .checkpoint import POSITION_TABLE_KEY, iter_safetensors, load_weights, open_safetensors
+from .checkpoint import POSITION_TABLE_KEY, expected_shapes, iter_safetensors, load_weights, open_safetensors
 from .fp8 import quantize_per_channel, use_fp8_linears
+from .gptq import DECODER_PREFIX, int4_groups, layers_stored_alike, unpacked_tensors
 from .int4 import pack_for_device, quantize_grouped, use_int4_linears
 from .model_folder import ModelFolder
-from .modes import WeightMode, check_loadable
+from .modes import GPTQ_PACKED, WeightMode, check_loadable
 from .offload import stream_layers
 from .vae_files import VAEFiles
+
+log = logging.getLogger(__name__)
 
 
 def model_shape_hint(config: ModelConfig) -> Callable[[str], str]:
@@ -55,14 +59,17 @@ def _position_table(folder: ModelFolder) -> torch.Tensor:
 
 
 def weight_converter(model: NextStepModel, dtype: torch.dtype, device: torch.device, fp8: bool, int4: bool, stored: str,
-                     resident_layers: int | None) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:
+                     resident_layers: int | None, groups: dict[str, int] | None = None
+                     ) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Per tensor: its device (streamed decoder layers stay on the CPU) and storage (fp8 or packed 4-bit
     for the decoder's linear weights when asked, quantised here unless the folder holds them already;
-    the compute dtype otherwise)."""
+    the compute dtype otherwise). `groups` names the decoder linears a GPTQ-packed folder holds 4-bit, with
+    their kernel groups (gptq.int4_groups); only those are 4-bit then."""
     if fp8:
         quantized = {f"layers.{name}" for name in use_fp8_linears(model.layers)}
     elif int4:
-        quantized = {f"layers.{name}" for name in use_int4_linears(model.layers, stored=stored == "int4")}
+        in_layers = None if groups is None else {name.removeprefix("layers."): group for name, group in groups.items()}
+        quantized = {f"layers.{name}" for name in use_int4_linears(model.layers, stored != "bf16", in_layers)}
     else:
         quantized = set()
     cpu = torch.device("cpu")
@@ -83,7 +90,7 @@ def weight_converter(model: NextStepModel, dtype: torch.dtype, device: torch.dev
             weight, scale = quantize_per_channel(tensor.to(target))
             return {name: weight, f"{owner}.weight_scale": scale}
         if int4 and attr == "weight":  # packed on the run device, then moved where the layer waits
-            nibbles, scales_and_zeros = (tensor, None) if stored == "int4" else quantize_grouped(tensor.to(device))
+            nibbles, scales_and_zeros = (tensor, None) if stored != "bf16" else quantize_grouped(tensor.to(device))
             values = {name: pack_for_device(nibbles, device).to(target)}
             if scales_and_zeros is not None:
                 values[f"{owner}.scales_and_zeros"] = scales_and_zeros.to(device=target, dtype=dtype)
@@ -102,7 +109,8 @@ def load_model(source: str | Path | ModelFolder, dtype: torch.dtype, device: tor
     `dtype` is the compute dtype; with `fp8` the decoder's linear weights are stored as float8, with
     `int4` as grouped 4-bit (int4.py). With `resident_layers` N, only the first N decoder layers are
     placed on `device`; the rest stay in host memory and are streamed in as they run (see offload.py).
-    A folder repacked by `convert` loads in the format it stores (modes.py)."""
+    A folder repacked by `convert`, or of GPTQ-packed 4-bit weights (gptq.py), loads in the format it stores
+    (modes.py)."""
     folder = ModelFolder.open(source)
     config = folder.config
     device = torch.device(device)
@@ -120,9 +128,22 @@ def load_model(source: str | Path | ModelFolder, dtype: torch.dtype, device: tor
                             f"(got {resident_layers})")
     with torch.device("meta"):
         model = NextStepModel(config)
-    convert = weight_converter(model, dtype, device, fp8, int4, folder.stored_format, resident_layers)
-    load_weights(model, iter_safetensors(list(folder.weight_files)), dtype, device, str(folder.config_path),
-                 model_shape_hint(config), convert)
+    tensors = iter_safetensors(list(folder.weight_files))
+    groups = None
+    if folder.stored_format == GPTQ_PACKED:
+        shapes = expected_shapes(model)
+        groups = int4_groups(folder.packed_linears, shapes)
+        unfit = sorted(name for name in folder.packed_linears if name.startswith(DECODER_PREFIX) and name not in groups)
+        if unfit:
+            log.warning("%s: %d decoder layers (%s, ...) are packed in groups the int4 kernels do not take (under "
+                        "32); they are dequantised to %s, which takes more memory", folder.path, len(unfit), unfit[0],
+                        str(dtype).removeprefix("torch."))
+        if resident_layers is not None and not layers_stored_alike(groups, config.num_hidden_layers):
+            raise NextStepError(f"the decoder layers of {folder.path} are not all packed alike, so they cannot be "
+                                f"streamed through shared GPU slots; keep every layer on the GPU")
+        tensors = unpacked_tensors(tensors, folder.packed_linears, folder.gptq, shapes, groups)
+    convert = weight_converter(model, dtype, device, fp8, int4, folder.stored_format, resident_layers, groups)
+    load_weights(model, tensors, dtype, device, str(folder.config_path), model_shape_hint(config), convert)
     if config.use_gen_pos_embed:
         model.gen_pos_embed = _position_table(folder).to(device, dtype)
     if resident_layers is not None:

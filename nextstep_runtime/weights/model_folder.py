@@ -2,9 +2,10 @@
 
 A folder on disk, or a Hugging Face repo id from the local cache (hub.py), becomes one `ModelFolder`. Loading,
 the memory planner, `convert`, the nodes and the server routes all ask it, and nothing else opens a model
-folder's config.json or its safetensors headers, so they all see the same folder. The config and the stored
-weight format are read when it is opened (a folder without a readable config.json is refused at once); the
-weight files and their headers, the tokenizer files and the VAE when first asked, and then kept.
+folder's config.json or its safetensors headers, so they all see the same folder. The config is read when it is
+opened (a folder without a readable config.json is refused at once); the weight files and their headers (and
+with them an AutoRound/GPTQ export's stored format), the tokenizer files and the VAE when first asked, and then
+kept.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Any
 from ..config import ModelConfig, read_json
 from ..errors import NextStepError
 from .checkpoint import IGNORED_KEYS, TensorHeader, read_headers
+from .gptq import QUANTIZATION_KEY, GPTQConfig, PackedLinear, find_packed_linears
 from .hub import cached_model_repos, resolve_model_source
-from .modes import STORED_FORMATS
+from .modes import GPTQ_PACKED, STORED_FORMATS
 from .vae_files import VAEFiles
 
 CONFIG_NAME = "config.json"
@@ -44,11 +46,27 @@ class ModelFolder:
                                 f"model*.safetensors, tokenizer files)")
         self.raw_config: dict[str, Any] = read_json(self.config_path)
         self.config = ModelConfig.from_dict(self.raw_config, str(self.config_path))
-        self.stored_format: str = self.raw_config.get(WEIGHTS_FORMAT_KEY, "bf16")
-        """How the decoder's linear weights are stored: `fp8`/`int4` for repacked folders, else `bf16`."""
-        if self.stored_format not in STORED_FORMATS:
-            raise NextStepError(f"{self.config_path}: {WEIGHTS_FORMAT_KEY}={self.stored_format!r} is not one of "
+        self.repacked_format: str = self.raw_config.get(WEIGHTS_FORMAT_KEY, "bf16")
+        """What `convert` recorded it repacked the decoder's linear weights as (`bf16` where it did not)."""
+        if self.repacked_format not in STORED_FORMATS:
+            raise NextStepError(f"{self.config_path}: {WEIGHTS_FORMAT_KEY}={self.repacked_format!r} is not one of "
                                 f"{', '.join(STORED_FORMATS)}; convert the model again with this version")
+        self.gptq: GPTQConfig | None = None
+        """The `quantization_config` of an AutoRound/GPTQ export (checked once, here), else None."""
+        if self.raw_config.get(QUANTIZATION_KEY) is not None:
+            if WEIGHTS_FORMAT_KEY in self.raw_config:
+                raise NextStepError(f"{self.config_path} has both {WEIGHTS_FORMAT_KEY} and {QUANTIZATION_KEY}; a "
+                                    f"folder is either repacked by convert or an AutoRound/GPTQ export, not both")
+            self.gptq = GPTQConfig.from_config(self.raw_config[QUANTIZATION_KEY], str(self.config_path))
+
+    @cached_property
+    def stored_format(self) -> str:
+        """How the decoder's linear weights are stored (modes.py): `fp8`/`int4` for folders repacked by `convert`,
+        `gptq` for an AutoRound/GPTQ export that holds packed layers (its headers are read to tell), else `bf16`
+        (an export whose every layer stayed float included)."""
+        if self.gptq is not None:
+            return GPTQ_PACKED if self.packed_linears else "bf16"
+        return self.repacked_format
 
     @classmethod
     def open(cls, source: "str | Path | ModelFolder") -> "ModelFolder":
@@ -87,6 +105,12 @@ class ModelFolder:
     def tensors(self) -> dict[str, TensorHeader]:
         """Every tensor of the weights by canonical name (no `model.` prefix), from the headers alone."""
         return read_headers(list(self.weight_files))
+
+    @cached_property
+    def packed_linears(self) -> dict[str, PackedLinear]:
+        """The linears an AutoRound/GPTQ export holds packed (gptq.py), by name: decided per layer by the tensors
+        present, since `extra_config` need not list every float layer. Empty for other folders."""
+        return find_packed_linears(self.tensors) if self.gptq is not None else {}
 
     def parameter_count(self) -> int:
         """Values of the tensors the loader reads (the text head and other ignored tensors left out)."""

@@ -16,7 +16,15 @@ from ..errors import NextStepError
 
 STORED_FORMATS = ("bf16", "fp8", "int4")
 """How a folder stores the decoder's linear weights: `bf16` for any plain float checkpoint (the released float32
-ones included), `fp8` and `int4` for folders repacked by `convert`."""
+ones included), `fp8` and `int4` for folders repacked by `convert` (what `convert --weights` writes)."""
+GPTQ_PACKED = "gptq"
+"""The stored format of a folder of GPTQ-packed 4-bit weights (an AutoRound or GPTQ export, see gptq.py): it
+loads as int4, in its own format only, like a folder repacked as int4."""
+
+
+def own_storage(stored: str) -> str:
+    """The weight storage (one of STORED_FORMATS) a folder storing `stored` weights loads in, besides `bf16`."""
+    return "int4" if stored == GPTQ_PACKED else stored
 
 
 @dataclass(frozen=True)
@@ -44,11 +52,15 @@ class WeightMode:
 def mode_refusal(mode: WeightMode, stored: str, traits: DeviceTraits, folder: str = "this folder") -> str | None:
     """Why `mode` cannot load a folder storing `stored` weights on a device with `traits`, or None.
 
-    A repacked folder loads only in its own format: its original weights are gone, and dequantising 4-bit or fp8
-    values to bf16 would take the memory of bf16 with the accuracy of the quantised form."""
+    A repacked or 4-bit community folder loads only in its own format: its original weights are gone, and
+    dequantising 4-bit or fp8 values to bf16 would take the memory of bf16 with the accuracy of the quantised
+    form."""
     if mode.fp8 and mode.int4:
         return "choose fp8 or int4 weights, not both"
-    if stored != "bf16" and mode.storage != stored:
+    if stored != "bf16" and mode.storage != own_storage(stored):
+        if stored == GPTQ_PACKED:
+            return (f"{folder} holds 4-bit GPTQ-packed weights (an AutoRound or GPTQ export), not the original ones; "
+                    f"load it with int4 weights, or use the original model for {mode.storage}")
         return (f"{folder} holds {stored} weights (repacked); load it with {stored} weights, or convert the "
                 f"original model to {mode.storage} instead")
     if mode.int4:
@@ -71,5 +83,6 @@ def loadable_modes(stored: str, traits: DeviceTraits, dtype: torch.dtype,
     candidates = [WeightMode(dtype), WeightMode(dtype, fp8=True), WeightMode(dtype, int4=True)]
     loadable = [mode for mode in candidates if mode_refusal(mode, stored, traits) is None]
     if not loadable:
-        check_loadable(next(mode for mode in candidates if mode.storage == stored), stored, traits, folder)
+        check_loadable(next(mode for mode in candidates if mode.storage == own_storage(stored)), stored, traits,
+                       folder)
     return loadable

@@ -24,10 +24,11 @@ from ..errors import NextStepError
 from ..model.network import NextStepModel
 from .checkpoint import TensorSource, checked_tensors, expected_shapes, iter_safetensors, report_unknown_and_missing
 from .fp8 import quantize_per_channel
+from .gptq import QUANTIZATION_KEY
 from .int4 import quantize_grouped
 from .loading import model_shape_hint
 from .model_folder import BUNDLED_VAE_FOLDER, CONFIG_NAME, INDEX_NAME, WEIGHTS_FORMAT_KEY, ModelFolder
-from .modes import STORED_FORMATS
+from .modes import GPTQ_PACKED, STORED_FORMATS
 
 MAX_SHARD_BYTES = 5 * 10**9
 """Hugging Face's customary shard limit (5 GB)."""
@@ -113,6 +114,12 @@ def convert_folder(source: str | Path | ModelFolder, destination: str | Path, we
     if weights not in STORED_FORMATS:
         raise NextStepError(f"unknown weight format {weights!r}; choose {', '.join(STORED_FORMATS)}")
     folder = ModelFolder.open(source)
+    if folder.stored_format == GPTQ_PACKED and weights == "int4":
+        raise NextStepError(f"{folder.path} holds 4-bit GPTQ-packed weights (an AutoRound or GPTQ export), which load "
+                            f"as they are with int4 weights (memory int4 or auto); there is nothing to convert")
+    if folder.stored_format == GPTQ_PACKED:
+        raise NextStepError(f"{folder.path} holds 4-bit GPTQ-packed weights (an AutoRound or GPTQ export), not the "
+                            f"original ones, so it cannot become {weights}; convert the original model folder instead")
     if folder.stored_format != "bf16":
         raise NextStepError(f"{folder.path} is already repacked ({folder.stored_format}); convert the original model "
                             f"folder instead")
@@ -128,6 +135,7 @@ def convert_folder(source: str | Path | ModelFolder, destination: str | Path, we
     if vae.is_dir():
         shutil.copytree(vae, destination / BUNDLED_VAE_FOLDER, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
     recorded = {**folder.raw_config, "torch_dtype": "bfloat16"}
+    recorded.pop(QUANTIZATION_KEY, None)  # an export whose layers all stayed float: no longer a quantised one
     if weights != "bf16":
         recorded[WEIGHTS_FORMAT_KEY] = weights
     (destination / CONFIG_NAME).write_text(json.dumps(recorded, indent=2))
