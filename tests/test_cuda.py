@@ -212,7 +212,7 @@ def test_compiled_head_goldens_through_the_cuda_graph(name: str, monkeypatch) ->
     with torch._dynamo.config.patch(disable=False):
         pipe = NextStepPipeline.from_pretrained(TINY_MODEL, device="cuda", dtype="float32", compile=True)
         result = generate(pipe, case)
-        assert SolverSteps(True).active, "compiling failed on this GPU machine"
+        assert SolverSteps(True, torch.device("cuda")).active, "compiling failed on this GPU machine"
     assert captured and captured[0] is not None, "the token step was not captured as a CUDA graph"
     assert_matches_golden(case, {"tokens": result.tokens.cpu(), "latents": result.latents.cpu(),
                                  "images": result.images.cpu()})
