@@ -10,6 +10,7 @@ no model registry, progress display, cancel button or web server to serve.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from typing import Any, Callable
 
@@ -42,6 +43,8 @@ if IN_COMFYUI:  # a ComfyUI without these is broken: let the import error show r
     from comfy.cli_args import LatentPreviewMethod
     from comfy.cli_args import args as comfy_args
     from server import PromptServer
+
+log = logging.getLogger("NextStep")
 
 MODEL_FOLDER_KEY = "nextstep"
 """models/nextstep/<model folder>/ (config.json, weights, tokenizer, vae/)."""
@@ -137,10 +140,16 @@ def register_model(module: nn.Module, current_device: torch.device, run_device: 
                                                offload_device=wait_device)
     # unloading moves the registered weights; the streaming slots (registered nowhere ComfyUI sees) are freed here
     patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_DETACH,
-                         lambda detached, unpatch_all: release_streaming_slots(module))
+                         lambda detached, unpatch_all: _release_streaming_slots(module))
     if current_device == run_device:
         prepare_model(patcher)  # already in place: enter it in the registry now, as ComfyUI's direct-to-GPU loads do
     return patcher
+
+
+def _release_streaming_slots(module: nn.Module) -> None:
+    freed = release_streaming_slots(module)
+    if freed:
+        log.info("NextStep: freed the streaming slots of the unloaded model (%.0f MB)", freed / 2**20)
 
 
 def prepare_model(handle: Any, memory_required: int = 0) -> None:
