@@ -13,7 +13,7 @@ FLASH_ATTN_FAILURES = {
     "windows-dll": ("ImportError", "DLL load failed while importing flash_attn_2_cuda: The specified procedure could "
                                    "not be found."),
     "linux-symbol": ("OSError", "flash_attn_2_cuda.cpython-311-x86_64-linux-gnu.so: undefined symbol: "
-                                "_ZN3c105ErrorC2ENS_14SourceLocationENSt7__cxx1112basic_stringIcSt11char_traitsIcESaIcEEE"),
+                                "_ZN3c105ErrorC2ENS_14SourceLocationENSt7__cxx1112basic_stringIcSt11char_traitsIcE"),
 }
 
 

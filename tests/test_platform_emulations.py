@@ -197,7 +197,7 @@ def test_capture_out_of_memory_and_faults_are_raised_not_swallowed(tiny_pipeline
                                      lambda: TokenStep(state, solve, use_cuda_graph=True, feed_only=False))
     if error is not ACCELERATOR_FAULT:
         assert str(raised.value).startswith("out of memory on cpu during sampling")
-    assert calls == [{"stream": calls[0]["stream"], "capture_error_mode": "thread_local"}]
+    assert [call["capture_error_mode"] for call in calls] == ["thread_local"]  # other threads cannot break it
 
 
 @pytest.mark.parametrize("message", ["CUDA error: operation not permitted when stream is capturing",
@@ -213,9 +213,10 @@ def test_capture_not_supported_runs_the_loop_eagerly(tiny_pipeline, message: str
     for solver in (solve, eager_solve):
         solver.load_noise(torch.randn((inputs.noise.chunk_tokens, inputs.noise.draws, inputs.batch,
                                        inputs.noise.dim), generator=torch.Generator().manual_seed(1)))
-    for built, state_of in ((step, state), (eager, eager_state)):
+    for state_of in (state, eager_state):
         state_of.prefill(inputs.rows, inputs.image_tokens)
-    previous = torch.randn(inputs.batch, tiny_pipeline.model.config.token_dim, generator=torch.Generator().manual_seed(2))
+    dim = tiny_pipeline.model.config.token_dim
+    previous = torch.randn(inputs.batch, dim, generator=torch.Generator().manual_seed(2))
     assert torch.equal(step(previous, 1).clone(), eager(previous, 1).clone())
 
 

@@ -208,7 +208,8 @@ def stream_layers(layers: nn.ModuleList, resident: int, device: torch.device, pi
 
 def streamers(model: nn.Module) -> list[LayerStreamer]:
     """The layer streamers of a model (none, or one)."""
-    found = {id(layer._streamer[0]): layer._streamer[0] for layer in model.modules() if isinstance(layer, StreamedLayer)}
+    found = {id(module._streamer[0]): module._streamer[0] for module in model.modules()
+             if isinstance(module, StreamedLayer)}
     return list(found.values())
 
 
