@@ -166,8 +166,9 @@ def prepare_model(handle: Any, memory_required: int = 0) -> None:
 
 def host_memory_pinning() -> PinHostMemory | None:
     """How streamed layers' host memory is page-locked: inside ComfyUI by ComfyUI itself, within its pinned-memory
-    budget (45% of RAM on Windows) and its --disable-pinned-memory; outside, the runtime's own rule (None)."""
-    return _comfyui_pin if IN_COMFYUI else None
+    budget (45% of RAM on Windows) and its --disable-pinned-memory; elsewhere (and in a ComfyUI older than its
+    pin_memory) by the runtime's own rule, the same (None)."""
+    return _comfyui_pin if IN_COMFYUI and hasattr(model_management, "pin_memory") else None
 
 
 def _comfyui_pin(buffer: torch.Tensor) -> Callable[[], None] | None:

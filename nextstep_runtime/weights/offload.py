@@ -126,9 +126,9 @@ class LayerStreamer:
         unlocks = [unlock for unlock in map(pin, self.host_buffers) if unlock is not None]
         weakref.finalize(self, _unlock_all, unlocks).atexit = False
         if len(unlocks) < len(self.host_buffers):
-            log.warning("NextStep: %d of %d streamed decoder layers are in page-locked memory (the limit of locked "
-                        "host memory was reached); the others are copied from pageable memory, more slowly",
-                        len(unlocks), len(self.host_buffers))
+            log.warning("NextStep: %d of %d streamed decoder layers are in page-locked memory (locking more was "
+                        "refused: the limit of locked host memory, or locking is turned off); the others are copied "
+                        "from pageable memory, more slowly", len(unlocks), len(self.host_buffers))
 
     @property
     def slot_bytes(self) -> int:
