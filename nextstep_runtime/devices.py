@@ -64,8 +64,8 @@ class DeviceTraits:
     --gpu-memory` on a machine without it), which is then assumed current (bfloat16, every kernel present)."""
     macos: tuple[int, ...] | None = None
     """The macOS version under an Apple GPU; None elsewhere."""
-    torch: tuple[int, ...] = TORCH_VERSION
-    """The torch version whose kernels run there (major, minor)."""
+    torch_version: tuple[int, ...] = TORCH_VERSION
+    """The torch whose kernels run there (major, minor)."""
 
     @classmethod
     def of(cls, device: torch.device | str) -> "DeviceTraits":
@@ -196,9 +196,9 @@ def int4_refusal(traits: DeviceTraits, dtype: torch.dtype) -> str | None:
     if traits.type not in INT4_TORCH:
         return f"4-bit weights run on the CPU, CUDA GPUs and Apple GPUs, not on {traits.type}"
     needed = INT4_TORCH[traits.type]
-    if traits.torch < needed:
+    if traits.torch_version < needed:
         return (f"4-bit weights on {traits.describe()} need torch {_torch_text(needed)} or newer (this is torch "
-                f"{_torch_text(traits.torch)}); upgrade torch, or load the model in full or fp8")
+                f"{_torch_text(traits.torch_version)}); upgrade torch, or load the model in full or fp8")
     if traits.type == "cuda":
         if dtype != torch.bfloat16:
             return f"4-bit weights on CUDA compute in bfloat16 (got {str(dtype).removeprefix('torch.')})"

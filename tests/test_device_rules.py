@@ -28,10 +28,10 @@ from nextstep_runtime.weights.modes import loadable_modes, mode_refusal
 from nextstep_runtime.weights.offload import pinned_memory_cap
 
 PASCAL, TURING, AMPERE, ADA = (DeviceTraits("cuda", capability) for capability in ((6, 1), (7, 5), (8, 0), (8, 9)))
-OLD_MAC = DeviceTraits("mps", macos=(13, 6), torch=(2, 14))
-NEW_MAC = DeviceTraits("mps", macos=(14, 5), torch=(2, 14))
-NEW_MAC_OLD_TORCH = DeviceTraits("mps", macos=(15, 1), torch=(2, 13))
-CPU = DeviceTraits("cpu", torch=(2, 13))
+OLD_MAC = DeviceTraits("mps", macos=(13, 6), torch_version=(2, 14))
+NEW_MAC = DeviceTraits("mps", macos=(14, 5), torch_version=(2, 14))
+NEW_MAC_OLD_TORCH = DeviceTraits("mps", macos=(15, 1), torch_version=(2, 13))
+CPU = DeviceTraits("cpu", torch_version=(2, 13))
 FOOTPRINT = ModelFootprint.from_config(NEXTSTEP_14B)
 
 
@@ -58,8 +58,8 @@ def test_auto_dtype_by_device(traits: DeviceTraits, expected: torch.dtype) -> No
     (NEW_MAC, torch.bfloat16, ["bf16", "int4"]),
     (NEW_MAC_OLD_TORCH, torch.bfloat16, ["bf16"]),
     (CPU, torch.float32, ["bf16", "fp8", "int4"]),
-    (DeviceTraits("cpu", torch=(2, 5)), torch.float32, ["bf16", "fp8"]),
-    (DeviceTraits("cuda", (8, 9), torch=(2, 4)), torch.bfloat16, ["bf16", "fp8"]),
+    (DeviceTraits("cpu", torch_version=(2, 5)), torch.float32, ["bf16", "fp8"]),
+    (DeviceTraits("cuda", (8, 9), torch_version=(2, 4)), torch.bfloat16, ["bf16", "fp8"]),
 ], ids=["cuda-6.1", "cuda-7.5", "cuda-8.0", "cuda-8.9", "macos-13", "macos-14", "macos-torch-2.13", "cpu",
         "cpu-torch-2.5", "cuda-torch-2.4"])
 def test_weight_modes_by_device(traits: DeviceTraits, dtype: torch.dtype, expected: list[str]) -> None:
@@ -73,9 +73,9 @@ def test_weight_modes_by_device(traits: DeviceTraits, dtype: torch.dtype, expect
 def test_refusals_say_why() -> None:
     assert "MPS has no float8 type" in mode_refusal(WeightMode(fp8=True), "bf16", NEW_MAC)
     assert "need torch 2.14 or newer (this is torch 2.13)" in int4_refusal(NEW_MAC_OLD_TORCH, torch.bfloat16)
-    assert "need torch 2.6 or newer (this is torch 2.5)" in int4_refusal(DeviceTraits("cpu", torch=(2, 5)),
-                                                                         torch.float32)
-    assert "need torch 2.5 or newer" in int4_refusal(DeviceTraits("cuda", (9, 0), torch=(2, 4)), torch.bfloat16)
+    old_cpu, old_cuda = DeviceTraits("cpu", torch_version=(2, 5)), DeviceTraits("cuda", (9, 0), torch_version=(2, 4))
+    assert "need torch 2.6 or newer (this is torch 2.5)" in int4_refusal(old_cpu, torch.float32)
+    assert "need torch 2.5 or newer" in int4_refusal(old_cuda, torch.bfloat16)
     assert "compute capability 8.0+" in int4_refusal(TURING, torch.bfloat16)
     assert "saves nothing on an Apple GPU" in mode_refusal(WeightMode(gpu_layers=10), "bf16", NEW_MAC)
     assert "needs torch 2.7 or newer (this is torch 2.6)" in compile_version_refusal((2, 6))
