@@ -36,7 +36,8 @@ def _import_flash_attn() -> tuple[Callable | None, str | None]:
         return None, NOT_INSTALLED
     try:
         from flash_attn import flash_attn_func
-    except (ImportError, OSError) as exc:  # a wheel for another torch/CUDA: "DLL load failed", undefined symbol
+    except Exception as exc:  # noqa: BLE001 - ImportError/OSError from a wheel for another torch or CUDA ("DLL
+        # load failed", an undefined symbol), or whatever else a broken optional package raises: never fail the run
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
         return None, (f"flash-attn is installed but does not import ({type(exc).__name__}: {text[:300]}); it was "
                       f"probably built for another torch or CUDA than torch {torch.__version__}: install a wheel "
