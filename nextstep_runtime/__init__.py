@@ -9,7 +9,7 @@ everything else is internal and may move.
 """
 
 from .config import ModelConfig, VAEConfig
-from .devices import DTYPES, DeviceTraits, resolve_device, resolve_dtype
+from .devices import DTYPES, DeviceTraits, compile_default, resolve_device, resolve_dtype
 from .errors import NextStepError
 from .image_codec import decode_latents, encode_images
 from .images import center_crop_to_multiple, check_input_image_size, images_to_unit, load_rgb, to_uint8
@@ -31,6 +31,7 @@ from .weights.hub import cache_root
 from .weights.loading import load_model, load_vae
 from .weights.model_folder import ModelFolder, cached_nextstep_repos, holds_model_config
 from .weights.modes import WeightMode
+from .weights.offload import PinHostMemory, release_streaming_slots, released_slot_bytes
 
 __all__ = [
     "CFG_SCHEDULES", "DTYPES", "DeviceTraits", "FreeMemory", "GB", "GenerationResult", "GenerationSettings",
@@ -41,5 +42,5 @@ __all__ = [
     "holds_model_config", "image_size_of", "images_to_unit", "load_model", "load_rgb", "load_tokenizer",
     "load_vae", "memory_remedy", "plan_memory", "resolve_device", "resolve_dtype", "resolve_weight_mode",
     "sampling_bytes", "set_attention_backend", "to_uint8", "token_pixels", "unpatchify", "vae_decode_bytes",
-    "vae_encode_bytes",
+    "vae_encode_bytes", "PinHostMemory", "compile_default", "release_streaming_slots", "released_slot_bytes",
 ]

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import torch
 
-from .devices import resolve_device, resolve_dtype
+from .devices import DeviceTraits, compile_default, resolve_device, resolve_dtype
 from .errors import NextStepError
 from .image_codec import decode_latents, encode_images
 from .memory.check import check_job_memory
 from .memory.device_memory import FreeMemory, free_memory
 from .memory.job import Job
 from .memory.out_of_memory import SAMPLING, run_or_explain_out_of_memory
+from .model.attention import set_attention_backend
 from .model.network import NextStepModel
 from .model.tokens import LatentNormalization, image_size_of, patchify, token_grid, token_pixels, unpatchify
 from .model.vae import NextStepVAE
@@ -61,7 +62,7 @@ class NextStepPipeline:
     def from_pretrained(cls, folder: str | Path | ModelFolder, vae: str | Path | None = None, device: str = "auto",
                         dtype: str = "auto", fp8: bool = False,
                         resident_layers: int | None = None, int4: bool = False,
-                        compile: bool = True) -> "NextStepPipeline":
+                        compile: bool | None = None, attention: str = "auto") -> "NextStepPipeline":
         """Load the model folder, or a Hugging Face repo id (`org/name[@revision]`) from the local Hugging Face
         cache; the VAE from `vae` or the config's `vae_name_or_path`. The latent scale/shift come from the
         config of the VAE actually loaded.
@@ -70,9 +71,13 @@ class NextStepPipeline:
         grouped 4-bit (about a quarter);
         `resident_layers` keeps only that many decoder layers on the device and streams the rest;
         `compile` runs the flow head through torch.compile (compiled at the first call of each shape;
-        eager, with one warning, where compiling fails)."""
+        eager, with one warning, where compiling fails); None: the device's default (devices.compile_default:
+        on, except on Apple GPUs). `attention`: auto, sdpa or flash_attn (see set_attention_backend)."""
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
+        if compile is None:
+            compile = compile_default(DeviceTraits.of(torch_device))
+        set_attention_backend(attention, torch_device)
         folder = ModelFolder.open(folder)
         model = load_model(folder, torch_dtype, torch_device, fp8=fp8, resident_layers=resident_layers, int4=int4)
         vae_files = folder.vae if vae is None else VAEFiles.locate(vae)

@@ -10,6 +10,7 @@ no model registry, progress display, cancel button or web server to serve.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from typing import Any, Callable
 
@@ -17,7 +18,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from nextstep_runtime import LOADING, NextStepError, memory_remedy, resolve_device
+from nextstep_runtime import (
+    LOADING,
+    NextStepError,
+    PinHostMemory,
+    memory_remedy,
+    release_streaming_slots,
+    resolve_device,
+)
 from nextstep_runtime import free_memory as runtime_free_memory
 
 try:
@@ -29,11 +37,14 @@ IN_COMFYUI = folder_paths is not None
 if IN_COMFYUI:  # a ComfyUI without these is broken: let the import error show rather than fall back silently
     import comfy.model_management as model_management
     import comfy.model_patcher
+    import comfy.patcher_extension
     import comfy.utils
     from aiohttp import web
     from comfy.cli_args import LatentPreviewMethod
     from comfy.cli_args import args as comfy_args
     from server import PromptServer
+
+log = logging.getLogger("NextStep")
 
 MODEL_FOLDER_KEY = "nextstep"
 """models/nextstep/<model folder>/ (config.json, weights, tokenizer, vae/)."""
@@ -78,13 +89,12 @@ def initial_device(parameters: int, dtype: torch.dtype) -> torch.device:
 
 
 def model_memory_budget(device: torch.device) -> int | None:
-    """Bytes a model and its runs may use on a CUDA `device` (None elsewhere): inside ComfyUI, the card less
-    ComfyUI's reserve, since it unloads other models to make room; outside, what is free now."""
-    if device.type != "cuda":
-        return None
-    if IN_COMFYUI:
+    """Bytes a model and its runs may use on a GPU `device` (None on the CPU): on CUDA inside ComfyUI, the card less
+    ComfyUI's reserve, since it unloads other models to make room; on an Apple GPU, and outside ComfyUI, what is free
+    there now (ComfyUI counts a Mac's whole RAM as the GPU's, more than Metal lets the GPU use)."""
+    if device.type == "cuda" and IN_COMFYUI:
         return model_management.get_total_memory(device) - model_management.extra_reserved_memory()
-    return runtime_free_memory(device)
+    return runtime_free_memory(device) if device.type in ("cuda", "mps") else None
 
 
 def offload_device() -> torch.device:
@@ -128,9 +138,18 @@ def register_model(module: nn.Module, current_device: torch.device, run_device: 
         return None
     patcher = comfy.model_patcher.ModelPatcher(_Managed(module, current_device), load_device=run_device,
                                                offload_device=wait_device)
+    # unloading moves the registered weights; the streaming slots (registered nowhere ComfyUI sees) are freed here
+    patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_DETACH,
+                         lambda detached, unpatch_all: _release_streaming_slots(module))
     if current_device == run_device:
         prepare_model(patcher)  # already in place: enter it in the registry now, as ComfyUI's direct-to-GPU loads do
     return patcher
+
+
+def _release_streaming_slots(module: nn.Module) -> None:
+    freed = release_streaming_slots(module)
+    if freed:
+        log.info("NextStep: freed the streaming slots of the unloaded model (%.0f MB)", freed / 2**20)
 
 
 def prepare_model(handle: Any, memory_required: int = 0) -> None:
@@ -143,6 +162,20 @@ def prepare_model(handle: Any, memory_required: int = 0) -> None:
         except torch.cuda.OutOfMemoryError:
             raise NextStepError(f"the NextStep model does not fit in GPU memory; "
                                 f"{memory_remedy(LOADING, handle.load_device)}") from None
+
+
+def host_memory_pinning() -> PinHostMemory | None:
+    """How streamed layers' host memory is page-locked: inside ComfyUI by ComfyUI itself, within its pinned-memory
+    budget (45% of RAM on Windows) and its --disable-pinned-memory; elsewhere (and in a ComfyUI older than its
+    pin_memory) by the runtime's own rule, the same (None)."""
+    return _comfyui_pin if IN_COMFYUI and hasattr(model_management, "pin_memory") else None
+
+
+def _comfyui_pin(buffer: torch.Tensor) -> Callable[[], None] | None:
+    handle = nn.Parameter(buffer, requires_grad=False)  # ComfyUI pins parameters only; this one shares the memory
+    if not model_management.pin_memory(handle):
+        return None
+    return lambda: model_management.unpin_memory(handle)
 
 
 def free_memory(device: torch.device) -> int | None:

@@ -6,8 +6,10 @@ import logging
 
 from nextstep_runtime import (
     MEMORY_CHOICES,
+    DeviceTraits,
     ModelFolder,
     WeightMode,
+    compile_default,
     resolve_dtype,
     resolve_weight_mode,
     set_attention_backend,
@@ -45,13 +47,15 @@ class NextStepModelLoader:
                                                                   "repo id (stepfun-ai/NextStep-1.1) from the "
                                                                   "Hugging Face cache."}),
                 "dtype": (list(DTYPE_CHOICES), {"default": "auto",
-                                                "tooltip": "Weight precision. auto: bfloat16 on GPUs that support "
-                                                           "it (float16 otherwise), float32 on the CPU. The 14B "
-                                                           "models need about 30 GB in bfloat16."}),
+                                                "tooltip": "Weight precision. auto: bfloat16 on NVIDIA GPUs from "
+                                                           "Ampere (RTX 30xx) on and on Macs from macOS 14, float16 "
+                                                           "on older ones, float32 on the CPU. The 14B models need "
+                                                           "about 30 GB in bfloat16."}),
                 "attention": (list(ATTENTION_CHOICES), {"default": "auto",
-                                                        "tooltip": "Attention kernel. auto: flash-attn when "
-                                                                   "installed, else PyTorch SDPA. flash_attn falls "
-                                                                   "back to SDPA (with a warning) when missing."}),
+                                                        "tooltip": "Attention kernel. auto: flash-attn when it "
+                                                                   "imports and the GPU runs it (Ampere or newer), "
+                                                                   "else PyTorch SDPA. flash_attn falls back to SDPA "
+                                                                   "(with a warning) when missing or broken."}),
             },
             "optional": {
                 "fp8": ("BOOLEAN", {"default": False,
@@ -68,25 +72,25 @@ class NextStepModelLoader:
                                                   "tooltip": "Decoder weights. auto: the fastest that fits this GPU "
                                                              "(full, then fp8, then int4, then streaming layers; "
                                                              "planned for 512x512). full: the dtype above. fp8: "
-                                                             "about 15 GB for the 14B models. int4: 4-bit, about "
-                                                             "9 GB, for 12-16 GB cards (needs an Ampere or newer "
-                                                             "GPU). A repacked or 4-bit AutoRound/GPTQ folder loads in its "
+                                                             "about 15 GB for the 14B models (not on Macs). int4: "
+                                                             "4-bit, about 9 GB, for 12-16 GB cards (needs an "
+                                                             "Ampere or newer GPU, or a Mac with torch 2.14+). A "
+                                                             "repacked or 4-bit AutoRound/GPTQ folder loads in its "
                                                              "own format."}),
-                "compile": ("BOOLEAN", {"default": True,
+                "compile": ("BOOLEAN", {"default": compile_default(DeviceTraits.of(host.load_device())),
                                         "tooltip": "Compile the flow head with torch.compile into fused kernels "
                                                    "(faster sampling). Paid once per image shape, at the first "
                                                    "run: seconds on a GPU, a minute or more on a CPU. Without a "
                                                    "working compiler (common on Windows) it logs one warning and "
-                                                   "runs uncompiled."}),
+                                                   "runs uncompiled. Off by default on Macs (torch.compile's Apple "
+                                                   "GPU backend is a prototype)."}),
             },
         }
 
     def load(self, model_name: str, dtype: str, attention: str, fp8: bool = False,
              gpu_layers: int = ALL_LAYERS, memory: str = "auto", compile: bool = True) -> tuple[NextStepModelHandle]:
         folder = catalog.model_folder(model_name)
-        if set_attention_backend(attention) != attention and attention == "flash_attn":
-            log.warning("NextStep: flash-attn is not installed; using PyTorch SDPA attention instead "
-                        "(`pip install flash-attn` in ComfyUI's environment to use it).")
+        set_attention_backend(attention, host.load_device())  # warns once where flash-attn cannot run
         mode, choice = loader_weight_mode(folder, dtype, memory, fp8, gpu_layers)
         if choice:
             log.info("NextStep: %s", choice)

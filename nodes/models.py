@@ -79,7 +79,8 @@ def load_nextstep_model(folder: ModelFolder, dtype: torch.dtype, fp8: bool = Fal
             device = host.initial_device(folder.parameter_count(), torch.float8_e4m3fn if fp8 else dtype)
         else:  # streaming is set up, and int4 weights are packed, for the run device at load time
             device = host.load_device()
-        model = load_model(folder, dtype, device, fp8=fp8, resident_layers=resident_layers, int4=int4)
+        model = load_model(folder, dtype, device, fp8=fp8, resident_layers=resident_layers, int4=int4,
+                           pin=host.host_memory_pinning())
         pipeline = NextStepPipeline(model, load_tokenizer(folder), folder.vae.normalization,
                                     free_memory=host.free_memory)
         registration = host.register_model(model, device, host.load_device(), host.offload_device())

@@ -15,6 +15,7 @@ from nextstep_runtime import (
     ModelConfig,
     NextStepError,
     image_size_of,
+    released_slot_bytes,
     sampling_bytes,
     set_attention_backend,
     token_pixels,
@@ -169,9 +170,11 @@ class NextStepSampler:
         negative_prompt = negative_text(negative)
         pipeline = model.loaded.pipeline
         config = pipeline.model.config
-        set_attention_backend(model.attention)
-        # ComfyUI frees what the token loop allocates besides the weights (the planner's figure) before the run
-        working_memory = sampling_bytes(config, pipeline.model.dtype, Job.with_latents(settings, positive.images))
+        set_attention_backend(model.attention, pipeline.model.device)
+        # ComfyUI frees what the token loop allocates besides the weights (the planner's figure) before the run, and
+        # the streaming slots, which it does not count as the model's (they are freed when it unloads the model)
+        working_memory = (sampling_bytes(config, pipeline.model.dtype, Job.with_latents(settings, positive.images))
+                          + released_slot_bytes(pipeline.model))
         host.prepare_model(model.loaded.registration, working_memory)
         grid = (height // token_pixels(config), width // token_pixels(config))
         preview = None

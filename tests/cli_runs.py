@@ -16,10 +16,12 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 
 
-def run_cli(*args: str, sdpa_layout: str = "cpu") -> subprocess.CompletedProcess:
-    """`generate` in a subprocess; with sdpa_layout "cuda", under the CUDA output-layout emulation."""
+def run_cli(*args: str, sdpa_layout: str = "cpu", path: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
+    """`generate` in a subprocess; with sdpa_layout "cuda", under the CUDA output-layout emulation; `path`: folders
+    put first on its import path (a broken package, say)."""
     module = "sdpa_layouts" if sdpa_layout == "cuda" else "nextstep_runtime"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
+    python_path = [*map(str, path), str(TESTS), os.environ.get("PYTHONPATH")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, python_path))}
     return subprocess.run([sys.executable, "-m", module, "generate", *args],
                           cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
 

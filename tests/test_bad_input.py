@@ -122,7 +122,7 @@ def test_image_without_image_tag(capsys, tmp_path) -> None:
     (("--seed", str(2**64)), "seed 18446744073709551616 is outside the allowed range 0 to 18446744073709551615"),
     (("--sampler", "euler"), "argument --sampler: invalid choice: 'euler'"),
     (("--profile", "diffusers"), "argument --profile: invalid choice: 'diffusers'"),
-    (("--device", "bogus"), "unknown device 'bogus'; use cpu, cuda, cuda:N or auto"),
+    (("--device", "bogus"), "unknown device 'bogus'; use cpu, cuda, cuda:N, mps or auto"),
 ])
 def test_invalid_settings(capsys, tmp_path, args, expected) -> None:
     assert expected in cli_error(capsys, tmp_path, "--prompt", "x", *args)

@@ -140,6 +140,26 @@ def test_interrupt_mid_generation_then_the_next_run_works(comfy):
     assert_close_uint8(saved, expected_from_runtime(case, seed=2))
 
 
+def test_unloading_a_streamed_model_frees_its_slots_and_the_next_run_makes_them_again(comfy):
+    """gpu_layers 1 of the fixture's 2: the streaming slots are no weights ComfyUI knows of, so "Unload models" frees
+    them through the pack's detach callback; the next run (another seed, so the sampler runs) makes them again."""
+    case = CASES["official_t2i_sde"].params
+
+    def streamed(prefix: str, **changes) -> dict:
+        prompt = workflow("nextstep_1.1_text_to_image", case, prefix, **changes)
+        (loader,) = [node["inputs"] for node in prompt.values() if node["class_type"] == "NextStepModelLoader"]
+        loader["gpu_layers"] = 1
+        return prompt
+
+    assert_close_uint8(comfy.run(streamed("e2e/streamed")), golden_pixels("official_t2i_sde"))
+    assert comfy.request("/free", {"unload_models": True})[0] == 200  # done by the prompt worker when idle
+    deadline = time.monotonic() + 60
+    while "NextStep: freed the streaming slots of the unloaded model" not in comfy.log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, comfy.log_tail()
+        time.sleep(0.2)
+    assert_close_uint8(comfy.run(streamed("e2e/streamed-again", seed=5)), expected_from_runtime(case, seed=5))
+
+
 def test_bad_width_is_refused_with_a_readable_message(comfy):
     case = CASES["official_t2i_sde"].params
     prompt = workflow("nextstep_1.1_text_to_image", case, "e2e/bad-width", width=500)

@@ -1,6 +1,13 @@
 """The CUDA paths, where a CUDA GPU is present (skipped otherwise; benchmarks/gpu_check.sh runs them):
 every golden through the captured CUDA graph in float32, fp8 (fused fp8 matmul on sm_89+) and int4 (PyTorch's
-int4 kernel) near bfloat16, layer streaming with its copy stream equal to resident layers, and `auto` memory."""
+int4 kernel) near bfloat16, layer streaming with its copy stream equal to resident layers, and `auto` memory.
+
+And what issue 20 found by reading (CPU emulations in test_platform_emulations.py): grouped-query decoding with
+CUDA's SDPA output layout (every test here runs it), out of memory in the fused fp8 matmul and in the capture
+explained rather than swallowed, streaming slots freed and made again, the fp8 fallback's float32 scale, the VAE's
+attention on a fused kernel within its planned memory, a capture that another thread's mem_get_info does not
+break, the auto dtype by compute capability, a broken flash-attn falling back, streamed layers page-locked to the
+planner's bytes."""
 
 from __future__ import annotations
 
@@ -83,19 +90,17 @@ def test_bfloat16_graph_equals_bfloat16_eager(monkeypatch) -> None:
 
 @pytest.mark.parametrize("fp8,resident", [(False, None), (True, None), (True, 2)])
 def test_memory_plan_weights_are_what_sits_on_the_gpu(model_copy, fp8, resident) -> None:
-    """Every tensor the loaded model holds (registered ones, streaming slots, streamed host layers), summed by
-    the device it really lives on, against the planner's device and host figures; and the GPU's size as the
-    planner reads it."""
+    """Every tensor the loaded model holds (registered ones, the buffers the streaming slots and the streamed host
+    layers are packed in), summed by the device it really lives on, against the planner's device and host figures;
+    and the GPU's size as the planner reads it."""
     from nextstep_runtime import Job, ModelFootprint, WeightMode, device_memory, load_model, plan_memory
-    from nextstep_runtime.weights.offload import StreamedLayer
+    from nextstep_runtime.weights.offload import streamers
 
     deepen(model_copy, 5)
     model = load_model(model_copy, torch.bfloat16, "cuda", fp8=fp8, resident_layers=resident)
     tensors = list(model.state_dict().values())
-    streamers = {id(layer._streamer[0]): layer._streamer[0] for layer in model.layers if isinstance(layer, StreamedLayer)}
-    for streamer in streamers.values():
-        for layer in streamer.slots + streamer.host_layers:
-            tensors += list(layer.state_dict().values())
+    for streamer in streamers(model):
+        tensors += streamer.slot_buffers + streamer.host_buffers
     by_device = {"cuda": 0, "cpu": 0}
     for tensor in tensors:
         by_device[tensor.device.type] += tensor.numel() * tensor.element_size()
@@ -263,7 +268,178 @@ def test_compiled_head_goldens_through_the_cuda_graph(name: str, monkeypatch) ->
     with torch._dynamo.config.patch(disable=False):
         pipe = NextStepPipeline.from_pretrained(TINY_MODEL, device="cuda", dtype="float32", compile=True)
         result = generate(pipe, case)
-        assert SolverSteps(True).active, "compiling failed on this GPU machine"
+        assert SolverSteps(True, torch.device("cuda")).active, "compiling failed on this GPU machine"
     assert captured and captured[0] is not None, "the token step was not captured as a CUDA graph"
     assert_matches_golden(case, {"tokens": result.tokens.cpu(), "latents": result.latents.cpu(),
                                  "images": result.images.cpu()})
+
+
+# --- issue 20 ---------------------------------------------------------------------------------------------------
+
+def test_out_of_memory_in_the_fused_fp8_matmul_is_explained_and_the_kernel_stays_on(model_copy, monkeypatch) -> None:
+    from nextstep_runtime.weights.fp8 import FP8Linear
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("no fused fp8 matmul below compute capability 8.9")
+    case = next(c for c in golden_cases() if c.name == "official_t2i_cps_nocfg")
+    pipe = NextStepPipeline.from_pretrained(model_copy, device="cuda", dtype="bfloat16", fp8=True)
+    scaled_mm = torch._scaled_mm
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    monkeypatch.setattr(torch, "_scaled_mm", out_of_memory)
+    with pytest.raises(NextStepError, match=r"^out of memory on cuda(:\d+)? during sampling"):
+        generate(pipe, case)
+    assert FP8Linear.fused_refused is False
+    calls = []
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *args, **kwargs: calls.append(1) or scaled_mm(*args, **kwargs))
+    generate(pipe, case)
+    assert calls and FP8Linear.fused_refused is False, "the next run does not use the fused kernel"
+
+
+def test_out_of_memory_in_the_capture_is_explained_and_the_next_run_captures(monkeypatch) -> None:
+    case = next(c for c in golden_cases() if c.name == "official_t2i_sde")
+    pipe = NextStepPipeline.from_pretrained(TINY_MODEL, device="cuda", dtype="float32")
+    graph = torch.cuda.graph
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch.cuda, "graph", out_of_memory)
+    with pytest.raises(NextStepError, match=r"^out of memory on cuda(:\d+)? during sampling"):
+        generate(pipe, case)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    captured = record_captured_graphs(monkeypatch)
+    result = generate(pipe, case)
+    assert captured and captured[0] is not None
+    assert_matches_golden(case, {"tokens": result.tokens.cpu()})
+
+
+def test_streaming_slots_are_freed_and_made_again(model_copy) -> None:
+    from nextstep_runtime import release_streaming_slots, released_slot_bytes
+
+    case = next(c for c in golden_cases() if c.name == "official_t2i_cps_nocfg")
+    deepen(model_copy, 5)
+    pipe = NextStepPipeline.from_pretrained(model_copy, device="cuda", dtype="bfloat16", resident_layers=2)
+    before = generate(pipe, case)
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated()
+    freed = release_streaming_slots(pipe.model)
+    assert freed > 0 and released_slot_bytes(pipe.model) == freed
+    assert torch.cuda.memory_allocated() == allocated - freed
+    assert torch.equal(generate(pipe, case).tokens, before.tokens)
+
+
+def test_streamed_layers_are_page_locked_to_the_planners_bytes(model_copy, monkeypatch) -> None:
+    """cudaHostRegister on the packed layers: exactly the planned host bytes locked (torch's pinned allocator
+    would round each block up to a power of two); over the cap, layers stream from pageable memory, unchanged."""
+    from nextstep_runtime import Job, ModelFootprint, WeightMode, plan_memory
+    from nextstep_runtime.weights import offload
+    from nextstep_runtime.weights.offload import streamers
+
+    case = next(c for c in golden_cases() if c.name == "official_t2i_cps_nocfg")
+    deepen(model_copy, 5)
+    pipe = NextStepPipeline.from_pretrained(model_copy, device="cuda", dtype="bfloat16", resident_layers=1)
+    streamer = streamers(pipe.model)[0]
+    plan = plan_memory(ModelFootprint.from_folder(model_copy), WeightMode(torch.bfloat16, gpu_layers=1), Job())
+    assert all(buffer.is_pinned() for buffer in streamer.host_buffers)
+    assert sum(buffer.nbytes for buffer in streamer.host_buffers) == plan.weights_host_bytes
+    locked = generate(pipe, case)
+    monkeypatch.setattr(offload, "pinned_memory_cap", lambda windows, total: offload._page_locked)
+    capped = NextStepPipeline.from_pretrained(model_copy, device="cuda", dtype="bfloat16", resident_layers=1)
+    assert not any(buffer.is_pinned() for buffer in streamers(capped.model)[0].host_buffers)
+    assert torch.equal(generate(capped, case).tokens, locked.tokens)
+
+
+def test_fp8_fallback_applies_the_scale_in_float32_on_cuda() -> None:
+    from nextstep_runtime.weights.fp8 import FP8Linear, quantize_per_channel
+
+    layer = FP8Linear(256, 64, bias=False).cuda()
+    weight, scale = quantize_per_channel(torch.randn(64, 256, device="cuda") * 0.05)
+    layer.weight.data, layer.weight_scale = weight, scale
+    eye = torch.eye(256, dtype=torch.bfloat16, device="cuda")
+    expected = (weight.float() * scale[:, None]).t().to(torch.bfloat16)
+    assert torch.equal(layer.dequantized(eye), expected)
+
+
+def test_vae_attention_runs_a_fused_kernel_within_the_planned_memory(monkeypatch) -> None:
+    """NextStep's VAE (random weights) decoding 1024x1024 in bf16: SDPA chooses a fused kernel for the mid-block
+    attention, and the decode's peak stays within the planner's VAE figure."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend
+
+    from nextstep_runtime import NextStepVAE, VAEConfig, vae_decode_bytes
+
+    vae = NextStepVAE(VAEConfig()).to("cuda", torch.bfloat16).eval().requires_grad_(False)
+    chosen = []
+    native = F.scaled_dot_product_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        chosen.append(SDPBackend(torch._fused_sdp_choice(q, k, v)))
+        return native(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    latent = torch.randn(1, 16, 128, 128, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.inference_mode():
+        vae.decode(latent)
+    torch.cuda.synchronize()
+    assert chosen and SDPBackend.MATH not in chosen, chosen
+    assert torch.cuda.max_memory_allocated() - base <= vae_decode_bytes(128, 128, torch.bfloat16)
+
+
+def test_capture_survives_another_thread_asking_for_free_memory(monkeypatch) -> None:
+    """ComfyUI's plan route may call torch.cuda.mem_get_info while the token step is captured."""
+    import threading
+
+    case = next(c for c in golden_cases() if c.name == "official_t2i_sde")
+    captured = record_captured_graphs(monkeypatch)
+    pipe = NextStepPipeline.from_pretrained(TINY_MODEL, device="cuda", dtype="float32")
+    stop = threading.Event()
+    refused: list[BaseException] = []
+
+    def ask() -> None:
+        while not stop.is_set():
+            try:
+                torch.cuda.mem_get_info()
+            except RuntimeError as exc:  # "operation not permitted when stream is capturing" with a global capture
+                refused.append(exc)
+                return
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    try:
+        result = generate(pipe, case)
+    finally:
+        stop.set()
+        asker.join()
+    assert not refused and captured and captured[0] is not None
+    assert_matches_golden(case, {"tokens": result.tokens.cpu()})
+
+
+def test_auto_dtype_follows_the_compute_capability() -> None:
+    from nextstep_runtime import resolve_dtype
+
+    expected = torch.bfloat16 if torch.cuda.get_device_capability() >= (8, 0) else torch.float16
+    assert resolve_dtype("auto", torch.device("cuda")) == expected
+
+
+def test_a_broken_flash_attn_falls_back_on_the_gpu(tmp_path, monkeypatch, caplog) -> None:
+    import logging
+
+    from broken_installs import broken_flash_attn
+
+    from nextstep_runtime import set_attention_backend
+
+    monkeypatch.syspath_prepend(str(broken_flash_attn(tmp_path)))
+    case = next(c for c in golden_cases() if c.name == "official_t2i_sde")
+    try:
+        with caplog.at_level(logging.WARNING):
+            pipe = NextStepPipeline.from_pretrained(TINY_MODEL, device="cuda", dtype="bfloat16", attention="auto")
+            generate(pipe, case)
+        assert len([r for r in caplog.records if "flash-attn is installed but does not import" in r.getMessage()]) == 1
+    finally:
+        set_attention_backend("sdpa")

@@ -26,8 +26,8 @@ from nextstep_runtime.memory.choice import choose_mode
 from nextstep_runtime.weights.repack import convert_folder
 
 FOOTPRINT = ModelFootprint.from_config(NEXTSTEP_14B)
-GPU = DeviceTraits("cuda", (8, 9), bf16=True)
-PRE_AMPERE = DeviceTraits("cuda", (7, 5), bf16=True)
+GPU = DeviceTraits("cuda", (8, 9))
+PRE_AMPERE = DeviceTraits("cuda", (7, 5))
 BF16 = WeightMode(torch.bfloat16)
 FP8 = WeightMode(torch.bfloat16, fp8=True)
 INT4 = WeightMode(torch.bfloat16, int4=True)

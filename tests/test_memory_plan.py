@@ -37,7 +37,7 @@ from nextstep_runtime.memory.estimate import kv_cache_bytes
 from nextstep_runtime.memory.footprint import weight_bytes
 from nextstep_runtime.memory.plan import gb
 from nextstep_runtime.sampling.token_loop import DecodeState
-from nextstep_runtime.weights.offload import StreamedLayer
+from nextstep_runtime.weights.offload import PACK_ALIGNMENT, streamers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,21 +82,27 @@ def test_resident_weights_equal_the_loaded_model(dtype: torch.dtype, fp8: bool, 
 @pytest.mark.parametrize("weights,resident", [("bf16", 0), ("bf16", 1), ("fp8", 1), ("bf16", 2), ("fp8", 3),
                                               ("int4", 2), ("bf16", 4), ("int4", 4)])
 def test_streamed_weights_equal_the_loaded_model(model_copy, weights: str, resident: int) -> None:
-    """Device side: every registered tensor plus the streamer's slots (one when a single layer is streamed, else
-    two); host side: the streamed layers."""
+    """Device side: every registered tensor plus the streamer's slot buffers (one when a single layer is streamed,
+    else two); host side: the buffers the streamed layers are packed in, which is what gets page-locked on a GPU
+    machine, and every tensor of a streamed layer lies in its layer's buffer."""
     deepen(model_copy, 5)
     fp8, int4 = weights == "fp8", weights == "int4"
     model = load_model(model_copy, torch.bfloat16, "cpu", fp8=fp8, int4=int4, resident_layers=resident)
-    streamers = {id(layer._streamer[0]): layer._streamer[0] for layer in model.layers
-                 if isinstance(layer, StreamedLayer)}
-    assert len(streamers) == 1
-    streamer = next(iter(streamers.values()))
-    assert len(streamer.slots) == min(2, 5 - resident)
-    slots = tensor_bytes(t for slot in streamer.slots for t in slot.state_dict().values())
-    host = tensor_bytes(t for layer in streamer.host_layers for t in layer.state_dict().values())
+    found = streamers(model)
+    assert len(found) == 1
+    streamer = found[0]
+    assert len(streamer.slots) == len(streamer.slot_buffers) == min(2, 5 - resident)
+    slots = tensor_bytes(streamer.slot_buffers)
+    host = tensor_bytes(streamer.host_buffers)
     bytes_ = weight_bytes(ModelFootprint.from_folder(model_copy), WeightMode(torch.bfloat16, fp8, resident, int4))
     assert bytes_.gpu == tensor_bytes(model.state_dict().values()) + slots
     assert bytes_.host == host > 0
+    assert slots == streamer.slot_bytes == len(streamer.slots) * streamer.host_buffers[0].nbytes
+    for layer, buffer in zip(streamer.host_layers, streamer.host_buffers):
+        start, end = buffer.data_ptr(), buffer.data_ptr() + buffer.nbytes
+        tensors = list(layer.state_dict().values())
+        assert all(start <= t.data_ptr() and t.data_ptr() + t.nbytes <= end for t in tensors)
+        assert tensor_bytes(tensors) <= buffer.nbytes < tensor_bytes(tensors) + len(tensors) * PACK_ALIGNMENT
 
 
 def _allocated_cache(pipe, caption: str, settings: GenerationSettings, negative: str | None, edit_latents):

@@ -90,8 +90,8 @@ def test_nodes_and_python_api_agree_on_a_safetensors_vae_folder(safetensors_vae_
     torch.testing.assert_close(images, images_to_unit(api.images).movedim(1, -1), atol=1e-5, rtol=0)
 
 
-CUDA_WITH_INT4 = DeviceTraits("cuda", (8, 9), bf16=True)
-CUDA_WITHOUT_INT4 = DeviceTraits("cuda", (7, 5), bf16=True)
+CUDA_WITH_INT4 = DeviceTraits("cuda", (8, 9))
+CUDA_WITHOUT_INT4 = DeviceTraits("cuda", (7, 5))
 DEVICES = {"cuda-8.9": CUDA_WITH_INT4, "cuda-7.5": CUDA_WITHOUT_INT4, "cpu": DeviceTraits("cpu")}
 
 

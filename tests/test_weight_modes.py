@@ -15,9 +15,10 @@ from goldens import TINY_MODEL, golden_cases, settings_for
 from model_folders import deepen
 from reference_quantization import dequantize_grouped
 
-from nextstep_runtime import NextStepPipeline, load_model
+from nextstep_runtime import NextStepPipeline, load_model, release_streaming_slots, released_slot_bytes
 from nextstep_runtime.weights.fp8 import FP8_DTYPE, FP8Linear, quantize_per_channel
 from nextstep_runtime.weights.int4 import Int4Linear, pack_for_device, quantize_grouped
+from nextstep_runtime.weights.offload import StreamedLayer, streamers
 
 CASE = next(case for case in golden_cases() if case.name == "official_t2i_cps_nocfg")
 
@@ -103,12 +104,17 @@ def test_streamed_layers_give_the_same_tokens_as_resident_ones(weights: str, res
     resident_model = NextStepPipeline.from_pretrained(model_copy, device="cpu", dtype="bfloat16", **mode)
     streamed = NextStepPipeline.from_pretrained(model_copy, device="cpu", dtype="bfloat16", **mode,
                                                 resident_layers=resident)
-    from nextstep_runtime.weights.offload import StreamedLayer
-
     assert not any(isinstance(layer, StreamedLayer) for layer in streamed.model.layers[:resident])
     assert all(isinstance(layer, StreamedLayer) for layer in streamed.model.layers[resident:])
     a, b = generate(resident_model), generate(streamed)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.images, b.images)
+    # a host unloading the model frees the slots (registered nowhere it can see); the next run makes them again
+    streamer = streamers(streamed.model)[0]
+    assert released_slot_bytes(streamed.model) == 0
+    assert release_streaming_slots(streamed.model) == streamer.slot_bytes > 0 and not streamer.slots
+    assert released_slot_bytes(streamed.model) == streamer.slot_bytes
+    assert torch.equal(generate(streamed).tokens, a.tokens)
+    assert released_slot_bytes(streamed.model) == 0
 
 
 def test_resident_layers_out_of_range() -> None:

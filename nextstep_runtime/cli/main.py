@@ -18,6 +18,7 @@ from ..images import images_to_unit, save_png, to_uint8
 from ..memory.choice import MEMORY_CHOICES, resolve_weight_mode
 from ..memory.device_memory import device_memory
 from ..memory.job import Job
+from ..model.attention import BACKENDS
 from ..pipeline import NextStepPipeline
 from ..presets import DEFAULT_PRESET, PRESETS
 from ..sampling.prompt import PROFILES
@@ -91,8 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     _preset_option(gen, "--use-norm", "use_norm", action=argparse.BooleanOptionalAction,
                    help="LayerNorm each sampled token (NextStep-1-Large)")
     gen.add_argument("--seed", type=int, default=defaults.seed, help="noise seed (drawn on the CPU: same image on any device)")
-    gen.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    gen.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="compute dtype (auto: bf16 on CUDA)")
+    gen.add_argument("--device", default="auto",
+                     help="cpu, cuda, cuda:N, mps (an Apple GPU) or auto (a CUDA GPU, else an Apple GPU, else the CPU)")
+    gen.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                     help="compute dtype (auto: bfloat16 on NVIDIA GPUs from Ampere and on Macs from macOS 14, "
+                          "float16 on older ones, float32 on the CPU)")
+    gen.add_argument("--attention", choices=BACKENDS, default="auto",
+                     help="attention kernel: flash-attn where it imports and the GPU runs it (auto), or PyTorch SDPA; "
+                          "a missing or broken flash-attn falls back to SDPA with a warning")
     gen.add_argument("--memory", choices=MEMORY_CHOICES, default="auto",
                      help="decoder weights: full (the dtype), fp8 (NextStep-14B in about 15 GB), int4 (about 9 GB), "
                           "or auto: the fastest that fits this GPU (full on the CPU)")
@@ -100,9 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--gpu-layers", type=int, metavar="N",
                      help="keep only N decoder layers on the GPU and stream the rest from RAM (default: all, or "
                           "as --memory auto decides)")
-    gen.add_argument("--no-compile", dest="compile", action="store_false",
-                     help="run the flow head eagerly instead of compiling it with torch.compile (compiling takes "
-                          "a minute or more per image shape on a CPU; without a C++ compiler it falls back anyway)")
+    gen.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                     help="compile the flow head with torch.compile (default: on, except on an Apple GPU; compiling "
+                          "takes a minute or more per image shape on a CPU; without a C++ compiler it falls back "
+                          "anyway)")
     gen.add_argument("--out", required=True, help="output PNG; a batch writes OUT_0.png, OUT_1.png, ...")
     gen.add_argument("--save-tensors", help="also write tokens, latents and images to this .safetensors file")
     cli_plan.add_parser(commands)
@@ -149,7 +157,7 @@ def _weight_mode(args: argparse.Namespace, folder: ModelFolder, settings: Genera
                  edit_images: list[torch.Tensor]) -> dict:
     """from_pretrained's weight arguments from --memory/--fp8/--gpu-layers; `auto` plans for this job."""
     device = resolve_device(args.device)
-    measured = device_memory(device) if device.type == "cuda" else None
+    measured = device_memory(device) if device.type != "cpu" else None
     job = Job(settings, tuple(tuple(image.shape[-2:]) for image in edit_images))
     mode, choice = resolve_weight_mode(folder, args.memory, device, resolve_dtype(args.dtype, device), args.fp8,
                                        args.gpu_layers, None if measured is None else measured[0], job)
@@ -172,7 +180,8 @@ def run_generate(args: argparse.Namespace) -> None:
     mask = load_mask(args.mask, init) if args.mask else None
     folder = ModelFolder.open(args.model)
     pipe = NextStepPipeline.from_pretrained(folder, vae=args.vae, device=args.device, dtype=args.dtype,
-                                            compile=args.compile, **_weight_mode(args, folder, settings, edit_images))
+                                            compile=args.compile, attention=args.attention,
+                                            **_weight_mode(args, folder, settings, edit_images))
     result = pipe.generate(args.prompt, settings, negative=negative, positive=args.positive,
                            edit_images=edit_images, callback=ProgressBar(), mask=mask,
                            init_image=init.pixels if init else None, init_latents=init.latents if init else None)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePath
+from typing import Callable
 
 from PIL import Image
 
@@ -23,15 +24,26 @@ def image_suffixes() -> tuple[str, ...]:
     return tuple(suffix for suffix in IMAGE_SUFFIXES if registry.get(suffix) in Image.SAVE)
 
 
+def nearest_existing(path: PurePath, exists: Callable[[PurePath], bool]) -> PurePath | None:
+    """The nearest of `path` and its ancestors that exists, or None when not even the root does (a missing drive or
+    an unreachable network share on Windows, where the root of `Z:/` or `//server/share` is its own parent)."""
+    while not exists(path):
+        if path.parent == path:
+            return None
+        path = path.parent
+    return path
+
+
 def _check_writable(flag: str, path: Path) -> None:
     """`path` can be created: it is not a folder, and its nearest existing ancestor is a folder we can write
     in (missing folders below it are created when saving). Tried for real, which also covers read-only
     file systems and running as root."""
     if path.is_dir():
         raise NextStepError(f"{flag} {path} is a folder; give a file name inside it")
-    folder = path.absolute().parent
-    while not folder.exists():
-        folder = folder.parent
+    folder = nearest_existing(path.absolute().parent, Path.exists)
+    if folder is None:
+        raise NextStepError(f"{flag} {path}: {path.absolute().anchor} does not exist (a missing drive or an "
+                            f"unreachable network share?)")
     if not folder.is_dir():
         raise NextStepError(f"{flag} {path}: {folder} is a file, not a folder")
     try:

@@ -8,9 +8,7 @@ import json
 import sys
 from dataclasses import replace
 
-import torch
-
-from ..devices import DTYPES, PLANNED_GPU, DeviceTraits
+from ..devices import DTYPES, PLANNED_GPU, DeviceTraits, resolve_device
 from ..errors import NextStepError
 from ..memory.device_memory import device_memory
 from ..memory.footprint import ModelFootprint
@@ -62,15 +60,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _gpu(args: argparse.Namespace) -> tuple[int | None, int | None, DeviceTraits]:
-    """(total, free) bytes of the GPU planned for, and its traits: --gpu-memory, else this machine's CUDA GPU."""
+    """(total, free) bytes of the GPU planned for, and its traits: --gpu-memory, else this machine's GPU (CUDA, or an
+    Apple GPU's share of the Mac's memory)."""
     if args.gpu_memory is not None:
         if args.gpu_memory <= 0:
             raise NextStepError(f"--gpu-memory must be a positive number of GB (got {args.gpu_memory})")
         size = int(args.gpu_memory * GB)
         return size, size, PLANNED_GPU
-    if not torch.cuda.is_available():
+    device = resolve_device("auto")
+    if device.type == "cpu":
         return None, None, PLANNED_GPU
-    device = torch.device("cuda")
     free, total = device_memory(device)
     return total, free, DeviceTraits.of(device)
 

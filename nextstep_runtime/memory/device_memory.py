@@ -2,29 +2,29 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 import torch
 
+from ..devices import host_memory
+
 
 def device_memory(device: torch.device) -> tuple[int, int] | None:
-    """(free, total) bytes of a CUDA device, or of host RAM for the CPU (MemAvailable, MemTotal); None where
-    unknown."""
+    """(free, total) bytes of a CUDA device; of the share of the Mac's memory Metal lets an Apple GPU use (its
+    recommended working set, less what Metal has allocated); of host RAM for the CPU; None where unknown."""
     device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return None
         free, total = torch.cuda.mem_get_info(device)
         return int(free), int(total)
-    if device.type == "cpu":
-        try:
-            lines = Path("/proc/meminfo").read_text().splitlines()
-        except OSError:
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
             return None
-        kib = {name: rest.split()[0] for name, _, rest in (line.partition(":") for line in lines) if rest.split()}
-        if "MemAvailable" in kib and "MemTotal" in kib:
-            return int(kib["MemAvailable"]) * 1024, int(kib["MemTotal"]) * 1024
+        total = int(torch.mps.recommended_max_memory())
+        return max(0, total - int(torch.mps.driver_allocated_memory())), total
+    if device.type == "cpu":
+        return host_memory()
     return None
 
 
@@ -33,11 +33,13 @@ FreeMemory = Callable[[torch.device], "int | None"]
 
 
 def free_memory(device: torch.device) -> int | None:
-    """Free bytes on `device` for a run started now: host MemAvailable on the CPU; on CUDA the driver's free
-    memory plus what PyTorch's caching allocator holds but does not use (it hands that out first)."""
+    """Free bytes on `device` for a run started now: host MemAvailable on the CPU; on a GPU what device_memory says
+    is free plus what PyTorch's caching allocator holds but does not use (it hands that out first)."""
     free = device_memory(device)
     if free is None:
         return None
     if device.type == "cuda":
         return free[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "mps":
+        return free[0] + torch.mps.driver_allocated_memory() - torch.mps.current_allocated_memory()
     return free[0]

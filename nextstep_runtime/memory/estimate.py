@@ -18,7 +18,11 @@ VAE_DECODE_PER_LATENT_PIXEL = 2562 * 64
 VAE_ENCODE_PER_PIXEL = 1767
 """Working memory (in elements of the VAE's dtype) of the Flux/LDM-style KL autoencoder, per latent pixel
 decoded and per image pixel encoded: ComfyUI's measured figures for this architecture (its own reservation
-before a VAE call), so a plan agrees with what ComfyUI frees."""
+before a VAE call), so a plan agrees with what ComfyUI frees. They are linear in pixels, as the VAE's memory is:
+its mid-block attention over all h/8 x w/8 positions gets contiguous q/k/v (model/vae.py), so SDPA runs a fused
+kernel (CUDA's memory-efficient one, the CPU's flash one) that allocates its [positions, channels] output and not
+the (positions x positions) score matrix of the math backend (17 GB at 2048x2048); on Apple GPUs, whose SDPA does
+form it, the queries go in chunks that bound it to SCORE_CHUNK_BYTES (model/vae.py)."""
 
 
 def kv_cache_bytes(config: ModelConfig, dtype: torch.dtype, job: Job) -> int:

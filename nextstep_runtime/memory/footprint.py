@@ -25,6 +25,7 @@ from ..weights.gptq import PACKED_PARTS, int4_groups
 from ..weights.int4 import group_size_for
 from ..weights.model_folder import ModelFolder
 from ..weights.modes import GPTQ_PACKED, WeightMode
+from ..weights.offload import packed_bytes
 
 
 @dataclass(frozen=True)
@@ -127,13 +128,14 @@ def weight_bytes(footprint: ModelFootprint, mode: WeightMode) -> WeightBytes:
     """Bytes of the model's weights on the run device and in host RAM, as `load_model` stores them: the
     compute dtype everywhere, except fp8 decoder linear weights (1 byte each plus a float32 scale per output
     channel) and int4 ones (half a byte each plus a scale and zero per group, in the compute dtype); streamed
-    layers in host RAM, and two device slots (one with a single streamed layer) they are copied into."""
+    layers in host RAM, each packed in one buffer (offload.pack_layer), and two device slots (one with a single
+    streamed layer) packed alike, that they are copied into."""
     layers = footprint.config.num_hidden_layers
     if mode.gpu_layers is not None and not 0 <= mode.gpu_layers <= layers:
         raise NextStepError(f"gpu_layers must be between 0 and {layers} (got {mode.gpu_layers})")
     quantized_owners = _quantized_linear_names(footprint.config) if mode.fp8 or mode.int4 else set()
     itemsize = mode.dtype.itemsize
-    per_layer = [0] * layers
+    per_layer: list[list[int]] = [[] for _ in range(layers)]
     rest = 0
     for name, shape in footprint.tensor_shapes.items():
         count = math.prod(shape)
@@ -144,17 +146,17 @@ def weight_bytes(footprint: ModelFootprint, mode: WeightMode) -> WeightBytes:
             group = footprint.int4_groups.get(name.removesuffix(".weight")) if attr == "weight" else None
         elif match and owner in quantized_owners and attr == "weight" and mode.int4:
             group = group_size_for(shape[1])
-        if group is not None:
-            size = count // 2 + 2 * (count // group) * itemsize
-        elif match and owner in quantized_owners and attr == "weight" and mode.fp8:
-            size = count * FP8_DTYPE.itemsize + shape[0] * torch.float32.itemsize
+        if group is not None:  # the packed nibbles, scales and zeros
+            sizes = [count // 2, 2 * (count // group) * itemsize]
+        elif match and owner in quantized_owners and attr == "weight" and mode.fp8:  # the weight, its scale
+            sizes = [count * FP8_DTYPE.itemsize, shape[0] * torch.float32.itemsize]
         else:
-            size = count * itemsize
+            sizes = [count * itemsize]
         if match:
-            per_layer[int(match.group(1))] += size
+            per_layer[int(match.group(1))] += sizes
         else:
-            rest += size
+            rest += sum(sizes)
     resident = layers if mode.gpu_layers is None else mode.gpu_layers
-    streamed = per_layer[resident:]
+    streamed = [packed_bytes(sizes) for sizes in per_layer[resident:]]
     slots = min(2, len(streamed)) * (streamed[0] if streamed else 0)
-    return WeightBytes(gpu=rest + sum(per_layer[:resident]) + slots, host=sum(streamed))
+    return WeightBytes(gpu=rest + sum(sum(sizes) for sizes in per_layer[:resident]) + slots, host=sum(streamed))

@@ -15,11 +15,12 @@ from typing import Callable, TypeVar
 
 import torch
 
+from ..devices import DeviceTraits
 from ..errors import NextStepError
+from ..failures import is_out_of_memory
+from ..weights.modes import WeightMode, mode_refusal
 
 T = TypeVar("T")
-
-HOST_ALLOCATOR_FAILURE = "DefaultCPUAllocator: can't allocate memory"
 
 SAMPLING, VAE_DECODING, VAE_ENCODING, LOADING = "sampling", "VAE decoding", "VAE encoding", "loading the model"
 """The work a memory error names; each has its own remedy."""
@@ -28,26 +29,32 @@ JOB_CHANGES = {
     VAE_DECODING: "decode fewer images at once or smaller ones",
     VAE_ENCODING: "encode a smaller image",
 }
-MODEL_CHANGES = ("load the model with memory fp8, int4 or auto, or keep fewer decoder layers on the GPU "
-                 "(gpu_layers)")
-"""What frees GPU memory taken by the model's weights (the Model Loader's widgets, the CLI's --memory and
---gpu-layers)."""
+GPU_NAMES = {"cuda": "a GPU", "mps": "an Apple GPU"}
+"""The devices whose memory the model's weights take apart from the host's RAM, as a remedy names them."""
+
+
+def model_changes(traits: DeviceTraits) -> str:
+    """What frees the memory the model's weights take on a GPU (the Model Loader's widgets, the CLI's --memory and
+    --gpu-layers), naming only what loads there (weights/modes.py): fp8 and int4 where their kernels exist, layer
+    streaming where the GPU has memory of its own."""
+    modes = [name for name, mode in (("fp8", WeightMode(fp8=True)), ("int4", WeightMode(int4=True)))
+             if mode_refusal(mode, "bf16", traits) is None]
+    memory = ", ".join(modes) + " or auto" if modes else "auto"
+    text = f"load the model with memory {memory}"
+    if mode_refusal(WeightMode(gpu_layers=0), "bf16", traits) is None:
+        text += ", or keep fewer decoder layers on the GPU (gpu_layers)"
+    return text
 
 
 def memory_remedy(work: str, device: torch.device, change: str | None = None) -> str:
     """The remedy every memory error of `work` on `device` ends with: `change` to the job (default: the usual one
-    for that work), and on a GPU, for sampling and loading, what frees the model's memory. The VAE's work does
+    for that work), and on a GPU, for sampling and loading, what frees the model's memory there. The VAE's work does
     not grow with the model's weights, so its remedy is about the images alone."""
     parts = [change or JOB_CHANGES.get(work)]
-    if torch.device(device).type == "cuda" and work in (SAMPLING, LOADING):
-        parts.append(f"on a GPU, {MODEL_CHANGES}")
+    device = torch.device(device)
+    if device.type in GPU_NAMES and work in (SAMPLING, LOADING):
+        parts.append(f"on {GPU_NAMES[device.type]}, {model_changes(DeviceTraits.of(device))}")
     return ", or ".join(part for part in parts if part)
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, the host allocator's RuntimeError, or Python's own MemoryError."""
-    return (isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError))
-            or (isinstance(exc, RuntimeError) and HOST_ALLOCATOR_FAILURE in str(exc)))
 
 
 def _requested(message: str) -> str:
@@ -62,10 +69,13 @@ def _requested(message: str) -> str:
 
 
 def release_cached_memory() -> None:
-    """Collect the dropped tensors now and hand CUDA's cached blocks back, so the next run starts clean."""
+    """Collect the dropped tensors now and hand the GPU allocators' cached blocks back (CUDA's, and the Apple GPU's,
+    which otherwise keeps them from the rest of the Mac's shared memory), so the next run starts clean."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    if torch.backends.mps.is_available():
+        torch.mps.empty_cache()
 
 
 def run_or_explain_out_of_memory(what: str, device: torch.device, call: Callable[[], T]) -> T:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, NamedTuple
 
 from ..devices import PLANNED_GPU, DeviceTraits
-from ..weights.modes import WeightMode, check_loadable, loadable_modes
+from ..weights.modes import WeightMode, check_loadable, loadable_modes, mode_refusal
 from .estimate import job_bytes
 from .footprint import ModelFootprint, WeightBytes, weight_bytes
 from .job import Job
@@ -76,17 +76,27 @@ def peak_bytes(footprint: ModelFootprint, mode: WeightMode, job: Job) -> Peak:
     return Peak(weights, vae, kv, run, weights.gpu + vae + run)
 
 
-def cheapest_fitting(footprint: ModelFootprint, job: Job, free: int, candidates: list[WeightMode]) -> WeightMode | None:
-    """The first of `candidates` (whole-model modes, most faithful first) whose peak fits in `free` bytes; else
-    streaming on top of the last of them with the most resident decoder layers that fit; None when nothing does."""
+def cheapest_fitting(footprint: ModelFootprint, job: Job, free: int, candidates: list[WeightMode],
+                     device: DeviceTraits) -> WeightMode | None:
+    """The first of `candidates` (whole-model modes, most faithful first) whose peak fits in `free` bytes; else, where
+    `device` streams layers, streaming on top of the last of them with the most resident decoder layers that fit;
+    None when nothing does."""
     for mode in candidates:
         if peak_bytes(footprint, mode, job).total <= free:
             return mode
+    if streamed_mode(footprint, candidates[-1], device) is None:
+        return None
     for resident in reversed(range(footprint.config.num_hidden_layers)):  # memory grows with resident layers
         mode = replace(candidates[-1], gpu_layers=resident)
         if peak_bytes(footprint, mode, job).total <= free:
             return mode
     return None
+
+
+def streamed_mode(footprint: ModelFootprint, mode: WeightMode, device: DeviceTraits) -> WeightMode | None:
+    """`mode` with every decoder layer streamed, where the device streams layers (weights/modes.py); else None."""
+    streamed = replace(mode, gpu_layers=0)
+    return streamed if mode_refusal(streamed, footprint.stored_format, device) is None else None
 
 
 def _advise(footprint: ModelFootprint, mode: WeightMode, job: Job, free: int, needed: int,
@@ -95,10 +105,10 @@ def _advise(footprint: ModelFootprint, mode: WeightMode, job: Job, free: int, ne
     prefix = f"needs {gb(needed)}, {gb(free)} free"
     loadable = loadable_modes(footprint.stored_format, device, mode.dtype)
     smaller = loadable[[candidate.storage for candidate in loadable].index(mode.storage) + 1:]
-    found = cheapest_fitting(footprint, job, free, smaller or [replace(mode, gpu_layers=None)])
+    found = cheapest_fitting(footprint, job, free, smaller or [replace(mode, gpu_layers=None)], device)
     if found is None:
-        return (f"{prefix}: does not fit even with every decoder layer streamed; use a smaller size or batch, "
-                f"or run on the CPU"), None
+        streamed = " even with every decoder layer streamed" if streamed_mode(footprint, mode, device) else ""
+        return f"{prefix}: does not fit{streamed}; use a smaller size or batch, or run on the CPU", None
     how = SWITCH_ADVICE[found.storage] if found.storage != mode.storage else ""
     if found.gpu_layers is None:
         return f"{prefix}: {how}", found

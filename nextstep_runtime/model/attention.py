@@ -1,29 +1,92 @@
-"""Attention kernel choice: PyTorch SDPA always works; flash-attn is used when installed, on CUDA,
-in half precision, for calls that need no padding mask."""
+"""Attention kernel choice: PyTorch SDPA always works; flash-attn is used when it imports and runs on the model's
+GPU, in half precision, for calls that need no padding mask.
+
+Whether flash-attn can run is decided once per choice of backend (`set_attention_backend`), by importing it: an
+installed package that does not import is common (a wheel built for another torch or CUDA fails with "DLL load
+failed" on Windows, an undefined symbol on Linux, typically after a torch upgrade), and finding the package on the
+path says nothing about that. Where it cannot run, attention falls back to SDPA with one warning.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import logging
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-FLASH_ATTN_AVAILABLE = importlib.util.find_spec("flash_attn") is not None
+from ..devices import DeviceTraits, flash_attn_refusal
+
+BACKENDS = ("auto", "sdpa", "flash_attn")
+NOT_INSTALLED = "flash-attn is not installed (`pip install flash-attn` in this Python environment to use it)"
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
-_use_flash = FLASH_ATTN_AVAILABLE
+log = logging.getLogger(__name__)
+
+_flash_attn_func: Callable | None = None
+"""flash-attn's kernel when the chosen backend uses it; None: SDPA."""
+_last_warning: str | None = None
+"""The fallback last warned about, so choosing the same backend again (every sampler run) does not repeat it."""
 
 
-def set_attention_backend(name: str) -> str:
-    """Select `sdpa`, `flash_attn` or `auto`; returns the backend actually used.
+def _import_flash_attn() -> tuple[Callable | None, str | None]:
+    """(flash_attn_func, None), or (None, why it cannot be used)."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return None, NOT_INSTALLED
+    try:
+        from flash_attn import flash_attn_func
+    except Exception as exc:  # noqa: BLE001 - ImportError/OSError from a wheel for another torch or CUDA ("DLL
+        # load failed", an undefined symbol), or whatever else a broken optional package raises: never fail the run
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
+        return None, (f"flash-attn is installed but does not import ({type(exc).__name__}: {text[:300]}); it was "
+                      f"probably built for another torch or CUDA than torch {torch.__version__}: install a wheel "
+                      f"built for this torch, or uninstall it")
+    return flash_attn_func, None
 
-    Asking for flash_attn without the package installed falls back to SDPA (the caller warns).
-    """
-    global _use_flash
-    if name not in ("auto", "sdpa", "flash_attn"):
-        raise ValueError(f"unknown attention backend {name!r}; use auto, sdpa or flash_attn")
-    _use_flash = FLASH_ATTN_AVAILABLE and name != "sdpa"
-    return "flash_attn" if _use_flash else "sdpa"
+
+def _flash_attn_for(device: torch.device) -> tuple[Callable | None, str | None]:
+    """(flash_attn_func or None when it does not import, why it cannot run on `device` or None)."""
+    flash, problem = _import_flash_attn()
+    return flash, problem or flash_attn_refusal(DeviceTraits.of(device))
+
+
+def flash_attn_problem(device: torch.device | str) -> str | None:
+    """Why flash-attn cannot run on `device`, or None when it can: not installed, installed but broken, or a device
+    it does not run on (devices.flash_attn_refusal)."""
+    return _flash_attn_for(torch.device(device))[1]
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_attention_backend(name: str, device: torch.device | str | None = None) -> str:
+    """Select `sdpa`, `flash_attn` or `auto` for models on `device` (default: the CUDA GPU if any, else the CPU);
+    returns the backend actually used.
+
+    flash-attn is imported here; where it cannot run on `device` the result is SDPA, with one warning when it was
+    asked for (`flash_attn`) or is installed but unusable (`auto`: broken, or a GPU too old for it). `auto` stays
+    quiet when flash-attn is simply absent or the device is not a CUDA GPU."""
+    global _flash_attn_func, _last_warning
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; use {', '.join(BACKENDS)}")
+    _flash_attn_func = None
+    if name == "sdpa":
+        _last_warning = None
+        return "sdpa"
+    device = _default_device() if device is None else torch.device(device)
+    flash, problem = _flash_attn_for(device)
+    if problem is None:
+        _flash_attn_func, _last_warning = flash, None
+        return "flash_attn"
+    expected = problem == NOT_INSTALLED or (flash is not None and device.type != "cuda")
+    if name == "auto" and expected:
+        return "sdpa"
+    if problem != _last_warning:
+        log.warning("NextStep: %s; using PyTorch SDPA attention instead", problem)
+        _last_warning = problem
+    return "sdpa"
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -39,10 +102,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     rows, heads, sq, dim = q.shape
     kv_heads = k.shape[1]
     groups = heads // kv_heads
-    if _use_flash and mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        from flash_attn import flash_attn_func  # optional dependency, imported only when used
-
-        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=sq > 1)
+    if _flash_attn_func is not None and mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=sq > 1)
         return out.transpose(1, 2)
     if sq == 1 and groups > 1:
         # one query per head (decoding): the query heads sharing a KV head become that head's query rows,

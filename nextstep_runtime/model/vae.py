@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VAEConfig
+from ..devices import DeviceTraits, sdpa_forms_scores
 from .tokens import patchify, unpatchify
 
 
@@ -32,6 +33,22 @@ class ResnetBlock(nn.Module):
         return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
 
 
+SCORE_CHUNK_BYTES = 256 * 2**20
+"""Bound of the float32 score matrix a device whose SDPA forms it (devices.sdpa_forms_scores) holds at once."""
+
+
+def attend_positions(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores_formed: bool,
+                     chunk_bytes: int = SCORE_CHUNK_BYTES) -> torch.Tensor:
+    """SDPA of q over k/v [b, 1, positions, c]. Where the device's SDPA forms the whole (positions x positions) score
+    matrix (Apple GPUs: 8.6 GB in bf16 for a 2048x2048 image), the queries go in chunks that bound it; each query's
+    row is independent, so the result is the same."""
+    if not scores_formed:
+        return F.scaled_dot_product_attention(q, k, v)
+    rows = max(1, chunk_bytes // (4 * k.shape[2]))
+    return torch.cat([F.scaled_dot_product_attention(q[:, :, start: start + rows], k, v)
+                      for start in range(0, q.shape[2], rows)], dim=2)
+
+
 class AttnBlock(nn.Module):
     """Single-head self-attention over all positions of the (lowest-resolution) feature map."""
 
@@ -46,9 +63,13 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         normed = self.norm(x)
-        q, k, v = (proj(normed).reshape(b, 1, c, h * w).transpose(2, 3) for proj in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(b, c, h, w)
-        return x + self.proj_out(out)
+        # [b, 1, positions, c] made contiguous: SDPA's fused kernels (CUDA's memory-efficient one, the CPU's flash
+        # one) need unit stride in the last dimension; a transposed view would send the call to the math backend,
+        # which materialises the (h*w)^2 score matrix (17 GB at 2048x2048) and upcasts bf16 to float32
+        q, k, v = (proj(normed).reshape(b, 1, c, h * w).transpose(2, 3).contiguous()
+                   for proj in (self.q, self.k, self.v))
+        out = attend_positions(q, k, v, sdpa_forms_scores(DeviceTraits.of(x.device)))
+        return x + self.proj_out(out.transpose(2, 3).reshape(b, c, h, w))
 
 
 class Downsample(nn.Module):

@@ -18,13 +18,15 @@ rejected: its compile time grows with S and exceeded 13 minutes on two busy CPU 
 in 20-80 s there).
 
 Inductor compiles lazily, at the first call of a new shape: that call logs a progress line and pays the
-compile time (the disk cache of inductor makes later processes faster). If compiling fails there (no C++
-compiler on a Windows install, a toolchain inductor cannot use, any compiler error), one warning is logged
-and the process runs eagerly from then on, with the same results.
+compile time (the disk cache of inductor makes later processes faster). What can be known before is checked up
+front (`compile_problem`: a torch too old for the settings used here, a Python torch.compile refuses, no C++
+compiler for CPU kernels, no Triton for GPU ones). If compiling fails anyway (a toolchain inductor cannot use, any
+compiler error), one warning is logged and the process runs eagerly from then on, with the same results.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -32,6 +34,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..devices import compile_version_refusal, resolve_device
 from ..model.flow_head import FlowNet, Linear, apply_linear, reduction_linear
 
 log = logging.getLogger(__name__)
@@ -63,17 +66,68 @@ def solver_step(head: FlowNet, x: torch.Tensor, modulations: list[torch.Tensor],
     return base + (weights.index_select(0, step)[0] * velocity).sum(0, keepdim=True)
 
 
+def compile_problem(device: torch.device | str | None = None) -> str | None:
+    """Why torch.compile of the flow head cannot be attempted for `device` (default: where `auto` runs), or None:
+    torch too old (devices.compile_version_refusal), a Python torch.compile refuses, no C++ compiler for CPU
+    kernels, no Triton for CUDA ones. A None is no promise: compiling can still fail, and then falls back."""
+    refusal = compile_version_refusal()
+    if refusal is not None:
+        return refusal
+    try:
+        torch._dynamo.eval_frame.check_if_dynamo_supported()
+    except RuntimeError as exc:  # e.g. "Python 3.15+ not yet supported for torch.compile"
+        return str(exc)
+    device_type = (resolve_device("auto") if device is None else torch.device(device)).type
+    if device_type == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        try:
+            get_cpp_compiler()
+        except Exception as exc:  # noqa: BLE001 - InvalidCxxCompiler, Windows' "cl is not found", ...
+            return (f"no C++ compiler that torch.compile can use was found ({_first_line(exc)}); install one (g++ "
+                    f"or clang++; on Windows the Visual Studio Build Tools, run from a developer prompt)")
+    if device_type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return ("torch.compile on a CUDA GPU needs Triton, which is not installed here or does not run on this "
+                    "GPU (compute capability 7.0+); install triton (triton-windows on Windows)")
+    return None
+
+
+def _fall_back(reason: str) -> None:
+    log.warning("NextStep: the flow head runs without torch.compile (same images, slower): %s. To skip the "
+                "attempt, turn compile off (Model Loader `compile`, CLI --no-compile, "
+                "from_pretrained(compile=False)).", reason)
+
+
+@functools.cache
+def _problem_warned(device_type: str) -> str | None:
+    """compile_problem for a device type, checked and warned about once per process."""
+    problem = compile_problem(device_type)
+    if problem is not None:
+        _fall_back(problem)
+    return problem
+
+
 class _Compiled:
     """The process-wide compiled functions and what happened to them: compiled once, shared by every model
     and call (inductor's graphs are keyed on shapes, not on the model instance); disabled for good after the
-    first failure."""
+    first failure, building them included (torch.compile itself refuses some installs)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.modulations = torch.compile(FlowNet.modulations, fullgraph=True, dynamic=None)
-        self.step = torch.compile(solver_step, fullgraph=True, dynamic=None)
         self.shapes: set[tuple] = set()
         self.failed = False
+        try:
+            self.modulations = torch.compile(FlowNet.modulations, fullgraph=True, dynamic=None)
+            self.step = torch.compile(solver_step, fullgraph=True, dynamic=None)
+        except Exception as exc:  # noqa: BLE001 - whatever torch.compile refuses: never fail the run
+            self.fail(exc)
+
+    def fail(self, exc: Exception) -> None:
+        self.failed = True
+        _fall_back(f"torch.compile failed ({type(exc).__name__}: {_first_line(exc)})")
 
 
 _compiled: _Compiled | None = None
@@ -88,12 +142,13 @@ def _shared() -> _Compiled:
 
 class SolverSteps:
     """A token's modulations and solver steps, through the compiled functions when `compile` is on and
-    compiling works here, eagerly otherwise. Callers see the same results either way (within float
+    compiling works on `device`, eagerly otherwise. Callers see the same results either way (within float
     rounding: fused kernels may order a reduction differently)."""
 
-    def __init__(self, compile: bool) -> None:
+    def __init__(self, compile: bool, device: torch.device) -> None:
         # torch's own switch (TORCH_COMPILE_DISABLE=1) turns torch.compile into a no-op: then say nothing of compiling
-        self.compiled = _shared() if compile and not torch._dynamo.config.disable else None
+        wanted = compile and not torch._dynamo.config.disable
+        self.compiled = _shared() if wanted and _problem_warned(torch.device(device).type) is None else None
 
     @property
     def active(self) -> bool:
@@ -136,11 +191,7 @@ class SolverSteps:
                                                 accumulated_recompile_limit=16 * RECOMPILE_LIMIT):
                     result = compiled()
             except Exception as exc:  # noqa: BLE001 - any compiler or toolchain failure: never fail the run
-                shared.failed = True
-                log.warning("NextStep: torch.compile of the flow head failed (%s: %s); running it without "
-                            "compiling (same images, slower). To skip the attempt, turn compile off (Model Loader "
-                            "`compile`, CLI --no-compile, from_pretrained(compile=False)).",
-                            type(exc).__name__, _first_line(exc))
+                shared.fail(exc)
                 return eager()
             shared.shapes.add(key)
             log.info("NextStep: compiled flow head %s ready in %.1f s", key[0], time.perf_counter() - start)

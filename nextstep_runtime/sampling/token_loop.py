@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..failures import is_unsupported
 from ..model.backbone import prefix_attention_mask
 from ..model.network import NextStepModel
 from ..model.positions import condition_offsets
@@ -123,7 +124,7 @@ class TokenSolver:
     def __init__(self, model: NextStepModel, inputs: TokenLoopInputs, compile: bool = False) -> None:
         device = model.device
         plan = inputs.plan
-        self.steps = SolverSteps(compile)
+        self.steps = SolverSteps(compile, device)
         self.step_indices = [torch.tensor([k], device=device) for k in range(len(plan.a))]
         self.head = model.image_head.net
         self.groups, self.batch = inputs.rows.groups, inputs.batch
@@ -225,7 +226,10 @@ class TokenStep:
                 self.graph, self.token_out = self._capture(device, self._run)
                 if feed_only:
                     self.feed_graph, _ = self._capture(device, self._feed)
-            except RuntimeError as exc:  # an op the installed torch cannot capture: stay eager, still correct
+            except (RuntimeError, NotImplementedError) as exc:
+                if not is_unsupported(exc):  # out of memory, an accelerator fault: the caller's to explain
+                    raise
+                # an op this torch or driver cannot capture: stay eager, still correct
                 self.graph = self.feed_graph = None
                 log.warning("CUDA graph capture failed (%s); running the token loop eagerly", exc)
 
@@ -247,7 +251,9 @@ class TokenStep:
                         work()
                 caller.wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=side):
+                # thread_local: a host's other threads (ComfyUI's HTTP routes asking torch.cuda.mem_get_info)
+                # neither break this capture nor are broken by it
+                with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
                     output = work()
                 return graph, output
             finally:  # a failed capture must not leave the side stream current for the rest of the process
@@ -334,21 +340,28 @@ def sample_tokens(model: NextStepModel, inputs: TokenLoopInputs, callback: Token
 
 
 class _HostPace:
-    """Keeps the host at most a couple of tokens ahead of the GPU, so progress is truthful and a cancel
-    (checked by the callback between tokens) takes effect within a token or two, not after the whole
+    """Keeps the host at most a couple of tokens ahead of the GPU (CUDA or Apple), so progress is truthful and a
+    cancel (checked by the callback between tokens) takes effect within a token or two, not after the whole
     launch queue drains. A no-op on the CPU."""
 
     AHEAD = 2
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.events: list[torch.cuda.Event] | None = [] if device.type == "cuda" else None
+        self.events: list | None = [] if device.type in ("cuda", "mps") else None
+
+    def _recorded_event(self) -> torch.cuda.Event | torch.mps.Event:
+        if self.device.type == "mps":
+            event = torch.mps.Event()
+            event.record()  # on the Apple GPU's one stream
+            return event
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
 
     def token_queued(self) -> None:
         if self.events is None:
             return
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
-        self.events.append(event)
+        self.events.append(self._recorded_event())
         if len(self.events) > self.AHEAD:
             self.events.pop(0).synchronize()

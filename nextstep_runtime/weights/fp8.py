@@ -9,12 +9,15 @@ weight is dequantised to the activation dtype right before an ordinary matmul.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..devices import DeviceTraits, fp8_matmul_fused
+from ..failures import is_unsupported
 from .linears import replace_linears
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -32,15 +35,16 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return (w32 / scale[:, None]).to(FP8_DTYPE), scale
 
 
-def _scaled_mm_supported(device: torch.device) -> bool:
-    return (device.type == "cuda" and hasattr(torch, "_scaled_mm")
-            and torch.cuda.get_device_capability(device) >= (8, 9))
+@functools.cache
+def _fused_on(device: torch.device) -> bool:
+    return fp8_matmul_fused(DeviceTraits.of(device))
 
 
 class FP8Linear(nn.Module):
     """A Linear whose `weight` is fp8 with a float32 `weight_scale` per output channel."""
 
-    _scaled_mm_failed = False  # set once, for all layers, if the fused kernel is refused at run time
+    fused_refused = False
+    """Set once, for all layers, when this torch build or GPU refuses the fused kernel at run time."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
@@ -49,15 +53,32 @@ class FP8Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not FP8Linear._scaled_mm_failed and x.dtype == torch.bfloat16 and _scaled_mm_supported(x.device):
-            try:
-                return self._fused(x)
-            except RuntimeError as exc:  # older drivers/cuBLAS without row-wise fp8 scaling
-                FP8Linear._scaled_mm_failed = True
-                log.warning("fp8 matmul unavailable (%s); dequantising fp8 weights instead", exc)
-        # the per-output-channel scale commutes with the matmul: scale the (small) output, not the weight
-        out = F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
+        if not FP8Linear.fused_refused and x.dtype == torch.bfloat16 and _fused_on(x.device):
+            out = self.fused_or_none(x)
+            if out is not None:
+                return out
+        return self.dequantized(x)
+
+    def dequantized(self, x: torch.Tensor) -> torch.Tensor:
+        """The product through the weight dequantised to the activation dtype. The per-output-channel scale commutes
+        with the matmul: it scales the (small) output, in float32 as the fused kernel applies it (a scale rounded to
+        bf16 would be off by up to 0.4% per channel)."""
+        out = (F.linear(x, self.weight.to(x.dtype)).float() * self.weight_scale).to(x.dtype)
         return out if self.bias is None else out + self.bias
+
+    def fused_or_none(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The product as one fp8 matmul, or None (and the fused kernel off for the process) where this torch build,
+        driver or GPU does not support it, e.g. without row-wise fp8 scaling. Out of memory and accelerator errors
+        are raised: the caller's memory handling explains them, and a transient one must not switch the fast path
+        off for good."""
+        try:
+            return self._fused(x)
+        except (RuntimeError, NotImplementedError) as exc:
+            if not is_unsupported(exc):
+                raise
+            FP8Linear.fused_refused = True
+            log.warning("fp8 matmul unavailable (%s); dequantising fp8 weights instead", exc)
+            return None
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])

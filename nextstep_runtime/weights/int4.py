@@ -3,10 +3,11 @@
 Puts the 14B decoder at about 8 GB, so the model fits 12-16 GB cards without layer streaming. Each run
 of `group_size` input weights of an output row shares a scale and a zero point (asymmetric min/max
 quantisation): w ~= (q - 8) * scale + zero, q in 0..15. The products run in PyTorch's own int4 kernels
-(`aten._weight_int4pack_mm` on CUDA, `_weight_int4pack_mm_for_cpu` on the CPU), which read the packed
-weight directly; nothing dequantises the whole matrix. Those kernels want the weight packed in a
-device-specific tiling, so the device-neutral form (`quantize_grouped`, also what repacked folders
-store) is packed for the run device while loading, and a packed layer only runs on that device type.
+(`aten._weight_int4pack_mm` on CUDA and Apple GPUs, `_weight_int4pack_mm_for_cpu` on the CPU), which read the
+packed weight directly; nothing dequantises the whole matrix. Those kernels want the weight packed in a
+device-specific tiling (a 4-D one shared by CUDA and Apple GPUs, a 2-D one on the CPU), so the device-neutral form
+(`quantize_grouped`, also what repacked folders store) is packed for the run device while loading, and a packed
+layer only runs on a device of that tiling.
 torchao wraps the same kernels; calling them directly avoids a dependency whose releases are tied to
 exact torch versions.
 """
@@ -69,15 +70,19 @@ def unpack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
     return torch.stack([nibbles >> 4, nibbles & 0xF], dim=2).reshape(nibbles.shape[0], -1).to(torch.int32)
 
 
+GPU_TILED = ("cuda", "mps")
+"""Device types whose int4 kernel (`_weight_int4pack_mm`) reads the 4-D tiling of `_convert_weight_to_int4pack`."""
+
+
 def pack_for_device(nibbles: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The kernel's packed weight for `device` (layout differs between the CPU and CUDA kernels)."""
-    if device.type == "cuda":
+    """The kernel's packed weight for `device`: the 4-D GPU tiling, packed on the GPU itself, or the CPU's 2-D one."""
+    if device.type in GPU_TILED:
         columns = nibbles.shape[1] * 2
         tiles = next(t for t in INNER_K_TILES if columns % (16 * t) == 0)
         return torch.ops.aten._convert_weight_to_int4pack(nibbles.to(device).contiguous(), tiles)
     if device.type == "cpu":
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(nibbles.cpu()), 1)
-    raise NextStepError(f"4-bit weights run on the CPU or CUDA GPUs, not on {device}; choose bf16 or fp8")
+    raise NextStepError(f"4-bit weights run on the CPU, CUDA GPUs and Apple GPUs, not on {device}; choose bf16 or fp8")
 
 
 class Int4Linear(nn.Module):
@@ -99,13 +104,13 @@ class Int4Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed_for = "cuda" if self.weight.dim() == 4 else "cpu"  # the CUDA tiling is 4-D, the CPU one 2-D
-        if x.device.type != packed_for:
-            raise NextStepError(f"a 4-bit layer packed for {packed_for} was run on {x.device.type}; load the "
-                                f"model on the device it runs on")
+        on_gpu = self.weight.device.type in GPU_TILED  # the kernel is the weight's device's
+        if (self.weight.dim() == 4) != on_gpu or x.device != self.weight.device:
+            packed_for = "a GPU" if self.weight.dim() == 4 else "the CPU"  # the GPU tiling is 4-D, the CPU one 2-D
+            raise NextStepError(f"a 4-bit layer packed for {packed_for} was run on {x.device}; load the model on the "
+                                f"device it runs on")
         flat = x.reshape(-1, self.in_features).contiguous()
-        mm = torch.ops.aten._weight_int4pack_mm if x.device.type == "cuda" else \
-            torch.ops.aten._weight_int4pack_mm_for_cpu
+        mm = torch.ops.aten._weight_int4pack_mm if on_gpu else torch.ops.aten._weight_int4pack_mm_for_cpu
         out = mm(flat, self.weight, self.group_size, self.scales_and_zeros)
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias

@@ -20,7 +20,7 @@ from .gptq import DECODER_PREFIX, int4_groups, layers_stored_alike, unpacked_ten
 from .int4 import pack_for_device, quantize_grouped, use_int4_linears
 from .model_folder import ModelFolder
 from .modes import GPTQ_PACKED, WeightMode, check_loadable
-from .offload import stream_layers
+from .offload import PinHostMemory, stream_layers
 from .vae_files import VAEFiles
 
 log = logging.getLogger(__name__)
@@ -102,13 +102,15 @@ def weight_converter(model: NextStepModel, dtype: torch.dtype, device: torch.dev
 
 
 def load_model(source: str | Path | ModelFolder, dtype: torch.dtype, device: torch.device | str, fp8: bool = False,
-               resident_layers: int | None = None, int4: bool = False) -> NextStepModel:
+               resident_layers: int | None = None, int4: bool = False,
+               pin: PinHostMemory | None = None) -> NextStepModel:
     """Build the network from the folder's config and fill it from its safetensors weights (`source`: a folder, a
     Hugging Face repo id in the local cache, or an open ModelFolder).
 
     `dtype` is the compute dtype; with `fp8` the decoder's linear weights are stored as float8, with
     `int4` as grouped 4-bit (int4.py). With `resident_layers` N, only the first N decoder layers are
-    placed on `device`; the rest stay in host memory and are streamed in as they run (see offload.py).
+    placed on `device`; the rest stay in host memory, page-locked by `pin` (default: offload.page_lock) on a
+    CUDA GPU, and are streamed in as they run (see offload.py).
     A folder repacked by `convert`, or of GPTQ-packed 4-bit weights (gptq.py), loads in the format it stores
     (modes.py)."""
     folder = ModelFolder.open(source)
@@ -147,7 +149,7 @@ def load_model(source: str | Path | ModelFolder, dtype: torch.dtype, device: tor
     if config.use_gen_pos_embed:
         model.gen_pos_embed = _position_table(folder).to(device, dtype)
     if resident_layers is not None:
-        stream_layers(model.layers, resident_layers, device)
+        stream_layers(model.layers, resident_layers, device, pin)
     return model.eval().requires_grad_(False)
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..devices import DeviceTraits, int4_refusal
+from ..devices import DeviceTraits, fp8_refusal, int4_refusal, streaming_refusal
 from ..errors import NextStepError
 
 STORED_FORMATS = ("bf16", "fp8", "int4")
@@ -53,8 +53,9 @@ def mode_refusal(mode: WeightMode, stored: str, traits: DeviceTraits, folder: st
     """Why `mode` cannot load a folder storing `stored` weights on a device with `traits`, or None.
 
     A repacked or 4-bit community folder loads only in its own format: its original weights are gone, and
-    dequantising 4-bit or fp8 values to bf16 would take the memory of bf16 with the accuracy of the quantised
-    form."""
+    dequantising 4-bit or fp8 values to bf16 would take the memory of bf16 with the accuracy of the quantised form.
+    The device must have kernels for the format (devices.py), and memory of its own for streamed layers to save
+    any."""
     if mode.fp8 and mode.int4:
         return "choose fp8 or int4 weights, not both"
     if stored != "bf16" and mode.storage != own_storage(stored):
@@ -63,9 +64,10 @@ def mode_refusal(mode: WeightMode, stored: str, traits: DeviceTraits, folder: st
                     f"load it with int4 weights, or use the original model for {mode.storage}")
         return (f"{folder} holds {stored} weights (repacked); load it with {stored} weights, or convert the "
                 f"original model to {mode.storage} instead")
-    if mode.int4:
-        return int4_refusal(traits, mode.dtype)
-    return None
+    refusal = fp8_refusal(traits) if mode.fp8 else int4_refusal(traits, mode.dtype) if mode.int4 else None
+    if refusal is None and mode.gpu_layers is not None:
+        refusal = streaming_refusal(traits)
+    return refusal
 
 
 def check_loadable(mode: WeightMode, stored: str, traits: DeviceTraits, folder: str = "this folder") -> None:

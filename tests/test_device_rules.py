@@ -1,0 +1,153 @@
+"""The rules that differ between NVIDIA GPUs, Macs and the CPU, as pure functions of a device's traits (devices.py),
+checked for GPUs and Macs this machine does not have: the `auto` dtype, which weight modes load, what `memory auto`
+picks and advises, the memory remedy, whether to compile, whether flash-attn can run, how much host memory may be
+page-locked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from goldens import TINY_MODEL
+from model_configs import NEXTSTEP_14B
+
+from nextstep_runtime import GB, DeviceTraits, Job, ModelFootprint, NextStepError, WeightMode, plan_memory
+from nextstep_runtime.devices import (
+    PLANNED_GPU,
+    auto_dtype,
+    compile_default,
+    compile_version_refusal,
+    flash_attn_refusal,
+    fp8_matmul_fused,
+    int4_refusal,
+    version_tuple,
+)
+from nextstep_runtime.memory.choice import choose_mode, resolve_weight_mode
+from nextstep_runtime.memory.out_of_memory import memory_remedy, model_changes
+from nextstep_runtime.weights.loading import load_model
+from nextstep_runtime.weights.modes import loadable_modes, mode_refusal
+from nextstep_runtime.weights.offload import pinned_memory_cap
+
+PASCAL, TURING, AMPERE, ADA = (DeviceTraits("cuda", capability) for capability in ((6, 1), (7, 5), (8, 0), (8, 9)))
+OLD_MAC = DeviceTraits("mps", macos=(13, 6), torch_version=(2, 14))
+NEW_MAC = DeviceTraits("mps", macos=(14, 5), torch_version=(2, 14))
+NEW_MAC_OLD_TORCH = DeviceTraits("mps", macos=(15, 1), torch_version=(2, 13))
+CPU = DeviceTraits("cpu", torch_version=(2, 13))
+FOOTPRINT = ModelFootprint.from_config(NEXTSTEP_14B)
+
+
+def storages(modes: list[WeightMode]) -> list[str]:
+    return [mode.storage for mode in modes]
+
+
+@pytest.mark.parametrize("traits,expected", [
+    (PASCAL, torch.float16), (TURING, torch.float16),  # bf16 only emulated there, however is_bf16_supported answers
+    (AMPERE, torch.bfloat16), (ADA, torch.bfloat16), (PLANNED_GPU, torch.bfloat16),
+    (OLD_MAC, torch.float16), (NEW_MAC, torch.bfloat16), (DeviceTraits("mps"), torch.float16),  # macOS unknown
+    (CPU, torch.float32),
+], ids=["cuda-6.1", "cuda-7.5", "cuda-8.0", "cuda-8.9", "planned-gpu", "macos-13", "macos-14", "macos-unknown", "cpu"])
+def test_auto_dtype_by_device(traits: DeviceTraits, expected: torch.dtype) -> None:
+    assert auto_dtype(traits) == expected
+
+
+@pytest.mark.parametrize("traits,dtype,expected", [
+    (PASCAL, torch.float16, ["bf16", "fp8"]),
+    (TURING, torch.float16, ["bf16", "fp8"]),
+    (AMPERE, torch.bfloat16, ["bf16", "fp8", "int4"]),
+    (ADA, torch.bfloat16, ["bf16", "fp8", "int4"]),
+    (OLD_MAC, torch.float16, ["bf16", "int4"]),
+    (NEW_MAC, torch.bfloat16, ["bf16", "int4"]),
+    (NEW_MAC_OLD_TORCH, torch.bfloat16, ["bf16"]),
+    (CPU, torch.float32, ["bf16", "fp8", "int4"]),
+    (DeviceTraits("cpu", torch_version=(2, 5)), torch.float32, ["bf16", "fp8"]),
+    (DeviceTraits("cuda", (8, 9), torch_version=(2, 4)), torch.bfloat16, ["bf16", "fp8"]),
+], ids=["cuda-6.1", "cuda-7.5", "cuda-8.0", "cuda-8.9", "macos-13", "macos-14", "macos-torch-2.13", "cpu",
+        "cpu-torch-2.5", "cuda-torch-2.4"])
+def test_weight_modes_by_device(traits: DeviceTraits, dtype: torch.dtype, expected: list[str]) -> None:
+    """fp8 nowhere on Macs, int4 where the torch and the device have its kernel; layer streaming only where the GPU
+    has memory of its own."""
+    assert storages(loadable_modes("bf16", traits, dtype)) == expected
+    streamed = mode_refusal(WeightMode(dtype, gpu_layers=0), "bf16", traits)
+    assert (streamed is None) == (traits.type != "mps")
+
+
+def test_refusals_say_why() -> None:
+    assert "MPS has no float8 type" in mode_refusal(WeightMode(fp8=True), "bf16", NEW_MAC)
+    assert "need torch 2.14 or newer (this is torch 2.13)" in int4_refusal(NEW_MAC_OLD_TORCH, torch.bfloat16)
+    old_cpu, old_cuda = DeviceTraits("cpu", torch_version=(2, 5)), DeviceTraits("cuda", (9, 0), torch_version=(2, 4))
+    assert "need torch 2.6 or newer (this is torch 2.5)" in int4_refusal(old_cpu, torch.float32)
+    assert "need torch 2.5 or newer" in int4_refusal(old_cuda, torch.bfloat16)
+    assert "compute capability 8.0+" in int4_refusal(TURING, torch.bfloat16)
+    assert "saves nothing on an Apple GPU" in mode_refusal(WeightMode(gpu_layers=10), "bf16", NEW_MAC)
+    assert "needs torch 2.7 or newer (this is torch 2.6)" in compile_version_refusal((2, 6))
+    assert compile_version_refusal((2, 7)) is None and compile_version_refusal((3, 0)) is None
+
+
+def test_fp8_on_a_mac_is_refused_before_any_weight_moves() -> None:
+    """Loading refuses fp8 on `mps` before building anything; were it to get further it would fail moving the first
+    weight to an Apple GPU this machine does not have, with another error."""
+    with pytest.raises(NextStepError, match=r"fp8 weights do not run on Apple GPUs \(MPS has no float8 type\)"):
+        load_model(TINY_MODEL, torch.bfloat16, "mps", fp8=True)
+    with pytest.raises(NextStepError, match="fp8 weights do not run on Apple GPUs"):
+        resolve_weight_mode(TINY_MODEL, "fp8", torch.device("mps"), torch.bfloat16)
+    with pytest.raises(NextStepError, match="fp8 weights do not run on Apple GPUs"):
+        resolve_weight_mode(TINY_MODEL, "auto", torch.device("mps"), torch.bfloat16, fp8=True)
+
+
+@pytest.mark.parametrize("mac_gb,expected,fits", [(64, "bf16", True), (32, "int4", True), (16, "int4", True),
+                                                      (8, "int4", False)])
+def test_memory_auto_on_a_mac_plans_against_its_gpu_share(mac_gb: int, expected: str, fits: bool) -> None:
+    """NextStep-14B on Macs: Metal lets the GPU use about three quarters of the memory; the 56 GB float32 load of
+    before is gone (bfloat16 from macOS 14), fp8 is never chosen, and nothing is streamed."""
+    free = int(0.75 * mac_gb * GB)
+    mode, plan = choose_mode(FOOTPRINT, Job(), free, NEW_MAC, torch.bfloat16)
+    assert (mode.storage, mode.gpu_layers, plan.fits) == (expected, None, fits)
+    if not fits:
+        assert "streamed" not in plan.advice and "gpu_layers" not in plan.advice and "fp8" not in plan.advice
+
+
+def test_planner_advice_on_a_mac_names_only_what_loads_there() -> None:
+    plan = plan_memory(FOOTPRINT, WeightMode(torch.bfloat16), Job(), gpu_free=24 * GB, device=NEW_MAC)
+    assert plan.fits is False and plan.suggested_mode == WeightMode(torch.bfloat16, int4=True)
+    assert plan.advice.endswith("set memory to int4")
+
+
+@pytest.mark.parametrize("traits,expected", [
+    (ADA, "load the model with memory fp8, int4 or auto, or keep fewer decoder layers on the GPU (gpu_layers)"),
+    (TURING, "load the model with memory fp8 or auto, or keep fewer decoder layers on the GPU (gpu_layers)"),
+    (NEW_MAC, "load the model with memory int4 or auto"),
+    (NEW_MAC_OLD_TORCH, "load the model with memory auto"),
+], ids=["cuda-8.9", "cuda-7.5", "macos-14", "macos-torch-2.13"])
+def test_memory_remedy_names_what_frees_memory_on_each_gpu(traits: DeviceTraits, expected: str) -> None:
+    assert model_changes(traits) == expected
+
+
+def test_memory_remedy_on_a_mac() -> None:
+    remedy = memory_remedy("sampling", torch.device("mps"))
+    assert remedy.startswith("make the batch or the image smaller") and ", or on an Apple GPU, load the model" in remedy
+    assert "fp8" not in remedy and "gpu_layers" not in remedy
+    assert "GPU" not in memory_remedy("sampling", torch.device("cpu"))
+
+
+def test_compile_default_by_device() -> None:
+    assert [compile_default(traits) for traits in (TURING, ADA, CPU, OLD_MAC, NEW_MAC)] == [True] * 3 + [False] * 2
+
+
+def test_flash_attn_runs_on_ampere_and_newer_cuda_gpus_only() -> None:
+    assert flash_attn_refusal(AMPERE) is None and flash_attn_refusal(ADA) is None
+    assert "compute capability 8.0+" in flash_attn_refusal(TURING)
+    assert "CUDA GPUs only" in flash_attn_refusal(NEW_MAC) and "CUDA GPUs only" in flash_attn_refusal(CPU)
+
+
+def test_fused_fp8_matmul_needs_fp8_tensor_cores() -> None:
+    assert [fp8_matmul_fused(traits) for traits in (AMPERE, ADA, DeviceTraits("cuda", (9, 0)), NEW_MAC, CPU)] == \
+        [False, True, True, False, False]
+
+
+def test_pinned_memory_cap_is_comfyuis() -> None:
+    assert pinned_memory_cap(True, 64 * 2**30) == int(0.45 * 64 * 2**30)
+    assert pinned_memory_cap(False, 64 * 2**30) == int(0.95 * 64 * 2**30)
+
+
+def test_versions_parse_as_numbers() -> None:
+    assert version_tuple("2.13.0+cpu") == (2, 13, 0) and version_tuple("2.6.0a0+gitabc") == (2, 6, 0)
+    assert version_tuple("14.2.1") == (14, 2, 1) and version_tuple("") == ()
