@@ -166,6 +166,13 @@ def auto_dtype(traits: DeviceTraits) -> torch.dtype:
     return torch.float32
 
 
+def vae_dtype(compute: torch.dtype) -> torch.dtype:
+    """The VAE's dtype beside a model computing in `compute`: the same, except float16, which this VAE family
+    overflows in (its activations pass 65504, so images come out NaN/black; ComfyUI never runs it in float16
+    either): float32 then, as on every GPU float16 is chosen for (no native bfloat16)."""
+    return torch.float32 if compute == torch.float16 else compute
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """A dtype name, or `auto` (see auto_dtype)."""
     if name == "auto":

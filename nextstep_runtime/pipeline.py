@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .devices import DeviceTraits, compile_default, resolve_device, resolve_dtype
+from .devices import DeviceTraits, compile_default, resolve_device, resolve_dtype, vae_dtype
 from .errors import NextStepError
 from .image_codec import decode_latents, encode_images
 from .memory.check import check_job_memory
@@ -81,7 +81,7 @@ class NextStepPipeline:
         folder = ModelFolder.open(folder)
         model = load_model(folder, torch_dtype, torch_device, fp8=fp8, resident_layers=resident_layers, int4=int4)
         vae_files = folder.vae if vae is None else VAEFiles.locate(vae)
-        vae_model = load_vae(vae_files, torch_dtype, torch_device)
+        vae_model = load_vae(vae_files, vae_dtype(torch_dtype), torch_device)
         return cls(model, load_tokenizer(folder), vae_files.normalization, vae_model, str(vae_files.location),
                    compile=compile)
 

@@ -10,7 +10,16 @@ import torch
 from goldens import TINY_MODEL
 from model_configs import NEXTSTEP_14B
 
-from nextstep_runtime import GB, DeviceTraits, Job, ModelFootprint, NextStepError, WeightMode, plan_memory
+from nextstep_runtime import (
+    GB,
+    DeviceTraits,
+    Job,
+    ModelFootprint,
+    NextStepError,
+    NextStepPipeline,
+    WeightMode,
+    plan_memory,
+)
 from nextstep_runtime.devices import (
     PLANNED_GPU,
     auto_dtype,
@@ -19,6 +28,7 @@ from nextstep_runtime.devices import (
     flash_attn_refusal,
     fp8_matmul_fused,
     int4_refusal,
+    vae_dtype,
     version_tuple,
 )
 from nextstep_runtime.memory.choice import choose_mode, resolve_weight_mode
@@ -47,6 +57,14 @@ def storages(modes: list[WeightMode]) -> list[str]:
 ], ids=["cuda-6.1", "cuda-7.5", "cuda-8.0", "cuda-8.9", "planned-gpu", "macos-13", "macos-14", "macos-unknown", "cpu"])
 def test_auto_dtype_by_device(traits: DeviceTraits, expected: torch.dtype) -> None:
     assert auto_dtype(traits) == expected
+    assert vae_dtype(expected) == (torch.float32 if expected == torch.float16 else expected)
+
+
+def test_a_float16_model_decodes_with_a_float32_vae() -> None:
+    """On GPUs without native bfloat16 the model computes in float16, which this VAE family overflows in: the
+    pipeline's VAE runs in float32 there (here float16 on the CPU stands for such a GPU)."""
+    pipe = NextStepPipeline.from_pretrained(TINY_MODEL, device="cpu", dtype="float16", compile=False)
+    assert pipe.model.dtype == torch.float16 and pipe.vae.dtype == torch.float32
 
 
 @pytest.mark.parametrize("traits,dtype,expected", [
