@@ -1,5 +1,5 @@
 """Command line: `python -m nextstep_runtime generate ...` writes PNGs (and optionally tensors);
-`download` fetches a model (download.py)."""
+`download` fetches a model (download.py); `doctor` reports what this install can do (doctor.py)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from ..sampling.solvers import CFG_SCHEDULES, SAMPLERS
 from ..settings import PRESET_SETTINGS, GenerationSettings
 from ..weights.model_folder import ModelFolder
 from . import convert as cli_convert
+from . import doctor as cli_doctor
 from . import download as cli_download
 from . import plan as cli_plan
 from .help import HelpFormatter
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_plan.add_parser(commands)
     cli_download.add_parser(commands)
     cli_convert.add_parser(commands)
+    cli_doctor.add_parser(commands)
     return parser
 
 
@@ -195,7 +197,8 @@ def run_generate(args: argparse.Namespace) -> None:
         sys.stderr.write(f"saved {args.save_tensors}\n")
 
 
-RUNNERS = {"generate": run_generate, "plan": cli_plan.run, "download": cli_download.run, "convert": cli_convert.run}
+RUNNERS = {"generate": run_generate, "plan": cli_plan.run, "download": cli_download.run, "convert": cli_convert.run,
+           "doctor": cli_doctor.run}
 """Subcommand name -> the function that runs it."""
 
 

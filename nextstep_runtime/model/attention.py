@@ -61,32 +61,47 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def set_attention_backend(name: str, device: torch.device | str | None = None) -> str:
-    """Select `sdpa`, `flash_attn` or `auto` for models on `device` (default: the CUDA GPU if any, else the CPU);
-    returns the backend actually used.
-
-    flash-attn is imported here; where it cannot run on `device` the result is SDPA, with one warning when it was
-    asked for (`flash_attn`) or is installed but unusable (`auto`: broken, or a GPU too old for it). `auto` stays
-    quiet when flash-attn is simply absent or the device is not a CUDA GPU."""
-    global _flash_attn_func, _last_warning
+def attention_choice(name: str, device: torch.device | str | None = None) -> tuple[Callable | None, str | None]:
+    """(flash-attn's kernel when backend `name` runs it on `device`, else None: SDPA; the warning that choice
+    deserves, or None). `auto` stays quiet when flash-attn is simply absent or the device is not a CUDA GPU; a
+    flash-attn asked for (`flash_attn`), or installed but unusable (`auto`: broken, or a GPU too old for it) is
+    warned about."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; use {', '.join(BACKENDS)}")
-    _flash_attn_func = None
     if name == "sdpa":
-        _last_warning = None
-        return "sdpa"
+        return None, None
     device = _default_device() if device is None else torch.device(device)
     flash, problem = _flash_attn_for(device)
     if problem is None:
-        _flash_attn_func, _last_warning = flash, None
-        return "flash_attn"
+        return flash, None
     expected = problem == NOT_INSTALLED or (flash is not None and device.type != "cuda")
-    if name == "auto" and expected:
-        return "sdpa"
-    if problem != _last_warning:
+    return None, None if name == "auto" and expected else problem
+
+
+def set_attention_backend(name: str, device: torch.device | str | None = None) -> str:
+    """Select `sdpa`, `flash_attn` or `auto` for models on `device` (default: the CUDA GPU if any, else the CPU);
+    returns the backend actually used: flash-attn where it imports and runs on `device`, else SDPA, with one
+    warning where `attention_choice` gives one."""
+    global _flash_attn_func, _last_warning
+    _flash_attn_func, problem = attention_choice(name, device)
+    if _flash_attn_func is not None or problem is None:
+        _last_warning = None
+    elif problem != _last_warning:
         log.warning("NextStep: %s; using PyTorch SDPA attention instead", problem)
         _last_warning = problem
-    return "sdpa"
+    return "sdpa" if _flash_attn_func is None else "flash_attn"
+
+
+def flash_attn_difference(device: torch.device | str) -> float:
+    """The largest difference between flash-attn and PyTorch SDPA on one small causal bfloat16 call on `device`
+    (a CUDA GPU flash-attn runs on: `flash_attn_problem` is None there): whether the installed kernel computes
+    attention, not only imports."""
+    flash, _ = _import_flash_attn()
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn((1, 4, 32, 64), generator=generator).to(device, torch.bfloat16) for _ in range(3))
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    got = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
+    return float((got.float() - expected).abs().max())
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:

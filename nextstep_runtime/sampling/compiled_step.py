@@ -118,19 +118,30 @@ class _Compiled:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.shapes: set[tuple] = set()
-        self.failed = False
+        self.failure: str | None = None
+        """Why compiling failed (then every call runs eagerly), or None."""
         try:
             self.modulations = torch.compile(FlowNet.modulations, fullgraph=True, dynamic=None)
             self.step = torch.compile(solver_step, fullgraph=True, dynamic=None)
         except Exception as exc:  # noqa: BLE001 - whatever torch.compile refuses: never fail the run
             self.fail(exc)
 
+    @property
+    def failed(self) -> bool:
+        return self.failure is not None
+
     def fail(self, exc: Exception) -> None:
-        self.failed = True
-        _fall_back(f"torch.compile failed ({type(exc).__name__}: {_first_line(exc)})")
+        self.failure = f"torch.compile failed ({type(exc).__name__}: {_first_line(exc)})"
+        _fall_back(self.failure)
 
 
 _compiled: _Compiled | None = None
+
+
+def compile_failure() -> str | None:
+    """Why compiling the flow head failed in this process (every later run is eager), or None: not tried yet, or
+    it worked."""
+    return None if _compiled is None else _compiled.failure
 
 
 def _shared() -> _Compiled:

@@ -300,10 +300,12 @@ def _token_plan(kept: KeptTokens | None, total: int) -> list[str]:
 
 @torch.inference_mode()
 def sample_tokens(model: NextStepModel, inputs: TokenLoopInputs, callback: TokenCallback | None = None,
-                  compile: bool = False) -> torch.Tensor:
+                  compile: bool = False, cuda_graph: bool = True) -> torch.Tensor:
     """Generate every image token (or take the kept ones as given); returns [B, L, D] float32 (sampled
     tokens after use_norm when on, kept tokens exactly as given). `compile`: the flow head through
-    torch.compile (see compiled_step.py), eager where that fails."""
+    torch.compile (see compiled_step.py), eager where that fails. `cuda_graph`: replay each token step as a
+    captured CUDA graph where possible (`cuda_graph_possible`); off, the step runs eagerly (the doctor's
+    self-check tells the two apart)."""
     total_tokens = inputs.grid[0] * inputs.grid[1]
     device = model.device
     plan = _token_plan(inputs.kept, total_tokens)
@@ -324,7 +326,7 @@ def sample_tokens(model: NextStepModel, inputs: TokenLoopInputs, callback: Token
             if plan[0] != "keep":
                 out[:, 0] = solve(torch.zeros(1, dtype=torch.long, device=device), condition)
             if total_tokens > 1:
-                step = TokenStep(state, solve, cuda_graph_possible(model), feed_only="keep" in plan[1:])
+                step = TokenStep(state, solve, cuda_graph and cuda_graph_possible(model), feed_only="keep" in plan[1:])
         elif plan[n] == "keep":
             step.feed(out[:, n - 1], n)
         else:

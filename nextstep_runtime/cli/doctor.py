@@ -1,0 +1,30 @@
+"""`python -m nextstep_runtime doctor`: what this install can do and why not, then a self-check on a small random
+model (see nextstep_runtime/doctor). Never downloads; writes only to temp folders."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..devices import resolve_device
+from ..doctor import doctor_report, render_text
+from .help import HelpFormatter
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "doctor", help="report what this install can do, and check the computation on a small random model",
+        formatter_class=HelpFormatter,
+        description="Python, torch and CUDA versions; each device with its memory and weight-format kernels; "
+                    "flash-attn and the attention backend; whether torch.compile works (a tiny compile, timed); "
+                    "the Hugging Face cache; the warnings each setting deserves here. Then a self-check: a small "
+                    "random model built in memory samples on the run device (eager, compiled, the CUDA graph, fp8, "
+                    "int4, where possible) against the CPU float32 reference. Never downloads.")
+    parser.add_argument("--device", default="auto", help="the run device to check: cpu, cuda, cuda:N, mps or auto")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON (for bug reports)")
+
+
+def run(args: argparse.Namespace) -> None:
+    report = doctor_report(resolve_device(args.device))
+    sys.stdout.write(json.dumps(report, indent=2) + "\n" if args.json else render_text(report))

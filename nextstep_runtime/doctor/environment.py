@@ -1,0 +1,180 @@
+"""What this install can do, and why not: versions, devices and their kernels, attention, compiling, where models
+are found. Every verdict comes from the rule the runtime itself follows (devices.py, modes.py, attention.py,
+compiled_step.py), so the report says what a run would do; only the tiny compile and the flash-attn call run
+something, to see that it works and not only that it is there.
+"""
+
+from __future__ import annotations
+
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..devices import DeviceTraits, auto_dtype, bf16_native, fp8_matmul_fused, fp8_refusal, host_memory, int4_refusal
+from ..errors import NextStepError
+from ..memory.device_memory import device_memory
+from ..model.attention import BACKENDS, attention_choice, flash_attn_difference, flash_attn_problem
+from ..sampling.compiled_step import compile_problem
+from ..weights.hub import cache_root
+from ..weights.model_folder import CONFIG_NAME, ModelFolder, cached_nextstep_repos, holds_model_config
+
+FLASH_ATTN_TOLERANCE = 0.05
+"""Largest difference from SDPA (bfloat16, unit-variance inputs) a working flash-attn kernel stays within."""
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else 'no message'}"
+
+
+def visible_devices() -> list[torch.device]:
+    """The CPU, every CUDA GPU and the Apple GPU, as far as this torch sees them."""
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices += [torch.device("cuda", index) for index in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        devices.append(torch.device("mps"))
+    return devices
+
+
+def _memory(device: torch.device) -> tuple[int | None, int | None]:
+    """(free, total) bytes: host RAM for the CPU, else the device's."""
+    measured = host_memory() if device.type == "cpu" else device_memory(device)
+    return measured if measured is not None else (None, None)
+
+
+def device_report(device: torch.device) -> dict:
+    """A device: its memory, the dtype `auto` computes in there, and which weight formats have kernels."""
+    traits = DeviceTraits.of(device)
+    free, total = _memory(device)
+    fp8_problem = fp8_refusal(traits)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else traits.describe()
+    return {
+        "device": str(device), "name": name, "description": traits.describe(),
+        "capability": None if traits.capability is None else ".".join(map(str, traits.capability)),
+        "memory_free_bytes": free, "memory_total_bytes": total,
+        "auto_dtype": _dtype_name(auto_dtype(traits)), "bf16_native": bf16_native(traits),
+        "fp8": {"works": fp8_problem is None, "problem": fp8_problem,
+                "kernel": None if fp8_problem else "fused fp8 matmul" if fp8_matmul_fused(traits)
+                else "dequantised to the compute dtype per layer (saves memory, not time)"},
+        "int4": {"works": int4_refusal(traits, torch.bfloat16) is None,
+                 "problem": int4_refusal(traits, torch.bfloat16)},
+    }
+
+
+def attention_report(device: torch.device) -> dict:
+    """Whether flash-attn imports and computes on `device`, and the backend each loader choice runs."""
+    problem = flash_attn_problem(device)
+    difference = None
+    if problem is None:
+        try:
+            difference = flash_attn_difference(device)
+        except Exception as exc:  # noqa: BLE001 - whatever a broken kernel raises is the answer, not a crash
+            problem = f"flash-attn imports but its kernel failed ({_first_line(exc)})"
+        else:
+            if not difference <= FLASH_ATTN_TOLERANCE:
+                problem = (f"flash-attn runs but differs from PyTorch SDPA by {difference:.3g} (more than "
+                           f"{FLASH_ATTN_TOLERANCE}); use attention sdpa")
+    backends = {}
+    for name in BACKENDS:
+        kernel, warning = attention_choice(name, device)
+        backends[name] = {"runs": "sdpa" if kernel is None else "flash_attn", "warning": warning}
+    return {"flash_attn": {"works": problem is None, "problem": problem, "max_difference": difference},
+            "backends": backends}
+
+
+_compile_probes: dict[str, dict] = {}
+"""Per device type, the tiny compile's outcome: once per process (a server asks for it with every page)."""
+
+
+def compile_report(device: torch.device) -> dict:
+    """Whether torch.compile works for `device`: the runtime's up-front check (`compile_problem`), then a tiny
+    function compiled and timed. Its constant is drawn anew per process, so its kernel is never in inductor's
+    cache (a temp folder) and the compiler truly runs."""
+    if device.type not in _compile_probes:
+        _compile_probes[device.type] = _probe_compile(device)
+    return _compile_probes[device.type]
+
+
+def _probe_compile(device: torch.device) -> dict:
+    problem = compile_problem(device)
+    if problem is None and torch._dynamo.config.disable:
+        problem = "torch.compile is turned off in this process (TORCH_COMPILE_DISABLE=1)"
+    if problem is not None:
+        return {"works": False, "problem": problem, "seconds": None}
+    offset = random.Random().uniform(1.0, 2.0)
+    x = torch.linspace(-3, 3, 64, device=device)
+    start = time.perf_counter()
+    try:
+        compiled = torch.compile(lambda value: torch.sin(value) * 2 + offset, fullgraph=True)(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception as exc:  # noqa: BLE001 - a toolchain inductor cannot use, any compiler error: report it
+        return {"works": False, "problem": f"torch.compile failed ({_first_line(exc)})", "seconds": None}
+    seconds = time.perf_counter() - start
+    difference = float((compiled - (torch.sin(x) * 2 + offset)).abs().max())
+    if not difference <= 1e-4:
+        return {"works": False, "seconds": seconds,
+                "problem": f"torch.compile's kernel computes a wrong result (off by {difference:.3g})"}
+    return {"works": True, "problem": None, "seconds": seconds}
+
+
+def _folder_entry(path: Path) -> dict:
+    """A model folder's name and what it holds, or why it is not one the loader lists."""
+    entry = {"name": path.name, "path": str(path)}
+    if path.is_file():
+        return {**entry, "problem": f"a file; NextStep models are whole repo folders ({CONFIG_NAME}, weights, "
+                                    f"tokenizer) in their own folder here"}
+    if not holds_model_config(path):
+        inner = [child.name for child in sorted(path.iterdir()) if holds_model_config(child)]
+        hint = (f"; the model folder inside, {path.name}/{inner[0]}, belongs directly in this folder" if inner
+                else "; not a model folder")
+        return {**entry, "problem": f"holds no {CONFIG_NAME}{hint}"}
+    try:
+        folder = ModelFolder.open(path)
+        return {**entry, "weights": folder.stored_format, "parameters": folder.parameter_count(),
+                "vae": (path / "vae").is_dir()}
+    except (NextStepError, OSError) as exc:
+        return {**entry, "problem": str(exc)}
+
+
+def model_folders_report(roots: list[Path]) -> list[dict]:
+    """Each model search folder (inside ComfyUI, the `nextstep` ones) and what it holds."""
+    report = []
+    for root in roots:
+        entries = [_folder_entry(child) for child in sorted(root.iterdir())] if root.is_dir() else []
+        report.append({"path": str(root), "exists": root.is_dir(), "entries": entries})
+    return report
+
+
+def hf_cache_report() -> dict:
+    return {"path": str(cache_root()),
+            "nextstep_repos": {repo: str(snapshot) for repo, snapshot in cached_nextstep_repos().items()}}
+
+
+def versions_report() -> dict:
+    return {"python": platform.python_version(), "platform": platform.platform(), "executable": sys.executable,
+            "torch": torch.__version__, "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
+            "mps_available": torch.backends.mps.is_available()}
+
+
+def environment_report(device: torch.device, model_roots: list[Path] | None = None) -> dict:
+    """Everything but the self-check, for models run on `device`; `model_roots`: the model search folders to
+    list (ComfyUI's `nextstep` folders), None outside ComfyUI."""
+    return {
+        "versions": versions_report(),
+        "run_device": device_report(device),
+        "devices": [device_report(visible) for visible in visible_devices()],
+        "attention": attention_report(device),
+        "compile": {"device": device.type, **compile_report(device)},
+        "hf_cache": hf_cache_report(),
+        "model_folders": None if model_roots is None else model_folders_report(model_roots),
+    }
