@@ -4,7 +4,10 @@ GET /nextstep/presets: the recommended settings of each released model (nextstep
 GET /nextstep/plan?model=NAME&dtype=..&memory=..&fp8=..&gpu_layers=..&width=..&height=..&batch=..&cfg=..&cfg_img=..&steps=..:
 the memory plan of a model from the loader's list for a job, in the weight mode the loader would load it in
 with those widgets (`memory` auto chosen as the loader chooses it, for 512x512), against this server's run
-device. Handlers are plain functions of the query parameters returning (HTTP status, JSON body), so they are
+device.
+GET /nextstep/doctor[?self_check=1]: the doctor report (nextstep_runtime.doctor) for this server's run device and
+its `nextstep` model folders, with the warnings each loader setting deserves here; the self-check (seconds) only
+when asked. Handlers are plain functions of the query parameters returning (HTTP status, JSON body), so they are
 tested without a server. A model is named, never given as a path, and only names from the loader's list
 are looked up.
 """
@@ -12,6 +15,7 @@ are looked up.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from nextstep_runtime import (
     MEMORY_CHOICES,
@@ -21,6 +25,7 @@ from nextstep_runtime import (
     ModelFootprint,
     NextStepError,
     device_memory,
+    doctor_report,
     plan_memory,
 )
 from nextstep_runtime.presets import presets_as_json
@@ -108,7 +113,20 @@ def plan_response(query: dict[str, str]) -> Response:
     return 200, {**plan.to_dict(), "loads_as": mode.describe(), "memory_choice": choice}
 
 
+def doctor_response(query: dict[str, str]) -> Response:
+    """The doctor report as JSON; `self_check=1` adds the self-check."""
+    unknown = sorted(set(query) - {"self_check"})
+    if unknown:
+        return 400, {"error": f"unknown doctor parameter {unknown[0]!r}; known: self_check"}
+    check = query.get("self_check", "0").lower()
+    if check not in BOOLEANS:
+        return 400, {"error": f"doctor parameter self_check={query['self_check']!r} is not true or false"}
+    roots = [Path(root) for root in host.folder_roots(host.MODEL_FOLDER_KEY)]
+    return 200, doctor_report(host.load_device(), roots, check=BOOLEANS[check])
+
+
 def register_routes() -> None:
     """Serve the routes when running inside ComfyUI (a no-op elsewhere)."""
     host.add_get_route("/nextstep/presets", presets_response)
     host.add_get_route("/nextstep/plan", plan_response)
+    host.add_get_route("/nextstep/doctor", doctor_response)

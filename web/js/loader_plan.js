@@ -1,8 +1,10 @@
 // NextStep Model Loader in the graph editor: the memory plan of the chosen model in the weight mode the
 // loader will use (its `memory` choice resolved as loading resolves it) on this server's run device
 // (GET /nextstep/plan), for the job of the sampler it feeds; asked again whenever a widget it depends on
-// changes.
+// changes. Below it, the install's warnings for the loader's chosen settings (doctor.js), e.g. "compile
+// unavailable: no C++ compiler ...; running uncompiled".
 
+import { installWarnings, SETTING_WIDGETS, warningsFor } from "./doctor.js";
 import { formatBytes } from "./format.js";
 import { addTextPanel } from "./text_widget.js";
 import { onWidgetChange, widgetValue } from "./widgets.js";
@@ -43,10 +45,22 @@ function planLines(plan) {
     `${formatBytes(plan.kv_cache_bytes)} · peak ${formatBytes(plan.peak_gpu_bytes)}`, "muted"]];
 }
 
+function warningLine(texts) {
+  return texts.length ? [texts.join(" · "), "warn"] : ["install: no warnings for these settings", "muted"];
+}
+
 export function setupLoader(node, api) {
-  const show = addTextPanel(node, "nextstep_plan", 3);
+  const showLines = addTextPanel(node, "nextstep_plan", 4);
+  let planShown = [["memory plan: …", "muted"]];
+  let installLine = () => ["install check: …", "muted"];
   let asked = null;
   let timer = null;
+
+  const render = () => showLines([...planShown, installLine()]);
+  const show = (lines) => {
+    planShown = lines;
+    render();
+  };
 
   async function ask(query) {
     try {
@@ -67,6 +81,14 @@ export function setupLoader(node, api) {
     timer = setTimeout(() => ask(query), DEBOUNCE_MS);
   };
   onWidgetChange(node, MODE_WIDGETS, node.nextstepRefresh);
-  show([["memory plan: …", "muted"]]);
+  onWidgetChange(node, SETTING_WIDGETS, render);
+  render();
+  installWarnings(api).then((warnings) => {
+    installLine = () => warningLine(warningsFor(node, warnings));
+    render();
+  }, (error) => {
+    installLine = () => [`install check unavailable: ${error.message}`, "warn"];
+    render();
+  });
   node.nextstepRefresh();
 }

@@ -1,0 +1,178 @@
+"""`python -m nextstep_runtime doctor` as a user runs it on this CPU machine (in a subprocess, timed): every field
+true for this machine, the self-check passed; then installs broken as users have them (no C++ compiler, a
+flash-attn built for another torch), reported, not raised; and the route's report, with ComfyUI's model folders.
+tests/test_comfyui_e2e.py asks the same route through a real ComfyUI, tests/test_browser.py shows its warnings on
+the Model Loader.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from broken_installs import broken_flash_attn
+from goldens import TINY_MODEL
+from model_folders import write_hf_cache
+from nodes_pack import MODEL_NAME, install_fixture_models, load_pack
+
+from nextstep_runtime.devices import host_memory
+from nextstep_runtime.doctor import render_text
+from nextstep_runtime.model.attention import NOT_INSTALLED
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
+CACHED_REPO = "stepfun-ai/NextStep-tiny"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+WALL_LIMIT_S = 60
+routes = importlib.import_module(f"{load_pack().__name__}.nodes.routes")
+
+
+def run_doctor(*args: str, path: tuple[Path, ...] = (), **env: str) -> tuple[subprocess.CompletedProcess, float]:
+    """`doctor` in a subprocess as a user runs it (compiling allowed, unlike in the tests' own process), with `path`
+    first on its import path and `env` set; returns the result and its wall time."""
+    python_path = os.pathsep.join(filter(None, [*map(str, path), os.environ.get("PYTHONPATH")]))
+    user_env = {name: value for name, value in os.environ.items() if name != "TORCH_COMPILE_DISABLE"}
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "nextstep_runtime", "doctor", *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=300,
+                            env={**user_env, "PYTHONPATH": python_path, **env})
+    return result, time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def hf_cache(tmp_path_factory) -> Path:
+    """A Hugging Face cache holding one NextStep repo."""
+    cache = tmp_path_factory.mktemp("hf-cache")
+    write_hf_cache(cache, CACHED_REPO, TINY_MODEL, COMMIT)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def doctor_json(hf_cache: Path) -> tuple[dict, float]:
+    """The report of `doctor --json` on this machine, and how long the command took."""
+    result, seconds = run_doctor("--json", HF_HUB_CACHE=str(hf_cache))
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout), seconds
+
+
+def test_doctor_finishes_in_under_a_minute(doctor_json) -> None:
+    report, seconds = doctor_json
+    assert seconds < WALL_LIMIT_S, f"doctor took {seconds:.1f} s"
+    assert report["seconds"] < seconds
+
+
+def test_versions_and_devices_are_this_machines(doctor_json) -> None:
+    report, _ = doctor_json
+    versions = report["versions"]
+    assert versions["torch"] == torch.__version__ and versions["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert versions["cuda"] is None and versions["cuda_available"] is False and versions["mps_available"] is False
+    assert [device["device"] for device in report["devices"]] == ["cpu"]
+    cpu = report["devices"][0]
+    assert cpu == report["run_device"]
+    assert cpu["memory_total_bytes"] == host_memory()[1] and 0 < cpu["memory_free_bytes"] <= cpu["memory_total_bytes"]
+    assert cpu["auto_dtype"] == "float32" and cpu["bf16_native"] is True and cpu["capability"] is None
+    assert cpu["fp8"] == {"works": True, "problem": None,
+                          "kernel": "dequantised to the compute dtype per layer (saves memory, not time)"}
+    assert cpu["int4"] == {"works": True, "problem": None}  # torch 2.6+ has the CPU int4 kernel
+
+
+def test_flash_attn_absent_with_the_reason_and_compile_working(doctor_json) -> None:
+    report, _ = doctor_json
+    assert importlib.util.find_spec("flash_attn") is None, "this machine has flash-attn: the report below is not true"
+    assert report["attention"]["flash_attn"] == {"works": False, "problem": NOT_INSTALLED, "max_difference": None}
+    assert {name: choice["runs"] for name, choice in report["attention"]["backends"].items()} == {
+        "auto": "sdpa", "sdpa": "sdpa", "flash_attn": "sdpa"}
+    compiling = report["compile"]
+    assert compiling["device"] == "cpu" and compiling["works"] is True and compiling["problem"] is None
+    assert 0 < compiling["seconds"] < WALL_LIMIT_S
+    # the only setting with a warning here: flash-attn asked for (auto stays quiet when it is simply absent)
+    assert report["warnings"] == [{"setting": "attention:flash_attn",
+                                   "text": f"flash-attn unavailable: {NOT_INSTALLED}; using PyTorch SDPA"}]
+
+
+def test_hugging_face_cache_and_its_nextstep_repos(doctor_json, hf_cache: Path) -> None:
+    report, _ = doctor_json
+    assert report["hf_cache"]["path"] == str(hf_cache)
+    assert list(report["hf_cache"]["nextstep_repos"]) == [CACHED_REPO]
+    assert report["model_folders"] is None  # outside ComfyUI
+
+
+def test_self_check_passes_each_way_this_cpu_computes(doctor_json) -> None:
+    report, _ = doctor_json
+    check = report["self_check"]
+    assert check["device"] == "cpu" and check["passed"] is True
+    verdicts = {entry["name"]: (entry["precision"], entry["verdict"]) for entry in check["checks"]}
+    assert verdicts == {"eager": ("float32", "pass"), "compiled": ("float32", "pass"),
+                        "cuda graph": ("float32", "skipped"), "fp8": ("fp8", "pass"), "int4": ("int4", "pass")}
+    differences = {entry["name"]: entry.get("max_difference") for entry in check["checks"]}
+    assert differences["eager"] == 0  # the run device is the reference's: the same computation
+    assert 0 < differences["compiled"] <= 1e-4  # fused kernels sum in another order
+    assert 0 < differences["fp8"] < differences["int4"]  # 4-bit rounds more than float8
+    assert check["checks"][2]["note"] == "CUDA graphs need a CUDA GPU"
+
+
+def test_text_report_says_the_same(doctor_json) -> None:
+    text = render_text(doctor_json[0])
+    assert "torch.compile on cpu: yes (a tiny compile took" in text
+    assert f"flash-attn: no: {NOT_INSTALLED}" in text
+    assert f"{CACHED_REPO}: " in text
+    assert "self-check on cpu against the CPU float32 reference" in text and ": passed" in text
+
+
+def test_broken_compiler_and_flash_attn_are_reported_not_raised(tmp_path: Path) -> None:
+    """No C++ compiler (CXX pointing nowhere) and a flash-attn wheel built for another torch: doctor exits 0 and says
+    why compile and flash-attn do not work, which loader settings that concerns, and skips the compiled check."""
+    site = broken_flash_attn(tmp_path / "site", "linux-symbol")
+    result, _ = run_doctor(path=(site,), CXX=str(tmp_path / "no-such-compiler"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "torch.compile on cpu: no: no C++ compiler that torch.compile can use was found" in out
+    assert "flash-attn: no: flash-attn is installed but does not import (OSError: " in out
+    assert "  compile: compile unavailable: no C++ compiler" in out and "; running uncompiled" in out
+    for choice in ("auto", "flash_attn"):  # installed but broken: auto warns too
+        assert f"  attention:{choice}: flash-attn unavailable: flash-attn is installed but does not import" in out
+    assert "compiled   float32   skipped    - compile unavailable: no C++ compiler" in out
+    assert ": passed" in out
+
+
+# --- the route, as ComfyUI's server calls it --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory) -> Path:
+    """The fixture models as a ComfyUI models folder, plus a model one folder too deep and a stray weights file."""
+    models = install_fixture_models(tmp_path_factory.mktemp("models"))
+    (models / "nextstep" / "downloads" / "NextStep-1.1").mkdir(parents=True)
+    (models / "nextstep" / "downloads" / "NextStep-1.1" / "config.json").write_text("{}")
+    (models / "nextstep" / "model.safetensors").write_bytes(b"")
+    return models
+
+
+def test_route_reports_the_model_folders_and_what_they_hold(models_dir: Path) -> None:
+    status, report = routes.doctor_response({})
+    assert status == 200 and report["self_check"] is None
+    root = next(root for root in report["model_folders"] if root["path"] == str(models_dir / "nextstep"))
+    entries = {entry["name"]: entry for entry in root["entries"]}
+    assert set(entries) == {"downloads", "model.safetensors", MODEL_NAME}
+    assert entries[MODEL_NAME]["weights"] == "bf16" and entries[MODEL_NAME]["vae"] is True
+    assert entries["downloads"]["problem"] == ("holds no config.json; the model folder inside, "
+                                               "downloads/NextStep-1.1, belongs directly in this folder")
+    assert entries["model.safetensors"]["problem"].startswith("a file; NextStep models are whole repo folders")
+    assert report["run_device"]["device"] == "cpu"
+    assert report["compile"]["problem"] == "torch.compile is turned off in this process (TORCH_COMPILE_DISABLE=1)"
+    assert json.loads(json.dumps(report)) == report
+
+
+@pytest.mark.parametrize("query,message", [
+    ({"self_check": "maybe"}, "doctor parameter self_check='maybe' is not true or false"),
+    ({"path": "/tmp"}, "unknown doctor parameter 'path'; known: self_check"),
+])
+def test_route_refuses_unknown_parameters(query: dict, message: str) -> None:
+    assert routes.doctor_response(query) == (400, {"error": message})
