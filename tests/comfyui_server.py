@@ -49,7 +49,7 @@ class ComfyUI:
 
     def __init__(self, url: str, folders: dict[str, Path], log: Path, process: subprocess.Popen) -> None:
         self.url, self.log, self.process = url, log, process
-        self.input, self.output = folders["input"], folders["output"]
+        self.input, self.output, self.models = folders["input"], folders["output"], folders["nextstep"]
 
     def request(self, path: str, body: dict | None = None) -> tuple[int, object]:
         data = None if body is None else json.dumps(body).encode()

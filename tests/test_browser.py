@@ -84,6 +84,24 @@ def test_sampler_shows_pickers_and_each_preset_sets_the_table(page):
     page.screenshot("presets")
 
 
+def test_loader_panel_shows_the_install_warnings_of_its_chosen_settings(page):
+    """GET /nextstep/doctor's warnings, those of the loader's chosen values only: this server has no flash-attn, so
+    choosing it warns (auto, quiet where flash-attn is simply absent, does not)."""
+    (loader,) = page.new_graph(["NextStepModelLoader"])
+    page.page.wait_for_function("id => app.graph.getNodeById(id).widgets.find(w => w.name === 'nextstep_plan')"
+                                ".element.innerText.includes('install: no warnings for these settings')", arg=loader)
+    page.pick(loader, "attention", "flash_attn")
+    page.page.wait_for_function("id => app.graph.getNodeById(id).widgets.find(w => w.name === 'nextstep_plan')"
+                                ".element.innerText.includes('flash-attn unavailable: flash-attn is not installed')",
+                                arg=loader)
+    warning = page.js("id => [...app.graph.getNodeById(id).widgets.find(w => w.name === 'nextstep_plan')"
+                      ".element.children].at(-1).dataset.tone", loader)
+    assert warning == "warn"
+    page.screenshot("install-warning")
+    page.pick(loader, "attention", "sdpa")
+    assert "install: no warnings for these settings" in page.panel(loader, "nextstep_plan")
+
+
 def test_size_picker_sets_width_and_height(page):
     (sampler,) = page.new_graph(["NextStepSampler"])
     page.pick(sampler, "size", "384x672 (4:7)")

@@ -17,7 +17,15 @@ from goldens import FIXTURES, UINT8_TOLERANCE, golden_cases
 from nodes_pack import MODEL_NAME, VAE_FILE
 from PIL import Image
 
-from nextstep_runtime import GenerationSettings, NextStepPipeline, images_to_unit, load_model, load_rgb, to_uint8
+from nextstep_runtime import (
+    GenerationSettings,
+    NextStepPipeline,
+    doctor_report,
+    images_to_unit,
+    load_model,
+    load_rgb,
+    to_uint8,
+)
 from nextstep_runtime.presets import presets_as_json
 
 CASES = {case.name: case for case in golden_cases()}
@@ -287,3 +295,30 @@ def test_routes_serve_presets_and_the_memory_plan(comfy):
     assert status == 404 and "'NextStep-1.1' is not in NextStep Model Loader's list" in answer["error"]
     status, answer = comfy.request(f"/nextstep/plan?model={MODEL_NAME}&width=500")
     assert status == 400 and "width 500 is not a positive multiple of 16" in answer["error"]
+
+
+def _shape(value: object) -> object:
+    """The keys of a JSON value, nested (lists by their first entry), without the values."""
+    if isinstance(value, dict):
+        return {key: _shape(item) for key, item in value.items()}
+    return [_shape(value[0])] if isinstance(value, list) and value else ""
+
+
+def test_doctor_route_answers_the_runtimes_report_for_the_servers_folders(comfy):
+    status, report = comfy.request("/nextstep/doctor")
+    assert status == 200, report
+    here = doctor_report(torch.device("cpu"), [comfy.models], check=False)
+    assert _shape(report) == _shape(here)  # the same JSON as `doctor --json`, by another Python (ComfyUI's venv)
+    for part in ("attention", "compile", "warnings", "hf_cache"):  # the server runs with this test's environment
+        assert report[part] == here[part], part
+    verdicts = ("device", "auto_dtype", "bf16_native", "fp8", "int4")
+    assert {key: report["run_device"][key] for key in verdicts} == {key: here["run_device"][key] for key in verdicts}
+    (folder,) = [root for root in report["model_folders"] if root["path"] == str(comfy.models)]
+    assert folder == here["model_folders"][0] and folder["entries"][0]["name"] == MODEL_NAME
+    assert report["self_check"] is None
+    status, checked = comfy.request("/api/nextstep/doctor?self_check=1")
+    assert status == 200 and checked["self_check"]["passed"] is True, checked["self_check"]
+    assert [entry["name"] for entry in checked["self_check"]["checks"]] == ["eager", "compiled", "cuda graph", "fp8",
+                                                                            "int4"]
+    status, answer = comfy.request("/nextstep/doctor?self_check=maybe")
+    assert status == 400 and "self_check='maybe' is not true or false" in answer["error"]

@@ -92,6 +92,7 @@ def test_flash_attn_absent_with_the_reason_and_compile_working(doctor_json) -> N
         "auto": "sdpa", "sdpa": "sdpa", "flash_attn": "sdpa"}
     compiling = report["compile"]
     assert compiling["device"] == "cpu" and compiling["works"] is True and compiling["problem"] is None
+    assert compiling["turned_off"] is False
     assert 0 < compiling["seconds"] < WALL_LIMIT_S
     # the only setting with a warning here: flash-attn asked for (auto stays quiet when it is simply absent)
     assert report["warnings"] == [{"setting": "attention:flash_attn",
@@ -166,7 +167,10 @@ def test_route_reports_the_model_folders_and_what_they_hold(models_dir: Path) ->
                                                "downloads/NextStep-1.1, belongs directly in this folder")
     assert entries["model.safetensors"]["problem"].startswith("a file; NextStep models are whole repo folders")
     assert report["run_device"]["device"] == "cpu"
+    # the tests' process runs with compiling off: said so, and no loader setting is warned about it
     assert report["compile"]["problem"] == "torch.compile is turned off in this process (TORCH_COMPILE_DISABLE=1)"
+    assert report["compile"]["turned_off"] is True and [warning["setting"] for warning in report["warnings"]] == [
+        "attention:flash_attn"]
     assert json.loads(json.dumps(report)) == report
 
 

@@ -98,18 +98,22 @@ _compile_probes: dict[str, dict] = {}
 def compile_report(device: torch.device) -> dict:
     """Whether torch.compile works for `device`: the runtime's up-front check (`compile_problem`), then a tiny
     function compiled and timed. Its constant is drawn anew per process, so its kernel is never in inductor's
-    cache (a temp folder) and the compiler truly runs."""
+    cache (a temp folder) and the compiler truly runs. `turned_off`: torch's own switch (TORCH_COMPILE_DISABLE=1)
+    is on, which runs are quiet about (compiled_step.SolverSteps)."""
     if device.type not in _compile_probes:
-        _compile_probes[device.type] = _probe_compile(device)
+        turned_off = bool(torch._dynamo.config.disable)
+        problem = "torch.compile is turned off in this process (TORCH_COMPILE_DISABLE=1)" if turned_off else None
+        problem, seconds = (problem, None) if turned_off else _probe_compile(device)
+        _compile_probes[device.type] = {"works": problem is None, "problem": problem, "seconds": seconds,
+                                        "turned_off": turned_off}
     return _compile_probes[device.type]
 
 
-def _probe_compile(device: torch.device) -> dict:
+def _probe_compile(device: torch.device) -> tuple[str | None, float | None]:
+    """(why compiling does not work, or None; the tiny compile's seconds)."""
     problem = compile_problem(device)
-    if problem is None and torch._dynamo.config.disable:
-        problem = "torch.compile is turned off in this process (TORCH_COMPILE_DISABLE=1)"
     if problem is not None:
-        return {"works": False, "problem": problem, "seconds": None}
+        return problem, None
     offset = random.Random().uniform(1.0, 2.0)
     x = torch.linspace(-3, 3, 64, device=device)
     start = time.perf_counter()
@@ -118,13 +122,12 @@ def _probe_compile(device: torch.device) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     except Exception as exc:  # noqa: BLE001 - a toolchain inductor cannot use, any compiler error: report it
-        return {"works": False, "problem": f"torch.compile failed ({_first_line(exc)})", "seconds": None}
+        return f"torch.compile failed ({_first_line(exc)})", None
     seconds = time.perf_counter() - start
     difference = float((compiled - (torch.sin(x) * 2 + offset)).abs().max())
     if not difference <= 1e-4:
-        return {"works": False, "seconds": seconds,
-                "problem": f"torch.compile's kernel computes a wrong result (off by {difference:.3g})"}
-    return {"works": True, "problem": None, "seconds": seconds}
+        return f"torch.compile's kernel computes a wrong result (off by {difference:.3g})", seconds
+    return None, seconds
 
 
 def _folder_entry(path: Path) -> dict:

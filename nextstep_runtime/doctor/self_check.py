@@ -25,13 +25,14 @@ from safetensors.torch import save_file
 from ..config import ModelConfig
 from ..devices import DeviceTraits, auto_dtype
 from ..model.network import NextStepModel
-from ..sampling.compiled_step import compile_failure, compile_problem
+from ..sampling.compiled_step import compile_failure
 from ..sampling.prompt import PromptRows
 from ..sampling.solvers import guidance_scales, solver_plan
 from ..sampling.token_loop import NoiseSpec, TokenLoopInputs, sample_tokens
 from ..weights.loading import load_model
 from ..weights.model_folder import CONFIG_NAME, SINGLE_WEIGHTS_NAME
 from ..weights.modes import WeightMode, mode_refusal
+from .environment import compile_report
 
 TINY_CONFIG = {
     "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
@@ -110,7 +111,7 @@ def checks_for(device: torch.device) -> list[tuple[Check, str | None]]:
     traits = DeviceTraits.of(device)
     dtype = auto_dtype(traits)
     full = WeightMode(dtype)
-    compiling = compile_problem(device)
+    compiling = compile_report(device)["problem"]  # the tiny compile's verdict: a compiler that fails is skipped
     return [
         (Check("eager", full), None),
         (Check("compiled", full, compile=True), compiling and f"compile unavailable: {compiling}"),

@@ -10,7 +10,7 @@ def setting_warnings(environment: dict) -> list[dict]:
     device = environment["run_device"]
     warnings = []
     compiling = environment["compile"]
-    if not compiling["works"]:
+    if not compiling["works"] and not compiling["turned_off"]:  # turned off on purpose: runs say nothing either
         warnings.append(("compile", f"compile unavailable: {compiling['problem']}; running uncompiled"))
     for backend, choice in environment["attention"]["backends"].items():
         if choice["warning"]:

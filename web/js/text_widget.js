@@ -23,6 +23,7 @@ export function addTextPanel(node, name, maxLines) {
     element.replaceChildren(...lines.filter(([text]) => text).map(([text, tone]) => {
       const line = document.createElement("div");
       line.textContent = text;
+      line.title = text;  // the whole line on hover, where it is cut short
       if (tone) line.dataset.tone = tone;
       return line;
     }));
