@@ -443,3 +443,22 @@ def test_a_broken_flash_attn_falls_back_on_the_gpu(tmp_path, monkeypatch, caplog
         assert len([r for r in caplog.records if "flash-attn is installed but does not import" in r.getMessage()]) == 1
     finally:
         set_attention_backend("sdpa")
+
+
+def test_doctor_on_the_gpu_reports_it_and_its_self_check_passes() -> None:
+    """The report's GPU is this one, with the kernels its compute capability has; the self-check runs the eager step,
+    the captured CUDA graph, fp8 and int4 (Ampere or newer) on it within their precision (compiling is off in the
+    tests' process: skipped, and said why)."""
+    from nextstep_runtime import doctor_report
+
+    report = doctor_report(torch.device("cuda"))
+    gpu = report["run_device"]
+    capability = torch.cuda.get_device_capability()
+    assert gpu["capability"] == f"{capability[0]}.{capability[1]}" and gpu["name"] == torch.cuda.get_device_name()
+    assert gpu["memory_total_bytes"] == torch.cuda.mem_get_info()[1]
+    assert gpu["int4"]["works"] == (capability >= (8, 0))
+    check = report["self_check"]
+    assert check["passed"], check
+    verdicts = {entry["name"]: entry["verdict"] for entry in check["checks"]}
+    assert verdicts == {"eager": "pass", "compiled": "skipped", "cuda graph": "pass", "fp8": "pass",
+                        "int4": "pass" if capability >= (8, 0) else "skipped"}

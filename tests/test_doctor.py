@@ -23,8 +23,10 @@ from goldens import TINY_MODEL
 from model_folders import write_hf_cache
 from nodes_pack import MODEL_NAME, install_fixture_models, load_pack
 
-from nextstep_runtime.devices import host_memory
+from nextstep_runtime.devices import DeviceTraits, host_memory
 from nextstep_runtime.doctor import render_text
+from nextstep_runtime.doctor.environment import kernels_report
+from nextstep_runtime.doctor.warnings import setting_warnings
 from nextstep_runtime.model.attention import NOT_INSTALLED
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,6 +144,39 @@ def test_broken_compiler_and_flash_attn_are_reported_not_raised(tmp_path: Path) 
         assert f"  attention:{choice}: flash-attn unavailable: flash-attn is installed but does not import" in out
     assert "compiled   float32   skipped    - compile unavailable: no C++ compiler" in out
     assert ": passed" in out
+
+
+TURING, ADA = DeviceTraits("cuda", (7, 5)), DeviceTraits("cuda", (8, 9))
+MACOS_13 = DeviceTraits("mps", macos=(13, 6), torch_version=(2, 13))
+
+
+@pytest.mark.parametrize("traits,warnings", [
+    (TURING, {"memory:int4": "int4 unavailable: 4-bit weights on CUDA need a GPU of compute capability 8.0+ (Ampere "
+                             "or newer); this is a CUDA GPU of compute capability 7.5",
+              "dtype:bfloat16": "bfloat16 is emulated (slow) on a CUDA GPU of compute capability 7.5; use dtype auto "
+                                "(float16)"}),
+    (ADA, {}),
+    (MACOS_13, {"memory:fp8": "fp8 unavailable: fp8 weights do not run on Apple GPUs (MPS has no float8 type); use "
+                              "memory int4 or full",
+                "fp8": "fp8 unavailable: fp8 weights do not run on Apple GPUs (MPS has no float8 type); use memory "
+                       "int4 or full",
+                "memory:int4": "int4 unavailable: 4-bit weights on an Apple GPU (MPS) need torch 2.14 or newer (this "
+                               "is torch 2.13); upgrade torch, or load the model in full or fp8",
+                "dtype:bfloat16": "bfloat16 is emulated (slow) on an Apple GPU (MPS); use dtype auto (float16)"}),
+])
+def test_loader_warnings_on_devices_this_machine_is_not(traits: DeviceTraits, warnings: dict) -> None:
+    """The device rules' verdicts on GPUs and Macs this machine lacks, as the loader's warnings (compiling and
+    attention fine there)."""
+    environment = {"run_device": kernels_report(traits),
+                   "compile": {"works": True, "problem": None, "seconds": 1.0, "turned_off": False},
+                   "attention": {"backends": {"auto": {"runs": "sdpa", "warning": None}}}}
+    assert {warning["setting"]: warning["text"] for warning in setting_warnings(environment)} == warnings
+
+
+def test_fp8_kernel_by_gpu() -> None:
+    assert kernels_report(ADA)["fp8"]["kernel"] == "fused fp8 matmul"  # Ada's fp8 tensor cores
+    assert kernels_report(TURING)["fp8"] == {"works": True, "problem": None, "kernel": "dequantised to the compute "
+                                             "dtype per layer (saves memory, not time)"}
 
 
 # --- the route, as ComfyUI's server calls it --------------------------------------------------------------------

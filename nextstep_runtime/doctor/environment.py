@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..devices import DeviceTraits, auto_dtype, bf16_native, fp8_matmul_fused, fp8_refusal, host_memory, int4_refusal
+from ..devices import DeviceTraits, auto_dtype, bf16_native, fp8_matmul_fused, fp8_refusal, int4_refusal
 from ..errors import NextStepError
 from ..memory.device_memory import device_memory
 from ..model.attention import BACKENDS, attention_choice, flash_attn_difference, flash_attn_problem
@@ -45,29 +45,29 @@ def visible_devices() -> list[torch.device]:
     return devices
 
 
-def _memory(device: torch.device) -> tuple[int | None, int | None]:
-    """(free, total) bytes: host RAM for the CPU, else the device's."""
-    measured = host_memory() if device.type == "cpu" else device_memory(device)
-    return measured if measured is not None else (None, None)
-
-
-def device_report(device: torch.device) -> dict:
-    """A device: its memory, the dtype `auto` computes in there, and which weight formats have kernels."""
-    traits = DeviceTraits.of(device)
-    free, total = _memory(device)
+def kernels_report(traits: DeviceTraits) -> dict:
+    """What the device rules say of a device: the dtype `auto` computes in, native bfloat16, and which weight
+    formats have kernels there (and why not)."""
     fp8_problem = fp8_refusal(traits)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else traits.describe()
+    int4_problem = int4_refusal(traits, torch.bfloat16)  # the dtype every int4 kernel takes
     return {
-        "device": str(device), "name": name, "description": traits.describe(),
+        "description": traits.describe(),
         "capability": None if traits.capability is None else ".".join(map(str, traits.capability)),
-        "memory_free_bytes": free, "memory_total_bytes": total,
         "auto_dtype": _dtype_name(auto_dtype(traits)), "bf16_native": bf16_native(traits),
         "fp8": {"works": fp8_problem is None, "problem": fp8_problem,
                 "kernel": None if fp8_problem else "fused fp8 matmul" if fp8_matmul_fused(traits)
                 else "dequantised to the compute dtype per layer (saves memory, not time)"},
-        "int4": {"works": int4_refusal(traits, torch.bfloat16) is None,
-                 "problem": int4_refusal(traits, torch.bfloat16)},
+        "int4": {"works": int4_problem is None, "problem": int4_problem},
     }
+
+
+def device_report(device: torch.device) -> dict:
+    """A device: its name and memory, and its kernels (kernels_report)."""
+    traits = DeviceTraits.of(device)
+    free, total = device_memory(device) or (None, None)  # RAM for the CPU
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else traits.describe()
+    return {"device": str(device), "name": name, "memory_free_bytes": free, "memory_total_bytes": total,
+            **kernels_report(traits)}
 
 
 def attention_report(device: torch.device) -> dict:

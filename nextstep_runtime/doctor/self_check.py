@@ -53,7 +53,8 @@ TOLERANCES = {"float32": 1e-4, "bfloat16": 0.1, "float16": 0.05, "fp8": 0.25, "i
 """Largest difference from the float32 reference, relative to the reference tokens' largest value, that the
 precision explains: float32 differs only by the order of sums (fused kernels); half precision and quantised
 weights round each layer, and the error grows as sampled tokens are fed back. A broken kernel is off by the
-tokens' whole size (relative difference near or above 1) or gives NaN."""
+tokens' whole size (relative difference near or above 1) or gives NaN. Measured on the CPU against this reference:
+bfloat16 0.021, float16 0.003, fp8 0.07-0.08, int4 0.26-0.29."""
 
 
 @dataclass(frozen=True)
