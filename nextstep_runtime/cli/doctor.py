@@ -19,9 +19,9 @@ def add_parser(commands) -> None:
         description="Python, torch and CUDA versions; each device with its memory and weight-format kernels; "
                     "flash-attn and the attention backend; whether torch.compile works (a tiny compile, timed); "
                     "the Hugging Face cache; the warnings each setting deserves here. Then a self-check: a small "
-                    "random model (built in a temp folder, no download) samples on the run device (eager, compiled, the CUDA graph, fp8, "
-                    "int4, where possible) against the CPU float32 reference. Never downloads; writes only to temp "
-                    "folders.")
+                    "random model (built in a temp folder, no download) samples on the run device (eager, "
+                    "compiled, the CUDA graph, fp8, int4, where possible) against the CPU float32 reference. "
+                    "Never downloads; writes only to temp folders.")
     parser.add_argument("--device", default="auto", help="the run device to check: cpu, cuda, cuda:N, mps or auto")
     parser.add_argument("--json", action="store_true", help="print the report as JSON (for bug reports)")
 

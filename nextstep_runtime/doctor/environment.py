@@ -30,7 +30,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _first_line(exc: BaseException) -> str:
+def exception_line(exc: BaseException) -> str:
+    """`Type: the first line of its message`, for a report that keeps what failed without its traceback."""
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else 'no message'}"
 
@@ -78,7 +79,7 @@ def attention_report(device: torch.device) -> dict:
         try:
             difference = flash_attn_difference(device)
         except Exception as exc:  # noqa: BLE001 - whatever a broken kernel raises is the answer, not a crash
-            problem = f"flash-attn imports but its kernel failed ({_first_line(exc)})"
+            problem = f"flash-attn imports but its kernel failed ({exception_line(exc)})"
         else:
             if not difference <= FLASH_ATTN_TOLERANCE:
                 problem = (f"flash-attn runs but differs from PyTorch SDPA by {difference:.3g} (more than "
@@ -122,7 +123,7 @@ def _probe_compile(device: torch.device) -> tuple[str | None, float | None]:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     except Exception as exc:  # noqa: BLE001 - a toolchain inductor cannot use, any compiler error: report it
-        return f"torch.compile failed ({_first_line(exc)})", None
+        return f"torch.compile failed ({exception_line(exc)})", None
     seconds = time.perf_counter() - start
     difference = float((compiled - (torch.sin(x) * 2 + offset)).abs().max())
     if not difference <= 1e-4:

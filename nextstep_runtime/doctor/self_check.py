@@ -32,7 +32,7 @@ from ..sampling.token_loop import NoiseSpec, TokenLoopInputs, sample_tokens
 from ..weights.loading import load_model
 from ..weights.model_folder import CONFIG_NAME, SINGLE_WEIGHTS_NAME
 from ..weights.modes import WeightMode, mode_refusal
-from .environment import compile_report
+from .environment import compile_report, exception_line
 
 TINY_CONFIG = {
     "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
@@ -99,11 +99,9 @@ def tiny_inputs(config: ModelConfig) -> TokenLoopInputs:
     rows = PromptRows(input_ids=ids, attention_mask=mask, text_length=PROMPT - 1, groups=2, image_rows=[False, False])
     plan = solver_plan("sde", STEPS, 1.0)
     tokens = GRID[0] * GRID[1]
-    return TokenLoopInputs(rows=rows, image_tokens=None, plan=plan, cfg=guidance_scales(CFG, tokens, "constant",
-                                                                                         "official"),
-                           cfg_img=[1.0] * tokens, noise=NoiseSpec.plan(SEED, tokens, STEPS, plan.stochastic, 1,
-                                                                        config.token_dim),
-                           batch=1, grid=GRID, use_norm=False)
+    noise = NoiseSpec.plan(SEED, tokens, STEPS, plan.stochastic, 1, config.token_dim)
+    return TokenLoopInputs(rows=rows, image_tokens=None, plan=plan, noise=noise, batch=1, grid=GRID, use_norm=False,
+                           cfg=guidance_scales(CFG, tokens, "constant", "official"), cfg_img=[1.0] * tokens)
 
 
 def checks_for(device: torch.device) -> list[tuple[Check, str | None]]:
@@ -145,9 +143,7 @@ def _run(folder: Path, check: Check, device: torch.device, reference: torch.Tens
             model = load_model(folder, check.mode.dtype, device, fp8=check.mode.fp8, int4=check.mode.int4)
             tokens = sample_tokens(model, inputs, compile=check.compile, cuda_graph=check.cuda_graph).cpu()
         except Exception as exc:  # noqa: BLE001 - a kernel or toolchain that fails is the answer, not a crash
-            text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "no message"
-            return {**result, "verdict": "error", "note": f"{type(exc).__name__}: {text}",
-                    "seconds": time.perf_counter() - start}
+            return {**result, "verdict": "error", "note": exception_line(exc), "seconds": time.perf_counter() - start}
     difference = float((tokens - reference).abs().max() / reference.abs().max())
     tolerance = TOLERANCES[check.precision]
     fell_back = check.compile and compile_failure() is not None

@@ -42,7 +42,8 @@ def _attention(report: dict) -> list[str]:
 def _compile(report: dict) -> list[str]:
     compiling = report["compile"]
     timed = f" (a tiny compile took {compiling['seconds']:.1f} s)" if compiling["works"] else ""
-    return ["compile", f"  torch.compile on {compiling['device']}: {_yes(compiling['works'], compiling['problem'], timed)}"]
+    verdict = _yes(compiling["works"], compiling["problem"], timed)
+    return ["compile", f"  torch.compile on {compiling['device']}: {verdict}"]
 
 
 def _models(report: dict) -> list[str]:
