@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from broken_installs import broken_flash_attn
+from broken_installs import FLASH_ATTN_FAILURES, broken_flash_attn
 from goldens import TINY_MODEL
 from model_folders import write_hf_cache
 from nodes_pack import MODEL_NAME, install_fixture_models, load_pack
@@ -37,15 +37,15 @@ WALL_LIMIT_S = 60
 routes = importlib.import_module(f"{load_pack().__name__}.nodes.routes")
 
 
-def run_doctor(*args: str, path: tuple[Path, ...] = (), **env: str) -> tuple[subprocess.CompletedProcess, float]:
+def run_doctor(*args: str, path: tuple[Path, ...] = (), **env: str | None) -> tuple[subprocess.CompletedProcess, float]:
     """`doctor` in a subprocess as a user runs it (compiling allowed, unlike in the tests' own process), with `path`
-    first on its import path and `env` set; returns the result and its wall time."""
+    first on its import path and `env` set (None: unset); returns the result and its wall time."""
     python_path = os.pathsep.join(filter(None, [*map(str, path), os.environ.get("PYTHONPATH")]))
-    user_env = {name: value for name, value in os.environ.items() if name != "TORCH_COMPILE_DISABLE"}
+    changed = {**os.environ, "PYTHONPATH": python_path, "TORCH_COMPILE_DISABLE": None, **env}
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "nextstep_runtime", "doctor", *args], cwd=REPO,
                             capture_output=True, text=True, timeout=300,
-                            env={**user_env, "PYTHONPATH": python_path, **env})
+                            env={name: value for name, value in changed.items() if value is not None})
     return result, time.perf_counter() - start
 
 
@@ -130,15 +130,21 @@ def test_text_report_says_the_same(doctor_json) -> None:
     assert "self-check on cpu against the CPU float32 reference" in text and ": passed" in text
 
 
-def test_broken_compiler_and_flash_attn_are_reported_not_raised(tmp_path: Path) -> None:
-    """No C++ compiler (CXX pointing nowhere) and a flash-attn wheel built for another torch: doctor exits 0 and says
-    why compile and flash-attn do not work, which loader settings that concerns, and skips the compiled check."""
-    site = broken_flash_attn(tmp_path / "site", "linux-symbol")
-    result, _ = run_doctor(path=(site,), CXX=str(tmp_path / "no-such-compiler"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path))
+@pytest.mark.parametrize("compiler,flash_attn", [("CXX nowhere", "linux-symbol"), ("PATH nowhere", "windows-dll")])
+def test_broken_compiler_and_flash_attn_are_reported_not_raised(compiler: str, flash_attn: str, tmp_path: Path) -> None:
+    """No C++ compiler (CXX, or PATH without g++, pointing nowhere) and a flash-attn wheel built for another torch:
+    doctor exits 0 and says why compile and flash-attn do not work, which loader settings that concerns, and skips
+    the compiled check."""
+    site = broken_flash_attn(tmp_path / "site", flash_attn)
+    nowhere = tmp_path / "nowhere"
+    nowhere.mkdir()
+    env = {"CXX": str(nowhere / "g++")} if compiler == "CXX nowhere" else {"CXX": None, "PATH": str(nowhere)}
+    result, _ = run_doctor(path=(site,), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), **env)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "torch.compile on cpu: no: no C++ compiler that torch.compile can use was found" in out
-    assert "flash-attn: no: flash-attn is installed but does not import (OSError: " in out
+    error = FLASH_ATTN_FAILURES[flash_attn][0]
+    assert f"flash-attn: no: flash-attn is installed but does not import ({error}: " in out
     assert "  compile: compile unavailable: no C++ compiler" in out and "; running uncompiled" in out
     for choice in ("auto", "flash_attn"):  # installed but broken: auto warns too
         assert f"  attention:{choice}: flash-attn unavailable: flash-attn is installed but does not import" in out
