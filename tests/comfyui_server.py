@@ -104,9 +104,11 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_comfyui(root: Path, settings: dict | None = None, packs: Mapping[str, Path] | None = None,
-                    models: Mapping[str, Path] | None = None) -> Iterator[ComfyUI]:
+                    models: Mapping[str, Path] | None = None,
+                    env: Mapping[str, str | None] | None = None) -> Iterator[ComfyUI]:
     """Start ComfyUI in folders under `root` (user settings `settings`) and stop it afterwards; `models` names more
-    model folders for the Model Loader's list, beside the fixture model.
+    model folders for the Model Loader's list, beside the fixture model; `env` changes its environment variables
+    (None: unset), as a user's shell may have them.
 
     `packs` maps custom-node folder names to other packs (such as ComfyUI-Distributed) to load beside this one:
     each is copied in, not linked, because such packs write their state (ComfyUI-Distributed's gpu_config.json)
@@ -141,7 +143,9 @@ def running_comfyui(root: Path, settings: dict | None = None, packs: Mapping[str
                "--database-url", "sqlite:///:memory:", "--disable-api-nodes", "--disable-all-custom-nodes",
                "--whitelist-custom-nodes", PACK_DIR_NAME, *(packs or {}), "--preview-method", "latent2rgb"]
     with open(log, "w") as log_file:
-        process = subprocess.Popen(command, cwd=COMFYUI_DIR, stdout=log_file, stderr=subprocess.STDOUT)
+        changed = {**os.environ, **(env or {})}
+        process = subprocess.Popen(command, cwd=COMFYUI_DIR, stdout=log_file, stderr=subprocess.STDOUT,
+                                   env={name: value for name, value in changed.items() if value is not None})
     server = ComfyUI(f"http://127.0.0.1:{port}", folders, log, process)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S

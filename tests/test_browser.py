@@ -102,6 +102,23 @@ def test_loader_panel_shows_the_install_warnings_of_its_chosen_settings(page):
     assert "install: no warnings for these settings" in page.panel(loader, "nextstep_plan")
 
 
+def test_loader_panel_warns_that_compile_is_unavailable_without_a_compiler(browser, tmp_path):
+    """A server whose C++ compiler is missing (CXX pointing nowhere, compiling not turned off): the loader, compile
+    on (the CPU's default), says compile is unavailable and runs uncompiled; compile off, no warning."""
+    broken = {"CXX": "/nowhere/g++", "TORCH_COMPILE_DISABLE": None}
+    with running_comfyui(tmp_path, env=broken) as server:
+        page = open_page(browser, server, "canvas")
+        (loader,) = page.new_graph(["NextStepModelLoader"])
+        page.page.wait_for_function("id => app.graph.getNodeById(id).widgets.find(w => w.name === 'nextstep_plan')"
+                                    ".element.innerText.includes('compile unavailable: no C++ compiler')", arg=loader)
+        assert "; running uncompiled" in page.panel(loader, "nextstep_plan")
+        page.screenshot("compile-warning")
+        page.js("id => { const widget = app.graph.getNodeById(id).widgets.find(w => w.name === 'compile'); "
+                "widget.value = false; widget.callback(false); }", loader)
+        assert "install: no warnings for these settings" in page.panel(loader, "nextstep_plan")
+        page.page.close()
+
+
 def test_size_picker_sets_width_and_height(page):
     (sampler,) = page.new_graph(["NextStepSampler"])
     page.pick(sampler, "size", "384x672 (4:7)")
