@@ -134,20 +134,23 @@ def _probe_compile(device: torch.device) -> tuple[str | None, float | None]:
 def _folder_entry(path: Path) -> dict:
     """A model folder's name and what it holds, or why it is not one the loader lists."""
     entry = {"name": path.name, "path": str(path)}
+    try:
+        return {**entry, **_folder_contents(path)}
+    except (NextStepError, OSError) as exc:  # unreadable headers, a folder this user may not list, ...
+        return {**entry, "problem": str(exc)}
+
+
+def _folder_contents(path: Path) -> dict:
     if path.is_file():
-        return {**entry, "problem": f"a file; NextStep models are whole repo folders ({CONFIG_NAME}, weights, "
-                                    f"tokenizer) in their own folder here"}
+        return {"problem": f"a file; NextStep models are whole repo folders ({CONFIG_NAME}, weights, tokenizer) in "
+                           f"their own folder here"}
     if not holds_model_config(path):
         inner = [child.name for child in sorted(path.iterdir()) if holds_model_config(child)]
         hint = (f"; the model folder inside, {path.name}/{inner[0]}, belongs directly in this folder" if inner
                 else "; not a model folder")
-        return {**entry, "problem": f"holds no {CONFIG_NAME}{hint}"}
-    try:
-        folder = ModelFolder.open(path)
-        return {**entry, "weights": folder.stored_format, "parameters": folder.parameter_count(),
-                "vae": (path / "vae").is_dir()}
-    except (NextStepError, OSError) as exc:
-        return {**entry, "problem": str(exc)}
+        return {"problem": f"holds no {CONFIG_NAME}{hint}"}
+    folder = ModelFolder.open(path)
+    return {"weights": folder.stored_format, "parameters": folder.parameter_count(), "vae": (path / "vae").is_dir()}
 
 
 def model_folders_report(roots: list[Path]) -> list[dict]:
