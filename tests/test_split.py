@@ -224,3 +224,14 @@ def test_cli_plan_devices_reports_exact_bytes_per_device() -> None:
     wrong = run_plan("--devices", "cuda:0,cuda:1", "--gpu-memory", "24")
     assert wrong.returncode == 2 and wrong.stderr.strip() == ("error: --gpu-memory gives 1 sizes for 2 devices; give "
                                                               "one size per device, e.g. 24,24")
+
+
+def test_documented_split_example_is_the_planners_output() -> None:
+    """docs/multi-gpu.md shows `plan --devices cuda:0,cuda:1 --gpu-memory 16,16` for the 14B model."""
+    from nextstep_runtime.cli.plan import format_split_plan
+
+    page = (REPO / "docs" / "multi-gpu.md").read_text(encoding="utf-8")
+    shown = page.split("```\nmode: ", 1)[1].split("```", 1)[0]
+    plan = plan_split(ModelFootprint.from_config(NEXTSTEP_14B), WeightMode(torch.bfloat16), Job(),
+                      DeviceList.parse("cuda:0,cuda:1"), [16 * GB, 16 * GB])
+    assert "mode: " + shown == format_split_plan(plan) + "\n"
