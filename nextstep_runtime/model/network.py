@@ -16,7 +16,7 @@ from ..config import ModelConfig
 from ..errors import NextStepError
 from .backbone import DecoderLayer, KVCache, RMSNorm, rotary_tables
 from .flow_head import FlowHead
-from .placement import Placement
+from .placement import INPUT_PARTS, Placement
 
 
 class NextStepModel(nn.Module):
@@ -48,6 +48,19 @@ class NextStepModel(nn.Module):
     def input_device(self) -> torch.device:
         """Where prompts and fed-back tokens enter (the first device of a split)."""
         return self.embed_tokens.weight.device
+
+    def parts_by_device(self) -> list[tuple[torch.device, list[nn.Module]]]:
+        """The network's modules grouped by the device each range of the placement puts them on, in order (one group
+        when it is not split): what a host moves off and back onto each device (model/placement.py says which part
+        goes where)."""
+        if self.placement is None:
+            return [(self.device, [self])]
+        groups = [(layer_range.device, list(islice(self.layers, layer_range.start, layer_range.stop)))
+                  for layer_range in self.placement.ranges]
+        for name, module in self.named_children():
+            if name != "layers":
+                groups[0 if name in INPUT_PARTS else -1][1].append(module)
+        return groups
 
     def new_cache(self, rows: int, capacity: int) -> KVCache:
         c = self.config
