@@ -221,6 +221,9 @@ def test_cli_plan_devices_reports_exact_bytes_per_device() -> None:
     table = run_plan("--devices", "cuda:0:0-0,cuda:1:1-1", "--gpu-memory", "24,24")
     assert table.returncode == 0 and "decoder layers" in table.stdout and "advice: fits: split over cuda:0 and " \
         "cuda:1" in table.stdout
+    if not torch.cuda.is_available():
+        absent = run_plan("--devices", "cuda:0,cuda:1")
+        assert absent.returncode == 2 and absent.stderr.strip().endswith("give their sizes: --gpu-memory 24,24")
     wrong = run_plan("--devices", "cuda:0,cuda:1", "--gpu-memory", "24")
     assert wrong.returncode == 2 and wrong.stderr.strip() == ("error: --gpu-memory gives 1 sizes for 2 devices; give "
                                                               "one size per device, e.g. 24,24")
@@ -235,3 +238,40 @@ def test_documented_split_example_is_the_planners_output() -> None:
     plan = plan_split(ModelFootprint.from_config(NEXTSTEP_14B), WeightMode(torch.bfloat16), Job(),
                       DeviceList.parse("cuda:0,cuda:1"), [16 * GB, 16 * GB])
     assert "mode: " + shown == format_split_plan(plan) + "\n"
+
+
+class Cancelled(Exception):
+    pass
+
+
+def test_a_cancel_frees_the_kv_cache_on_every_device_and_the_next_run_is_the_golden(split_pipeline) -> None:
+    """A callback raising mid-image (what a host's cancel does) leaves no KV cache alive on any device."""
+    import gc
+
+    from nextstep_runtime.model.backbone import KVCache
+
+    case = next(c for c in golden_cases() if c.name == "official_t2i_sde")
+
+    def caches() -> list[KVCache]:
+        return [o for o in gc.get_objects() if type(o) is KVCache]
+
+    def cancel(done: int, total: int, tokens: torch.Tensor) -> None:
+        if done == 2:
+            (cache,) = caches()  # the run's, one tensor of keys and one of values per range
+            assert len(cache.keys) == len(cache.values) == 2
+            raise Cancelled
+
+    def run_and_cancel() -> None:
+        try:
+            split_pipeline.sample(case.params["caption"], settings_for(case), callback=cancel)
+        except Cancelled:
+            return
+        raise AssertionError("the run was not cancelled")
+
+    run_and_cancel()
+    gc.collect()
+    assert not caches()
+    p = case.params
+    result = split_pipeline.generate(p["caption"], settings_for(case), negative=p["negative_prompt"],
+                                     positive=p["positive_prompt"])
+    assert_matches_golden(case, {"tokens": result.tokens, "images": result.images})
