@@ -40,10 +40,6 @@ from nextstep_runtime.weights.offload import streamers
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 @pytest.fixture(scope="module")
 def split_pipeline() -> NextStepPipeline:
     return NextStepPipeline.from_pretrained(TINY_MODEL, devices=["cpu", "cpu"], dtype="float32")
@@ -104,10 +100,10 @@ def test_split_weights_equal_what_the_loader_places(model_copy, weights: str, re
     fp8, int4 = weights == "fp8", weights == "int4"
     model = load_model(model_copy, torch.bfloat16, "cpu", fp8=fp8, int4=int4, resident_layers=resident,
                        placement=placement)
-    slots = sum(tensor_bytes(streamer.slot_buffers) for streamer in streamers(model))
-    first = tensor_bytes([*model.embed_tokens.state_dict().values(), *model.image_in_projector.state_dict().values(),
-                          *model.layers[:2].state_dict().values()])
-    last = tensor_bytes(model.state_dict().values()) - first + slots
+    slots = sum(buffer.nbytes for streamer in streamers(model) for buffer in streamer.slot_buffers)
+    first = sum(t.nbytes for part in (model.embed_tokens, model.image_in_projector, model.layers[:2])
+                for t in part.state_dict().values())
+    last = sum(t.nbytes for t in model.state_dict().values()) - first + slots
     mode = WeightMode(torch.bfloat16, fp8, resident, int4)
     footprint = ModelFootprint.from_folder(model_copy)
     on_device, host = range_weight_bytes(footprint, mode, [2, 3])

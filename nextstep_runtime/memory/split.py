@@ -26,7 +26,7 @@ from .device_memory import FreeMemory
 from .estimate import split_job_bytes
 from .footprint import ModelFootprint, range_weight_bytes
 from .job import Job
-from .plan import SWITCH_ADVICE, gb
+from .plan import SWITCH_ADVICE, gb, mode_as_dict, streamed_mode
 
 
 @dataclass(frozen=True)
@@ -59,11 +59,10 @@ class SplitPlan:
     suggested_mode: WeightMode | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mode": {**asdict(self.mode), "dtype": str(self.mode.dtype).removeprefix("torch.")},
-                "placement": self.placement.describe(), "devices": [asdict(share) for share in self.devices],
-                "weights_host_bytes": self.weights_host_bytes, "fits": self.fits, "advice": self.advice,
-                "suggested_mode": None if self.suggested_mode is None else
-                {**asdict(self.suggested_mode), "dtype": str(self.suggested_mode.dtype).removeprefix("torch.")}}
+        return {"mode": mode_as_dict(self.mode), "placement": self.placement.describe(),
+                "devices": [asdict(share) for share in self.devices], "weights_host_bytes": self.weights_host_bytes,
+                "fits": self.fits, "advice": self.advice,
+                "suggested_mode": None if self.suggested_mode is None else mode_as_dict(self.suggested_mode)}
 
 
 def device_shares(footprint: ModelFootprint, mode: WeightMode, job: Job, placement: Placement,
@@ -102,7 +101,7 @@ def size_ranges(footprint: ModelFootprint, mode: WeightMode, job: Job, devices: 
         per_layer = max(1, range_weight_bytes(footprint, replace(mode, gpu_layers=None), [layers])[0][0] // layers
                         + split_job_bytes(footprint.config, footprint.vae_config, mode.dtype, job, [1])[0][0])
         room_in_layers = [max(0.0, (room - taken) / per_layer) + 1 for room, taken in zip(free, fixed)]
-    if mode.gpu_layers is not None and len(free) == len(devices) and None not in free:
+    if mode.gpu_layers is not None and None not in free:
         # streaming: the other devices as full as they hold, the rest to the last device, which streams
         counts = [max(1, int(room)) for room in room_in_layers[:-1]]
         while sum(counts) > layers - 1:
@@ -167,15 +166,15 @@ def cheapest_split(footprint: ModelFootprint, job: Job, devices: DeviceList, fre
                    traits: list[DeviceTraits], asked: WeightMode) -> WeightMode | None:
     """The first whole-model mode from `asked` on (most faithful first) whose split fits every device; else the
     smallest with as many resident layers as fit, the rest streamed to the last device; None when nothing does."""
-    loadable = [mode for mode in _loadable(footprint, traits, asked.dtype)]
+    loadable = _loadable(footprint, traits, asked.dtype)
     storages = [mode.storage for mode in loadable]
     candidates = loadable[storages.index(asked.storage):] if asked.storage in storages else loadable
     for mode in candidates:
         if _fits(footprint, mode, job, devices, free):
             return mode
     smallest = candidates[-1] if candidates else None
-    if smallest is None or any(each.type == "mps" for each in traits):
-        return None
+    if smallest is None or any(streamed_mode(footprint, smallest, each) is None for each in traits):
+        return None  # nothing smaller, or a device that does not stream layers
     for resident in reversed(range(footprint.config.num_hidden_layers)):
         mode = replace(smallest, gpu_layers=resident)
         if _fits(footprint, mode, job, devices, free):
