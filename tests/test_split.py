@@ -163,6 +163,20 @@ def test_a_split_that_does_not_fit_advises_the_cheapest_mode() -> None:
     assert lopsided.fits is False and "use the ranges cuda:0:0-23,cuda:1:24-47" in lopsided.advice
 
 
+@pytest.mark.parametrize("sizes,expected", [((24, 24), WeightMode(torch.bfloat16)),
+                                            ((12, 12), WeightMode(torch.bfloat16, fp8=True)),
+                                            ((8, 8), WeightMode(torch.bfloat16, int4=True))])
+def test_memory_auto_over_two_gpus_is_the_fastest_mode_whose_split_fits(sizes, expected) -> None:
+    from nextstep_runtime.devices import PLANNED_GPU
+    from nextstep_runtime.memory.split import choose_split_mode
+
+    footprint = ModelFootprint.from_config(NEXTSTEP_14B)
+    free = [size * GB for size in sizes]
+    mode, plan = choose_split_mode(footprint, Job(), DeviceList.parse("cuda:0,cuda:1"), free, [PLANNED_GPU] * 2,
+                                   torch.bfloat16)
+    assert mode == expected and plan.fits and plan.mode == mode
+
+
 def test_plan_shares_follow_explicit_ranges() -> None:
     footprint = ModelFootprint.from_config(NEXTSTEP_14B)
     placement = DeviceList.parse("cuda:0:0-9,cuda:1:10-47").placement
