@@ -1,12 +1,12 @@
 """HTTP routes for the front-end extension (web/js), served by ComfyUI's server through `host.add_get_route`.
 
 GET /nextstep/presets: the recommended settings of each released model (nextstep_runtime.presets).
-GET /nextstep/plan?model=NAME&dtype=..&memory=..&fp8=..&gpu_layers=..&width=..&height=..&batch=..&cfg=..&cfg_img=..&steps=..:
+GET /nextstep/plan?model=NAME&dtype=..&memory=..&fp8=..&gpu_layers=..&device=..&width=..&height=..&batch=..&cfg=..&cfg_img=..&steps=..:
 the memory plan of a model from the loader's list for a job, in the weight mode the loader would load it in
 with those widgets (`memory` auto chosen as the loader chooses it, for 512x512), against this server's run
-device.
-GET /nextstep/doctor[?self_check=1]: the doctor report (nextstep_runtime.doctor) for this server's run device and
-its `nextstep` model folders, with the warnings each loader setting deserves here; the self-check (seconds) only
+device, the loader's chosen device, or each device of its split (then with a `devices` list).
+GET /nextstep/doctor[?device=..&self_check=1]: the doctor report (nextstep_runtime.doctor) for the loader's device
+(default: this server's run device) and its `nextstep` model folders, with the warnings each loader setting deserves here; the self-check (seconds) only
 when asked. Handlers are plain functions of the query parameters returning (HTTP status, JSON body), so they are
 tested without a server. A model is named, never given as a path, and only names from the loader's list
 are looked up.
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from nextstep_runtime import (
     MEMORY_CHOICES,
+    DeviceList,
     DeviceTraits,
     GenerationSettings,
     Job,
@@ -27,15 +28,16 @@ from nextstep_runtime import (
     device_memory,
     doctor_report,
     plan_memory,
+    plan_split,
 )
 from nextstep_runtime.presets import presets_as_json
 
 from . import catalog, host
-from .loaders import ALL_LAYERS, DTYPE_CHOICES, loader_weight_mode
+from .loaders import ALL_LAYERS, DEFAULT_DEVICE, DTYPE_CHOICES, loader_devices, loader_weight_mode
 
 Response = tuple[int, dict]
-PLAN_PARAMETERS = {"model": str, "dtype": str, "memory": str, "fp8": bool, "gpu_layers": int, "width": int,
-                   "height": int, "batch": int, "cfg": float, "cfg_img": float, "steps": int}
+PLAN_PARAMETERS = {"model": str, "dtype": str, "memory": str, "fp8": bool, "gpu_layers": int, "device": str,
+                   "width": int, "height": int, "batch": int, "cfg": float, "cfg_img": float, "steps": int}
 JOB_PARAMETERS = ("width", "height", "batch", "cfg", "cfg_img", "steps")
 BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 
@@ -102,27 +104,42 @@ def plan_response(query: dict[str, str]) -> Response:
     except NextStepError as exc:
         return 422, {"error": str(exc)}
     try:
-        mode, choice = loader_weight_mode(folder, values.get("dtype", "auto"), values.get("memory", "auto"),
-                                          values.get("fp8", False), values.get("gpu_layers", ALL_LAYERS))
-        device = host.load_device()
+        mode, placement, choice = loader_weight_mode(folder, values.get("dtype", "auto"), values.get("memory", "auto"),
+                                                     values.get("fp8", False), values.get("gpu_layers", ALL_LAYERS),
+                                                     values.get("device", DEFAULT_DEVICE))
+        if placement is not None and placement.is_split:
+            rooms = [host.model_memory_budget(device) for device in placement.devices]
+            split = plan_split(footprint, mode, job, DeviceList(placement.devices, placement), rooms,
+                               [DeviceTraits.of(device) for device in placement.devices])
+            return 200, {**split.to_dict(), "loads_as": mode.describe(), "memory_choice": choice}
+        device = host.load_device() if placement is None else placement.last
         memory = device_memory(device)
         free, total = memory if memory is not None else (None, None)
         plan = plan_memory(footprint, mode, job, gpu_total=total, gpu_free=free, device=DeviceTraits.of(device))
     except NextStepError as exc:  # widget values the loader refuses too (fp8 on with memory int4, a mode the folder
-        return 400, {"error": str(exc)}  # or this device cannot load in)
+        return 400, {"error": str(exc)}  # or this device cannot load in, a device list it refuses)
     return 200, {**plan.to_dict(), "loads_as": mode.describe(), "memory_choice": choice}
 
 
+DOCTOR_PARAMETERS = ("self_check", "device")
+
+
 def doctor_response(query: dict[str, str]) -> Response:
-    """The doctor report as JSON; `self_check=1` adds the self-check."""
-    unknown = sorted(set(query) - {"self_check"})
+    """The doctor report as JSON for the device the loader's `device` widget names (default: ComfyUI's; of a split,
+    the last device, where attention, the flow head and compiling run); `self_check=1` adds the self-check."""
+    unknown = sorted(set(query) - set(DOCTOR_PARAMETERS))
     if unknown:
-        return 400, {"error": f"unknown doctor parameter {unknown[0]!r}; known: self_check"}
+        return 400, {"error": f"unknown doctor parameter {unknown[0]!r}; known: {', '.join(DOCTOR_PARAMETERS)}"}
     check = query.get("self_check", "0").lower()
     if check not in BOOLEANS:
         return 400, {"error": f"doctor parameter self_check={query['self_check']!r} is not true or false"}
+    try:
+        devices = loader_devices(query.get("device", DEFAULT_DEVICE))
+    except NextStepError as exc:
+        return 400, {"error": str(exc)}
+    device = host.load_device() if devices is None else devices.devices[-1]
     roots = [Path(root) for root in host.folder_roots(host.MODEL_FOLDER_KEY)]
-    return 200, doctor_report(host.load_device(), roots, check=BOOLEANS[check])
+    return 200, doctor_report(device, roots, check=BOOLEANS[check])
 
 
 def register_routes() -> None:

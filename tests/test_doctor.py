@@ -215,9 +215,19 @@ def test_route_reports_the_model_folders_and_what_they_hold(models_dir: Path) ->
     assert json.loads(json.dumps(report)) == report
 
 
+def test_route_reports_on_the_loaders_device() -> None:
+    """The loader's `device` text, read as loading reads it: of a split, the last device (attention, the flow head
+    and compiling run there); one this machine lacks is refused as the loader refuses it."""
+    for device in ("default", "cpu", "cpu,cpu"):
+        status, report = routes.doctor_response({"device": device})
+        assert status == 200 and report["run_device"]["device"] == "cpu", device
+    status, answer = routes.doctor_response({"device": "cuda:0"})
+    assert status == 400 and "no CUDA GPU is available" in answer["error"]
+
+
 @pytest.mark.parametrize("query,message", [
     ({"self_check": "maybe"}, "doctor parameter self_check='maybe' is not true or false"),
-    ({"path": "/tmp"}, "unknown doctor parameter 'path'; known: self_check"),
+    ({"path": "/tmp"}, "unknown doctor parameter 'path'; known: self_check, device"),
 ])
 def test_route_refuses_unknown_parameters(query: dict, message: str) -> None:
     assert routes.doctor_response(query) == (400, {"error": message})

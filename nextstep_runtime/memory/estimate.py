@@ -73,21 +73,35 @@ def sampling_activation_bytes(config: ModelConfig, dtype: torch.dtype, job: Job)
       indices, and one decode step's activations;
     - WORKSPACE_ALLOWANCE.
     """
-    c, size, settings = config, dtype.itemsize, job.settings
+    return layer_work_bytes(config, dtype, job) + loop_buffer_bytes(config, dtype, job)
+
+
+def layer_work_bytes(config: ModelConfig, dtype: torch.dtype, job: Job) -> int:
+    """The part of `sampling_activation_bytes` every device that runs decoder layers allocates: the prefill's and a
+    decode step's activations, the masks and positions (handed to each device of a split) and the workspace."""
+    c, size = config, dtype.itemsize
     rows, capacity = _rows_and_capacity(config, job)
     prompt = _prompt_length(config, job)
-    tokens = _image_tokens(config, settings.height, settings.width)
     heads_width = c.num_attention_heads * c.head_dim
     attention = rows * prompt * (3 * heads_width + 2 * heads_width) + rows * c.num_attention_heads * prompt * prompt
     mlp = 3 * rows * prompt * c.intermediate_size
     prefill = (3 * rows * prompt * c.hidden_size + max(attention, mlp) + 2 * rows * prompt * c.head_dim) * size
     prefill += rows * prompt * prompt  # boolean padding mask
-    noise = 2 * NoiseSpec.plan(0, tokens, settings.steps, True, settings.batch, c.token_dim).chunk_bytes
-    output = settings.batch * tokens * c.token_dim * 4
-    modulations = (3 * c.head_depth + 2 + 1) * settings.steps * rows * c.head_width * size
     masks = rows * capacity + capacity * 8
     step = rows * (4 * c.hidden_size + 3 * c.intermediate_size + c.num_attention_heads * capacity) * size
-    return prefill + noise + output + modulations + masks + step + WORKSPACE_ALLOWANCE
+    return prefill + masks + step + WORKSPACE_ALLOWANCE
+
+
+def loop_buffer_bytes(config: ModelConfig, dtype: torch.dtype, job: Job) -> int:
+    """The part of `sampling_activation_bytes` on the run device alone (the last of a split): the noise chunk and the
+    solver's buffers, the output tokens and the flow head's modulations."""
+    c, settings = config, job.settings
+    rows, _ = _rows_and_capacity(config, job)
+    tokens = _image_tokens(config, settings.height, settings.width)
+    noise = 2 * NoiseSpec.plan(0, tokens, settings.steps, True, settings.batch, c.token_dim).chunk_bytes
+    output = settings.batch * tokens * c.token_dim * 4
+    modulations = (3 * c.head_depth + 2 + 1) * settings.steps * rows * c.head_width * dtype.itemsize
+    return noise + output + modulations
 
 
 def sampling_bytes(config: ModelConfig, dtype: torch.dtype, job: Job) -> int:
@@ -98,10 +112,24 @@ def sampling_bytes(config: ModelConfig, dtype: torch.dtype, job: Job) -> int:
 def job_bytes(config: ModelConfig, vae_config: VAEConfig, dtype: torch.dtype, job: Job) -> tuple[int, int]:
     """(KV cache bytes, everything one run allocates besides weights): the largest of its three phases, VAE encode,
     sampling and VAE decode, which never overlap."""
+    return split_job_bytes(config, vae_config, dtype, job, [config.num_hidden_layers])[0]
+
+
+def split_job_bytes(config: ModelConfig, vae_config: VAEConfig | None, dtype: torch.dtype, job: Job,
+                    counts: list[int]) -> list[tuple[int, int]]:
+    """Per device of a split whose ranges hold these many decoder layers (one count: one device), (its layers' KV
+    cache bytes, what one run allocates there besides weights): each device its KV cache and `layer_work_bytes`; the
+    last (the run device, with the VAE) also the loop's buffers, or VAE encode or decode where larger (`vae_config`
+    None: no VAE runs there, as in the nodes, which decode in their own node)."""
     job.validate()
-    kv = kv_cache_bytes(config, dtype, job)
-    sampling = sampling_bytes(config, dtype, job)
-    downscale = 2 ** (len(vae_config.ch_mult) - 1)
-    decode = vae_decode_bytes(job.settings.height // downscale, job.settings.width // downscale, dtype)
-    encode = max((vae_encode_bytes(h, w, dtype) for h, w in job.input_images), default=0)
-    return kv, max(sampling, decode, encode)
+    per_layer_kv = kv_cache_bytes(config, dtype, job) // config.num_hidden_layers
+    decode = encode = 0
+    if vae_config is not None:
+        downscale = 2 ** (len(vae_config.ch_mult) - 1)
+        decode = vae_decode_bytes(job.settings.height // downscale, job.settings.width // downscale, dtype)
+        encode = max((vae_encode_bytes(h, w, dtype) for h, w in job.input_images), default=0)
+    work = layer_work_bytes(config, dtype, job)
+    shares = [(count * per_layer_kv, count * per_layer_kv + work) for count in counts]
+    kv, sampling = shares[-1]
+    shares[-1] = (kv, max(sampling + loop_buffer_bytes(config, dtype, job), decode, encode))
+    return shares

@@ -1,15 +1,15 @@
 // NextStep Model Loader in the graph editor: the memory plan of the chosen model in the weight mode the
 // loader will use (its `memory` choice resolved as loading resolves it) on this server's run device
 // (GET /nextstep/plan), for the job of the sampler it feeds; asked again whenever a widget it depends on
-// changes. Below it, the install's warnings for the loader's chosen settings (doctor.js), e.g. "compile
-// unavailable: no C++ compiler ...; running uncompiled".
+// changes. The install's warnings for the loader's chosen settings (doctor.js), e.g. "compile unavailable: no C++
+// compiler ...; running uncompiled", take the place of its last line.
 
 import { installWarnings, SETTING_WIDGETS, warningsFor } from "./doctor.js";
 import { formatBytes } from "./format.js";
 import { addTextPanel } from "./text_widget.js";
 import { onWidgetChange, widgetValue } from "./widgets.js";
 
-const MODE_WIDGETS = ["model_name", "dtype", "memory", "fp8", "gpu_layers"];
+const MODE_WIDGETS = ["model_name", "dtype", "memory", "fp8", "gpu_layers", "device"];
 const JOB_WIDGETS = { width: "width", height: "height", batch: "batch_size", cfg: "cfg", cfg_img: "cfg_img", steps: "steps" };
 const DEBOUNCE_MS = 250;
 
@@ -40,23 +40,29 @@ function planQuery(node) {
 function planLines(plan) {
   const tone = plan.fits === null ? "muted" : plan.fits ? "ok" : "warn";
   const streamed = plan.weights_host_bytes ? ` (+${formatBytes(plan.weights_host_bytes)} in RAM)` : "";
+  if (plan.devices) {  // split over several devices (docs/multi-gpu.md): the peak on each
+    return [[plan.advice, tone], [`loads as ${plan.loads_as}, layers ${plan.placement}`, ""],
+      [plan.devices.map((d) => `${d.device} peak ${formatBytes(d.peak_bytes)}`).join(" · ") + streamed, "muted"]];
+  }
   return [[plan.advice, tone], [`loads as ${plan.loads_as}`, ""],
     [`weights ${formatBytes(plan.weights_gpu_bytes)}${streamed} · KV cache ` +
     `${formatBytes(plan.kv_cache_bytes)} · peak ${formatBytes(plan.peak_gpu_bytes)}`, "muted"]];
 }
 
-function warningLine(texts) {
-  return texts.length ? [texts.join(" · "), "warn"] : ["install: no warnings for these settings", "muted"];
+/** The plan's lines with the install's warning, if any, in place of the last (muted) detail line: the panel
+ * keeps its three lines, so saved workflows keep their layout. */
+function withWarning(lines, warning) {
+  return warning ? [...lines.slice(0, 2), [warning, "warn"]] : lines;
 }
 
 export function setupLoader(node, api) {
-  const showLines = addTextPanel(node, "nextstep_plan", 4);
+  const showLines = addTextPanel(node, "nextstep_plan", 3);
   let planShown = [["memory plan: …", "muted"]];
-  let installLine = () => ["install check: …", "muted"];
+  let warning = null;  // the install's warnings for the chosen settings, as one line
   let asked = null;
   let timer = null;
 
-  const render = () => showLines([...planShown, installLine()]);
+  const render = () => showLines(withWarning(planShown, warning));
   const show = (lines) => {
     planShown = lines;
     render();
@@ -73,22 +79,32 @@ export function setupLoader(node, api) {
     }
   }
 
-  node.nextstepRefresh = () => {
+  const refreshPlan = () => {
     const query = planQuery(node);
     if (query === asked || !widgetValue(node, "model_name")) return;
     asked = query;
     clearTimeout(timer);
     timer = setTimeout(() => ask(query), DEBOUNCE_MS);
   };
-  onWidgetChange(node, MODE_WIDGETS, node.nextstepRefresh);
-  onWidgetChange(node, SETTING_WIDGETS, render);
+  onWidgetChange(node, MODE_WIDGETS, refreshPlan);
+  const deviceText = () => String(widgetValue(node, "device") ?? "default");
+  const checkInstall = () => {
+    const device = deviceText();
+    installWarnings(api, device).then((warnings) => {
+      if (device !== deviceText()) return;  // a newer device's answer is on its way
+      warning = warningsFor(node, warnings).join(" · ") || null;
+      render();
+    }, (error) => {
+      if (device !== deviceText()) return;
+      warning = `install check unavailable: ${error.message}`;
+      render();
+    });
+  };
+  onWidgetChange(node, SETTING_WIDGETS, checkInstall);
+  node.nextstepRefresh = () => {  // also once a saved workflow's widget values have arrived
+    refreshPlan();
+    checkInstall();
+  };
   render();
-  installWarnings(api).then((warnings) => {
-    installLine = () => warningLine(warningsFor(node, warnings));
-    render();
-  }, (error) => {
-    installLine = () => [`install check unavailable: ${error.message}`, "warn"];
-    render();
-  });
   node.nextstepRefresh();
 }
