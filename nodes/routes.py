@@ -6,10 +6,11 @@ the memory plan of a model from the loader's list for a job, in the weight mode 
 with those widgets (`memory` auto chosen as the loader chooses it, for 512x512), against this server's run
 device, the loader's chosen device, or each device of its split (then with a `devices` list).
 GET /nextstep/doctor[?device=..&self_check=1]: the doctor report (nextstep_runtime.doctor) for the loader's device
-(default: this server's run device) and its `nextstep` model folders, with the warnings each loader setting deserves here; the self-check (seconds) only
-when asked. Handlers are plain functions of the query parameters returning (HTTP status, JSON body), so they are
-tested without a server. A model is named, never given as a path, and only names from the loader's list
-are looked up.
+(default: this server's run device) and its `nextstep` model folders, with the warnings each loader setting
+deserves here; the self-check (seconds) only when asked.
+
+Handlers are plain functions of the query parameters returning (HTTP status, JSON body), so they are tested
+without a server. A model is named, never given as a path, and only names from the loader's list are looked up.
 """
 
 from __future__ import annotations

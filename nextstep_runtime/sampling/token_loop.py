@@ -340,7 +340,8 @@ def sample_tokens(model: NextStepModel, inputs: TokenLoopInputs, callback: Token
             if plan[0] != "keep":
                 out[:, 0] = solve(torch.zeros(1, dtype=torch.long, device=device), condition)
             if total_tokens > 1:
-                step = TokenStep(state, solve, cuda_graph and cuda_graph_possible(model), feed_only="keep" in plan[1:])
+                step = TokenStep(state, solve, cuda_graph and cuda_graph_possible(model),
+                                 feed_only="keep" in plan[1:])
         elif plan[n] == "keep":
             step.feed(out[:, n - 1], n)
         else:
