@@ -7,7 +7,7 @@
 # (PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync: graph capture and streaming there), then the `full` preset
 # (NextStep-14B dimensions, random weights) at 512x512, 28 steps, cfg 7.5, sampler sde, in bf16, with fp8 and
 # with int4 decoder weights; one JSON line each, timing the compiled head against the eager one (interleaved) and
-# reporting the compile time. Needs a CUDA GPU with about 40 GB free; each part is capped (12 minutes in all).
+# reporting the compile time; `doctor --device cuda` after the tests. Needs a CUDA GPU with about 40 GB free; each part is capped (12 minutes in all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -c "import torch, transformers, safetensors, einops, PIL" 2>/dev/null \
@@ -15,6 +15,9 @@ python3 -c "import torch, transformers, safetensors, einops, PIL" 2>/dev/null \
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.__version__, torch.cuda.get_device_name())"
 timeout 180 python3 -m pytest -q tests/test_cuda.py || echo "CUDA TESTS FAILED (benchmarks follow anyway)"
+# the doctor as a user runs it (compiling on, unlike in the tests): the GPU's kernels, flash-attn, a timed compile,
+# the self-check's eager, compiled, CUDA graph, fp8 and int4 runs against the CPU float32 reference
+timeout 120 python3 -m nextstep_runtime doctor --device cuda || echo "DOCTOR FAILED (benchmarks follow anyway)"
 if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
   # the model split over two GPUs (issue 17): goldens, weights and KV cache on each range's GPU, fp8 + streaming
   timeout 120 python3 -m pytest -q tests/test_cuda.py -k "split" || echo "SPLIT OVER TWO GPUS FAILED"
