@@ -62,10 +62,15 @@ def kernels_report(traits: DeviceTraits) -> dict:
     }
 
 
-def device_report(device: torch.device) -> dict:
-    """A device: its name and memory, and its kernels (kernels_report)."""
+def device_report(device: torch.device, run_device: torch.device) -> dict:
+    """A device: its name and memory, and its kernels (kernels_report). Free memory is measured on the CPU and the
+    run device only: measuring another CUDA GPU's would open a CUDA context there (hundreds of MB of its memory,
+    taken from whoever uses it); its total comes from its properties."""
     traits = DeviceTraits.of(device)
-    free, total = device_memory(device) or (None, None)  # RAM for the CPU
+    if device.type == "cuda" and device != run_device:
+        free, total = None, torch.cuda.get_device_properties(device).total_memory
+    else:
+        free, total = device_memory(device) or (None, None)  # RAM for the CPU
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else traits.describe()
     return {"device": str(device), "name": name, "memory_free_bytes": free, "memory_total_bytes": total,
             **kernels_report(traits)}
@@ -176,10 +181,12 @@ def versions_report() -> dict:
 def environment_report(device: torch.device, model_roots: list[Path] | None = None) -> dict:
     """Everything but the self-check, for models run on `device`; `model_roots`: the model search folders to
     list (ComfyUI's `nextstep` folders), None outside ComfyUI."""
+    if device.type == "cuda" and device.index is None:  # `cuda`: the current GPU, named as the device list names it
+        device = torch.device("cuda", torch.cuda.current_device())
     return {
         "versions": versions_report(),
-        "run_device": device_report(device),
-        "devices": [device_report(visible) for visible in visible_devices()],
+        "run_device": device_report(device, device),
+        "devices": [device_report(visible, device) for visible in visible_devices()],
         "attention": attention_report(device),
         "compile": {"device": device.type, **compile_report(device)},
         "hf_cache": hf_cache_report(),
