@@ -20,7 +20,9 @@ class _FailingCapture:
         self.error = error
 
     def __enter__(self) -> None:
-        raise self.error
+        # a fresh copy, as a driver raises a new error each time: raising the shared instance would leave its
+        # traceback, and the frames' KV caches, alive for the rest of the session
+        raise type(self.error)(*self.error.args)
 
     def __exit__(self, *exc_info) -> None:
         pass

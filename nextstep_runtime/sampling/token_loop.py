@@ -230,9 +230,10 @@ class TokenStep:
             except (RuntimeError, NotImplementedError) as exc:
                 if not is_unsupported(exc):  # out of memory, an accelerator fault: the caller's to explain
                     raise
-                # an op this torch or driver cannot capture: stay eager, still correct
+                # an op this torch or driver cannot capture: stay eager, still correct. The log gets the text only:
+                # a handler keeping the record (ComfyUI's log view) would keep the error's frames and their caches
                 self.graph = self.feed_graph = None
-                log.warning("CUDA graph capture failed (%s); running the token loop eagerly", exc)
+                log.warning("CUDA graph capture failed (%s); running the token loop eagerly", str(exc))
 
     def _feed(self) -> torch.Tensor:
         return self.state.feed(self.token_in, self.position)
