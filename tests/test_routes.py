@@ -7,6 +7,9 @@ through a real ComfyUI server.
 from __future__ import annotations
 
 import importlib
+import json
+import shutil
+import time
 
 import pytest
 import torch
@@ -90,3 +93,53 @@ def test_plan_route_answers_404_for_a_model_not_in_the_loader_list():
 def test_plan_route_answers_400_with_a_message_for_bad_parameters(query, message):
     status, answer = routes.plan_response(query)
     assert status == 400 and message in answer["error"]
+
+
+@pytest.mark.parametrize("query,message", [
+    ({"cfg": "-5"}, "cfg -5.0 is outside the allowed range 1.0 to 30.0"),
+    ({"cfg": "0"}, "cfg 0.0 is outside the allowed range"),
+    ({"cfg": "1e308"}, "cfg 1e+308 is outside the allowed range"),
+    ({"cfg_img": "inf"}, "plan parameter cfg_img='inf' is not a number"),
+    ({"batch": "65"}, "batch 65 is outside the allowed range 1 to 64"),
+    ({"steps": "100000"}, "steps 100000 is outside the allowed range 1 to 200"),
+    ({"height": "99999999999999999999"}, "height 99999999999999999999 is larger than 2048"),
+])
+def test_plan_route_refuses_what_the_sampler_refuses(query, message):
+    status, answer = routes.plan_response({"model": MODEL_NAME, **query})
+    assert status == 400 and answer["error"].startswith(message), answer
+
+
+@pytest.fixture(scope="module")
+def int4_folder(models_dir):
+    from nextstep_runtime.weights.repack import convert_folder
+
+    convert_folder(TINY_MODEL, models_dir / "nextstep" / "tiny-int4", "int4")
+    return "tiny-int4"
+
+
+@pytest.mark.parametrize("query", [{"memory": "full"}, {"memory": "fp8"}, {"fp8": "true"},
+                                   {"memory": "full", "dtype": "float16"}])
+def test_plan_route_of_a_repacked_int4_folder_refuses_what_loading_refuses(int4_folder, query):
+    status, answer = routes.plan_response({"model": int4_folder, **query})
+    assert status == 400 and "holds int4 weights (repacked); load it with int4 weights" in answer["error"], answer
+    for memory in ("int4", "auto"):
+        status, plan = routes.plan_response({"model": int4_folder, "memory": memory})
+        assert status == 200 and plan["mode"]["int4"] is True, plan
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"num_hidden_layers": 10**400}, "num_hidden_layers is 1000000000000000000000000000000000000000..."),
+    ({"hidden_size": 2**30}, "hidden_size is 1073741824, outside the range this runtime accepts"),
+    ({"use_gen_pos_embed": "no"}, "use_gen_pos_embed is 'no' but must be true or false"),
+])
+def test_plan_route_answers_a_bad_config_at_once_naming_the_key(models_dir, changes, message):
+    name = f"bad-{next(iter(changes))}"
+    folder = models_dir / "nextstep" / name
+    shutil.copytree(TINY_MODEL, folder)
+    config = folder / "config.json"
+    config.chmod(0o644)
+    config.write_text(json.dumps({**json.loads(config.read_text()), **changes}))
+    start = time.monotonic()
+    status, answer = routes.plan_response({"model": name})
+    assert status == 422 and answer["error"].startswith(f"{config}: {message}"), answer
+    assert time.monotonic() - start < 5

@@ -9,16 +9,17 @@ import sys
 from dataclasses import replace
 
 from ..devices import DTYPES, PLANNED_GPU, DeviceTraits, resolve_device
-from ..errors import NextStepError
 from ..memory.device_memory import device_memory
 from ..memory.footprint import ModelFootprint
 from ..memory.job import PROMPT_ALLOWANCE, Job
 from ..memory.plan import GB, MemoryPlan, plan_memory
 from ..settings import GenerationSettings
+from ..validation import check_number
 from ..weights.modes import WeightMode, loadable_modes
 from .help import HelpFormatter
 
 _DEFAULTS = GenerationSettings()
+MIN_GPU_GB, MAX_GPU_GB = 0.001, 100_000
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -63,9 +64,7 @@ def _gpu(args: argparse.Namespace) -> tuple[int | None, int | None, DeviceTraits
     """(total, free) bytes of the GPU planned for, and its traits: --gpu-memory, else this machine's GPU (CUDA, or an
     Apple GPU's share of the Mac's memory)."""
     if args.gpu_memory is not None:
-        if args.gpu_memory <= 0:
-            raise NextStepError(f"--gpu-memory must be a positive number of GB (got {args.gpu_memory})")
-        size = int(args.gpu_memory * GB)
+        size = int(check_number("--gpu-memory", args.gpu_memory, MIN_GPU_GB, MAX_GPU_GB, " GB") * GB)
         return size, size, PLANNED_GPU
     device = resolve_device("auto")
     if device.type == "cpu":
@@ -74,10 +73,9 @@ def _gpu(args: argparse.Namespace) -> tuple[int | None, int | None, DeviceTraits
     return total, free, DeviceTraits.of(device)
 
 
-def make_plan(args: argparse.Namespace) -> MemoryPlan:
+def make_plan(args: argparse.Namespace, footprint: ModelFootprint) -> MemoryPlan:
     """The plan in the mode asked for; without --fp8/--int4, in the first mode the folder loads in (the dtype for a
     float folder, its own format for a repacked or 4-bit one)."""
-    footprint = ModelFootprint.from_folder(args.model)
     total, free, device = _gpu(args)
     dtype = DTYPES[args.dtype]
     mode = WeightMode(dtype=dtype, fp8=args.fp8, int4=args.int4) if args.fp8 or args.int4 else \
@@ -108,5 +106,8 @@ def format_plan(plan: MemoryPlan) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
-    plan = make_plan(args)
+    footprint = ModelFootprint.from_folder(args.model)
+    plan = make_plan(args, footprint)
+    if footprint.vae_config_assumed:
+        sys.stderr.write(f"note: {footprint.vae_config_assumed}\n")
     sys.stdout.write((json.dumps(plan.to_dict()) if args.json else format_plan(plan)) + "\n")

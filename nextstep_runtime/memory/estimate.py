@@ -7,10 +7,9 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig, VAEConfig
-from ..model.tokens import token_grid
 from ..sampling.prompt import guidance_groups
 from ..sampling.token_loop import NoiseSpec
-from .job import Job
+from .job import Job, image_tokens
 
 WORKSPACE_ALLOWANCE = 512 * 2**20
 """cuBLAS/cuDNN workspaces, the CUDA graph's memory pool and allocator rounding: not computable from shapes."""
@@ -33,20 +32,11 @@ def kv_cache_bytes(config: ModelConfig, dtype: torch.dtype, job: Job) -> int:
     return 2 * config.num_hidden_layers * rows * capacity * per_position
 
 
-def _image_tokens(config: ModelConfig, height: int, width: int) -> int:
-    grid_h, grid_w = token_grid(config, height, width)
-    return grid_h * grid_w
-
-
-def _prompt_length(config: ModelConfig, job: Job) -> int:
-    """Positions of the longest guidance row: its text, then each input image's placeholder tokens once."""
-    return job.text_positions + sum(_image_tokens(config, h, w) for h, w in job.input_images)
-
 
 def _rows_and_capacity(config: ModelConfig, job: Job) -> tuple[int, int]:
     settings = job.settings
     rows = settings.batch * guidance_groups(settings.cfg, settings.cfg_img, bool(job.input_images))
-    return rows, _prompt_length(config, job) + _image_tokens(config, settings.height, settings.width) - 1
+    return rows, job.prompt_length(config) + image_tokens(config, settings.height, settings.width) - 1
 
 
 def vae_decode_bytes(latent_height: int, latent_width: int, dtype: torch.dtype) -> int:
@@ -75,8 +65,8 @@ def sampling_activation_bytes(config: ModelConfig, dtype: torch.dtype, job: Job)
     """
     c, size, settings = config, dtype.itemsize, job.settings
     rows, capacity = _rows_and_capacity(config, job)
-    prompt = _prompt_length(config, job)
-    tokens = _image_tokens(config, settings.height, settings.width)
+    prompt = job.prompt_length(config)
+    tokens = image_tokens(config, settings.height, settings.width)
     heads_width = c.num_attention_heads * c.head_dim
     attention = rows * prompt * (3 * heads_width + 2 * heads_width) + rows * c.num_attention_heads * prompt * prompt
     mlp = 3 * rows * prompt * c.intermediate_size

@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from ..config import ModelConfig, read_json
+from ..config import WEIGHTS_FORMAT_KEY, ModelConfig, read_json
 from ..errors import NextStepError
 from .checkpoint import IGNORED_KEYS, TensorHeader, read_headers
 from .gptq import QUANTIZATION_KEY, GPTQConfig, PackedLinear, find_packed_linears
@@ -27,8 +27,6 @@ from .vae_files import VAEFiles
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_FORMAT_KEY = "nextstep_weights"
-"""config.json key a folder repacked by `convert` records its decoder weight storage under (see repack.py)."""
 BUNDLED_VAE_FOLDER = "vae"
 TOKENIZER_JSON = "tokenizer.json"
 BPE_TOKENIZER_FILES = ("vocab.json", "merges.txt")
