@@ -31,6 +31,7 @@ from nextstep_runtime.validation import (
     MIN_CFG,
     MIN_SHIFT,
     SIZE_MULTIPLE,
+    check_finite,
     check_setting,
     check_size,
 )
@@ -59,7 +60,12 @@ def _init_latent(latent_image: dict | None, config: ModelConfig) -> tuple[torch.
     if max(height, width) > MAX_SIZE:
         raise NextStepError(f"latent_image is {width}x{height} pixels, larger than {MAX_SIZE}; scale the image down")
     check_size(width, height)
+    check_finite(samples, "latent_image")
     mask = latent_image.get("noise_mask")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise NextStepError(f"the noise_mask of latent_image must be a mask tensor, got {type(mask).__name__}")
+        check_finite(mask, "the noise_mask of latent_image")
     return samples.float(), None if mask is None else mask.float()
 
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from ..errors import NextStepError
 from ..images import center_crop_to_multiple, load_rgb
-from ..validation import MAX_SIZE, SIZE_MULTIPLE
+from ..validation import MAX_SIZE, SIZE_MULTIPLE, check_finite
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ def load_init_image(path: str | Path) -> InitImage:
         if latents is None or latents.ndim != 4:
             raise NextStepError(f"init image {path} holds no `latents` [batch, channels, height/8, width/8]; "
                                 f"give a file written by --save-tensors, or a picture")
+        check_finite(latents, f"init image {path} (its `latents`)")
         return InitImage(None, latents.float(), (latents.shape[-1] * 8, latents.shape[-2] * 8))
     image = load_rgb(path, max_side=MAX_SIZE)
     cropped = center_crop_to_multiple(image, SIZE_MULTIPLE)
