@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from functools import cached_property
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from ..config import WEIGHTS_FORMAT_KEY, ModelConfig, read_json
@@ -87,7 +87,7 @@ class ModelFolder:
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise NextStepError(f"{index} has no weight_map")
-            files = [self.path / name for name in dict.fromkeys(weight_map.values())]
+            files = [self.path / _shard_name(name, index) for name in dict.fromkeys(weight_map.values())]
             for path in files:
                 if not path.is_file():
                     raise NextStepError(f"shard {path.name} named by {index.name} is missing from {self.path}; "
@@ -145,6 +145,19 @@ class ModelFolder:
         candidate = Path(named) if Path(named).is_absolute() else self.path / named
         bundled = self.path / BUNDLED_VAE_FOLDER
         return VAEFiles.locate(bundled if not candidate.exists() and bundled.exists() else candidate)
+
+
+def _shard_name(name: object, index: Path) -> str:
+    """A shard file named by the index, which must lie inside the model folder: a path that leaves it (`..`, an
+    absolute path) would read some other file on the machine as this model's weights. Judged by the name alone, not
+    by where a symlink points (the Hugging Face cache links every file into its blobs/ folder)."""
+    if not isinstance(name, str) or not name:
+        raise NextStepError(f"{index} names a shard {name!r}; shard names are file names inside the model folder")
+    path = PureWindowsPath(name)  # both separators, drives and roots, as any platform may have written it
+    if path.root or path.drive or ".." in path.parts:
+        raise NextStepError(f"{index} names the shard {name!r}, outside the model folder; weight files must lie inside "
+                            f"it: download the model again")
+    return name
 
 
 def holds_model_config(path: Path) -> bool:
