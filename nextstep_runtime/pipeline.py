@@ -181,8 +181,13 @@ class NextStepPipeline:
             return sample_tokens(self.model, inputs, callback, use_compile), inputs
 
         tokens, inputs = run_or_explain_out_of_memory(SAMPLING, self.model.device, run)
-        model_latents = unpatchify(tokens, *inputs.grid, self.model.config.latent_patch_size)
-        return GenerationResult(tokens=tokens, latents=self.normalization.to_vae_space(model_latents))
+        patch = self.model.config.latent_patch_size
+        latents = self.normalization.to_vae_space(unpatchify(tokens, *inputs.grid, patch))
+        if inputs.kept is not None:  # the input's own values, not their round trip through the model's scaling
+            kept = inputs.kept.mask[..., None].expand(-1, -1, tokens.shape[-1])
+            keep = unpatchify(kept, *inputs.grid, patch).to(latents.device)
+            latents = torch.where(keep, init_latents.to(latents).expand_as(latents), latents)
+        return GenerationResult(tokens=tokens, latents=latents)
 
     def generate(self, caption: str, settings: GenerationSettings | None = None, negative: str | None = None,
                  positive: str | None = None, edit_images: list[torch.Tensor] | None = None,

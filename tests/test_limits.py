@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from nextstep_runtime.validation import MAX_BATCH, MAX_SEED, MAX_SIZE
 
 SAMPLER = load_pack().NODE_CLASS_MAPPINGS["NextStepSampler"]
 SMALL = dict(width=32, height=32, steps=2)
+FIXTURES_IMAGE = TINY_MODEL.parent / "edit_input_64.png"
 
 
 # --- Python API -----------------------------------------------------------------------------------------------
@@ -338,3 +340,50 @@ def test_plan_of_a_repacked_int4_folder_refuses_other_weights_as_loading_does(ca
     assert "holds int4 weights (repacked); load it with int4 weights" in line
     assert main(["plan", str(tmp_path / "int4"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["mode"]["int4"] is True
+
+
+# --- input images and masks: one size rule, read from the header, never a raw PIL error or warning ---------------
+
+def png_header_claiming(path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height (its pixels are never reached: the size check reads the header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("width,height", [(100_000, 100_000), (20_000, 20_000), (12_000, 12_000), (MAX_SIZE + 16, 16),
+                                          (16, 3000)])
+@pytest.mark.parametrize("flag", ["--init-image", "--mask", "--image"])
+def test_input_images_and_masks_have_one_size_cap(capsys, tmp_path, flag, width, height) -> None:
+    huge = tmp_path / "huge.png"
+    png_header_claiming(huge, width, height)
+    args = {"--init-image": ["--init-image", str(huge)],
+            "--mask": ["--init-image", str(FIXTURES_IMAGE), "--mask", str(huge), "--width", "64", "--height", "64"],
+            "--image": ["--image", str(huge), "--prompt", "<image>x"]}[flag]
+    if flag == "--init-image":
+        args += ["--width", str(width), "--height", str(height)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no PIL warning may be printed before the one error line
+        line = cli_error(capsys, tmp_path, "--prompt", "x", *args)
+    what = "mask" if flag == "--mask" else "input image"
+    if width * height > 2 * Image.MAX_IMAGE_PIXELS:
+        assert line.startswith(f"error: {what} {huge} is far too large to read (Image size ("), line
+    else:
+        assert line == (f"error: {what} {huge} is {width}x{height} pixels; input images may be at most {MAX_SIZE} "
+                        f"pixels per side (each 16x16 pixels become a prompt token and the VAE encoder's memory grows "
+                        f"with the area): scale it down first")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--width", "128"], "--width 128 differs from the init image's width 64 (its size 64x64"),
+    (["--height", "32"], "--height 32 differs from the init image's height 64 (its size 64x64"),
+    (["--width", "64", "--height", "48"], "--height 48 differs from the init image's height 64"),
+])
+def test_init_image_size_flags_that_differ_name_the_flag(capsys, tmp_path, args, message) -> None:
+    line = command_error(capsys, "generate", "--model", str(TINY_MODEL), "--prompt", "x", "--init-image",
+                         str(FIXTURES_IMAGE), "--out", str(tmp_path / "o.png"), *args)
+    assert line.startswith(f"error: {message}"), line

@@ -12,14 +12,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import NextStepError
-from ..images import center_crop_to_multiple, load_rgb
+from ..images import center_crop_to_multiple, load_rgb, read_pixels
 from ..validation import MAX_SIZE, SIZE_MULTIPLE, check_finite
 
 
@@ -76,13 +74,7 @@ def load_init_image(path: str | Path) -> InitImage:
 def load_mask(path: str | Path, init: InitImage) -> torch.Tensor:
     """A mask file as [1, H, W] in [0, 1] (white = regenerate; colour images count by luminance). A mask of
     the init image's original size is cropped like the image; any other size is stretched to it later."""
-    try:
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
-    except FileNotFoundError:
-        raise NextStepError(f"mask {path} not found") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise NextStepError(f"cannot read mask {path} ({exc})") from None
+    array = read_pixels(path, f"mask {path}", "L", max_side=MAX_SIZE)
     mask = torch.from_numpy(array)[None, None]
     if (array.shape[1], array.shape[0]) == init.original_size:
         mask = center_crop_to_multiple(mask, SIZE_MULTIPLE)
