@@ -16,18 +16,23 @@ import torch
 from ..config import ModelConfig, VAEConfig
 from ..errors import NextStepError
 from .device_memory import FreeMemory, free_memory
-from .estimate import job_bytes, kv_cache_bytes, sampling_bytes
+from .estimate import kv_cache_bytes, phase_bytes, sampling_bytes
 from .job import Job
 from .out_of_memory import SAMPLING, memory_remedy
 from .plan import gb
 
 
-def _needs(config: ModelConfig, vae_config: VAEConfig | None, dtype: torch.dtype, job: Job) -> tuple[int, int]:
-    """(KV cache bytes, bytes the run needs): with a VAE in the pipeline the largest of encode, sampling and
-    decode; without one (the nodes, which decode in their own node) sampling alone."""
+def _phases(config: ModelConfig, vae_config: VAEConfig | None, dtype: torch.dtype, job: Job) -> dict[str, int]:
+    """Bytes of each phase of the run: with a VAE in the pipeline encode, sampling and decode; without one (the
+    nodes, which encode and decode in their own nodes) sampling alone."""
     if vae_config is None:
-        return kv_cache_bytes(config, dtype, job), sampling_bytes(config, dtype, job)
-    return job_bytes(config, vae_config, dtype, job)
+        return {SAMPLING: sampling_bytes(config, dtype, job)}
+    return phase_bytes(config, vae_config, dtype, job)
+
+
+def _needs(config: ModelConfig, vae_config: VAEConfig | None, dtype: torch.dtype, job: Job) -> tuple[int, int]:
+    """(KV cache bytes, bytes the run needs: its largest phase)."""
+    return kv_cache_bytes(config, dtype, job), max(_phases(config, vae_config, dtype, job).values())
 
 
 def _largest_batch(config: ModelConfig, vae_config: VAEConfig | None, dtype: torch.dtype, job: Job,
@@ -51,13 +56,16 @@ def check_job_memory(config: ModelConfig, vae_config: VAEConfig | None, dtype: t
     if free is None:
         return
     job.validate()
-    kv, needed = _needs(config, vae_config, dtype, job)
+    phases = _phases(config, vae_config, dtype, job)
+    work = max(phases, key=phases.get)
+    kv, needed = kv_cache_bytes(config, dtype, job), phases[work]
     if needed <= free:
         return
-    batch = _largest_batch(config, vae_config, dtype, job, free)
-    if batch:
+    if work != SAMPLING:  # the VAE works one image at a time: its own remedy (a smaller image)
+        change = None
+    elif batch := _largest_batch(config, vae_config, dtype, job, free):
         change = f"use a batch of at most {batch}, or a smaller image"
     else:
         change = "make the image or the input images smaller, or use fewer steps"
-    raise NextStepError(f"this run needs about {gb(needed)} on {device} besides the model's weights "
-                        f"(KV cache {gb(kv)}) but only {gb(free)} is free; {memory_remedy(SAMPLING, device, change)}")
+    raise NextStepError(f"this run needs about {gb(needed)} on {device} besides the model's weights, most for "
+                        f"{work} (KV cache {gb(kv)}), but only {gb(free)} is free; {memory_remedy(work, device, change)}")

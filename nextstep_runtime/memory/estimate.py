@@ -10,6 +10,7 @@ from ..config import ModelConfig, VAEConfig
 from ..sampling.prompt import guidance_groups
 from ..sampling.token_loop import NoiseSpec
 from .job import Job, image_tokens
+from .out_of_memory import SAMPLING, VAE_DECODING, VAE_ENCODING
 
 WORKSPACE_ALLOWANCE = 512 * 2**20
 """cuBLAS/cuDNN workspaces, the CUDA graph's memory pool and allocator rounding: not computable from shapes."""
@@ -85,13 +86,19 @@ def sampling_bytes(config: ModelConfig, dtype: torch.dtype, job: Job) -> int:
     return kv_cache_bytes(config, dtype, job) + sampling_activation_bytes(config, dtype, job)
 
 
-def job_bytes(config: ModelConfig, vae_config: VAEConfig, dtype: torch.dtype, job: Job) -> tuple[int, int]:
-    """(KV cache bytes, everything one run allocates besides weights): the largest of its three phases, VAE encode,
-    sampling and VAE decode, which never overlap."""
+def phase_bytes(config: ModelConfig, vae_config: VAEConfig, dtype: torch.dtype, job: Job) -> dict[str, int]:
+    """What each phase of one run allocates besides weights, by the work out_of_memory.py names: VAE encoding (the
+    largest input image), sampling, VAE decoding (one image at a time)."""
     job.validate()
-    kv = kv_cache_bytes(config, dtype, job)
-    sampling = sampling_bytes(config, dtype, job)
     downscale = 2 ** (len(vae_config.ch_mult) - 1)
-    decode = vae_decode_bytes(job.settings.height // downscale, job.settings.width // downscale, dtype)
-    encode = max((vae_encode_bytes(h, w, dtype) for h, w in job.input_images), default=0)
-    return kv, max(sampling, decode, encode)
+    return {
+        VAE_ENCODING: max((vae_encode_bytes(h, w, dtype) for h, w in job.input_images), default=0),
+        SAMPLING: sampling_bytes(config, dtype, job),
+        VAE_DECODING: vae_decode_bytes(job.settings.height // downscale, job.settings.width // downscale, dtype),
+    }
+
+
+def job_bytes(config: ModelConfig, vae_config: VAEConfig, dtype: torch.dtype, job: Job) -> tuple[int, int]:
+    """(KV cache bytes, everything one run allocates besides weights): the largest of its three phases, which never
+    overlap."""
+    return kv_cache_bytes(config, dtype, job), max(phase_bytes(config, vae_config, dtype, job).values())
