@@ -87,7 +87,7 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
 
 def check_flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise NextStepError(f"{name} {value!r} is not a boolean; use True or False")
+        raise NextStepError(f"{name} {value!r} is not a boolean; use true or false (True or False in Python)")
     return value
 
 

@@ -111,4 +111,4 @@ def plan_response(query: dict[str, str]) -> Response:
 def register_routes() -> None:
     """Serve the routes when running inside ComfyUI (a no-op elsewhere)."""
     host.add_get_route("/nextstep/presets", presets_response)
-    host.add_get_route("/nextstep/plan", plan_response)
+    host.add_get_route("/nextstep/plan", plan_response, slow=True)

@@ -16,7 +16,7 @@ import torch
 from goldens import TINY_MODEL
 from nodes_pack import MODEL_NAME, install_fixture_models, load_pack
 
-from nextstep_runtime import device_memory, load_model
+from nextstep_runtime import NextStepError, device_memory, load_model
 from nextstep_runtime.presets import presets_as_json
 
 routes = importlib.import_module(f"{load_pack().__name__}.nodes.routes")
@@ -143,3 +143,13 @@ def test_plan_route_answers_a_bad_config_at_once_naming_the_key(models_dir, chan
     status, answer = routes.plan_response({"model": name})
     assert status == 422 and answer["error"].startswith(f"{config}: {message}"), answer
     assert time.monotonic() - start < 5
+
+
+def test_a_parameter_given_twice_is_refused_naming_it():
+    host = importlib.import_module(f"{load_pack().__name__}.nodes.host")
+    assert host.query_parameters([("model", MODEL_NAME), ("width", "64")]) == {"model": MODEL_NAME, "width": "64"}
+    for pairs, message in (([("width", "512"), ("width", "abc")], "parameter 'width' is given 2 times; give it once"),
+                           ([("cfg", "2")] * 3 + [("model", "a")], "parameter 'cfg' is given 3 times"),
+                           ([("model", "a"), ("batch", "1"), ("model", "a")], "parameter 'model' is given 2 times")):
+        with pytest.raises(NextStepError, match=message):
+            host.query_parameters(pairs)
