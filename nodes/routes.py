@@ -75,8 +75,9 @@ def _check_mode_values(values: dict) -> None:
 
 
 def plan_response(query: dict[str, str]) -> Response:
-    """The plan as JSON, plus `loads_as` (the mode, in words) and `memory_choice` (the loader's one-line account
-    of an `auto` choice, else null)."""
+    """The plan as JSON, plus `loads_as` (the mode, in words), `memory_choice` (the loader's one-line account
+    of an `auto` choice, else null) and `vae_config_assumed` (where the VAE has no config: which file is missing and
+    the values assumed, else null)."""
     unknown = sorted(set(query) - set(PLAN_PARAMETERS))
     if unknown:
         return 400, {"error": f"unknown plan parameter {unknown[0]!r}; known: {', '.join(PLAN_PARAMETERS)}"}
@@ -105,7 +106,8 @@ def plan_response(query: dict[str, str]) -> Response:
         plan = plan_memory(footprint, mode, job, gpu_total=total, gpu_free=free, device=DeviceTraits.of(device))
     except NextStepError as exc:  # widget values the loader refuses too (fp8 on with memory int4, a mode the folder
         return 400, {"error": str(exc)}  # or this device cannot load in)
-    return 200, {**plan.to_dict(), "loads_as": mode.describe(), "memory_choice": choice}
+    return 200, {**plan.to_dict(), "loads_as": mode.describe(), "memory_choice": choice,
+                 "vae_config_assumed": footprint.vae_config_assumed}
 
 
 def register_routes() -> None:

@@ -148,9 +148,9 @@ class NextStepSampler:
     @classmethod
     def VALIDATE_INPUTS(cls, width=None, height=None, batch_size=None, seed=None, steps=None, cfg=None, cfg_img=None,
                         timesteps_shift=None, use_norm=None) -> bool | str:
-        """The runtime's own check of each value (types, NaN, ranges) before the run. ComfyUI hands the inputs
-        named here over as the request gave them (its min/max are skipped and a failed conversion still
-        reaches this), so nothing may be assumed about their type; None means a linked input."""
+        """The runtime's own check of each value (NaN, ranges) before the run. ComfyUI skips its own min/max for
+        the inputs named here, after converting them with int(), float() or bool() (a string where a boolean is
+        meant is refused before that, see host.refuse_non_boolean_inputs); None means a linked input."""
         given = {"width": width, "height": height, "batch": batch_size, "seed": seed, "steps": steps, "cfg": cfg,
                  "cfg_img": cfg_img, "timesteps_shift": timesteps_shift, "use_norm": use_norm}
         for name, value in given.items():

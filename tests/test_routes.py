@@ -153,3 +153,14 @@ def test_a_parameter_given_twice_is_refused_naming_it():
                            ([("model", "a"), ("batch", "1"), ("model", "a")], "parameter 'model' is given 2 times")):
         with pytest.raises(NextStepError, match=message):
             host.query_parameters(pairs)
+
+
+def test_plan_route_says_when_the_vae_config_was_assumed(models_dir):
+    folder = models_dir / "nextstep" / "no-vae-config"
+    shutil.copytree(TINY_MODEL, folder)
+    (folder / "vae" / "config.json").unlink()
+    status, plan = routes.plan_response({"model": "no-vae-config"})
+    assert status == 200, plan
+    assert plan["vae_config_assumed"].startswith(f"{folder / 'vae' / 'config.json'} is missing, so the released VAE's "
+                                                 f"config was assumed: ch 128, ch_mult [1, 2, 4, 4]")
+    assert routes.plan_response({"model": MODEL_NAME})[1]["vae_config_assumed"] is None
