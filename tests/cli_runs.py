@@ -38,6 +38,15 @@ def command_error(capsys, *argv: str) -> str:
     return lines[0]
 
 
+def folder_error(capsys, tmp_path: Path, command: str, folder: Path) -> str:
+    """The one error line of `command` (generate, plan or convert) run on the model folder `folder`."""
+    if command == "generate":
+        return cli_error(capsys, tmp_path, "--prompt", "x", model=folder)
+    if command == "plan":
+        return command_error(capsys, "plan", str(folder))
+    return command_error(capsys, "convert", str(folder), str(tmp_path / "converted"), "--weights", "int4")
+
+
 def cli_error(capsys, tmp_path: Path, *args: str, model: Path = TINY_MODEL) -> str:
     """Run `generate` in-process; assert exit code 2, one error line, no output file; return the message."""
     out = tmp_path / "out.png"

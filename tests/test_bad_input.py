@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_runs import cli_error, command_error
+from cli_runs import cli_error, folder_error
 from goldens import FIXTURES, TINY_MODEL, TINY_VAE_FILE
 from model_folders import edit_config, rewrite_weights
 from safetensors.torch import load_file, save_file
@@ -69,12 +69,7 @@ def test_shard_index_naming_a_file_outside_the_folder_is_refused(capsys, tmp_pat
     data["weight_map"] = {key: name if file == "model-00002-of-00003.safetensors" else file
                           for key, file in data["weight_map"].items()}
     index.write_text(json.dumps(data))
-    if command == "generate":
-        message = cli_error(capsys, tmp_path, "--prompt", "x", model=model_copy)
-    elif command == "plan":
-        message = command_error(capsys, "plan", str(model_copy))
-    else:
-        message = command_error(capsys, "convert", str(model_copy), str(tmp_path / "out"), "--weights", "fp8")
+    message = folder_error(capsys, tmp_path, command, model_copy)
     assert message.startswith(f"error: {index} names ")
     assert ("outside the model folder" if isinstance(outside, str) and outside else "shard names are file names") \
         in message

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from cli_runs import cli_error, command_error
+from cli_runs import cli_error, command_error, folder_error
 from goldens import TINY_MODEL
 from model_folders import edit_config
 from nodes_pack import load_pack
@@ -186,10 +186,7 @@ def test_cli_edit_image_beyond_the_size_limit(capsys, tmp_path) -> None:
 @pytest.mark.parametrize("command", ["generate", "plan"])
 def test_model_config_values_are_checked_when_read(capsys, tmp_path, model_copy, changes, message, command) -> None:
     edit_config(model_copy, **changes)
-    if command == "generate":
-        line = cli_error(capsys, tmp_path, "--prompt", "x", model=model_copy)
-    else:
-        line = command_error(capsys, "plan", str(model_copy))
+    line = folder_error(capsys, tmp_path, command, model_copy)
     assert line.startswith(f"error: {model_copy / 'config.json'}: {message}")
 
 
@@ -206,12 +203,7 @@ def test_unreadable_config_is_one_error_naming_the_file(capsys, tmp_path, model_
                                                         command) -> None:
     config = model_copy / "config.json"
     config.write_bytes(text.encode("latin-1"))
-    if command == "generate":
-        line = cli_error(capsys, tmp_path, "--prompt", "x", model=model_copy)
-    elif command == "plan":
-        line = command_error(capsys, "plan", str(model_copy))
-    else:
-        line = command_error(capsys, "convert", str(model_copy), str(tmp_path / "out"), "--weights", "int4")
+    line = folder_error(capsys, tmp_path, command, model_copy)
     assert line.startswith(f"error: {config}") and message in line
 
 
@@ -233,10 +225,7 @@ def test_unreadable_config_is_one_error_naming_the_file(capsys, tmp_path, model_
 def test_vae_config_values_are_checked_when_read(capsys, tmp_path, model_copy, changes, message, command) -> None:
     path = model_copy / "vae" / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
-    if command == "generate":
-        line = cli_error(capsys, tmp_path, "--prompt", "x", model=model_copy)
-    else:
-        line = command_error(capsys, "plan", str(model_copy))
+    line = folder_error(capsys, tmp_path, command, model_copy)
     assert line.startswith(f"error: {path}: {message}")
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from cli_runs import cli_error
 from nodes_pack import MODEL_NAME, install_fixture_models, load_pack
+from nodes_pack import run_node as node
 from safetensors.torch import save_file
 
 from nextstep_runtime import GenerationSettings, NextStepError
@@ -31,12 +32,8 @@ def models_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model():
-    return NODES["NextStepModelLoader"]().load(MODEL_NAME, "float32", "sdpa")[0]
-
-
-def node(name: str, *args, **kwargs):
-    cls = NODES[name]
-    return getattr(cls(), cls.FUNCTION)(*args, **kwargs)
+    """The fixture model as NextStep Model Loader gives it, in float32."""
+    return node("NextStepModelLoader", MODEL_NAME, "float32", "sdpa")[0]
 
 
 # --- the Python API --------------------------------------------------------------------------------------------
