@@ -52,6 +52,7 @@ class ModelFootprint:
         """From the folder's config, its weights' headers and its VAE's config (or header); `source` as the loader
         takes it."""
         folder = ModelFolder.open(source)
+        folder.check_block_counts()
         shapes = {name: header.shape for name, header in folder.tensors.items() if name not in IGNORED_KEYS}
         _unpack_repacked_shapes(shapes)
         expected = cls.from_config(folder.config, vae_parameters=0).tensor_shapes

@@ -125,6 +125,18 @@ class ModelFolder:
                 head_blocks.add(int(parts[3]))
         return len(layers), len(head_blocks)
 
+    def check_block_counts(self) -> None:
+        """The weights hold as many decoder layers and flow-head blocks as the config says: checked from the tensor
+        names before anything is built from the config (a network of the config's size, on the meta device or not,
+        is built only for weights that can fill it)."""
+        found_layers, found_depth = self.block_counts()
+        if found_layers != self.config.num_hidden_layers:
+            raise NextStepError(f"{self.config_path} says num_hidden_layers={self.config.num_hidden_layers} but the "
+                                f"weights hold {found_layers} decoder layers")
+        if found_depth != self.config.head_depth:
+            raise NextStepError(f"{self.config_path} says the flow head has {self.config.head_depth} blocks "
+                                f"(genloss_depth/fm_head_layers) but the weights hold {found_depth}")
+
     @cached_property
     def tokenizer_files(self) -> tuple[Path, ...]:
         """tokenizer.json when present, else the byte-level BPE's vocab.json and merges.txt."""
