@@ -20,7 +20,9 @@ from .memory.footprint import ModelFootprint
 from .memory.job import Job
 from .memory.out_of_memory import LOADING, memory_remedy
 from .memory.plan import GB, MemoryPlan, plan_memory
+from .memory.split import SplitPlan, plan_split, resolve_split
 from .model.attention import set_attention_backend
+from .model.placement import DeviceList, Placement
 from .model.tokens import LatentNormalization, image_size_of, token_pixels, unpatchify
 from .model.vae import NextStepVAE
 from .pipeline import GenerationResult, NextStepPipeline
@@ -43,4 +45,5 @@ __all__ = [
     "load_vae", "memory_remedy", "plan_memory", "resolve_device", "resolve_dtype", "resolve_weight_mode",
     "sampling_bytes", "set_attention_backend", "to_uint8", "token_pixels", "unpatchify", "vae_decode_bytes",
     "vae_encode_bytes", "PinHostMemory", "compile_default", "release_streaming_slots", "released_slot_bytes",
+    "DeviceList", "Placement", "SplitPlan", "plan_split", "resolve_split",
 ]

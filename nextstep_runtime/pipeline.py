@@ -17,10 +17,13 @@ from .errors import NextStepError
 from .image_codec import decode_latents, encode_images
 from .memory.check import check_job_memory
 from .memory.device_memory import FreeMemory, free_memory
+from .memory.footprint import ModelFootprint
 from .memory.job import Job
 from .memory.out_of_memory import SAMPLING, run_or_explain_out_of_memory
+from .memory.split import placement_for
 from .model.attention import set_attention_backend
 from .model.network import NextStepModel
+from .model.placement import DeviceList
 from .model.tokens import LatentNormalization, image_size_of, patchify, token_grid, token_pixels, unpatchify
 from .model.vae import NextStepVAE
 from .sampling.keep_mask import kept_tokens, regenerated_cells
@@ -31,6 +34,7 @@ from .settings import GenerationSettings
 from .validation import check_context_length, check_finite, check_text
 from .weights.loading import check_vae_matches, load_model, load_vae
 from .weights.model_folder import ModelFolder
+from .weights.modes import WeightMode
 from .weights.vae_files import VAEFiles
 
 
@@ -62,7 +66,8 @@ class NextStepPipeline:
     def from_pretrained(cls, folder: str | Path | ModelFolder, vae: str | Path | None = None, device: str = "auto",
                         dtype: str = "auto", fp8: bool = False,
                         resident_layers: int | None = None, int4: bool = False,
-                        compile: bool | None = None, attention: str = "auto") -> "NextStepPipeline":
+                        compile: bool | None = None, attention: str = "auto",
+                        devices: str | list[str] | None = None) -> "NextStepPipeline":
         """Load the model folder, or a Hugging Face repo id (`org/name[@revision]`) from the local Hugging Face
         cache; the VAE from `vae` or the config's `vae_name_or_path`. The latent scale/shift come from the
         config of the VAE actually loaded.
@@ -72,14 +77,30 @@ class NextStepPipeline:
         `resident_layers` keeps only that many decoder layers on the device and streams the rest;
         `compile` runs the flow head through torch.compile (compiled at the first call of each shape;
         eager, with one warning, where compiling fails); None: the device's default (devices.compile_default:
-        on, except on Apple GPUs). `attention`: auto, sdpa or flash_attn (see set_attention_backend)."""
-        torch_device = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, torch_device)
+        on, except on Apple GPUs). `attention`: auto, sdpa or flash_attn (see set_attention_backend).
+        `devices` (instead of `device`) splits the decoder's layers over several devices (docs/multi-gpu.md):
+        "cuda:0,cuda:1" sized by the memory planner from each one's free memory now, or explicit inclusive ranges
+        "cuda:0:0-23,cuda:1:24-47"; the flow head and VAE run on the last, streamed layers stream to the last."""
+        folder = ModelFolder.open(folder)
+        placement = None
+        if devices is not None:
+            if device != "auto":
+                raise NextStepError(f"both device {device!r} and devices {devices!r} were given; give one of them")
+            device_list = DeviceList.parse(devices)
+            for each in device_list.devices:
+                resolve_device(str(each))
+            torch_dtype = resolve_dtype(dtype, device_list.devices[-1])
+            mode = WeightMode(torch_dtype, fp8, resident_layers, int4)
+            placement = placement_for(ModelFootprint.from_folder(folder), mode, Job(), device_list, free_memory)
+            torch_device = placement.last
+        else:
+            torch_device = resolve_device(device)
+            torch_dtype = resolve_dtype(dtype, torch_device)
         if compile is None:
             compile = compile_default(DeviceTraits.of(torch_device))
         set_attention_backend(attention, torch_device)
-        folder = ModelFolder.open(folder)
-        model = load_model(folder, torch_dtype, torch_device, fp8=fp8, resident_layers=resident_layers, int4=int4)
+        model = load_model(folder, torch_dtype, torch_device, fp8=fp8, resident_layers=resident_layers, int4=int4,
+                           placement=placement)
         vae_files = folder.vae if vae is None else VAEFiles.locate(vae)
         vae_model = load_vae(vae_files, vae_dtype(torch_dtype), torch_device)
         return cls(model, load_tokenizer(folder), vae_files.normalization, vae_model, str(vae_files.location),
@@ -144,7 +165,7 @@ class NextStepPipeline:
         placeholders = sum(h * w for h, w in input_grids)
         job = Job.with_latents(settings, edit_latents, prompt_tokens=rows.input_ids.shape[1] - placeholders)
         check_job_memory(config, self.vae.config if self.vae is not None else None, self.model.dtype, job,
-                         self.model.device, self.free_memory)
+                         self.model.device, self.free_memory, self.model.placement)
         image_tokens = None
         if edit_latents:
             per_row = torch.cat([self.latents_to_tokens(lat).flatten(0, 1) for lat in edit_latents])

@@ -99,6 +99,12 @@ def model_memory_budget(device: torch.device) -> int | None:
     return runtime_free_memory(device) if device.type in ("cuda", "mps") else None
 
 
+def gpu_devices() -> list[torch.device]:
+    """Every CUDA GPU of this machine (what a Model Loader `device` of `auto` splits over)."""
+    return [torch.device("cuda", index) for index in range(torch.cuda.device_count())] \
+        if torch.cuda.is_available() else []
+
+
 def offload_device() -> torch.device:
     """Where a model waits while other models use the GPU."""
     return model_management.unet_offload_device() if IN_COMFYUI else load_device()
@@ -148,6 +154,21 @@ def register_model(module: nn.Module, current_device: torch.device, run_device: 
     return patcher
 
 
+def register_split_model(model: nn.Module, wait_device: torch.device) -> Any:
+    """Put each device's part of a model split over several devices (NextStepModel.parts_by_device) under ComfyUI's
+    model management as its own model on its own device, so "Unload models" and other models' needs move every part
+    off its GPU and `prepare_model` brings every part back. Returns the handles; None outside ComfyUI."""
+    if not IN_COMFYUI:
+        return None
+    patchers = [comfy.model_patcher.ModelPatcher(_Managed(nn.ModuleList(modules), device), load_device=device,
+                                                 offload_device=wait_device)
+                for device, modules in model.parts_by_device()]
+    patchers[-1].add_callback(comfy.patcher_extension.CallbacksMP.ON_DETACH,  # streaming is the last device's
+                              lambda detached, unpatch_all: _release_streaming_slots(model))
+    prepare_model(patchers)  # loaded in place: enter every part in the registry now
+    return patchers
+
+
 def _release_streaming_slots(module: nn.Module) -> None:
     freed = release_streaming_slots(module)
     if freed:
@@ -155,15 +176,18 @@ def _release_streaming_slots(module: nn.Module) -> None:
 
 
 def prepare_model(handle: Any, memory_required: int = 0) -> None:
-    """Move a registered model onto its device before use, freeing `memory_required` bytes more for the run.
+    """Move a registered model (or each part of a split one: a list of handles) onto its device before use, freeing
+    `memory_required` bytes more for the run (on each device).
 
     Loads fully: the runtime's plain torch layers cannot run partly offloaded."""
     if handle is not None:
+        handles = handle if isinstance(handle, list) else [handle]
         try:
-            model_management.load_models_gpu([handle], memory_required=memory_required, force_full_load=True)
+            model_management.load_models_gpu(handles, memory_required=memory_required, force_full_load=True)
         except torch.cuda.OutOfMemoryError:
-            raise NextStepError(f"the NextStep model does not fit in GPU memory; "
-                                f"{memory_remedy(LOADING, handle.load_device)}") from None
+            split = f" (split over {', '.join(str(each.load_device) for each in handles)})" if len(handles) > 1 else ""
+            raise NextStepError(f"the NextStep model does not fit in GPU memory{split}; "
+                                f"{memory_remedy(LOADING, handles[-1].load_device)}") from None
 
 
 def host_memory_pinning() -> PinHostMemory | None:

@@ -6,11 +6,15 @@ import logging
 
 from nextstep_runtime import (
     MEMORY_CHOICES,
+    DeviceList,
     DeviceTraits,
     ModelFolder,
+    Placement,
     WeightMode,
     compile_default,
+    resolve_device,
     resolve_dtype,
+    resolve_split,
     resolve_weight_mode,
     set_attention_backend,
 )
@@ -22,6 +26,8 @@ from .sockets import CATEGORY, MODEL, VAE
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 ATTENTION_CHOICES = ("auto", "sdpa", "flash_attn")
 ALL_LAYERS = -1
+DEFAULT_DEVICE = "default"
+"""The loader's `device` for ComfyUI's own device."""
 
 log = logging.getLogger("NextStep")
 
@@ -84,28 +90,59 @@ class NextStepModelLoader:
                                                    "working compiler (common on Windows) it logs one warning and "
                                                    "runs uncompiled. Off by default on Macs (torch.compile's Apple "
                                                    "GPU backend is a prototype)."}),
+                "device": ("STRING", {"default": DEFAULT_DEVICE,
+                                      "tooltip": "Where the model runs. default: ComfyUI's device. cuda:1: that GPU. "
+                                                 "Several, to split the decoder's layers over them (docs/multi-gpu."
+                                                 "md): cuda:0,cuda:1 (ranges sized from each GPU's memory; the flow "
+                                                 "head on the last) or explicit inclusive layer ranges "
+                                                 "cuda:0:0-23,cuda:1:24-47. auto: split over every GPU of this "
+                                                 "machine (ComfyUI's device when there is one)."}),
             },
         }
 
     def load(self, model_name: str, dtype: str, attention: str, fp8: bool = False,
-             gpu_layers: int = ALL_LAYERS, memory: str = "auto", compile: bool = True) -> tuple[NextStepModelHandle]:
+             gpu_layers: int = ALL_LAYERS, memory: str = "auto", compile: bool = True,
+             device: str = DEFAULT_DEVICE) -> tuple[NextStepModelHandle]:
         folder = catalog.model_folder(model_name)
-        set_attention_backend(attention, host.load_device())  # warns once where flash-attn cannot run
-        mode, choice = loader_weight_mode(folder, dtype, memory, fp8, gpu_layers)
+        mode, placement, choice = loader_weight_mode(folder, dtype, memory, fp8, gpu_layers, device)
+        set_attention_backend(attention, host.load_device() if placement is None else placement.last)
         if choice:
             log.info("NextStep: %s", choice)
-        loaded = load_nextstep_model(folder, mode.dtype, mode.fp8, mode.gpu_layers, mode.int4)
+        loaded = load_nextstep_model(folder, mode.dtype, mode.fp8, mode.gpu_layers, mode.int4, placement)
         return (NextStepModelHandle(loaded, attention, compile),)
 
 
-def loader_weight_mode(folder: ModelFolder, dtype: str, memory: str, fp8: bool,
-                       gpu_layers: int) -> tuple[WeightMode, str | None]:
-    """The weight mode NextStep Model Loader loads `folder` in for these widget values on this server's run
-    device (an `auto` choice planned for 512x512 against ComfyUI's memory budget), and the line that explains
-    an `auto` choice. The plan route asks the same, so the node shows what loading will do."""
-    device = host.load_device()
-    return resolve_weight_mode(folder, memory, device, resolve_dtype(dtype, device), fp8,
-                               None if gpu_layers == ALL_LAYERS else gpu_layers, host.model_memory_budget(device))
+def loader_devices(device: str) -> DeviceList | None:
+    """The devices the loader's `device` names; None for ComfyUI's device (`default`, or `auto` on a machine with
+    fewer than two GPUs). Each must exist here."""
+    text = device.strip()
+    if text in ("", DEFAULT_DEVICE):
+        return None
+    if text == "auto":
+        gpus = host.gpu_devices()
+        return DeviceList(tuple(gpus)) if len(gpus) > 1 else None
+    devices = DeviceList.parse(text)
+    for each in devices.devices:
+        resolve_device(str(each))
+    return devices
+
+
+def loader_weight_mode(folder: ModelFolder, dtype: str, memory: str, fp8: bool, gpu_layers: int,
+                       device: str = DEFAULT_DEVICE) -> tuple[WeightMode, Placement | None, str | None]:
+    """The weight mode NextStep Model Loader loads `folder` in for these widget values, where (None: ComfyUI's run
+    device; else the chosen device or the split, model/placement.py), and the line that explains an `auto` choice
+    (planned for 512x512 against ComfyUI's memory budget on each device). The plan route asks the same, so the node
+    shows what loading will do."""
+    layers = None if gpu_layers == ALL_LAYERS else gpu_layers
+    devices = loader_devices(device)
+    if devices is None or (len(devices.devices) == 1 and devices.placement is None):
+        run = host.load_device() if devices is None else devices.devices[0]
+        mode, choice = resolve_weight_mode(folder, memory, run, resolve_dtype(dtype, run), fp8, layers,
+                                           host.model_memory_budget(run))
+        return mode, None if devices is None else Placement.single(run, folder.config.num_hidden_layers), choice
+    mode, placement, choice = resolve_split(folder, memory, devices, resolve_dtype(dtype, devices.devices[-1]), fp8,
+                                            layers, host.model_memory_budget)
+    return mode, placement, choice
 
 
 class NextStepVAELoader:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from nextstep_runtime import ModelFolder, NextStepPipeline, NextStepVAE, load_model, load_tokenizer, load_vae
+from nextstep_runtime import ModelFolder, NextStepPipeline, NextStepVAE, Placement, load_model, load_tokenizer, load_vae
 
 from . import host
 from .preview import LatentToRGB, channel_view, fit_latent_to_rgb
@@ -69,21 +69,29 @@ _vaes: "weakref.WeakValueDictionary[tuple, LoadedVAE]" = weakref.WeakValueDictio
 
 
 def load_nextstep_model(folder: ModelFolder, dtype: torch.dtype, fp8: bool = False,
-                        resident_layers: int | None = None, int4: bool = False) -> LoadedModel:
+                        resident_layers: int | None = None, int4: bool = False,
+                        placement: Placement | None = None) -> LoadedModel:
     """The model in `folder` at `dtype` (decoder linears in fp8 or int4 if asked; only `resident_layers`
-    decoder layers on the GPU if given), reusing a copy that is still loaded."""
-    key = (str(folder.path.resolve()), dtype, fp8, resident_layers, int4)
+    decoder layers on the GPU if given), on ComfyUI's device or as `placement` says (one chosen device, or the
+    layers split over several), reusing a copy that is still loaded."""
+    key = (str(folder.path.resolve()), dtype, fp8, resident_layers, int4, placement)
     loaded = _models.get(key)
     if loaded is None:
-        if resident_layers is None and not int4:
+        if placement is not None:  # a chosen device, or a split: loaded straight onto its devices
+            device = placement.last
+        elif resident_layers is None and not int4:
             device = host.initial_device(folder.parameter_count(), torch.float8_e4m3fn if fp8 else dtype)
         else:  # streaming is set up, and int4 weights are packed, for the run device at load time
             device = host.load_device()
         model = load_model(folder, dtype, device, fp8=fp8, resident_layers=resident_layers, int4=int4,
-                           pin=host.host_memory_pinning())
+                           pin=host.host_memory_pinning(), placement=placement)
         pipeline = NextStepPipeline(model, load_tokenizer(folder), folder.vae.normalization,
                                     free_memory=host.free_memory)
-        registration = host.register_model(model, device, host.load_device(), host.offload_device())
+        if placement is not None and placement.is_split:
+            registration = host.register_split_model(model, host.offload_device())
+        else:
+            run_device = host.load_device() if placement is None else placement.last
+            registration = host.register_model(model, device, run_device, host.offload_device())
         loaded = _models[key] = LoadedModel(folder, pipeline, registration)
     return loaded
 

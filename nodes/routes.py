@@ -1,10 +1,10 @@
 """HTTP routes for the front-end extension (web/js), served by ComfyUI's server through `host.add_get_route`.
 
 GET /nextstep/presets: the recommended settings of each released model (nextstep_runtime.presets).
-GET /nextstep/plan?model=NAME&dtype=..&memory=..&fp8=..&gpu_layers=..&width=..&height=..&batch=..&cfg=..&cfg_img=..&steps=..:
+GET /nextstep/plan?model=NAME&dtype=..&memory=..&fp8=..&gpu_layers=..&device=..&width=..&height=..&batch=..&cfg=..&cfg_img=..&steps=..:
 the memory plan of a model from the loader's list for a job, in the weight mode the loader would load it in
 with those widgets (`memory` auto chosen as the loader chooses it, for 512x512), against this server's run
-device. Handlers are plain functions of the query parameters returning (HTTP status, JSON body), so they are
+device, the loader's chosen device, or each device of its split (then with a `devices` list). Handlers are plain functions of the query parameters returning (HTTP status, JSON body), so they are
 tested without a server. A model is named, never given as a path, and only names from the loader's list
 are looked up.
 """
@@ -15,6 +15,7 @@ import math
 
 from nextstep_runtime import (
     MEMORY_CHOICES,
+    DeviceList,
     DeviceTraits,
     GenerationSettings,
     Job,
@@ -22,15 +23,16 @@ from nextstep_runtime import (
     NextStepError,
     device_memory,
     plan_memory,
+    plan_split,
 )
 from nextstep_runtime.presets import presets_as_json
 
 from . import catalog, host
-from .loaders import ALL_LAYERS, DTYPE_CHOICES, loader_weight_mode
+from .loaders import ALL_LAYERS, DEFAULT_DEVICE, DTYPE_CHOICES, loader_weight_mode
 
 Response = tuple[int, dict]
-PLAN_PARAMETERS = {"model": str, "dtype": str, "memory": str, "fp8": bool, "gpu_layers": int, "width": int,
-                   "height": int, "batch": int, "cfg": float, "cfg_img": float, "steps": int}
+PLAN_PARAMETERS = {"model": str, "dtype": str, "memory": str, "fp8": bool, "gpu_layers": int, "device": str,
+                   "width": int, "height": int, "batch": int, "cfg": float, "cfg_img": float, "steps": int}
 JOB_PARAMETERS = ("width", "height", "batch", "cfg", "cfg_img", "steps")
 BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 
@@ -98,16 +100,23 @@ def plan_response(query: dict[str, str]) -> Response:
     except NextStepError as exc:
         return 422, {"error": str(exc)}
     try:
-        mode, choice = loader_weight_mode(folder, values.get("dtype", "auto"), values.get("memory", "auto"),
-                                          values.get("fp8", False), values.get("gpu_layers", ALL_LAYERS))
-        device = host.load_device()
+        mode, placement, choice = loader_weight_mode(folder, values.get("dtype", "auto"), values.get("memory", "auto"),
+                                                     values.get("fp8", False), values.get("gpu_layers", ALL_LAYERS),
+                                                     values.get("device", DEFAULT_DEVICE))
+        about = {"loads_as": mode.describe(), "memory_choice": choice,
+                 "vae_config_assumed": footprint.vae_config_assumed}
+        if placement is not None and placement.is_split:
+            rooms = [host.model_memory_budget(device) for device in placement.devices]
+            split = plan_split(footprint, mode, job, DeviceList(placement.devices, placement), rooms,
+                               [DeviceTraits.of(device) for device in placement.devices])
+            return 200, {**split.to_dict(), **about}
+        device = host.load_device() if placement is None else placement.last
         memory = device_memory(device)
         free, total = memory if memory is not None else (None, None)
         plan = plan_memory(footprint, mode, job, gpu_total=total, gpu_free=free, device=DeviceTraits.of(device))
     except NextStepError as exc:  # widget values the loader refuses too (fp8 on with memory int4, a mode the folder
-        return 400, {"error": str(exc)}  # or this device cannot load in)
-    return 200, {**plan.to_dict(), "loads_as": mode.describe(), "memory_choice": choice,
-                 "vae_config_assumed": footprint.vae_config_assumed}
+        return 400, {"error": str(exc)}  # or this device cannot load in, a device list it refuses)
+    return 200, {**plan.to_dict(), **about}
 
 
 def register_routes() -> None:

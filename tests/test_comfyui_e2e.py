@@ -23,7 +23,8 @@ from nextstep_runtime.presets import presets_as_json
 CASES = {case.name: case for case in golden_cases()}
 TYPES = {  # node -> (required inputs, optional inputs, output types); combos listed as None
     "NextStepModelLoader": ({"model_name": None, "dtype": None, "attention": None}, {"fp8": "BOOLEAN", "gpu_layers": "INT", "memory": None,
-                                                                                      "compile": "BOOLEAN"},
+                                                                                      "compile": "BOOLEAN",
+                                                                                      "device": "STRING"},
                             ["NEXTSTEP_MODEL"]),
     "NextStepVAELoader": ({"vae_name": None}, {}, ["NEXTSTEP_VAE"]),
     "NextStepTextEncode": ({"model": "NEXTSTEP_MODEL", "text": "STRING"}, {"image": "LATENT"},
@@ -158,6 +159,29 @@ def test_unloading_a_streamed_model_frees_its_slots_and_the_next_run_makes_them_
         assert time.monotonic() < deadline, comfy.log_tail()
         time.sleep(0.2)
     assert_close_uint8(comfy.run(streamed("e2e/streamed-again", seed=5)), expected_from_runtime(case, seed=5))
+
+
+def test_a_split_model_is_managed_per_part_unloaded_and_brought_back(comfy):
+    """The loader's `device` splitting the fixture's 2 layers over two CPU entries, the last streaming its layer:
+    each part is its own model in ComfyUI's model management; "Unload models" detaches them (the last part's
+    streaming slots freed), and the next run brings every part back."""
+    case = CASES["official_t2i_sde"].params
+
+    def split(prefix: str, **changes) -> dict:
+        prompt = workflow("nextstep_1.1_text_to_image", case, prefix, **changes)
+        (loader,) = [node["inputs"] for node in prompt.values() if node["class_type"] == "NextStepModelLoader"]
+        loader.update(device="cpu,cpu", gpu_layers=1, memory="full")
+        return prompt
+
+    assert_close_uint8(comfy.run(split("e2e/split")), golden_pixels("official_t2i_sde"))
+    freed = "NextStep: freed the streaming slots of the unloaded model"
+    before = comfy.log.read_text(errors="replace").count(freed)
+    assert comfy.request("/free", {"unload_models": True})[0] == 200
+    deadline = time.monotonic() + 60
+    while comfy.log.read_text(errors="replace").count(freed) == before:
+        assert time.monotonic() < deadline, comfy.log_tail()
+        time.sleep(0.2)
+    assert_close_uint8(comfy.run(split("e2e/split-again", seed=6)), expected_from_runtime(case, seed=6))
 
 
 def test_bad_width_is_refused_with_a_readable_message(comfy):

@@ -443,3 +443,44 @@ def test_a_broken_flash_attn_falls_back_on_the_gpu(tmp_path, monkeypatch, caplog
         assert len([r for r in caplog.records if "flash-attn is installed but does not import" in r.getMessage()]) == 1
     finally:
         set_attention_backend("sdpa")
+
+
+def split_devices() -> list[str]:
+    """Two GPUs where the machine has them; else two entries of the one GPU (the split's code, no peer copies)."""
+    return ["cuda:0", "cuda:1"] if torch.cuda.device_count() >= 2 else ["cuda:0", "cuda:0"]
+
+
+@pytest.mark.parametrize("case", golden_cases(), ids=lambda case: case.name)
+def test_goldens_through_a_split(case: GoldenCase, caplog) -> None:
+    """Every golden with the layers split over two device entries (one per GPU where there are two): each layer's
+    weights and KV cache on its range's device, the token step eager (one log line: a graph is one GPU's)."""
+    devices = split_devices()
+    with caplog.at_level("INFO", logger="nextstep_runtime"):
+        pipe = NextStepPipeline.from_pretrained(TINY_MODEL, devices=devices, dtype="float32")
+        result = generate(pipe, case)
+    model = pipe.model
+    assert [str(d) for d in model.placement.devices] == devices
+    for layer_range in model.placement.ranges:
+        for layer in model.layers[layer_range.start:layer_range.stop]:
+            assert all(t.device == layer_range.device for t in layer.state_dict().values())
+    assert model.embed_tokens.weight.device == torch.device(devices[0])
+    assert model.image_head.net.input_proj.weight.device == torch.device(devices[1])
+    cache = model.new_cache(2, 8)
+    assert [keys.device for keys in cache.keys] == [torch.device(d) for d in devices]
+    assert sum("runs eagerly (no CUDA graph): the model is split" in r.message for r in caplog.records) == 1
+    assert_matches_golden(case, {"tokens": result.tokens.cpu(), "latents": result.latents.cpu(),
+                                 "images": result.images.cpu()})
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_split_over_two_gpus_with_fp8_and_streaming_equals_one_gpu(model_copy) -> None:
+    """fp8 weights split 2 + 3 over two GPUs, the last streaming its last two layers: the tokens of the same mode on
+    one GPU (eager there too, so both compute the same kernels)."""
+    case = next(c for c in golden_cases() if c.name == "official_t2i_cps_nocfg")
+    deepen(model_copy, 5)
+    one = NextStepPipeline.from_pretrained(model_copy, device="cuda:0", dtype="bfloat16", fp8=True,
+                                           resident_layers=3)
+    split = NextStepPipeline.from_pretrained(model_copy, devices="cuda:0:0-1,cuda:1:2-4", dtype="bfloat16", fp8=True,
+                                             resident_layers=3)
+    assert torch.equal(generate(split, case).tokens.cpu(), generate(one, case).tokens.cpu())
+    assert torch.cuda.memory_allocated(1) > 0

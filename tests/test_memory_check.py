@@ -65,14 +65,15 @@ def test_when_no_batch_fits_the_advice_is_a_smaller_image(budget_pipeline, tiny_
 def test_a_job_whose_vae_decoding_does_not_fit_is_advised_a_smaller_image(tiny_pipeline, device, size) -> None:
     """The tiny model samples in little memory, but decoding a large image takes gigabytes: the advice is the
     decoder's (a smaller image), never fewer steps, a shorter prompt or another weight mode."""
-    from nextstep_runtime.memory.estimate import phase_bytes
-    from nextstep_runtime.memory.out_of_memory import SAMPLING, VAE_DECODING
+    from nextstep_runtime.memory.estimate import split_job_bytes, vae_phase_bytes
+    from nextstep_runtime.memory.out_of_memory import VAE_DECODING
 
     config, vae_config = tiny_pipeline.model.config, tiny_pipeline.vae.config
     job = Job(GenerationSettings(width=size, height=size, batch=2, steps=2, cfg=1.0), prompt_tokens=8)
-    phases = phase_bytes(config, vae_config, torch.float32, job)
-    free = (phases[SAMPLING] + phases[VAE_DECODING]) // 2
-    assert phases[SAMPLING] < free < phases[VAE_DECODING]
+    ((_, sampling),) = split_job_bytes(config, None, torch.float32, job, [config.num_hidden_layers])
+    decode = vae_phase_bytes(vae_config, torch.float32, job)[VAE_DECODING]
+    free = (sampling + decode) // 2
+    assert sampling < free < decode
     with pytest.raises(NextStepError) as caught:
         check_job_memory(config, vae_config, torch.float32, job, torch.device(device), lambda device: free)
     message = str(caught.value)

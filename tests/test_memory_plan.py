@@ -110,7 +110,7 @@ def _allocated_cache(pipe, caption: str, settings: GenerationSettings, negative:
     tokens = inputs.grid[0] * inputs.grid[1]
     state = DecodeState(pipe.model, inputs.rows, tokens)
     placeholders = int((inputs.rows.input_ids[0] == pipe.model.config.image_placeholder_id).sum())
-    return tensor_bytes([state.cache.keys, state.cache.values]), inputs.rows.input_ids.shape[1] - placeholders
+    return state.cache.nbytes, inputs.rows.input_ids.shape[1] - placeholders
 
 
 @pytest.mark.parametrize("batch,cfg,cfg_img,edit", [(1, 7.5, 1.0, False), (2, 1.0, 1.0, False),

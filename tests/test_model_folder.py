@@ -173,7 +173,7 @@ def test_the_memory_check_counts_the_prompt_as_the_loop_allocates_it(tiny_pipeli
     caption = "<image>make it blue" if edit else "a red cube"
     inputs = tiny_pipeline.prepare(caption, settings, "blurry", None, latents)
     tokens = inputs.grid[0] * inputs.grid[1]
-    allocated_positions = DecodeState(tiny_pipeline.model, inputs.rows, tokens).cache.keys.shape[3]
+    allocated_positions = DecodeState(tiny_pipeline.model, inputs.rows, tokens).cache.keys[0].shape[3]
     placeholders = int((inputs.rows.input_ids[0] == tiny_pipeline.model.config.image_placeholder_id).sum())
     assert placeholders == (16 if edit else 0)
     text = allocated_positions - placeholders - tokens + 1

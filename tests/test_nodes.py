@@ -35,7 +35,7 @@ progress = importlib.import_module(f"{PACK.__name__}.nodes.progress")
 MODEL_VAE = f"{MODEL_NAME}/vae"
 CASES = {case.name: case for case in golden_cases()}
 API_CONTRACT = {
-    "NextStepModelLoader": ["model_name", "dtype", "attention", "fp8", "gpu_layers", "memory", "compile"],
+    "NextStepModelLoader": ["model_name", "dtype", "attention", "fp8", "gpu_layers", "memory", "compile", "device"],
     "NextStepVAELoader": ["vae_name"],
     "NextStepTextEncode": ["model", "text", "image"],
     "NextStepSampler": ["model", "positive", "width", "height", "batch_size", "seed", "steps", "cfg", "cfg_img",
@@ -399,6 +399,29 @@ def test_loader_accepts_a_repacked_folder(models_dir):
 def test_loader_rejects_more_gpu_layers_than_the_model_has():
     with pytest.raises(NextStepError, match=r"layers kept on the GPU must be between 0 and 2 \(got 5\)"):
         node("NextStepModelLoader", MODEL_NAME, "float32", "sdpa", gpu_layers=5)
+
+
+@pytest.fixture(scope="module")
+def split_model():
+    return node("NextStepModelLoader", MODEL_NAME, "float32", "sdpa", device="cpu,cpu")[0]
+
+
+@pytest.mark.parametrize("case", golden_cases(), ids=lambda case: case.name)
+def test_graph_through_a_split_model_reproduces_golden(split_model, case: GoldenCase):
+    """The loader's `device` splitting the layers over two CPU entries (docs/multi-gpu.md): every golden."""
+    assert split_model.loaded.pipeline.model.placement.describe() == "cpu:0-0,cpu:1-1"
+    assert_graph_matches_golden(split_model, case)
+
+
+def test_loader_device_chooses_one_device_or_refuses_with_the_fix():
+    chosen = node("NextStepModelLoader", MODEL_NAME, "float32", "sdpa", device="cpu")[0]
+    assert chosen.loaded.pipeline.model.placement is None and chosen.loaded.pipeline.model.device.type == "cpu"
+    auto = node("NextStepModelLoader", MODEL_NAME, "float32", "sdpa", device="auto")[0]  # no two GPUs: one device
+    assert auto.loaded.pipeline.model.placement is None
+    with pytest.raises(NextStepError, match="list at most 2 devices"):
+        node("NextStepModelLoader", MODEL_NAME, "float32", "sdpa", device="cpu,cpu,cpu")
+    with pytest.raises(NextStepError, match="unknown device 'gpu0' in the device list"):
+        node("NextStepModelLoader", MODEL_NAME, "float32", "sdpa", device="gpu0,cpu")
 
 
 # --- image-conditioned sampling (latent_image with a noise mask) -----------------------------------------------

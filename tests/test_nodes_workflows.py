@@ -168,7 +168,7 @@ def test_text_to_image_examples_use_nextstep_1_1_settings():
         assert negative.startswith("lowres")
         loaders = [node["inputs"] for node in api.values() if node["class_type"].endswith("Loader")]
         assert {"model_name": "NextStep-1.1", "dtype": "auto", "attention": "auto", "fp8": False, "gpu_layers": -1,
-                "memory": "auto", "compile": True} in loaders
+                "memory": "auto", "compile": True, "device": "default"} in loaders
         assert {"vae_name": "NextStep-1.1/vae"} in loaders
 
 

@@ -95,6 +95,17 @@ def test_plan_route_answers_400_with_a_message_for_bad_parameters(query, message
     assert status == 400 and message in answer["error"]
 
 
+def test_plan_route_plans_the_loaders_split():
+    """A `device` list splits the plan as the loader splits the model: the bytes on each device."""
+    status, plan = routes.plan_response({"model": MODEL_NAME, "dtype": "float32", "device": "cpu,cpu"})
+    assert status == 200, plan
+    assert plan["placement"] == "cpu:0-0,cpu:1-1" and [d["device"] for d in plan["devices"]] == ["cpu", "cpu"]
+    whole = kept_weight_bytes(torch.float32)
+    assert sum(d["weights_bytes"] for d in plan["devices"]) == whole and plan["loads_as"] == "float32"
+    status, error = routes.plan_response({"model": MODEL_NAME, "device": "cpu:0-0,cpu:2-2"})
+    assert status == 400 and "do not cover the decoder layers in order" in error["error"]
+
+
 @pytest.mark.parametrize("query,message", [
     ({"cfg": "-5"}, "cfg -5.0 is outside the allowed range 1.0 to 30.0"),
     ({"cfg": "0"}, "cfg 0.0 is outside the allowed range"),

@@ -16,9 +16,11 @@ from ..devices import DTYPES, resolve_device, resolve_dtype
 from ..errors import NextStepError
 from ..images import images_to_unit, save_png, to_uint8
 from ..memory.choice import MEMORY_CHOICES, resolve_weight_mode
-from ..memory.device_memory import device_memory
+from ..memory.device_memory import device_memory, free_memory
 from ..memory.job import Job
+from ..memory.split import resolve_split
 from ..model.attention import BACKENDS
+from ..model.placement import DeviceList
 from ..pipeline import NextStepPipeline
 from ..presets import DEFAULT_PRESET, PRESETS
 from ..sampling.prompt import PROFILES
@@ -94,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=defaults.seed, help="noise seed (drawn on the CPU: same image on any device)")
     gen.add_argument("--device", default="auto",
                      help="cpu, cuda, cuda:N, mps (an Apple GPU) or auto (a CUDA GPU, else an Apple GPU, else the CPU)")
+    gen.add_argument("--devices", metavar="LIST",
+                     help="split the model's decoder layers over several devices instead of --device: cuda:0,cuda:1 "
+                          "(ranges sized from each GPU's free memory; the flow head and VAE on the last) or explicit "
+                          "inclusive layer ranges, cuda:0:0-23,cuda:1:24-47 (see docs/multi-gpu.md)")
     gen.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                      help="compute dtype (auto: bfloat16 on NVIDIA GPUs from Ampere and on Macs from macOS 14, "
                           "float16 on older ones, float32 on the CPU)")
@@ -157,15 +163,28 @@ def settings_from_args(args: argparse.Namespace) -> tuple[GenerationSettings, st
 
 def _weight_mode(args: argparse.Namespace, folder: ModelFolder, settings: GenerationSettings,
                  edit_images: list[torch.Tensor]) -> dict:
-    """from_pretrained's weight arguments from --memory/--fp8/--gpu-layers; `auto` plans for this job."""
+    """from_pretrained's weight (and device) arguments from --memory/--fp8/--gpu-layers (and --devices); `auto` plans
+    for this job."""
+    job = Job(settings, tuple(tuple(image.shape[-2:]) for image in edit_images))
+    if args.devices is not None:
+        if args.device != "auto":
+            raise NextStepError(f"both --device {args.device} and --devices {args.devices} were given; give one")
+        devices = DeviceList.parse(args.devices)
+        for each in devices.devices:
+            resolve_device(str(each))
+        mode, placement, choice = resolve_split(folder, args.memory, devices,
+                                                resolve_dtype(args.dtype, devices.devices[-1]), args.fp8,
+                                                args.gpu_layers, free_memory, job)
+        sys.stderr.write(f"{choice or 'split'}: layers {placement.describe()}\n")
+        return {"fp8": mode.fp8, "int4": mode.int4, "resident_layers": mode.gpu_layers,
+                "devices": placement.describe()}
     device = resolve_device(args.device)
     measured = device_memory(device) if device.type != "cpu" else None
-    job = Job(settings, tuple(tuple(image.shape[-2:]) for image in edit_images))
     mode, choice = resolve_weight_mode(folder, args.memory, device, resolve_dtype(args.dtype, device), args.fp8,
                                        args.gpu_layers, None if measured is None else measured[0], job)
     if choice:
         sys.stderr.write(choice + "\n")
-    return {"fp8": mode.fp8, "int4": mode.int4, "resident_layers": mode.gpu_layers}
+    return {"fp8": mode.fp8, "int4": mode.int4, "resident_layers": mode.gpu_layers, "device": args.device}
 
 
 def run_generate(args: argparse.Namespace) -> None:
@@ -181,7 +200,7 @@ def run_generate(args: argparse.Namespace) -> None:
     edit_images = [load_cropped_rgb(args.image, edit_size)] if args.image else []
     mask = load_mask(args.mask, init) if args.mask else None
     folder = ModelFolder.open(args.model)
-    pipe = NextStepPipeline.from_pretrained(folder, vae=args.vae, device=args.device, dtype=args.dtype,
+    pipe = NextStepPipeline.from_pretrained(folder, vae=args.vae, dtype=args.dtype,
                                             compile=args.compile, attention=args.attention,
                                             **_weight_mode(args, folder, settings, edit_images))
     result = pipe.generate(args.prompt, settings, negative=negative, positive=args.positive,

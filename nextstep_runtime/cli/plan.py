@@ -9,10 +9,13 @@ import sys
 from dataclasses import replace
 
 from ..devices import DTYPES, PLANNED_GPU, DeviceTraits, resolve_device
-from ..memory.device_memory import device_memory
+from ..errors import NextStepError
+from ..memory.device_memory import device_memory, free_memory
 from ..memory.footprint import ModelFootprint
 from ..memory.job import PROMPT_ALLOWANCE, Job
 from ..memory.plan import GB, MemoryPlan, plan_memory
+from ..memory.split import SplitPlan, plan_split
+from ..model.placement import DeviceList
 from ..settings import GenerationSettings
 from ..validation import check_number
 from ..weights.modes import WeightMode, loadable_modes
@@ -28,6 +31,14 @@ def _size(text: str) -> tuple[int, int]:
     if not sep or not width.isdigit() or not height.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 512x512 (width x height)")
     return int(height), int(width)
+
+
+def _sizes(text: str) -> list[float]:
+    """`24` or `24,16`: GB per device."""
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size in GB like 24, or one per device like 24,24") from None
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -55,8 +66,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     plan.add_argument("--prompt-tokens", type=int, metavar="N", default=None,
                       help=f"prompt positions per row besides input images (default: {PROMPT_ALLOWANCE}, a long "
                            f"prompt)")
-    plan.add_argument("--gpu-memory", type=float, metavar="GB", default=None,
-                      help="GPU size in GB (10^9 bytes), taken as all free (default: this machine's CUDA GPU)")
+    plan.add_argument("--gpu-memory", type=_sizes, metavar="GB", default=None,
+                      help="GPU size in GB (10^9 bytes), taken as all free (default: this machine's CUDA GPU); with "
+                           "--devices one size per device, e.g. 24,24")
+    plan.add_argument("--devices", metavar="LIST",
+                      help="plan a split over several GPUs: cuda:0,cuda:1 (ranges sized by the planner) or explicit "
+                           "inclusive layer ranges cuda:0:0-23,cuda:1:24-47; bytes on each device")
     plan.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -64,7 +79,10 @@ def _gpu(args: argparse.Namespace) -> tuple[int | None, int | None, DeviceTraits
     """(total, free) bytes of the GPU planned for, and its traits: --gpu-memory, else this machine's GPU (CUDA, or an
     Apple GPU's share of the Mac's memory)."""
     if args.gpu_memory is not None:
-        size = int(check_number("--gpu-memory", args.gpu_memory, MIN_GPU_GB, MAX_GPU_GB, " GB") * GB)
+        if len(args.gpu_memory) != 1:
+            raise NextStepError(f"--gpu-memory gives {len(args.gpu_memory)} sizes but one GPU is planned for; give "
+                                f"one size, or list the GPUs with --devices")
+        size = _bytes(args.gpu_memory[0])
         return size, size, PLANNED_GPU
     device = resolve_device("auto")
     if device.type == "cpu":
@@ -73,18 +91,52 @@ def _gpu(args: argparse.Namespace) -> tuple[int | None, int | None, DeviceTraits
     return total, free, DeviceTraits.of(device)
 
 
-def make_plan(args: argparse.Namespace, footprint: ModelFootprint) -> MemoryPlan:
-    """The plan in the mode asked for; without --fp8/--int4, in the first mode the folder loads in (the dtype for a
-    float folder, its own format for a repacked or 4-bit one)."""
-    total, free, device = _gpu(args)
+def _bytes(gb: float) -> int:
+    return int(check_number("--gpu-memory", gb, MIN_GPU_GB, MAX_GPU_GB, " GB") * GB)
+
+
+def _split_gpus(args: argparse.Namespace, devices: DeviceList) -> tuple[list[int | None], list[DeviceTraits]]:
+    """Free bytes and traits of each device of a planned split: --gpu-memory (one size per device), else each device
+    of this machine as it is now."""
+    if args.gpu_memory is not None:
+        if len(args.gpu_memory) != len(devices.devices):
+            raise NextStepError(f"--gpu-memory gives {len(args.gpu_memory)} sizes for {len(devices.devices)} devices; "
+                                f"give one size per device, e.g. {','.join(['24'] * len(devices.devices))}")
+        return [_bytes(size) for size in args.gpu_memory], [PLANNED_GPU] * len(devices.devices)
+    for device in devices.devices:
+        try:
+            resolve_device(str(device))
+        except NextStepError as exc:
+            raise NextStepError(f"{exc.args[0].partition(';')[0]}; to plan for GPUs this machine does not have, give "
+                                f"their sizes: --gpu-memory {','.join(['24'] * len(devices.devices))}") from None
+    return ([free_memory(device) for device in devices.devices],
+            [DeviceTraits.of(device) for device in devices.devices])
+
+
+def _mode_and_job(args: argparse.Namespace, footprint: ModelFootprint, device: DeviceTraits) -> tuple[WeightMode, Job]:
+    """The mode asked for; without --fp8/--int4, the first mode the folder loads in (the dtype for a float folder,
+    its own format for a repacked or 4-bit one); and the job."""
     dtype = DTYPES[args.dtype]
     mode = WeightMode(dtype=dtype, fp8=args.fp8, int4=args.int4) if args.fp8 or args.int4 else \
         loadable_modes(footprint.stored_format, device, dtype, args.model)[0]
     settings = GenerationSettings(width=args.width, height=args.height, batch=args.batch, cfg=args.cfg,
                                   cfg_img=args.cfg_img, steps=args.steps)
-    job = Job(settings, tuple(args.input_size), args.prompt_tokens)
-    return plan_memory(footprint, replace(mode, gpu_layers=args.gpu_layers), job, gpu_total=total, gpu_free=free,
-                       device=device)
+    return replace(mode, gpu_layers=args.gpu_layers), Job(settings, tuple(args.input_size), args.prompt_tokens)
+
+
+def make_plan(args: argparse.Namespace, footprint: ModelFootprint) -> MemoryPlan:
+    """The plan in the mode asked for (see _mode_and_job) on one GPU."""
+    total, free, device = _gpu(args)
+    mode, job = _mode_and_job(args, footprint, device)
+    return plan_memory(footprint, mode, job, gpu_total=total, gpu_free=free, device=device)
+
+
+def make_split_plan(args: argparse.Namespace, footprint: ModelFootprint) -> SplitPlan:
+    """The plan of a split over --devices in the mode asked for (see _mode_and_job)."""
+    devices = DeviceList.parse(args.devices)
+    free, traits = _split_gpus(args, devices)
+    mode, job = _mode_and_job(args, footprint, traits[-1])
+    return plan_split(footprint, mode, job, devices, free, traits)
 
 
 def format_plan(plan: MemoryPlan) -> str:
@@ -105,9 +157,36 @@ def format_plan(plan: MemoryPlan) -> str:
     return "\n".join(lines + [f"advice: {plan.advice}"])
 
 
+def format_split_plan(plan: SplitPlan) -> str:
+    """A split's plan as a table: one column per device, sizes in GB."""
+    def gb(value: int | None) -> str:
+        return "unknown" if value is None else f"{value / GB:.2f} GB"
+
+    rows = [("", [share.device for share in plan.devices]),
+            ("decoder layers", [f"{share.first_layer}-{share.last_layer}" for share in plan.devices]),
+            ("weights", [gb(share.weights_bytes) for share in plan.devices]),
+            ("VAE weights", [gb(share.vae_bytes) for share in plan.devices]),
+            ("KV cache", [gb(share.kv_cache_bytes) for share in plan.devices]),
+            ("one run (KV cache, activations, VAE)", [gb(share.job_bytes) for share in plan.devices]),
+            ("peak", [gb(share.peak_bytes) for share in plan.devices]),
+            ("free", [gb(share.free_bytes) for share in plan.devices]),
+            ("fits", [{True: "yes", False: "no", None: "?"}[share.fits] for share in plan.devices])]
+    label = max(len(name) for name, _ in rows)
+    column = max(len(cell) for _, cells in rows for cell in cells)
+    lines = [f"mode: {plan.mode.describe()}"]
+    lines += [f"{name:<{label}}  " + "  ".join(f"{cell:>{column}}" for cell in cells) for name, cells in rows]
+    if plan.weights_host_bytes:
+        lines.append(f"weights in host RAM (streamed): {gb(plan.weights_host_bytes)}")
+    return "\n".join(lines + [f"advice: {plan.advice}"])
+
+
 def run(args: argparse.Namespace) -> None:
     footprint = ModelFootprint.from_folder(args.model)
-    plan = make_plan(args, footprint)
     if footprint.vae_config_assumed:
         sys.stderr.write(f"note: {footprint.vae_config_assumed}\n")
+    if args.devices is not None:
+        split = make_split_plan(args, footprint)
+        sys.stdout.write((json.dumps(split.to_dict()) if args.json else format_split_plan(split)) + "\n")
+        return
+    plan = make_plan(args, footprint)
     sys.stdout.write((json.dumps(plan.to_dict()) if args.json else format_plan(plan)) + "\n")

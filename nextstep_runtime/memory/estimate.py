@@ -10,7 +10,7 @@ from ..config import ModelConfig, VAEConfig
 from ..sampling.prompt import guidance_groups
 from ..sampling.token_loop import NoiseSpec
 from .job import Job, image_tokens
-from .out_of_memory import SAMPLING, VAE_DECODING, VAE_ENCODING
+from .out_of_memory import VAE_DECODING, VAE_ENCODING
 
 WORKSPACE_ALLOWANCE = 512 * 2**20
 """cuBLAS/cuDNN workspaces, the CUDA graph's memory pool and allocator rounding: not computable from shapes."""
@@ -31,7 +31,6 @@ def kv_cache_bytes(config: ModelConfig, dtype: torch.dtype, job: Job) -> int:
     rows, capacity = _rows_and_capacity(config, job)
     per_position = config.num_key_value_heads * config.head_dim * dtype.itemsize
     return 2 * config.num_hidden_layers * rows * capacity * per_position
-
 
 
 def _rows_and_capacity(config: ModelConfig, job: Job) -> tuple[int, int]:
@@ -64,21 +63,35 @@ def sampling_activation_bytes(config: ModelConfig, dtype: torch.dtype, job: Job)
       indices, and one decode step's activations;
     - WORKSPACE_ALLOWANCE.
     """
-    c, size, settings = config, dtype.itemsize, job.settings
+    return layer_work_bytes(config, dtype, job) + loop_buffer_bytes(config, dtype, job)
+
+
+def layer_work_bytes(config: ModelConfig, dtype: torch.dtype, job: Job) -> int:
+    """The part of `sampling_activation_bytes` every device that runs decoder layers allocates: the prefill's and a
+    decode step's activations, the masks and positions (handed to each device of a split) and the workspace."""
+    c, size = config, dtype.itemsize
     rows, capacity = _rows_and_capacity(config, job)
     prompt = job.prompt_length(config)
-    tokens = image_tokens(config, settings.height, settings.width)
     heads_width = c.num_attention_heads * c.head_dim
     attention = rows * prompt * (3 * heads_width + 2 * heads_width) + rows * c.num_attention_heads * prompt * prompt
     mlp = 3 * rows * prompt * c.intermediate_size
     prefill = (3 * rows * prompt * c.hidden_size + max(attention, mlp) + 2 * rows * prompt * c.head_dim) * size
     prefill += rows * prompt * prompt  # boolean padding mask
-    noise = 2 * NoiseSpec.plan(0, tokens, settings.steps, True, settings.batch, c.token_dim).chunk_bytes
-    output = settings.batch * tokens * c.token_dim * 4
-    modulations = (3 * c.head_depth + 2 + 1) * settings.steps * rows * c.head_width * size
     masks = rows * capacity + capacity * 8
     step = rows * (4 * c.hidden_size + 3 * c.intermediate_size + c.num_attention_heads * capacity) * size
-    return prefill + noise + output + modulations + masks + step + WORKSPACE_ALLOWANCE
+    return prefill + masks + step + WORKSPACE_ALLOWANCE
+
+
+def loop_buffer_bytes(config: ModelConfig, dtype: torch.dtype, job: Job) -> int:
+    """The part of `sampling_activation_bytes` on the run device alone (the last of a split): the noise chunk and the
+    solver's buffers, the output tokens and the flow head's modulations."""
+    c, settings = config, job.settings
+    rows, _ = _rows_and_capacity(config, job)
+    tokens = image_tokens(config, settings.height, settings.width)
+    noise = 2 * NoiseSpec.plan(0, tokens, settings.steps, True, settings.batch, c.token_dim).chunk_bytes
+    output = settings.batch * tokens * c.token_dim * 4
+    modulations = (3 * c.head_depth + 2 + 1) * settings.steps * rows * c.head_width * dtype.itemsize
+    return noise + output + modulations
 
 
 def sampling_bytes(config: ModelConfig, dtype: torch.dtype, job: Job) -> int:
@@ -86,19 +99,33 @@ def sampling_bytes(config: ModelConfig, dtype: torch.dtype, job: Job) -> int:
     return kv_cache_bytes(config, dtype, job) + sampling_activation_bytes(config, dtype, job)
 
 
-def phase_bytes(config: ModelConfig, vae_config: VAEConfig, dtype: torch.dtype, job: Job) -> dict[str, int]:
-    """What each phase of one run allocates besides weights, by the work out_of_memory.py names: VAE encoding (the
-    largest input image), sampling, VAE decoding (one image at a time)."""
+def job_bytes(config: ModelConfig, vae_config: VAEConfig, dtype: torch.dtype, job: Job) -> tuple[int, int]:
+    """(KV cache bytes, everything one run allocates besides weights): the largest of its three phases, VAE encode,
+    sampling and VAE decode, which never overlap."""
+    return split_job_bytes(config, vae_config, dtype, job, [config.num_hidden_layers])[0]
+
+
+def split_job_bytes(config: ModelConfig, vae_config: VAEConfig | None, dtype: torch.dtype, job: Job,
+                    counts: list[int]) -> list[tuple[int, int]]:
+    """Per device of a split whose ranges hold these many decoder layers (one count: one device), (its layers' KV
+    cache bytes, what one run allocates there besides weights): each device its KV cache and `layer_work_bytes`; the
+    last (the run device, with the VAE) also the loop's buffers, or VAE encode or decode where larger (`vae_config`
+    None: no VAE runs there, as in the nodes, which decode in their own node)."""
     job.validate()
+    per_layer_kv = kv_cache_bytes(config, dtype, job) // config.num_hidden_layers
+    vae = vae_phase_bytes(vae_config, dtype, job) if vae_config is not None else {}
+    work = layer_work_bytes(config, dtype, job)
+    shares = [(count * per_layer_kv, count * per_layer_kv + work) for count in counts]
+    kv, sampling = shares[-1]
+    shares[-1] = (kv, max([sampling + loop_buffer_bytes(config, dtype, job), *vae.values()]))
+    return shares
+
+
+def vae_phase_bytes(vae_config: VAEConfig, dtype: torch.dtype, job: Job) -> dict[str, int]:
+    """What VAE encoding (the largest input image) and VAE decoding (one image at a time) allocate on the run device,
+    by the work out_of_memory.py names."""
     downscale = 2 ** (len(vae_config.ch_mult) - 1)
     return {
         VAE_ENCODING: max((vae_encode_bytes(h, w, dtype) for h, w in job.input_images), default=0),
-        SAMPLING: sampling_bytes(config, dtype, job),
         VAE_DECODING: vae_decode_bytes(job.settings.height // downscale, job.settings.width // downscale, dtype),
     }
-
-
-def job_bytes(config: ModelConfig, vae_config: VAEConfig, dtype: torch.dtype, job: Job) -> tuple[int, int]:
-    """(KV cache bytes, everything one run allocates besides weights): the largest of its three phases, which never
-    overlap."""
-    return kv_cache_bytes(config, dtype, job), max(phase_bytes(config, vae_config, dtype, job).values())

@@ -18,6 +18,7 @@ from ..config import ModelConfig, VAEConfig
 from ..errors import NextStepError
 from ..model.backbone import DecoderLayer
 from ..model.network import NextStepModel
+from ..model.placement import INPUT_PARTS
 from ..model.vae import vae_parameter_count
 from ..weights.checkpoint import IGNORED_KEYS
 from ..weights.fp8 import FP8_DTYPE, use_fp8_linears
@@ -134,13 +135,22 @@ def weight_bytes(footprint: ModelFootprint, mode: WeightMode) -> WeightBytes:
     channel) and int4 ones (half a byte each plus a scale and zero per group, in the compute dtype); streamed
     layers in host RAM, each packed in one buffer (offload.pack_layer), and two device slots (one with a single
     streamed layer) packed alike, that they are copied into."""
+    gpu, host = range_weight_bytes(footprint, mode, [footprint.config.num_hidden_layers])
+    return WeightBytes(gpu=gpu[0], host=host)
+
+
+def range_weight_bytes(footprint: ModelFootprint, mode: WeightMode, counts: list[int]) -> tuple[list[int], int]:
+    """Weight bytes on each device of a split whose ranges hold these many decoder layers in order (one count: one
+    device), as `load_model` places them (model/placement.py): each range's resident layers; the embedding and the
+    image-in projector on the first device; the other parts, and the streaming slots, on the last. Also the bytes
+    of streamed layers in host RAM (see weight_bytes)."""
     layers = footprint.config.num_hidden_layers
     if mode.gpu_layers is not None and not 0 <= mode.gpu_layers <= layers:
         raise NextStepError(f"gpu_layers must be between 0 and {layers} (got {mode.gpu_layers})")
     quantized_owners = _quantized_linear_names(footprint.config) if mode.fp8 or mode.int4 else set()
     itemsize = mode.dtype.itemsize
     per_layer: list[list[int]] = [[] for _ in range(layers)]
-    rest = 0
+    inputs = outputs = 0
     for name, shape in footprint.tensor_shapes.items():
         count = math.prod(shape)
         match = _LAYER_KEY.fullmatch(name)
@@ -158,9 +168,17 @@ def weight_bytes(footprint: ModelFootprint, mode: WeightMode) -> WeightBytes:
             sizes = [count * itemsize]
         if match:
             per_layer[int(match.group(1))] += sizes
+        elif name.split(".")[0] in INPUT_PARTS:
+            inputs += sum(sizes)
         else:
-            rest += sum(sizes)
+            outputs += sum(sizes)
     resident = layers if mode.gpu_layers is None else mode.gpu_layers
     streamed = [packed_bytes(sizes) for sizes in per_layer[resident:]]
     slots = min(2, len(streamed)) * (streamed[0] if streamed else 0)
-    return WeightBytes(gpu=rest + sum(sum(sizes) for sizes in per_layer[:resident]) + slots, host=sum(streamed))
+    on_device, start = [], 0
+    for count in counts:
+        on_device.append(sum(sum(sizes) for sizes in per_layer[start:min(start + count, resident)]))
+        start += count
+    on_device[0] += inputs
+    on_device[-1] += outputs + slots
+    return on_device, sum(streamed)

@@ -49,12 +49,13 @@ class MemoryPlan:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["mode"] = _mode_dict(self.mode)
-        data["suggested_mode"] = None if self.suggested_mode is None else _mode_dict(self.suggested_mode)
+        data["mode"] = mode_as_dict(self.mode)
+        data["suggested_mode"] = None if self.suggested_mode is None else mode_as_dict(self.suggested_mode)
         return data
 
 
-def _mode_dict(mode: WeightMode) -> dict[str, Any]:
+def mode_as_dict(mode: WeightMode) -> dict[str, Any]:
+    """A mode as JSON takes it (the dtype by name)."""
     return {**asdict(mode), "dtype": str(mode.dtype).removeprefix("torch.")}
 
 

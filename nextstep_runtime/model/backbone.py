@@ -50,26 +50,37 @@ class KVCache:
     device tensor, and attention then runs over the whole (fixed-size) cache with unwritten slots
     masked. Shapes never change inside the token loop, so one token's work can be captured as a CUDA
     graph. The cache starts zeroed: masked slots must hold finite numbers (0 x NaN is NaN).
+
+    One tensor of keys and one of values per range of layers (`ranges`: each range's device and layer count, in
+    order): each layer's cache lives on its layer's device.
     """
 
-    def __init__(self, layers: int, rows: int, kv_heads: int, capacity: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        shape = (layers, rows, kv_heads, capacity, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+    def __init__(self, ranges: list[tuple[torch.device, int]], rows: int, kv_heads: int, capacity: int, head_dim: int,
+                 dtype: torch.dtype) -> None:
+        self.keys = [torch.zeros((count, rows, kv_heads, capacity, head_dim), dtype=dtype, device=device)
+                     for device, count in ranges]
+        self.values = [torch.zeros_like(keys) for keys in self.keys]
+        """Per range: [its layers, rows, kv_heads, capacity, head_dim]."""
+        self.layer_keys = [layer for keys in self.keys for layer in keys.unbind(0)]
+        self.layer_values = [layer for values in self.values for layer in values.unbind(0)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(tensor.nbytes for tensor in (*self.keys, *self.values))
 
     def store(self, layer: int, position: torch.Tensor | None, keys: torch.Tensor,
               values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write keys/values [R, kv_heads, n, d]: as the prefix when `position` is None (returning the
         prefix), else at `position` ([1] long tensor, n = 1) (returning the whole cache)."""
+        layer_keys, layer_values = self.layer_keys[layer], self.layer_values[layer]
         if position is None:
             length = keys.shape[2]
-            self.keys[layer, :, :, :length] = keys
-            self.values[layer, :, :, :length] = values
-            return self.keys[layer, :, :, :length], self.values[layer, :, :, :length]
-        self.keys[layer].index_copy_(2, position, keys)
-        self.values[layer].index_copy_(2, position, values)
-        return self.keys[layer], self.values[layer]
+            layer_keys[:, :, :length] = keys
+            layer_values[:, :, :length] = values
+            return layer_keys[:, :, :length], layer_values[:, :, :length]
+        layer_keys.index_copy_(2, position, keys)
+        layer_values.index_copy_(2, position, values)
+        return layer_keys, layer_values
 
 
 class Attention(nn.Module):

@@ -15,6 +15,7 @@ it; its noise is still drawn, so every other token's noise stays tied to its ind
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -284,8 +285,21 @@ class TokenStep:
 
 
 def cuda_graph_possible(model: NextStepModel) -> bool:
-    """Graphs need CUDA and every layer resident (streamed layers synchronise with a copy stream)."""
-    return model.device.type == "cuda" and not any(isinstance(layer, StreamedLayer) for layer in model.layers)
+    """Graphs need CUDA, every layer resident (streamed layers synchronise with a copy stream) and one GPU: a graph
+    is captured on one device's stream, and a step split over several hands its states across devices (logged once
+    per model: that token loop runs eagerly)."""
+    if model.device.type != "cuda" or any(isinstance(layer, StreamedLayer) for layer in model.layers):
+        return False
+    if model.placement is not None and model.placement.is_split:
+        if model not in _eager_split_logged:
+            _eager_split_logged.add(model)
+            log.info("NextStep: the token step runs eagerly (no CUDA graph): the model is split over %s, and a graph "
+                     "is captured on one GPU", ", ".join(str(device) for device in model.placement.devices))
+        return False
+    return True
+
+
+_eager_split_logged: "weakref.WeakSet[NextStepModel]" = weakref.WeakSet()
 
 
 def _token_plan(kept: KeptTokens | None, total: int) -> list[str]:

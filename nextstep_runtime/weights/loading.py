@@ -12,6 +12,7 @@ from ..config import ModelConfig
 from ..devices import DeviceTraits
 from ..errors import NextStepError
 from ..model.network import NextStepModel
+from ..model.placement import INPUT_PARTS, Placement
 from ..model.positions import OFFICIAL_POSITION_GRID, sincos_position_table
 from ..model.vae import NextStepVAE
 from .checkpoint import POSITION_TABLE_KEY, expected_shapes, iter_safetensors, load_weights, open_safetensors
@@ -59,11 +60,12 @@ def _position_table(folder: ModelFolder) -> torch.Tensor:
 
 
 def weight_converter(model: NextStepModel, dtype: torch.dtype, device: torch.device, fp8: bool, int4: bool, stored: str,
-                     resident_layers: int | None, groups: dict[str, int] | None = None
-                     ) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Per tensor: its device (streamed decoder layers stay on the CPU) and storage (fp8 or packed 4-bit
-    for the decoder's linear weights when asked, quantised here unless the folder holds them already;
-    the compute dtype otherwise). `groups` names the decoder linears a GPTQ-packed folder holds 4-bit, with
+                     resident_layers: int | None, groups: dict[str, int] | None = None,
+                     placement: Placement | None = None) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per tensor: its device (streamed decoder layers stay on the CPU; in a split, a layer goes to its range's
+    device, the embedding and image-in projector to the first device, the rest to `device`, the last) and storage
+    (fp8 or packed 4-bit for the decoder's linear weights when asked, quantised here unless the folder holds them
+    already; the compute dtype otherwise). `groups` names the decoder linears a GPTQ-packed folder holds 4-bit, with
     their kernel groups (gptq.int4_groups); only those are 4-bit then."""
     if fp8:
         quantized = {f"layers.{name}" for name in use_fp8_linears(model.layers)}
@@ -74,14 +76,20 @@ def weight_converter(model: NextStepModel, dtype: torch.dtype, device: torch.dev
         quantized = set()
     cpu = torch.device("cpu")
 
-    def placement(name: str) -> torch.device:
+    def target_of(name: str) -> torch.device:
         parts = name.split(".")
         streamed = resident_layers is not None and parts[0] == "layers" and int(parts[1]) >= resident_layers
-        return cpu if streamed else device
+        if streamed:
+            return cpu
+        if placement is None:
+            return device
+        if parts[0] == "layers":
+            return placement.device_of_layer(int(parts[1]))
+        return placement.first if parts[0] in INPUT_PARTS else device
 
     def convert(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         owner, _, attr = name.rpartition(".")
-        target = placement(name)
+        target = target_of(name)
         if owner not in quantized or attr == "bias":
             return {name: tensor.to(device=target, dtype=dtype)}
         if fp8 and attr == "weight":
@@ -90,8 +98,9 @@ def weight_converter(model: NextStepModel, dtype: torch.dtype, device: torch.dev
             weight, scale = quantize_per_channel(tensor.to(target))
             return {name: weight, f"{owner}.weight_scale": scale}
         if int4 and attr == "weight":  # packed on the run device, then moved where the layer waits
-            nibbles, scales_and_zeros = (tensor, None) if stored != "bf16" else quantize_grouped(tensor.to(device))
-            values = {name: pack_for_device(nibbles, device).to(target)}
+            packed_on = device if target == cpu else target
+            nibbles, scales_and_zeros = (tensor, None) if stored != "bf16" else quantize_grouped(tensor.to(packed_on))
+            values = {name: pack_for_device(nibbles, packed_on).to(target)}
             if scales_and_zeros is not None:
                 values[f"{owner}.scales_and_zeros"] = scales_and_zeros.to(device=target, dtype=dtype)
             return values
@@ -103,7 +112,7 @@ def weight_converter(model: NextStepModel, dtype: torch.dtype, device: torch.dev
 
 def load_model(source: str | Path | ModelFolder, dtype: torch.dtype, device: torch.device | str, fp8: bool = False,
                resident_layers: int | None = None, int4: bool = False,
-               pin: PinHostMemory | None = None) -> NextStepModel:
+               pin: PinHostMemory | None = None, placement: Placement | None = None) -> NextStepModel:
     """Build the network from the folder's config and fill it from its safetensors weights (`source`: a folder, a
     Hugging Face repo id in the local cache, or an open ModelFolder).
 
@@ -111,13 +120,23 @@ def load_model(source: str | Path | ModelFolder, dtype: torch.dtype, device: tor
     `int4` as grouped 4-bit (int4.py). With `resident_layers` N, only the first N decoder layers are
     placed on `device`; the rest stay in host memory, page-locked by `pin` (default: offload.page_lock) on a
     CUDA GPU, and are streamed in as they run (see offload.py).
+    With a split `placement` (model/placement.py) the decoder's layers go to their ranges' devices, `device` being
+    its last one; streamed layers are then streamed to that last device.
     A folder repacked by `convert`, or of GPTQ-packed 4-bit weights (gptq.py), loads in the format it stores
     (modes.py)."""
     folder = ModelFolder.open(source)
     config = folder.config
     device = torch.device(device)
-    check_loadable(WeightMode(dtype, fp8, resident_layers, int4), folder.stored_format, DeviceTraits.of(device),
-                   str(folder.path))
+    if placement is not None and not placement.is_split:
+        placement = None
+    for each in (device,) if placement is None else placement.devices:
+        check_loadable(WeightMode(dtype, fp8, resident_layers, int4), folder.stored_format, DeviceTraits.of(each),
+                       str(folder.path))
+    if placement is not None:
+        if placement.last != device:
+            raise NextStepError(f"the run device {device} is not the last device of the split {placement.describe()}")
+        placement.check_layers(config.num_hidden_layers)
+        placement.check_streamed(resident_layers)
     folder.check_block_counts()
     if resident_layers is not None and not 0 <= resident_layers <= config.num_hidden_layers:
         raise NextStepError(f"layers kept on the GPU must be between 0 and {config.num_hidden_layers} "
@@ -138,12 +157,14 @@ def load_model(source: str | Path | ModelFolder, dtype: torch.dtype, device: tor
             raise NextStepError(f"the decoder layers of {folder.path} are not all packed alike, so they cannot be "
                                 f"streamed through shared GPU slots; keep every layer on the GPU")
         tensors = unpacked_tensors(tensors, folder.packed_linears, folder.gptq, shapes, groups)
-    convert = weight_converter(model, dtype, device, fp8, int4, folder.stored_format, resident_layers, groups)
+    convert = weight_converter(model, dtype, device, fp8, int4, folder.stored_format, resident_layers, groups,
+                               placement)
     load_weights(model, tensors, dtype, device, str(folder.config_path), model_shape_hint(config), convert)
     if config.use_gen_pos_embed:
         model.gen_pos_embed = _position_table(folder).to(device, dtype)
     if resident_layers is not None:
         stream_layers(model.layers, resident_layers, device, pin)
+    model.placement = placement
     return model.eval().requires_grad_(False)
 
 

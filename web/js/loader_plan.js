@@ -7,7 +7,7 @@ import { formatBytes } from "./format.js";
 import { addTextPanel } from "./text_widget.js";
 import { onWidgetChange, widgetValue } from "./widgets.js";
 
-const MODE_WIDGETS = ["model_name", "dtype", "memory", "fp8", "gpu_layers"];
+const MODE_WIDGETS = ["model_name", "dtype", "memory", "fp8", "gpu_layers", "device"];
 const JOB_WIDGETS = { width: "width", height: "height", batch: "batch_size", cfg: "cfg", cfg_img: "cfg_img", steps: "steps" };
 const DEBOUNCE_MS = 250;
 
@@ -38,6 +38,10 @@ function planQuery(node) {
 function planLines(plan) {
   const tone = plan.fits === null ? "muted" : plan.fits ? "ok" : "warn";
   const streamed = plan.weights_host_bytes ? ` (+${formatBytes(plan.weights_host_bytes)} in RAM)` : "";
+  if (plan.devices) {  // split over several devices (docs/multi-gpu.md): the peak on each
+    return [[plan.advice, tone], [`loads as ${plan.loads_as}, layers ${plan.placement}`, ""],
+      [plan.devices.map((d) => `${d.device} peak ${formatBytes(d.peak_bytes)}`).join(" · ") + streamed, "muted"]];
+  }
   return [[plan.advice, tone], [`loads as ${plan.loads_as}`, ""],
     [`weights ${formatBytes(plan.weights_gpu_bytes)}${streamed} · KV cache ` +
     `${formatBytes(plan.kv_cache_bytes)} · peak ${formatBytes(plan.peak_gpu_bytes)}`, "muted"]];
