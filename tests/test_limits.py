@@ -376,3 +376,17 @@ def test_init_image_size_flags_that_differ_name_the_flag(capsys, tmp_path, args,
     line = command_error(capsys, "generate", "--model", str(TINY_MODEL), "--prompt", "x", "--init-image",
                          str(FIXTURES_IMAGE), "--out", str(tmp_path / "o.png"), *args)
     assert line.startswith(f"error: {message}"), line
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--gpu-memory", "nan,24"], "--gpu-memory nan is not a finite number"),
+    (["--gpu-memory", "24,inf"], "--gpu-memory inf is not a finite number"),
+    (["--gpu-memory", "24,1e308"], "--gpu-memory 1e+308 is outside the allowed range 0.001 to 100000"),
+    (["--gpu-memory", "24,24", "--cfg", "0"], "cfg 0.0 is outside the allowed range 1.0 to 30.0"),
+    (["--gpu-memory", "24,24", "--batch", "65"], "batch 65 is outside the allowed range 1 to 64"),
+    (["--gpu-memory", "24,24", "--prompt-tokens", "-5"], "prompt_tokens -5 is outside the allowed range"),
+    (["--gpu-memory", "24,24", "--prompt-tokens", "4000"], "the prompt is 4000 tokens and the image 1024 tokens"),
+])
+def test_plan_of_a_split_refuses_what_the_sampler_refuses(capsys, args, message) -> None:
+    line = command_error(capsys, "plan", str(TINY_MODEL), "--devices", "cuda:0,cuda:1", *args)
+    assert line.startswith(f"error: {message}"), line
