@@ -390,3 +390,27 @@ def test_init_image_size_flags_that_differ_name_the_flag(capsys, tmp_path, args,
 def test_plan_of_a_split_refuses_what_the_sampler_refuses(capsys, args, message) -> None:
     line = command_error(capsys, "plan", str(TINY_MODEL), "--devices", "cuda:0,cuda:1", *args)
     assert line.startswith(f"error: {message}"), line
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 257, 8), (1, 16, 8, 1000), (2, 16, 300, 300)])
+def test_saved_tensors_init_image_has_the_same_size_cap(capsys, tmp_path, shape) -> None:
+    from safetensors.torch import save_file
+
+    saved = tmp_path / "big.safetensors"
+    save_file({"latents": torch.zeros(shape)}, saved)
+    line = cli_error(capsys, tmp_path, "--prompt", "x", "--init-image", str(saved))
+    assert line.startswith(f"error: init image {saved} is {shape[-1] * 8}x{shape[-2] * 8} pixels; input images may "
+                           f"be at most {MAX_SIZE} pixels per side"), line
+
+
+@pytest.mark.parametrize("tensors,message", [
+    ({"tokens": torch.zeros(1, 4, 64)}, "holds no `latents` [batch, channels, height/8, width/8]"),
+    ({"latents": torch.zeros(16, 4, 4)}, "holds `latents` of shape [16, 4, 4], not [batch, channels"),
+])
+def test_saved_tensors_init_image_without_latents_is_refused(capsys, tmp_path, tensors, message) -> None:
+    from safetensors.torch import save_file
+
+    saved = tmp_path / "saved.safetensors"
+    save_file(tensors, saved)
+    line = cli_error(capsys, tmp_path, "--prompt", "x", "--init-image", str(saved))
+    assert line.startswith(f"error: init image {saved} {message}"), line
