@@ -22,9 +22,17 @@ def parse_json(text: str | bytes, source: str) -> Any:
         raise NextStepError(f"{source} is not valid JSON ({exc})") from None
 
 
+MAX_JSON_BYTES = 64 * 2**20
+"""Largest config or shard index read: a released config.json is a few KB, a shard index of a 14B model about
+100 KB; a file far larger is not one of them and would only fill memory."""
+
+
 def read_json(path: Path) -> dict[str, Any]:
-    """Read a JSON object, turning missing or malformed files into a NextStepError naming the file."""
+    """Read a JSON object, turning missing, oversized or malformed files into a NextStepError naming the file."""
     try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise NextStepError(f"{path} is {path.stat().st_size / 2**20:.0f} MB; a config or shard index is at most "
+                                f"{MAX_JSON_BYTES // 2**20} MB, so this is not one")
         text = path.read_bytes()
     except FileNotFoundError:
         raise NextStepError(f"{path} not found") from None

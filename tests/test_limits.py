@@ -207,6 +207,15 @@ def test_unreadable_config_is_one_error_naming_the_file(capsys, tmp_path, model_
     assert line.startswith(f"error: {config}") and message in line
 
 
+@pytest.mark.parametrize("command", ["generate", "plan", "convert"])
+def test_a_config_far_larger_than_any_is_refused_unread(capsys, tmp_path, model_copy, command) -> None:
+    config = model_copy / "config.json"
+    with open(config, "r+b") as handle:  # a sparse file: 65 MB claimed, nothing written
+        handle.truncate(65 * 2**20)
+    line = folder_error(capsys, tmp_path, command, model_copy)
+    assert line == f"error: {config} is 65 MB; a config or shard index is at most 64 MB, so this is not one"
+
+
 @pytest.mark.parametrize("changes,message", [
     ({"ch_mult": []}, "ch_mult is [] but must be a list of 1 to 8 whole numbers from 1 to 64"),
     ({"ch_mult": [1, 0]}, "ch_mult is [1, 0] but must be a list of 1 to 8"),
