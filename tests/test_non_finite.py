@@ -116,3 +116,9 @@ def test_cli_refuses_a_saved_tensors_init_image_with_non_finite_latents(capsys, 
     line = cli_error(capsys, tmp_path, "--prompt", "x", "--init-image", str(saved), "--width", "32")
     assert line == (f"error: init image {saved} (its `latents`) holds 1 NaN or infinite value (of 256); it comes "
                     f"from a broken file or node: make it again from a good image")
+
+
+@pytest.mark.parametrize("shape", [(0, 16, 4, 4), (1, 16, 0, 4)])
+def test_text_encode_refuses_an_empty_image_latent(model, shape):
+    with pytest.raises(NextStepError, match=rf"the `image` LATENT is \[{', '.join(map(str, shape))}\] .*: no image"):
+        node("NextStepTextEncode", model, "<image>make it blue", {"samples": torch.zeros(shape)})
