@@ -11,15 +11,34 @@ from typing import Any
 from .errors import NextStepError
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """Read a JSON object, turning missing or malformed files into a NextStepError naming the file."""
+def parse_json(text: str | bytes, source: str) -> Any:
+    """JSON text as Python values, any way it cannot be read (bad syntax or UTF-8, nesting too deep for the
+    parser, a number too long to convert) a NextStepError naming `source`."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
+        return json.loads(text)
+    except RecursionError:
+        raise NextStepError(f"{source} is nested too deeply to read; it is not a config this runtime reads") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
+        raise NextStepError(f"{source} is not valid JSON ({exc})") from None
+
+
+MAX_JSON_BYTES = 64 * 2**20
+"""Largest config or shard index read: a released config.json is a few KB, a shard index of a 14B model about
+100 KB; a file far larger is not one of them and would only fill memory."""
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Read a JSON object, turning missing, oversized or malformed files into a NextStepError naming the file."""
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise NextStepError(f"{path} is {path.stat().st_size / 2**20:.0f} MB; a config or shard index is at most "
+                                f"{MAX_JSON_BYTES // 2**20} MB, so this is not one")
+        text = path.read_bytes()
     except FileNotFoundError:
         raise NextStepError(f"{path} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise NextStepError(f"{path} is not valid JSON ({exc})") from None
+    except IsADirectoryError:
+        raise NextStepError(f"{path} is a folder, not a JSON file") from None
+    data = parse_json(text, str(path))
     if not isinstance(data, dict):
         raise NextStepError(f"{path} must hold a JSON object")
     return data
@@ -33,15 +52,30 @@ def _first(raw: dict[str, Any], names: tuple[str, ...], default: Any) -> Any:
     return default
 
 
+WEIGHTS_FORMAT_KEY = "nextstep_weights"
+"""config.json key a folder repacked by `convert` records its decoder weight storage under (see repack.py)."""
+MAX_CONTEXT = 2**22
+"""The longest context (max_position_embeddings) accepted, and so the longest prompt a plan may assume."""
 DEFAULT_MAX_POSITIONS = 32768
 """Context length assumed when config.json has no `max_position_embeddings`: the native context of the
 Qwen2.5 decoders NextStep is built on."""
 
-_POSITIVE_INT_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-                      "intermediate_size", "vocab_size", "max_position_embeddings", "num_channels", "latent_channels",
-                      "patch_size", "latent_patch_size", "genloss_width", "fm_head_dim", "genloss_depth",
-                      "fm_head_layers")
-_POSITIVE_FLOAT_KEYS = ("rms_norm_eps", "rope_theta")
+_WHOLE_RANGES: dict[str, tuple[int, int]] = {
+    "hidden_size": (1, 2**16), "num_hidden_layers": (1, 1024), "num_attention_heads": (1, 1024),
+    "num_key_value_heads": (1, 1024), "head_dim": (1, 4096), "intermediate_size": (1, 2**20),
+    "vocab_size": (1, 2**22), "max_position_embeddings": (1, MAX_CONTEXT), "num_channels": (1, 1024),
+    "latent_channels": (1, 1024), "patch_size": (1, 64), "latent_patch_size": (1, 64), "genloss_width": (1, 2**16),
+    "fm_head_dim": (1, 2**16), "genloss_depth": (1, 1024), "fm_head_layers": (1, 1024),
+    "base_image_grid_size": (1, 4096),
+}
+"""The whole-number keys the runtime reads and the values it accepts: generous bounds around every released
+NextStep model (NextStep-1-Large: 48 layers, hidden 5120, vocabulary 152k, context 32768), tight enough that a
+typo or a damaged file is refused at once instead of building a network nobody could load."""
+_NUMBER_RANGES: dict[str, tuple[float, float]] = {"rms_norm_eps": (0.0, 1.0), "rope_theta": (0.0, 1e12)}
+"""The real-number keys, each a positive finite number at most the bound."""
+_FLAG_KEYS = ("attention_bias", "o_attention_bias", "mlp_bias", "use_gen_pos_embed", "use_2d_rope")
+"""Keys that are JSON true or false: a string such as "no" would otherwise count as true."""
+_TEXT_KEYS = ("hidden_act", "vae_name_or_path", WEIGHTS_FORMAT_KEY)
 _TOKEN_ID_KEYS = ("boi", "eoi", "image_placeholder_id")
 
 
@@ -57,23 +91,41 @@ def _is_whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _positive_whole(source: str, key: str, value: Any) -> None:
-    if not _is_whole(value) or value <= 0:
-        raise NextStepError(f"{source}: {key} is {value!r} but must be a positive whole number")
+def _whole_in_range(source: str, key: str, value: Any, low: int, high: int) -> None:
+    if not _is_whole(value):
+        raise NextStepError(f"{source}: {key} is {_shown(value)} but must be a whole number from {low} to {high}")
+    if not low <= value <= high:
+        raise NextStepError(f"{source}: {key} is {_shown(value)}, outside the range this runtime accepts ({low} to "
+                            f"{high})")
+
+
+def _shown(value: Any) -> str:
+    """A config value for a message, shortened (a number of 400 digits, a long list)."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
 
 
 def check_model_values(raw: dict[str, Any], source: str) -> None:
-    """Refuse values that cannot describe a network, naming the file and key, before anything divides by them
-    or indexes with them (0 heads, a head count that does not divide the hidden size, a special token outside
-    the vocabulary). Keys that are absent are left to `ModelConfig.from_dict` (required, or a default)."""
-    for key in _POSITIVE_INT_KEYS:
+    """Refuse values that cannot describe a network, naming the file and key, before anything is built from them:
+    a value of the wrong JSON type (a string where true/false or a number is meant), a size outside the ranges above
+    (0 heads, 10**400 layers), a head count that does not divide the hidden size, a special token outside the
+    vocabulary. Keys that are absent or null are left to `ModelConfig.from_dict` (required, or a default)."""
+    for key, (low, high) in _WHOLE_RANGES.items():
         if raw.get(key) is not None:
-            _positive_whole(source, key, raw[key])
-    for key in _POSITIVE_FLOAT_KEYS:
+            _whole_in_range(source, key, raw[key], low, high)
+    for key, (low, high) in _NUMBER_RANGES.items():
         value = _rope_theta(raw) if key == "rope_theta" else raw.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not math.isfinite(value) or value <= 0):
-            raise NextStepError(f"{source}: {key} is {value!r} but must be a positive finite number")
+                                  or not math.isfinite(value) or not low < value <= high):
+            raise NextStepError(f"{source}: {key} is {_shown(value)} but must be a number above {low} and at most "
+                                f"{high:g}")
+    for key in _FLAG_KEYS:
+        if raw.get(key) is not None and not isinstance(raw[key], bool):
+            raise NextStepError(f"{source}: {key} is {_shown(raw[key])} but must be true or false (JSON booleans, "
+                                f"not strings)")
+    for key in _TEXT_KEYS:
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise NextStepError(f"{source}: {key} is {_shown(raw[key])} but must be a string")
     hidden, heads = raw.get("hidden_size"), raw.get("num_attention_heads")
     kv_heads = raw.get("num_key_value_heads") or heads
     if hidden and heads and raw.get("head_dim") is None and hidden % heads:
@@ -86,7 +138,7 @@ def check_model_values(raw: dict[str, Any], source: str) -> None:
     for key in _TOKEN_ID_KEYS:
         value = raw.get(key)
         if value is not None and vocab and (not _is_whole(value) or not 0 <= value < vocab):
-            raise NextStepError(f"{source}: {key} is {value!r} but must be a token id inside the vocabulary "
+            raise NextStepError(f"{source}: {key} is {_shown(value)} but must be a token id inside the vocabulary "
                                 f"(0 to {vocab - 1}, vocab_size {vocab})")
 
 
@@ -198,25 +250,32 @@ RELEASED_VAE_CONFIG: dict[str, Any] = {
 """The released f8ch16 tokenizer's values, used for a single-file VAE that carries no config."""
 
 
-_VAE_POSITIVE_INT_KEYS = ("ch", "num_res_blocks", "z_channels", "in_channels", "out_ch")
+_VAE_WHOLE_RANGES: dict[str, tuple[int, int]] = {"ch": (1, 4096), "num_res_blocks": (1, 64), "z_channels": (1, 1024),
+                                                  "in_channels": (1, 16), "out_ch": (1, 16), "psz": (1, 64)}
+"""The VAE's whole-number keys and the values accepted (the released VAE: ch 128, 2 blocks, 16 channels, psz 2)."""
+MAX_VAE_LEVELS, MAX_VAE_MULTIPLIER = 8, 64
 
 
 def check_vae_values(merged: dict[str, Any], source: str) -> None:
-    """Refuse VAE layouts that cannot be built (an empty or non-positive `ch_mult`, zero channels) and latent
-    scalings that would turn every image into NaN, naming the config and key."""
-    for key in _VAE_POSITIVE_INT_KEYS:
-        _positive_whole(source, key, merged[key])
-    if merged["psz"] is not None:  # null: no patchify
-        _positive_whole(source, "psz", merged["psz"])
+    """Refuse VAE layouts that cannot be built (an empty or non-positive `ch_mult`, zero channels, sizes far
+    beyond any VAE), values of the wrong JSON type and latent scalings that would turn every image into NaN,
+    naming the config and key."""
+    for key, (low, high) in _VAE_WHOLE_RANGES.items():
+        if merged[key] is not None or key != "psz":  # psz null: no patchify
+            _whole_in_range(source, key, merged[key], low, high)
     ch_mult = merged["ch_mult"]
-    if not isinstance(ch_mult, (list, tuple)) or not ch_mult or not all(_is_whole(m) and m > 0 for m in ch_mult):
-        raise NextStepError(f"{source}: ch_mult is {ch_mult!r} but must be a non-empty list of positive whole numbers")
+    if (not isinstance(ch_mult, (list, tuple)) or not 1 <= len(ch_mult) <= MAX_VAE_LEVELS
+            or not all(_is_whole(m) and 1 <= m <= MAX_VAE_MULTIPLIER for m in ch_mult)):
+        raise NextStepError(f"{source}: ch_mult is {_shown(ch_mult)} but must be a list of 1 to {MAX_VAE_LEVELS} "
+                            f"whole numbers from 1 to {MAX_VAE_MULTIPLIER}")
     for key in ("scaling_factor", "shift_factor"):
         value = merged[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise NextStepError(f"{source}: {key} is {value!r} but must be a finite number")
+            raise NextStepError(f"{source}: {key} is {_shown(value)} but must be a finite number")
     if merged["scaling_factor"] == 0:
         raise NextStepError(f"{source}: scaling_factor is 0; latents are divided by it")
+    if not isinstance(merged["encoder_norm"], bool):
+        raise NextStepError(f"{source}: encoder_norm is {_shown(merged['encoder_norm'])} but must be true or false")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from .errors import NextStepError
 from .images import check_input_image_size
 from .memory.out_of_memory import VAE_DECODING, VAE_ENCODING, run_or_explain_out_of_memory
 from .model.vae import NextStepVAE
-from .validation import MAX_SIZE, check_size
+from .validation import MAX_SIZE, check_finite, check_size
 
 
 def encode_images(vae: NextStepVAE, pixels: torch.Tensor, what: str = "the input image") -> torch.Tensor:
@@ -20,8 +20,11 @@ def encode_images(vae: NextStepVAE, pixels: torch.Tensor, what: str = "the input
     if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or pixels.shape[1] != 3:
         shape = list(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
         raise NextStepError(f"{what} must be an RGB tensor [B, 3, H, W] in [0, 1], got {shape}")
+    if pixels.shape[0] == 0:
+        raise NextStepError(f"{what} is {list(pixels.shape)} [B, 3, H, W]: a batch of 0 images, nothing to encode")
     check_input_image_size(pixels.shape[-1], pixels.shape[-2], what, MAX_SIZE)
     check_size(pixels.shape[-1], pixels.shape[-2])
+    check_finite(pixels, what)
 
     @torch.inference_mode()
     def encode() -> torch.Tensor:
@@ -36,6 +39,10 @@ def decode_latents(vae: NextStepVAE, latents: torch.Tensor) -> torch.Tensor:
         shape = list(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
         raise NextStepError(f"the latents to decode must be [batch, {channels}, height/8, width/8] for this VAE, got "
                             f"{shape}; latents of other model families need their own VAE")
+    if latents.numel() == 0:
+        raise NextStepError(f"the latents to decode are {list(latents.shape)} [batch, channels, height/8, width/8]: "
+                            f"no image to decode (a batch of 0, or a height or width of 0)")
+    check_finite(latents, "the latents to decode")
 
     @torch.inference_mode()
     def decode() -> torch.Tensor:

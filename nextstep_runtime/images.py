@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,20 +12,33 @@ from PIL import Image, UnidentifiedImageError
 from .errors import NextStepError
 
 
-def load_rgb(path: str | Path, size: tuple[int, int] | None = None, max_side: int | None = None) -> torch.Tensor:
-    """An image file as RGB [1, 3, H, W] float32 in [0, 1], resized to `size` (width, height) with PIL's
-    default filter when given (a no-op at the same size); with `max_side`, a larger file is refused from its
-    header, before its pixels are decoded."""
+def read_pixels(path: str | Path, what: str, mode: str, size: tuple[int, int] | None = None,
+                max_side: int | None = None) -> np.ndarray:
+    """An image file in PIL `mode` ("RGB", or "L" for a mask) as float32 [H, W(, C)] in [0, 1], resized to `size`
+    (width, height) with PIL's default filter when given. With `max_side`, a larger file is refused from its
+    header, before its pixels are decoded. The one way input images and masks are read, so one size rule covers
+    both and PIL's decompression-bomb warning or error never reaches the user raw."""
     try:
-        with Image.open(path) as image:
-            if max_side is not None:
-                check_input_image_size(*image.size, f"input image {path}", max_side)
-            rgb = image.convert("RGB")
-            array = np.asarray(rgb.resize(size) if size else rgb, dtype=np.float32) / 255.0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size check below says it better
+            with Image.open(path) as image:
+                if max_side is not None:
+                    check_input_image_size(*image.size, what, max_side)
+                converted = image.convert(mode)
+                return np.asarray(converted.resize(size) if size else converted, dtype=np.float32) / 255.0
+    except NextStepError:
+        raise
     except FileNotFoundError:
-        raise NextStepError(f"input image {path} not found") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as exc:
-        raise NextStepError(f"cannot read input image {path} ({exc})") from None
+        raise NextStepError(f"{what} not found") from None
+    except Image.DecompressionBombError as exc:  # a header claiming more pixels than PIL will decode at all
+        raise NextStepError(f"{what} is far too large to read ({exc}); scale it down first") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise NextStepError(f"cannot read {what} ({exc})") from None
+
+
+def load_rgb(path: str | Path, size: tuple[int, int] | None = None, max_side: int | None = None) -> torch.Tensor:
+    """An image file as RGB [1, 3, H, W] float32 in [0, 1] (see read_pixels)."""
+    array = read_pixels(path, f"input image {path}", "RGB", size, max_side)
     return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()
 
 

@@ -31,7 +31,7 @@ from .sampling.prompt import build_rows, load_tokenizer
 from .sampling.solvers import guidance_scales, solver_plan
 from .sampling.token_loop import KeptTokens, NoiseSpec, TokenCallback, TokenLoopInputs, sample_tokens
 from .settings import GenerationSettings
-from .validation import check_context_length, check_text
+from .validation import check_context_length, check_finite, check_text
 from .weights.loading import check_vae_matches, load_model, load_vae
 from .weights.model_folder import ModelFolder
 from .weights.modes import WeightMode
@@ -132,13 +132,13 @@ class NextStepPipeline:
     def _kept(self, init_latents: torch.Tensor, mask: torch.Tensor | None,
               settings: GenerationSettings) -> KeptTokens | None:
         """The tokens of `init_latents` that `mask` keeps (None: all regenerated)."""
-        tokens = self.latents_to_tokens(init_latents)
+        tokens = self.latents_to_tokens(check_finite(init_latents, "the init image's latents"))
         height, width = image_size_of(init_latents)
         if (width, height) != (settings.width, settings.height):
             raise NextStepError(f"the init image is {width}x{height} pixels but width x height is "
                                 f"{settings.width}x{settings.height}; set the size to the init image's")
-        regenerate = None if mask is None else regenerated_cells(mask, settings.height, settings.width,
-                                                                 token_pixels(self.model.config))
+        regenerate = None if mask is None else regenerated_cells(check_finite(mask, "the mask"), settings.height,
+                                                                 settings.width, token_pixels(self.model.config))
         return kept_tokens(tokens, regenerate, settings.batch)
 
     def prepare(self, caption: str, settings: GenerationSettings, negative: str | None = None,
@@ -155,7 +155,8 @@ class NextStepPipeline:
         kept = self._kept(init_latents, mask, settings) if init_latents is not None else None
         config = self.model.config
         grid = token_grid(config, settings.height, settings.width)
-        edit_latents = list(edit_latents or [])
+        edit_latents = [check_finite(latent, f"editing input image {index + 1}'s latent")
+                        for index, latent in enumerate(edit_latents or [])]
         input_grids = [(lat.shape[-2] // config.latent_patch_size, lat.shape[-1] // config.latent_patch_size)
                        for lat in edit_latents]
         rows = build_rows(self.tokenizer, caption, negative, positive, input_grids, grid, settings.batch,
@@ -201,8 +202,13 @@ class NextStepPipeline:
             return sample_tokens(self.model, inputs, callback, use_compile), inputs
 
         tokens, inputs = run_or_explain_out_of_memory(SAMPLING, self.model.device, run)
-        model_latents = unpatchify(tokens, *inputs.grid, self.model.config.latent_patch_size)
-        return GenerationResult(tokens=tokens, latents=self.normalization.to_vae_space(model_latents))
+        patch = self.model.config.latent_patch_size
+        latents = self.normalization.to_vae_space(unpatchify(tokens, *inputs.grid, patch))
+        if inputs.kept is not None:  # the input's own values, not their round trip through the model's scaling
+            kept = inputs.kept.mask[..., None].expand(-1, -1, tokens.shape[-1])
+            keep = unpatchify(kept, *inputs.grid, patch).to(latents.device)
+            latents = torch.where(keep, init_latents.to(latents).expand_as(latents), latents)
+        return GenerationResult(tokens=tokens, latents=latents)
 
     def generate(self, caption: str, settings: GenerationSettings | None = None, negative: str | None = None,
                  positive: str | None = None, edit_images: list[torch.Tensor] | None = None,

@@ -13,6 +13,8 @@ import math
 from numbers import Integral, Real
 from typing import Any, Callable
 
+import torch
+
 from .errors import NextStepError
 from .sampling.prompt import PROFILES
 from .sampling.solvers import CFG_SCHEDULES, SAMPLERS
@@ -85,7 +87,7 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
 
 def check_flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise NextStepError(f"{name} {value!r} is not a boolean; use True or False")
+        raise NextStepError(f"{name} {value!r} is not a boolean; use true or false (True or False in Python)")
     return value
 
 
@@ -96,6 +98,18 @@ def check_text(name: str, value: Any, optional: bool = False) -> None:
     if not isinstance(value, str):
         kind = "a string or None" if optional else "a string"
         raise NextStepError(f"{name} must be {kind}, got {type(value).__name__} {value!r}")
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """Refuse a latent, mask or image holding NaN or infinite values, naming the input: one NaN spreads through
+    attention to every token generated after it (a black image reported as success), and a NaN mask value would
+    read as "keep". Every tensor a user hands in passes here first."""
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = int(finite.numel() - finite.sum())
+        raise NextStepError(f"{what} holds {bad} NaN or infinite value{'s' * (bad != 1)} (of {finite.numel()}); it "
+                            f"comes from a broken file or node: make it again from a good image")
+    return tensor
 
 
 def check_context_length(prompt_tokens: int, image_tokens: int, max_positions: int) -> None:

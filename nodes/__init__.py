@@ -1,6 +1,9 @@
 """The NextStep nodes, as ComfyUI's NODE_CLASS_MAPPINGS (ids are permanent: saved workflows name them), and
 the HTTP routes their front-end extension asks."""
 
+from nextstep_runtime.validation import check_flag
+
+from . import host
 from .conditioning import NextStepTextEncode
 from .loaders import NextStepModelLoader, NextStepVAELoader
 from .routes import register_routes
@@ -26,3 +29,4 @@ NODE_DISPLAY_NAME_MAPPINGS = {
 }
 
 register_routes()
+host.refuse_non_boolean_inputs(NODE_CLASS_MAPPINGS, check_flag)

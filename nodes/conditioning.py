@@ -40,6 +40,9 @@ def _split_images(image: dict | None) -> list[torch.Tensor]:
     samples = image.get("samples") if isinstance(image, dict) else None
     if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
         raise NextStepError("the `image` input must be a LATENT from NextStep VAE Encode")
+    if samples.numel() == 0:
+        raise NextStepError(f"the `image` LATENT is {list(samples.shape)} [batch, channels, height/8, width/8]: no "
+                            f"image (a batch of 0, or a height or width of 0)")
     return list(samples.split(1))
 
 

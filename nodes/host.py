@@ -10,8 +10,10 @@ no model registry, progress display, cancel button or web server to serve.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import torch
@@ -230,13 +232,98 @@ def progress_sink(total: int) -> ProgressSink:
     return update
 
 
-def add_get_route(path: str, handler: RouteHandler) -> None:
-    """Serve GET `path` (also under /api) from ComfyUI's server with `handler`, run off the event loop since it
-    may read files (no-op outside ComfyUI)."""
+ROUTE_WORKERS = 2
+"""Threads of the pack's own pool for slow route work (reading a model folder's headers, planning)."""
+MAX_WAITING_ROUTE_CALLS = 16
+"""Slow route calls queued or running at once; more are answered 429 at once instead of piling up."""
+_route_pool: ThreadPoolExecutor | None = None
+_route_calls = 0
+
+
+def query_parameters(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """A request's query as one value per name; a name given twice (`width=512&width=abc`) is refused rather than
+    resolved silently one way or the other."""
+    names = [name for name, _ in pairs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise NextStepError(f"parameter {repeated[0]!r} is given {names.count(repeated[0])} times; give it once")
+    return dict(pairs)
+
+
+class _NotABoolean(str):
+    """A value an API prompt gives where a BOOLEAN is meant (the string "false", a number), put back in the prompt in
+    its place: ComfyUI converts such inputs with bool() before any VALIDATE_INPUTS sees them, which turns "false" into
+    True. This one's conversion fails instead, so ComfyUI refuses the prompt with the message below (a str, so the
+    refusal's JSON still shows the value as given)."""
+
+    message = ""
+
+    def __bool__(self) -> bool:
+        raise NextStepError(self.message)
+
+
+def _boolean_inputs(node_class: type) -> tuple[str, ...]:
+    inputs = node_class.INPUT_TYPES()
+    return tuple(name for group in ("required", "optional") for name, spec in inputs.get(group, {}).items()
+                 if spec[0] == "BOOLEAN")
+
+
+def refuse_non_boolean_inputs(node_classes: dict[str, type], check: Callable[[str, Any], Any]) -> None:
+    """Make ComfyUI refuse any prompt that gives one of these nodes' BOOLEAN inputs something other than true or
+    false, with `check`'s message (no-op outside ComfyUI). Links (lists) are left to ComfyUI's type check."""
+    if not IN_COMFYUI:
+        return
+    booleans: dict[str, tuple[str, ...]] = {}
+
+    def mark(json_data: Any) -> Any:
+        prompt = json_data.get("prompt") if isinstance(json_data, dict) else None
+        for node in prompt.values() if isinstance(prompt, dict) else ():
+            node_class = node_classes.get(node.get("class_type")) if isinstance(node, dict) else None
+            inputs = node.get("inputs") if node_class else None
+            if not isinstance(inputs, dict):
+                continue
+            if node["class_type"] not in booleans:
+                booleans[node["class_type"]] = _boolean_inputs(node_class)
+            for name in booleans[node["class_type"]]:
+                value = inputs.get(name)
+                if isinstance(value, dict) and "__value__" in value:  # ComfyUI unwraps such values first
+                    value = value["__value__"]
+                if name in inputs and not isinstance(value, (bool, list)):
+                    try:
+                        check(name, value)
+                    except NextStepError as exc:
+                        inputs[name] = _NotABoolean(value if isinstance(value, str) else json.dumps(value))
+                        inputs[name].message = str(exc)
+        return json_data
+    PromptServer.instance.add_on_prompt_handler(mark)
+
+
+def add_get_route(path: str, handler: RouteHandler, slow: bool = False) -> None:
+    """Serve GET `path` (also under /api) from ComfyUI's server with `handler` (no-op outside ComfyUI). A `slow`
+    handler (one that reads files) runs on the pack's own small thread pool, never asyncio's default one that
+    ComfyUI's server shares, so a burst of slow calls can delay only each other, and at most
+    MAX_WAITING_ROUTE_CALLS wait; a quick one answers on the event loop."""
     if not IN_COMFYUI:
         return
 
     async def respond(request: "web.Request") -> "web.Response":
-        status, body = await asyncio.to_thread(handler, dict(request.query))
+        global _route_pool, _route_calls
+        try:
+            query = query_parameters(list(request.query.items()))
+        except NextStepError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        if not slow:
+            status, body = handler(query)
+            return web.json_response(body, status=status)
+        if _route_calls >= MAX_WAITING_ROUTE_CALLS:
+            return web.json_response({"error": f"{_route_calls} requests to NextStep's routes are being answered; "
+                                               f"try again in a moment"}, status=429)
+        if _route_pool is None:
+            _route_pool = ThreadPoolExecutor(ROUTE_WORKERS, thread_name_prefix="nextstep-route")
+        _route_calls += 1
+        try:
+            status, body = await asyncio.get_running_loop().run_in_executor(_route_pool, handler, query)
+        finally:
+            _route_calls -= 1
         return web.json_response(body, status=status)
     PromptServer.instance.routes.get(path)(respond)

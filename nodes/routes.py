@@ -83,8 +83,9 @@ def _check_mode_values(values: dict) -> None:
 
 
 def plan_response(query: dict[str, str]) -> Response:
-    """The plan as JSON, plus `loads_as` (the mode, in words) and `memory_choice` (the loader's one-line account
-    of an `auto` choice, else null)."""
+    """The plan as JSON, plus `loads_as` (the mode, in words), `memory_choice` (the loader's one-line account
+    of an `auto` choice, else null) and `vae_config_assumed` (where the VAE has no config: which file is missing and
+    the values assumed, else null)."""
     unknown = sorted(set(query) - set(PLAN_PARAMETERS))
     if unknown:
         return 400, {"error": f"unknown plan parameter {unknown[0]!r}; known: {', '.join(PLAN_PARAMETERS)}"}
@@ -108,18 +109,20 @@ def plan_response(query: dict[str, str]) -> Response:
         mode, placement, choice = loader_weight_mode(folder, values.get("dtype", "auto"), values.get("memory", "auto"),
                                                      values.get("fp8", False), values.get("gpu_layers", ALL_LAYERS),
                                                      values.get("device", DEFAULT_DEVICE))
+        about = {"loads_as": mode.describe(), "memory_choice": choice,
+                 "vae_config_assumed": footprint.vae_config_assumed}
         if placement is not None and placement.is_split:
             rooms = [host.model_memory_budget(device) for device in placement.devices]
             split = plan_split(footprint, mode, job, DeviceList(placement.devices, placement), rooms,
                                [DeviceTraits.of(device) for device in placement.devices])
-            return 200, {**split.to_dict(), "loads_as": mode.describe(), "memory_choice": choice}
+            return 200, {**split.to_dict(), **about}
         device = host.load_device() if placement is None else placement.last
         memory = device_memory(device)
         free, total = memory if memory is not None else (None, None)
         plan = plan_memory(footprint, mode, job, gpu_total=total, gpu_free=free, device=DeviceTraits.of(device))
     except NextStepError as exc:  # widget values the loader refuses too (fp8 on with memory int4, a mode the folder
         return 400, {"error": str(exc)}  # or this device cannot load in, a device list it refuses)
-    return 200, {**plan.to_dict(), "loads_as": mode.describe(), "memory_choice": choice}
+    return 200, {**plan.to_dict(), **about}
 
 
 DOCTOR_PARAMETERS = ("self_check", "device")
@@ -146,5 +149,5 @@ def doctor_response(query: dict[str, str]) -> Response:
 def register_routes() -> None:
     """Serve the routes when running inside ComfyUI (a no-op elsewhere)."""
     host.add_get_route("/nextstep/presets", presets_response)
-    host.add_get_route("/nextstep/plan", plan_response)
-    host.add_get_route("/nextstep/doctor", doctor_response)
+    host.add_get_route("/nextstep/plan", plan_response, slow=True)
+    host.add_get_route("/nextstep/doctor", doctor_response, slow=True)

@@ -31,6 +31,7 @@ from nextstep_runtime.validation import (
     MIN_CFG,
     MIN_SHIFT,
     SIZE_MULTIPLE,
+    check_finite,
     check_setting,
     check_size,
 )
@@ -59,7 +60,12 @@ def _init_latent(latent_image: dict | None, config: ModelConfig) -> tuple[torch.
     if max(height, width) > MAX_SIZE:
         raise NextStepError(f"latent_image is {width}x{height} pixels, larger than {MAX_SIZE}; scale the image down")
     check_size(width, height)
+    check_finite(samples, "latent_image")
     mask = latent_image.get("noise_mask")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise NextStepError(f"the noise_mask of latent_image must be a mask tensor, got {type(mask).__name__}")
+        check_finite(mask, "the noise_mask of latent_image")
     return samples.float(), None if mask is None else mask.float()
 
 
@@ -142,9 +148,9 @@ class NextStepSampler:
     @classmethod
     def VALIDATE_INPUTS(cls, width=None, height=None, batch_size=None, seed=None, steps=None, cfg=None, cfg_img=None,
                         timesteps_shift=None, use_norm=None) -> bool | str:
-        """The runtime's own check of each value (types, NaN, ranges) before the run. ComfyUI hands the inputs
-        named here over as the request gave them (its min/max are skipped and a failed conversion still
-        reaches this), so nothing may be assumed about their type; None means a linked input."""
+        """The runtime's own check of each value (NaN, ranges) before the run. ComfyUI skips its own min/max for
+        the inputs named here, after converting them with int(), float() or bool() (a string where a boolean is
+        meant is refused before that, see host.refuse_non_boolean_inputs); None means a linked input."""
         given = {"width": width, "height": height, "batch": batch_size, "seed": seed, "steps": steps, "cfg": cfg,
                  "cfg_img": cfg_img, "timesteps_shift": timesteps_shift, "use_norm": use_norm}
         for name, value in given.items():

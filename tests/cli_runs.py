@@ -26,14 +26,31 @@ def run_cli(*args: str, sdpa_layout: str = "cpu", path: tuple[Path, ...] = ()) -
                           cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
 
 
-def cli_error(capsys, tmp_path: Path, *args: str, model: Path = TINY_MODEL) -> str:
-    """Run the CLI in-process; assert exit code 2, one error line, no output file; return the message."""
-    out = tmp_path / "out.png"
-    code = main(["generate", "--model", str(model), "--device", "cpu", "--dtype", "float32", "--width", "32",
-                 "--height", "32", "--steps", "2", "--out", str(out), *args])
+def command_error(capsys, *argv: str) -> str:
+    """Run any CLI command in-process; assert exit code 2 and one error line that is not a bug report (the
+    contract for every user mistake); return that line."""
+    code = main(list(argv))
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2, err
     assert len(lines) == 1, err
-    assert not out.exists()
+    assert "please report" not in err and "Traceback" not in err, err
     return lines[0]
+
+
+def folder_error(capsys, tmp_path: Path, command: str, folder: Path) -> str:
+    """The one error line of `command` (generate, plan or convert) run on the model folder `folder`."""
+    if command == "generate":
+        return cli_error(capsys, tmp_path, "--prompt", "x", model=folder)
+    if command == "plan":
+        return command_error(capsys, "plan", str(folder))
+    return command_error(capsys, "convert", str(folder), str(tmp_path / "converted"), "--weights", "int4")
+
+
+def cli_error(capsys, tmp_path: Path, *args: str, model: Path = TINY_MODEL) -> str:
+    """Run `generate` in-process; assert exit code 2, one error line, no output file; return the message."""
+    out = tmp_path / "out.png"
+    line = command_error(capsys, "generate", "--model", str(model), "--device", "cpu", "--dtype", "float32",
+                         "--width", "32", "--height", "32", "--steps", "2", "--out", str(out), *args)
+    assert not out.exists()
+    return line

@@ -61,6 +61,13 @@ class ComfyUI:
             status, text = error.code, error.read().decode()
         return status, json.loads(text) if text else None
 
+    def failure_message(self, prompt: dict) -> str:
+        """Run a workflow that must fail while executing; its error message."""
+        entry = self.wait(self.submit(prompt))
+        assert entry["status"]["status_str"] == "error", entry["status"]
+        (error,) = [data for event, data in entry["status"]["messages"] if event == "execution_error"]
+        return error["exception_message"]
+
     def log_tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
 

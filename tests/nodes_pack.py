@@ -27,6 +27,12 @@ def load_pack() -> ModuleType:
     return sys.modules[PACK_MODULE]
 
 
+def run_node(name: str, *args, **kwargs):
+    """Run a node of the pack the way ComfyUI's executor does and return its outputs."""
+    cls = load_pack().NODE_CLASS_MAPPINGS[name]
+    return getattr(cls(), cls.FUNCTION)(*args, **kwargs)
+
+
 def install_fixture_models(models_dir: Path) -> Path:
     """models_dir/nextstep/tiny-nextstep/ and models_dir/vae/tiny-nextstep-vae.safetensors, registered as
     search folders with the pack's host adapter."""

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from cli_runs import cli_error
+from cli_runs import cli_error, folder_error
 from goldens import FIXTURES, TINY_MODEL, TINY_VAE_FILE
 from model_folders import edit_config, rewrite_weights
 from safetensors.torch import load_file, save_file
@@ -49,6 +50,29 @@ def test_shard_named_by_index_but_missing(capsys, tmp_path, model_copy) -> None:
     (model_copy / "model-00002-of-00003.safetensors").unlink()
     message = cli_error(capsys, tmp_path, "--prompt", "x", model=model_copy)
     assert "shard model-00002-of-00003.safetensors named by model.safetensors.index.json is missing" in message
+
+
+@pytest.mark.parametrize("outside", ["../other/model-00002-of-00003.safetensors", "{other}/model-00002-of-00003.safetensors",
+                                     "shards/../../other/model-00002-of-00003.safetensors",
+                                     "..\\other\\model-00002-of-00003.safetensors", "C:\\models\\x.safetensors", "", 7])
+@pytest.mark.parametrize("command", ["generate", "plan", "convert"])
+def test_shard_index_naming_a_file_outside_the_folder_is_refused(capsys, tmp_path, model_copy, outside,
+                                                                  command) -> None:
+    """A real shard lies there (a copy of the model beside it), so reading it would succeed: it must not be read."""
+    rewrite_weights(model_copy, shards=3)
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(model_copy / "model-00002-of-00003.safetensors", other)
+    index = model_copy / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    name = outside.format(other=other) if isinstance(outside, str) else outside
+    data["weight_map"] = {key: name if file == "model-00002-of-00003.safetensors" else file
+                          for key, file in data["weight_map"].items()}
+    index.write_text(json.dumps(data))
+    message = folder_error(capsys, tmp_path, command, model_copy)
+    assert message.startswith(f"error: {index} names ")
+    assert ("outside the model folder" if isinstance(outside, str) and outside else "shard names are file names") \
+        in message
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])

@@ -206,14 +206,6 @@ def test_bad_width_is_refused_with_a_readable_message(comfy):
 
 # --- image-conditioned sampling with ComfyUI's own mask nodes -------------------------------------------------
 
-def failure_message(comfy: ComfyUI, prompt: dict) -> str:
-    """Run a workflow that must fail while executing; its error message."""
-    entry = comfy.wait(comfy.submit(prompt))
-    assert entry["status"]["status_str"] == "error", entry["status"]
-    (error,) = [data for event, data in entry["status"]["messages"] if event == "execution_error"]
-    return error["exception_message"]
-
-
 def test_keeping_a_golden_top_through_native_mask_nodes_gives_the_golden_back(comfy):
     """Sampler -> SetLatentNoiseMask (a SolidMask with its top two token rows zeroed by MaskComposite) ->
     Sampler with the same seed: the first run's own tokens kept, the rest regenerated: the golden again."""
@@ -271,7 +263,7 @@ def test_bad_latent_images_are_clear_errors_and_the_server_keeps_going(comfy):
         (sampler,) = [node["inputs"] for node in prompt.values() if node["class_type"] == "NextStepSampler"]
         prompt["100"] = {"class_type": node_type, "inputs": inputs}
         sampler["latent_image"] = ["100", 0]
-        assert needle in failure_message(comfy, prompt)
+        assert needle in comfy.failure_message(prompt)
         assert comfy.process.poll() is None
     saved = comfy.run(workflow("nextstep_1.1_text_to_image", case, "e2e/after-bad-latent"))
     assert_close_uint8(saved, golden_pixels("official_t2i_sde"))

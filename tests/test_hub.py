@@ -14,6 +14,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
+from cli_runs import command_error
 from community_folders import community_folder
 from goldens import TINY_MODEL, assert_matches_golden, golden_cases, settings_for
 from hub_server import HubRepo, HubServer
@@ -232,3 +233,40 @@ def test_download_of_an_unknown_repo_is_one_error_line(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [
         "error: stepfun-ai/NoSuchModel was not found on the Hugging Face Hub (RepositoryNotFoundError); check the "
         "repo id and revision"]
+
+
+INVALID_REPO_IDS = {
+    "ab--cd/x": "Cannot have -- or .. in repo_id",
+    "stepfun-ai/Next..Step": "Cannot have -- or .. in repo_id",
+    "org/" + "a" * 97: "the maximum length is 96",
+    "trailing-/x": "cannot start or end with '-' or '.'",
+    "stepfun-ai/NextStep.": "cannot start or end with '-' or '.'",
+    "a/b/c": "Repo id must be in the form 'repo_name' or 'namespace/repo_name'",
+    "org/name!": "Repo id must use alphanumeric chars",
+}
+
+
+@pytest.mark.parametrize("repo", INVALID_REPO_IDS)
+def test_invalid_repo_ids_are_one_error_line_never_suggesting_them(hf_cache: Path, tmp_path: Path, capsys,
+                                                                   repo: str) -> None:
+    line = command_error(capsys, "download", repo)
+    assert line.startswith(f"error: {repo!r} is not a Hugging Face repo id like stepfun-ai/NextStep-1.1 (")
+    assert INVALID_REPO_IDS[repo] in line
+    line = command_error(capsys, *cli_args(repo, tmp_path))
+    assert line.startswith(f"error: model folder {repo} does not exist")
+    assert "download" not in line and "not in the Hugging Face cache" not in line
+    if repo.count("/") == 1:  # written like a repo id: say why it is not one
+        assert "it is not a valid Hugging Face repo id (" in line and INVALID_REPO_IDS[repo] in line
+
+
+def test_download_with_a_revision_after_the_id_points_to_the_flag(capsys) -> None:
+    line = command_error(capsys, "download", "stepfun-ai/NextStep-1.1@main")
+    assert "(give a revision with --revision, not after @)" in line
+
+
+def test_download_without_a_network_is_one_error_line(tmp_path: Path) -> None:
+    """An endpoint that cannot be reached (no such host): the network library's own error, in one line."""
+    result = run_cli(["download", "stepfun-ai/NextStep-1.1"], "http://nextstep-no-such-host.invalid", tmp_path)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: downloading stepfun-ai/NextStep-1.1 failed (") and "please report" not in line

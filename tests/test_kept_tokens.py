@@ -14,7 +14,7 @@ from goldens import FLOAT_TOLERANCE, TINY_MODEL, assert_matches_golden, golden_c
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from nextstep_runtime import NextStepError, load_rgb
+from nextstep_runtime import GenerationSettings, NextStepError, load_rgb
 from nextstep_runtime.cli.init_image import load_cropped_rgb
 from nextstep_runtime.sampling.keep_mask import regenerated_cells
 from nextstep_runtime.sampling.token_loop import NOISE_CHUNK_BYTES, NoiseSpec, NoiseStream, sample_tokens
@@ -181,7 +181,7 @@ def test_cli_init_picture_sets_the_size_and_keeps_its_tokens(tmp_path, tiny_pipe
     keep = torch.tensor([True, True, False, False] * 2)
     assert torch.allclose(tokens[0, keep], encoded[0, keep], atol=1e-6, rtol=0)
     assert not torch.allclose(tokens[0, ~keep], encoded[0, ~keep], atol=1e-2)
-    for bad, needle in ((["--width", "48"], "differ from the init image's size 64x32"),
+    for bad, needle in ((["--width", "48"], "--width 48 differs from the init image's width 64 (its size 64x32"),
                         (["--mask", str(tmp_path / "missing.png")], "not found")):
         failed = run_cli(*base, *bad, "--out", str(tmp_path / "bad.png"))
         assert failed.returncode == 2 and failed.stderr.strip().count("\n") <= 1 and needle in failed.stderr, failed.stderr
@@ -192,3 +192,21 @@ def test_editing_inputs_are_resized_to_the_output_size_unless_kept(tmp_path) -> 
     Image.fromarray(torch.zeros((100, 150, 3), dtype=torch.uint8).numpy()).save(picture)
     assert load_cropped_rgb(picture, (64, 48)).shape == (1, 3, 48, 64)
     assert load_cropped_rgb(picture).shape == (1, 3, 96, 144)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kept_latents_come_back_bit_for_bit(tiny_pipeline, seed) -> None:
+    """Any latent (here random, with values far from the golden's) and any mask: the kept tokens' latent values are the
+    input's own, not their round trip through the model's latent scaling."""
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn((1, 16, 6, 8), generator=generator) * (seed + 1) * 3
+    cells = torch.rand((3, 4), generator=generator) > 0.5
+    cells[0, 0], cells[2, 3] = False, True  # something kept, something regenerated
+    mask = cells.float().repeat_interleave(16, 0).repeat_interleave(16, 1)
+    settings = GenerationSettings(width=64, height=48, steps=2, cfg=1.0, seed=seed, sampler="ode")
+    result = tiny_pipeline.sample("x", settings, init_latents=latents, mask=mask)
+    keep = ~regenerated_cells(mask, 48, 64, 16)[0].reshape(3, 4)
+    keep = keep.repeat_interleave(2, 0).repeat_interleave(2, 1)
+    assert 0 < int(keep.sum()) < keep.numel()
+    assert torch.equal(result.latents[0][:, keep], latents[0][:, keep])
+    assert not torch.equal(result.latents[0][:, ~keep], latents[0][:, ~keep])

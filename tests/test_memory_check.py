@@ -34,7 +34,8 @@ def test_a_job_that_cannot_fit_is_refused_before_any_work(tiny_pipeline) -> None
     with pytest.raises(NextStepError) as caught:
         sampler_only.sample("a fox", settings, callback=lambda *args: calls.append(args))
     message = str(caught.value)
-    assert message.startswith("this run needs about ") and " GB on cpu besides the model's weights (KV cache " in message
+    assert message.startswith("this run needs about ")
+    assert " GB on cpu besides the model's weights, most for sampling (KV cache " in message
     assert "but only 0.8 GB is free; use a batch of at most " in message
     assert not calls  # not a single token was sampled
     largest = int(message.split("use a batch of at most ")[1].split(",")[0])
@@ -47,9 +48,39 @@ def test_a_job_that_cannot_fit_is_refused_before_any_work(tiny_pipeline) -> None
                          torch.device("cpu"), lambda device: SAMPLING_BUDGET)
 
 
-def test_when_no_batch_fits_the_advice_is_a_smaller_image(budget_pipeline) -> None:
-    with pytest.raises(NextStepError, match="but only 4.0 GB is free; make the image or the input images smaller"):
+def test_when_no_batch_fits_the_advice_is_a_smaller_image(budget_pipeline, tiny_pipeline) -> None:
+    # with the VAE in the pipeline, decoding 992x992 is the largest phase
+    with pytest.raises(NextStepError, match="most for VAE decoding .* but only 4.0 GB is free; make the image smaller"):
         budget_pipeline.sample("a fox", GenerationSettings(width=992, height=992, batch=1, steps=200))
+    pipe = tiny_pipeline
+    sampler_only = NextStepPipeline(pipe.model, pipe.tokenizer, pipe.normalization, None,
+                                    free_memory=lambda device: 10**8)
+    with pytest.raises(NextStepError, match="most for sampling .* but only 0.1 GB is free; make the image or the "
+                                            "input images smaller, or use fewer steps"):
+        sampler_only.sample("a fox", GenerationSettings(width=992, height=992, batch=1, steps=200))
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "mps"])
+@pytest.mark.parametrize("size", [1024, 1536, 2048])
+def test_a_job_whose_vae_decoding_does_not_fit_is_advised_a_smaller_image(tiny_pipeline, device, size) -> None:
+    """The tiny model samples in little memory, but decoding a large image takes gigabytes: the advice is the
+    decoder's (a smaller image), never fewer steps, a shorter prompt or another weight mode."""
+    from nextstep_runtime.memory.estimate import split_job_bytes, vae_phase_bytes
+    from nextstep_runtime.memory.out_of_memory import VAE_DECODING
+
+    config, vae_config = tiny_pipeline.model.config, tiny_pipeline.vae.config
+    job = Job(GenerationSettings(width=size, height=size, batch=2, steps=2, cfg=1.0), prompt_tokens=8)
+    ((_, sampling),) = split_job_bytes(config, None, torch.float32, job, [config.num_hidden_layers])
+    decode = vae_phase_bytes(vae_config, torch.float32, job)[VAE_DECODING]
+    free = (sampling + decode) // 2
+    assert sampling < free < decode
+    with pytest.raises(NextStepError) as caught:
+        check_job_memory(config, vae_config, torch.float32, job, torch.device(device), lambda device: free)
+    message = str(caught.value)
+    assert "besides the model's weights, most for VAE decoding (KV cache" in message
+    assert message.endswith("is free; make the image smaller (the VAE decodes one image at a time: a smaller batch, "
+                            "fewer steps or another weight mode do not help)"), message
+    assert "gpu_layers" not in message and "shorter prompt" not in message
 
 
 def test_a_job_that_fits_runs(budget_pipeline, tiny_pipeline) -> None:

@@ -266,9 +266,16 @@ def test_bad_plans_are_clear_errors() -> None:
         ModelFootprint.from_folder(FIXTURES)
 
 
-def test_weights_that_disagree_with_the_config_are_refused(model_copy) -> None:
-    edit_config(model_copy, num_hidden_layers=3)
-    with pytest.raises(NextStepError, match=r"do not match its config.json \(first difference: layers\.2\."):
+@pytest.mark.parametrize("changes,message", [
+    ({"num_hidden_layers": 3}, r"says num_hidden_layers=3 but the weights hold 2 decoder layers"),
+    ({"num_hidden_layers": 1000}, r"says num_hidden_layers=1000 but the weights hold 2 decoder layers"),
+    ({"fm_head_layers": 700}, r"says the flow head has 700 blocks \(genloss_depth/fm_head_layers\) but the weights"),
+    ({"intermediate_size": 256}, r"do not match its config.json \(first difference: layers\.0\.mlp"),
+])
+def test_weights_that_disagree_with_the_config_are_refused(model_copy, changes, message) -> None:
+    """Layer counts are compared from the tensor names before a network of the config's size is built."""
+    edit_config(model_copy, **changes)
+    with pytest.raises(NextStepError, match=message):
         ModelFootprint.from_folder(model_copy)
 
 

@@ -12,6 +12,7 @@ import torch
 from broken_installs import FLASH_ATTN_FAILURES, broken_flash_attn
 from goldens import FIXTURES, GoldenCase, assert_matches_golden, golden_cases
 from nodes_pack import MODEL_NAME, VAE_FILE, install_fixture_models, load_pack
+from nodes_pack import run_node as node
 from safetensors.torch import save_file
 
 from nextstep_runtime import (
@@ -53,12 +54,6 @@ def models_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model():
     return NODES["NextStepModelLoader"]().load(MODEL_NAME, "float32", "sdpa")[0]
-
-
-def node(name: str, *args, **kwargs):
-    """Run a node's function the way ComfyUI's executor does and return its outputs."""
-    cls = NODES[name]
-    return getattr(cls(), cls.FUNCTION)(*args, **kwargs)
 
 
 def sampler_settings(case: dict, **changes) -> dict:

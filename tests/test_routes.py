@@ -7,13 +7,16 @@ through a real ComfyUI server.
 from __future__ import annotations
 
 import importlib
+import json
+import shutil
+import time
 
 import pytest
 import torch
 from goldens import TINY_MODEL
 from nodes_pack import MODEL_NAME, install_fixture_models, load_pack
 
-from nextstep_runtime import device_memory, load_model
+from nextstep_runtime import NextStepError, device_memory, load_model
 from nextstep_runtime.presets import presets_as_json
 
 routes = importlib.import_module(f"{load_pack().__name__}.nodes.routes")
@@ -101,3 +104,74 @@ def test_plan_route_plans_the_loaders_split():
     assert sum(d["weights_bytes"] for d in plan["devices"]) == whole and plan["loads_as"] == "float32"
     status, error = routes.plan_response({"model": MODEL_NAME, "device": "cpu:0-0,cpu:2-2"})
     assert status == 400 and "do not cover the decoder layers in order" in error["error"]
+
+
+@pytest.mark.parametrize("query,message", [
+    ({"cfg": "-5"}, "cfg -5.0 is outside the allowed range 1.0 to 30.0"),
+    ({"cfg": "0"}, "cfg 0.0 is outside the allowed range"),
+    ({"cfg": "1e308"}, "cfg 1e+308 is outside the allowed range"),
+    ({"cfg_img": "inf"}, "plan parameter cfg_img='inf' is not a number"),
+    ({"batch": "65"}, "batch 65 is outside the allowed range 1 to 64"),
+    ({"steps": "100000"}, "steps 100000 is outside the allowed range 1 to 200"),
+    ({"height": "99999999999999999999"}, "height 99999999999999999999 is larger than 2048"),
+])
+def test_plan_route_refuses_what_the_sampler_refuses(query, message):
+    status, answer = routes.plan_response({"model": MODEL_NAME, **query})
+    assert status == 400 and answer["error"].startswith(message), answer
+
+
+@pytest.fixture(scope="module")
+def int4_folder(models_dir):
+    from nextstep_runtime.weights.repack import convert_folder
+
+    convert_folder(TINY_MODEL, models_dir / "nextstep" / "tiny-int4", "int4")
+    return "tiny-int4"
+
+
+@pytest.mark.parametrize("query", [{"memory": "full"}, {"memory": "fp8"}, {"fp8": "true"},
+                                   {"memory": "full", "dtype": "float16"}])
+def test_plan_route_of_a_repacked_int4_folder_refuses_what_loading_refuses(int4_folder, query):
+    status, answer = routes.plan_response({"model": int4_folder, **query})
+    assert status == 400 and "holds int4 weights (repacked); load it with int4 weights" in answer["error"], answer
+    for memory in ("int4", "auto"):
+        status, plan = routes.plan_response({"model": int4_folder, "memory": memory})
+        assert status == 200 and plan["mode"]["int4"] is True, plan
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"num_hidden_layers": 10**400}, "num_hidden_layers is 1000000000000000000000000000000000000000..."),
+    ({"hidden_size": 2**30}, "hidden_size is 1073741824, outside the range this runtime accepts"),
+    ({"use_gen_pos_embed": "no"}, "use_gen_pos_embed is 'no' but must be true or false"),
+])
+def test_plan_route_answers_a_bad_config_at_once_naming_the_key(models_dir, changes, message):
+    name = f"bad-{next(iter(changes))}"
+    folder = models_dir / "nextstep" / name
+    shutil.copytree(TINY_MODEL, folder)
+    config = folder / "config.json"
+    config.chmod(0o644)
+    config.write_text(json.dumps({**json.loads(config.read_text()), **changes}))
+    start = time.monotonic()
+    status, answer = routes.plan_response({"model": name})
+    assert status == 422 and answer["error"].startswith(f"{config}: {message}"), answer
+    assert time.monotonic() - start < 5
+
+
+def test_a_parameter_given_twice_is_refused_naming_it():
+    host = importlib.import_module(f"{load_pack().__name__}.nodes.host")
+    assert host.query_parameters([("model", MODEL_NAME), ("width", "64")]) == {"model": MODEL_NAME, "width": "64"}
+    for pairs, message in (([("width", "512"), ("width", "abc")], "parameter 'width' is given 2 times; give it once"),
+                           ([("cfg", "2")] * 3 + [("model", "a")], "parameter 'cfg' is given 3 times"),
+                           ([("model", "a"), ("batch", "1"), ("model", "a")], "parameter 'model' is given 2 times")):
+        with pytest.raises(NextStepError, match=message):
+            host.query_parameters(pairs)
+
+
+def test_plan_route_says_when_the_vae_config_was_assumed(models_dir):
+    folder = models_dir / "nextstep" / "no-vae-config"
+    shutil.copytree(TINY_MODEL, folder)
+    (folder / "vae" / "config.json").unlink()
+    status, plan = routes.plan_response({"model": "no-vae-config"})
+    assert status == 200, plan
+    assert plan["vae_config_assumed"].startswith(f"{folder / 'vae' / 'config.json'} is missing, so the released VAE's "
+                                                 f"config was assumed: ch 128, ch_mult [1, 2, 4, 4]")
+    assert routes.plan_response({"model": MODEL_NAME})[1]["vae_config_assumed"] is None

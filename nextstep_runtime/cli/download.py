@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from ..errors import NextStepError
-from ..weights.hub import NEVER_FETCHED, RUNTIME_FILES, parse_repo_id
+from ..weights.hub import NEVER_FETCHED, RUNTIME_FILES, repo_id_problem
 
 
 def add_parser(commands) -> None:
@@ -28,18 +28,28 @@ def _human_size(size: int) -> str:
     return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
 
 
+NETWORK_LIBRARIES = ("httpx", "httpx2", "httpcore", "requests", "urllib3")
+"""The HTTP stacks huggingface_hub versions use; their connection errors (an unknown host, a dropped connection)
+are not all OSErrors."""
+
+
+def _from_network_library(exc: BaseException) -> bool:
+    return type(exc).__module__.partition(".")[0] in NETWORK_LIBRARIES
+
+
 def run(args: argparse.Namespace) -> None:
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.utils import (
         HfHubHTTPError,
+        HFValidationError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
         filter_repo_objects,
     )
 
-    if parse_repo_id(args.repo) is None or "@" in args.repo:
-        raise NextStepError(f"{args.repo!r} is not a Hugging Face repo id like stepfun-ai/NextStep-1.1 (give a "
-                            f"revision with --revision)")
+    problem = repo_id_problem(args.repo)
+    if problem is not None:
+        raise NextStepError(f"{args.repo!r} is not a Hugging Face repo id like stepfun-ai/NextStep-1.1 ({problem})")
     try:
         info = HfApi().model_info(args.repo, revision=args.revision, files_metadata=True)
         files = list(filter_repo_objects(info.siblings or [], allow_patterns=RUNTIME_FILES,
@@ -55,7 +65,11 @@ def run(args: argparse.Namespace) -> None:
     except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
         raise NextStepError(f"{args.repo}{'@' + args.revision if args.revision else ''} was not found on the "
                             f"Hugging Face Hub ({type(exc).__name__}); check the repo id and revision") from None
-    except (HfHubHTTPError, OSError) as exc:
+    except HFValidationError as exc:  # a revision the Hub would refuse
+        raise NextStepError(f"{args.repo}{'@' + args.revision if args.revision else ''}: {exc}") from None
+    except Exception as exc:
+        if not isinstance(exc, (HfHubHTTPError, OSError)) and not _from_network_library(exc):
+            raise
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise NextStepError(f"downloading {args.repo} failed ({reason}); run the same command again to continue "
                             f"where it stopped") from None

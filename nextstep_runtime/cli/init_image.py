@@ -12,15 +12,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from ..errors import NextStepError
-from ..images import center_crop_to_multiple, load_rgb
-from ..validation import MAX_SIZE, SIZE_MULTIPLE
+from ..images import center_crop_to_multiple, check_input_image_size, load_rgb, read_pixels
+from ..validation import MAX_SIZE, SIZE_MULTIPLE, check_finite
 
 
 @dataclass(frozen=True)
@@ -57,31 +54,38 @@ def load_cropped_rgb(path: str | Path, size: tuple[int, int] | None = None) -> t
 def load_init_image(path: str | Path) -> InitImage:
     """A picture or a `--save-tensors` file (see the module docstring)."""
     if str(path).endswith(".safetensors"):
-        try:
-            tensors = load_file(path)
-        except (FileNotFoundError, SafetensorError, OSError) as exc:
-            raise NextStepError(f"cannot read init image {path} ({exc})") from None
-        latents = tensors.get("latents")
-        if latents is None or latents.ndim != 4:
-            raise NextStepError(f"init image {path} holds no `latents` [batch, channels, height/8, width/8]; "
-                                f"give a file written by --save-tensors, or a picture")
-        return InitImage(None, latents.float(), (latents.shape[-1] * 8, latents.shape[-2] * 8))
+        latents = _saved_latents(path)
+        return InitImage(None, latents, (latents.shape[-1] * 8, latents.shape[-2] * 8))
     image = load_rgb(path, max_side=MAX_SIZE)
     cropped = center_crop_to_multiple(image, SIZE_MULTIPLE)
     _note_crop(path, image, cropped)
     return InitImage(cropped, None, (image.shape[-1], image.shape[-2]))
 
 
+def _saved_latents(path: str | Path) -> torch.Tensor:
+    """The `latents` of a --save-tensors file as float32, its shape checked from the file's header (the size rule of
+    every input image) and its values for NaN before use."""
+    what = f"init image {path}"
+    try:
+        with safe_open(path, "pt") as saved:
+            if "latents" not in saved.keys():
+                raise NextStepError(f"{what} holds no `latents` [batch, channels, height/8, width/8]; give a file "
+                                    f"written by --save-tensors, or a picture")
+            shape = saved.get_slice("latents").get_shape()
+            if len(shape) != 4:
+                raise NextStepError(f"{what} holds `latents` of shape {list(shape)}, not [batch, channels, height/8, "
+                                    f"width/8]; give a file written by --save-tensors, or a picture")
+            check_input_image_size(shape[-1] * 8, shape[-2] * 8, what, MAX_SIZE)
+            latents = saved.get_tensor("latents")
+    except (FileNotFoundError, SafetensorError, OSError) as exc:
+        raise NextStepError(f"cannot read {what} ({exc})") from None
+    return check_finite(latents, f"{what} (its `latents`)").float()
+
+
 def load_mask(path: str | Path, init: InitImage) -> torch.Tensor:
     """A mask file as [1, H, W] in [0, 1] (white = regenerate; colour images count by luminance). A mask of
     the init image's original size is cropped like the image; any other size is stretched to it later."""
-    try:
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
-    except FileNotFoundError:
-        raise NextStepError(f"mask {path} not found") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise NextStepError(f"cannot read mask {path} ({exc})") from None
+    array = read_pixels(path, f"mask {path}", "L", max_side=MAX_SIZE)
     mask = torch.from_numpy(array)[None, None]
     if (array.shape[1], array.shape[0]) == init.original_size:
         mask = center_crop_to_multiple(mask, SIZE_MULTIPLE)

@@ -145,9 +145,11 @@ class ProgressBar:
 def _init_image_size(args: argparse.Namespace, init: InitImage) -> tuple[int, int]:
     """The init image's size (the output size); --width/--height given and different is an error."""
     width, height = init.size
-    if args.width not in (None, width) or args.height not in (None, height):
-        raise NextStepError(f"--width/--height {args.width}x{args.height} differ from the init image's size "
-                            f"{width}x{height} (centre-cropped to multiples of 16); leave them out")
+    for flag, given, own in (("--width", args.width, width), ("--height", args.height, height)):
+        if given not in (None, own):
+            raise NextStepError(f"{flag} {given} differs from the init image's {flag[2:]} {own} (its size "
+                                f"{width}x{height}, centre-cropped to multiples of 16, is the output size); leave "
+                                f"{flag} out")
     return width, height
 
 

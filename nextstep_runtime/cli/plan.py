@@ -17,10 +17,12 @@ from ..memory.plan import GB, MemoryPlan, plan_memory
 from ..memory.split import SplitPlan, plan_split
 from ..model.placement import DeviceList
 from ..settings import GenerationSettings
+from ..validation import check_number
 from ..weights.modes import WeightMode, loadable_modes
 from .help import HelpFormatter
 
 _DEFAULTS = GenerationSettings()
+MIN_GPU_GB, MAX_GPU_GB = 0.001, 100_000
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -90,9 +92,7 @@ def _gpu(args: argparse.Namespace) -> tuple[int | None, int | None, DeviceTraits
 
 
 def _bytes(gb: float) -> int:
-    if gb <= 0:
-        raise NextStepError(f"--gpu-memory must be a positive number of GB (got {gb:g})")
-    return int(gb * GB)
+    return int(check_number("--gpu-memory", gb, MIN_GPU_GB, MAX_GPU_GB, " GB") * GB)
 
 
 def _split_gpus(args: argparse.Namespace, devices: DeviceList) -> tuple[list[int | None], list[DeviceTraits]]:
@@ -124,17 +124,15 @@ def _mode_and_job(args: argparse.Namespace, footprint: ModelFootprint, device: D
     return replace(mode, gpu_layers=args.gpu_layers), Job(settings, tuple(args.input_size), args.prompt_tokens)
 
 
-def make_plan(args: argparse.Namespace) -> MemoryPlan:
+def make_plan(args: argparse.Namespace, footprint: ModelFootprint) -> MemoryPlan:
     """The plan in the mode asked for (see _mode_and_job) on one GPU."""
-    footprint = ModelFootprint.from_folder(args.model)
     total, free, device = _gpu(args)
     mode, job = _mode_and_job(args, footprint, device)
     return plan_memory(footprint, mode, job, gpu_total=total, gpu_free=free, device=device)
 
 
-def make_split_plan(args: argparse.Namespace) -> SplitPlan:
+def make_split_plan(args: argparse.Namespace, footprint: ModelFootprint) -> SplitPlan:
     """The plan of a split over --devices in the mode asked for (see _mode_and_job)."""
-    footprint = ModelFootprint.from_folder(args.model)
     devices = DeviceList.parse(args.devices)
     free, traits = _split_gpus(args, devices)
     mode, job = _mode_and_job(args, footprint, traits[-1])
@@ -183,9 +181,12 @@ def format_split_plan(plan: SplitPlan) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
+    footprint = ModelFootprint.from_folder(args.model)
+    if footprint.vae_config_assumed:
+        sys.stderr.write(f"note: {footprint.vae_config_assumed}\n")
     if args.devices is not None:
-        split = make_split_plan(args)
+        split = make_split_plan(args, footprint)
         sys.stdout.write((json.dumps(split.to_dict()) if args.json else format_split_plan(split)) + "\n")
         return
-    plan = make_plan(args)
+    plan = make_plan(args, footprint)
     sys.stdout.write((json.dumps(plan.to_dict()) if args.json else format_plan(plan)) + "\n")

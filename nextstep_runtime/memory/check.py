@@ -17,7 +17,7 @@ from ..config import ModelConfig, VAEConfig
 from ..errors import NextStepError
 from ..model.placement import Placement
 from .device_memory import FreeMemory, free_memory
-from .estimate import split_job_bytes
+from .estimate import split_job_bytes, vae_phase_bytes
 from .job import Job
 from .out_of_memory import SAMPLING, memory_remedy
 from .plan import gb
@@ -54,11 +54,20 @@ def check_job_memory(config: ModelConfig, vae_config: VAEConfig | None, dtype: t
     short = next((index for index, ((_, run), room) in enumerate(zip(needs, free)) if run > room), None)
     if short is None:
         return
-    batch = _largest_batch(config, vae_config, dtype, job, free, counts)
-    if batch:
+    (kv, needed), room, where = needs[short], free[short], ranges[short][0]
+    work = _largest_work(vae_config, dtype, job, needed) if short == len(ranges) - 1 else SAMPLING
+    if work != SAMPLING:  # the VAE works one image at a time: its own remedy (a smaller image)
+        change = None
+    elif batch := _largest_batch(config, vae_config, dtype, job, free, counts):
         change = f"use a batch of at most {batch}, or a smaller image"
     else:
         change = "make the image or the input images smaller, or use fewer steps"
-    (kv, needed), room, where = needs[short], free[short], ranges[short][0]
-    raise NextStepError(f"this run needs about {gb(needed)} on {where} besides the model's weights "
-                        f"(KV cache {gb(kv)}) but only {gb(room)} is free; {memory_remedy(SAMPLING, where, change)}")
+    raise NextStepError(f"this run needs about {gb(needed)} on {where} besides the model's weights, most for "
+                        f"{work} (KV cache {gb(kv)}), but only {gb(room)} is free; {memory_remedy(work, where, change)}")
+
+
+def _largest_work(vae_config: VAEConfig | None, dtype: torch.dtype, job: Job, needed: int) -> str:
+    """The phase that needs `needed` bytes on the run device: VAE encoding or decoding where one of them is the
+    largest, else sampling."""
+    vae = vae_phase_bytes(vae_config, dtype, job) if vae_config is not None else {}
+    return next((work for work, size in vae.items() if size >= needed), SAMPLING)

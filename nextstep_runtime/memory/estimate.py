@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig, VAEConfig
-from ..model.tokens import token_grid
 from ..sampling.prompt import guidance_groups
 from ..sampling.token_loop import NoiseSpec
-from .job import Job
+from .job import Job, image_tokens
+from .out_of_memory import VAE_DECODING, VAE_ENCODING
 
 WORKSPACE_ALLOWANCE = 512 * 2**20
 """cuBLAS/cuDNN workspaces, the CUDA graph's memory pool and allocator rounding: not computable from shapes."""
@@ -33,20 +33,10 @@ def kv_cache_bytes(config: ModelConfig, dtype: torch.dtype, job: Job) -> int:
     return 2 * config.num_hidden_layers * rows * capacity * per_position
 
 
-def _image_tokens(config: ModelConfig, height: int, width: int) -> int:
-    grid_h, grid_w = token_grid(config, height, width)
-    return grid_h * grid_w
-
-
-def _prompt_length(config: ModelConfig, job: Job) -> int:
-    """Positions of the longest guidance row: its text, then each input image's placeholder tokens once."""
-    return job.text_positions + sum(_image_tokens(config, h, w) for h, w in job.input_images)
-
-
 def _rows_and_capacity(config: ModelConfig, job: Job) -> tuple[int, int]:
     settings = job.settings
     rows = settings.batch * guidance_groups(settings.cfg, settings.cfg_img, bool(job.input_images))
-    return rows, _prompt_length(config, job) + _image_tokens(config, settings.height, settings.width) - 1
+    return rows, job.prompt_length(config) + image_tokens(config, settings.height, settings.width) - 1
 
 
 def vae_decode_bytes(latent_height: int, latent_width: int, dtype: torch.dtype) -> int:
@@ -81,7 +71,7 @@ def layer_work_bytes(config: ModelConfig, dtype: torch.dtype, job: Job) -> int:
     decode step's activations, the masks and positions (handed to each device of a split) and the workspace."""
     c, size = config, dtype.itemsize
     rows, capacity = _rows_and_capacity(config, job)
-    prompt = _prompt_length(config, job)
+    prompt = job.prompt_length(config)
     heads_width = c.num_attention_heads * c.head_dim
     attention = rows * prompt * (3 * heads_width + 2 * heads_width) + rows * c.num_attention_heads * prompt * prompt
     mlp = 3 * rows * prompt * c.intermediate_size
@@ -97,7 +87,7 @@ def loop_buffer_bytes(config: ModelConfig, dtype: torch.dtype, job: Job) -> int:
     solver's buffers, the output tokens and the flow head's modulations."""
     c, settings = config, job.settings
     rows, _ = _rows_and_capacity(config, job)
-    tokens = _image_tokens(config, settings.height, settings.width)
+    tokens = image_tokens(config, settings.height, settings.width)
     noise = 2 * NoiseSpec.plan(0, tokens, settings.steps, True, settings.batch, c.token_dim).chunk_bytes
     output = settings.batch * tokens * c.token_dim * 4
     modulations = (3 * c.head_depth + 2 + 1) * settings.steps * rows * c.head_width * dtype.itemsize
@@ -123,13 +113,19 @@ def split_job_bytes(config: ModelConfig, vae_config: VAEConfig | None, dtype: to
     None: no VAE runs there, as in the nodes, which decode in their own node)."""
     job.validate()
     per_layer_kv = kv_cache_bytes(config, dtype, job) // config.num_hidden_layers
-    decode = encode = 0
-    if vae_config is not None:
-        downscale = 2 ** (len(vae_config.ch_mult) - 1)
-        decode = vae_decode_bytes(job.settings.height // downscale, job.settings.width // downscale, dtype)
-        encode = max((vae_encode_bytes(h, w, dtype) for h, w in job.input_images), default=0)
+    vae = vae_phase_bytes(vae_config, dtype, job) if vae_config is not None else {}
     work = layer_work_bytes(config, dtype, job)
     shares = [(count * per_layer_kv, count * per_layer_kv + work) for count in counts]
     kv, sampling = shares[-1]
-    shares[-1] = (kv, max(sampling + loop_buffer_bytes(config, dtype, job), decode, encode))
+    shares[-1] = (kv, max([sampling + loop_buffer_bytes(config, dtype, job), *vae.values()]))
     return shares
+
+
+def vae_phase_bytes(vae_config: VAEConfig, dtype: torch.dtype, job: Job) -> dict[str, int]:
+    """What VAE encoding (the largest input image) and VAE decoding (one image at a time) allocate on the run device,
+    by the work out_of_memory.py names."""
+    downscale = 2 ** (len(vae_config.ch_mult) - 1)
+    return {
+        VAE_ENCODING: max((vae_encode_bytes(h, w, dtype) for h, w in job.input_images), default=0),
+        VAE_DECODING: vae_decode_bytes(job.settings.height // downscale, job.settings.width // downscale, dtype),
+    }

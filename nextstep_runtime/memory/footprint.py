@@ -44,12 +44,16 @@ class ModelFootprint:
     """A folder of GPTQ-packed weights: the linears it holds 4-bit -> the kernel group each loads with
     (weights/gptq.py); its other linears load in the compute dtype. None: the mode decides (every decoder linear
     for int4)."""
+    vae_config_assumed: str | None = None
+    """Where the VAE has no config: which file is missing and the released values assumed (VAEFiles), for the
+    planner to say so."""
 
     @classmethod
     def from_folder(cls, source: str | Path | ModelFolder) -> "ModelFootprint":
         """From the folder's config, its weights' headers and its VAE's config (or header); `source` as the loader
         takes it."""
         folder = ModelFolder.open(source)
+        folder.check_block_counts()
         shapes = {name: header.shape for name, header in folder.tensors.items() if name not in IGNORED_KEYS}
         _unpack_repacked_shapes(shapes)
         expected = cls.from_config(folder.config, vae_parameters=0).tensor_shapes
@@ -63,7 +67,7 @@ class ModelFootprint:
             raise NextStepError(f"the weights in {folder.path} do not match its config.json (first difference: "
                                 f"{differing[0]}); the model would not load: download it again")
         return cls(folder.config, shapes, folder.vae.parameter_count(), folder.vae.config, folder.stored_format,
-                   groups)
+                   groups, folder.vae.assumed_config)
 
     @classmethod
     def from_config(cls, config: ModelConfig, vae_parameters: int | None = None,

@@ -26,7 +26,8 @@ SAMPLING, VAE_DECODING, VAE_ENCODING, LOADING = "sampling", "VAE decoding", "VAE
 """The work a memory error names; each has its own remedy."""
 JOB_CHANGES = {
     SAMPLING: "make the batch or the image smaller, use fewer steps or a shorter prompt",
-    VAE_DECODING: "decode fewer images at once or smaller ones",
+    VAE_DECODING: "make the image smaller (the VAE decodes one image at a time: a smaller batch, fewer steps or "
+                  "another weight mode do not help)",
     VAE_ENCODING: "encode a smaller image",
 }
 GPU_NAMES = {"cuda": "a GPU", "mps": "an Apple GPU"}

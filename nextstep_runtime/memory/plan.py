@@ -122,7 +122,9 @@ def _advise(footprint: ModelFootprint, mode: WeightMode, job: Job, free: int, ne
 def plan_memory(footprint: ModelFootprint, mode: WeightMode, job: Job, gpu_total: int | None = None,
                 gpu_free: int | None = None, device: DeviceTraits = PLANNED_GPU) -> MemoryPlan:
     """The memory `mode` needs for `job`, checked against a GPU of `gpu_total` bytes with `gpu_free` free
-    (free defaults to total), and the advice. A mode the folder cannot be loaded in on `device` is refused."""
+    (free defaults to total), and the advice. A job the sampler would refuse (its settings, a prompt that does not
+    fit the model's context) and a mode the folder cannot be loaded in on `device` are refused."""
+    job.validate(footprint.config)
     check_loadable(mode, footprint.stored_format, device)
     peak = peak_bytes(footprint, mode, job)
     free = gpu_total if gpu_free is None else gpu_free

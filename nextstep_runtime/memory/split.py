@@ -120,7 +120,9 @@ def size_ranges(footprint: ModelFootprint, mode: WeightMode, job: Job, devices: 
 def plan_split(footprint: ModelFootprint, mode: WeightMode, job: Job, devices: DeviceList,
                free: list[int | None], traits: list[DeviceTraits] | None = None) -> SplitPlan:
     """The bytes on each device for `mode` over the devices (their explicit ranges, or ranges sized here from `free`),
-    whether each fits, and the advice: the sizes to split at, or the cheapest smaller mode whose split fits."""
+    whether each fits, and the advice: the sizes to split at, or the cheapest smaller mode whose split fits. A job the
+    sampler would refuse and a mode the folder cannot be loaded in are refused, as plan_memory refuses them."""
+    job.validate(footprint.config)
     traits = traits or [PLANNED_GPU] * len(devices.devices)
     for each in traits:
         check_loadable(mode, footprint.stored_format, each)

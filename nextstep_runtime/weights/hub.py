@@ -35,10 +35,27 @@ REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w
 DOWNLOAD_HINT = "python -m nextstep_runtime download {repo}"
 
 
+def repo_id_problem(repo: str) -> str | None:
+    """Why `repo` (without a revision) is not a valid Hugging Face repo id, by huggingface_hub's own rules (no `--`
+    or `..`, at most 96 characters, ...), or None when it is one."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if "@" in repo:
+        return "give a revision with --revision, not after @"
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as exc:
+        return str(exc)
+    return None if REPO_ID.match(repo) else "a repo id is org/name of letters, digits, '-', '_' and '.'"
+
+
 def parse_repo_id(name: str) -> tuple[str, str | None] | None:
-    """(repo id, revision or None) when `name` is written like a Hugging Face repo id, else None."""
+    """(repo id, revision or None) when `name` is a valid Hugging Face repo id, optionally `@revision`, else None
+    (so no message ever suggests fetching an id the Hub would refuse)."""
     match = REPO_ID.match(name)
-    return (match["repo"], match["revision"]) if match else None
+    if match is None or repo_id_problem(match["repo"]) is not None:
+        return None
+    return match["repo"], match["revision"]
 
 
 def cache_root() -> Path:
@@ -70,7 +87,9 @@ def resolve_model_source(source: str | Path) -> Path:
         return path
     repo = parse_repo_id(str(source))
     if repo is None:
-        raise NextStepError(f"model folder {source} does not exist")
+        problem = repo_id_problem(str(source).partition("@")[0]) if str(source).count("/") == 1 else None
+        raise NextStepError(f"model folder {source} does not exist" + (
+            f", and it is not a valid Hugging Face repo id ({problem})" if problem else ""))
     try:
         return cached_snapshot(*repo)
     except NextStepError as exc:

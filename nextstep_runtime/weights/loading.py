@@ -137,13 +137,7 @@ def load_model(source: str | Path | ModelFolder, dtype: torch.dtype, device: tor
             raise NextStepError(f"the run device {device} is not the last device of the split {placement.describe()}")
         placement.check_layers(config.num_hidden_layers)
         placement.check_streamed(resident_layers)
-    found_layers, found_depth = folder.block_counts()
-    if found_layers != config.num_hidden_layers:
-        raise NextStepError(f"{folder.config_path} says num_hidden_layers={config.num_hidden_layers} but the weights "
-                            f"hold {found_layers} decoder layers")
-    if found_depth != config.head_depth:
-        raise NextStepError(f"{folder.config_path} says the flow head has {config.head_depth} blocks "
-                            f"(genloss_depth/fm_head_layers) but the weights hold {found_depth}")
+    folder.check_block_counts()
     if resident_layers is not None and not 0 <= resident_layers <= config.num_hidden_layers:
         raise NextStepError(f"layers kept on the GPU must be between 0 and {config.num_hidden_layers} "
                             f"(got {resident_layers})")

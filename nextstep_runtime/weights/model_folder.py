@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import math
 from functools import cached_property
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
-from ..config import ModelConfig, read_json
+from ..config import WEIGHTS_FORMAT_KEY, ModelConfig, read_json
 from ..errors import NextStepError
 from .checkpoint import IGNORED_KEYS, TensorHeader, read_headers
 from .gptq import QUANTIZATION_KEY, GPTQConfig, PackedLinear, find_packed_linears
@@ -27,8 +27,6 @@ from .vae_files import VAEFiles
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_FORMAT_KEY = "nextstep_weights"
-"""config.json key a folder repacked by `convert` records its decoder weight storage under (see repack.py)."""
 BUNDLED_VAE_FOLDER = "vae"
 TOKENIZER_JSON = "tokenizer.json"
 BPE_TOKENIZER_FILES = ("vocab.json", "merges.txt")
@@ -89,7 +87,7 @@ class ModelFolder:
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise NextStepError(f"{index} has no weight_map")
-            files = [self.path / name for name in dict.fromkeys(weight_map.values())]
+            files = [self.path / _shard_name(name, index) for name in dict.fromkeys(weight_map.values())]
             for path in files:
                 if not path.is_file():
                     raise NextStepError(f"shard {path.name} named by {index.name} is missing from {self.path}; "
@@ -127,6 +125,18 @@ class ModelFolder:
                 head_blocks.add(int(parts[3]))
         return len(layers), len(head_blocks)
 
+    def check_block_counts(self) -> None:
+        """The weights hold as many decoder layers and flow-head blocks as the config says: checked from the tensor
+        names before anything is built from the config (a network of the config's size, on the meta device or not,
+        is built only for weights that can fill it)."""
+        found_layers, found_depth = self.block_counts()
+        if found_layers != self.config.num_hidden_layers:
+            raise NextStepError(f"{self.config_path} says num_hidden_layers={self.config.num_hidden_layers} but the "
+                                f"weights hold {found_layers} decoder layers")
+        if found_depth != self.config.head_depth:
+            raise NextStepError(f"{self.config_path} says the flow head has {self.config.head_depth} blocks "
+                                f"(genloss_depth/fm_head_layers) but the weights hold {found_depth}")
+
     @cached_property
     def tokenizer_files(self) -> tuple[Path, ...]:
         """tokenizer.json when present, else the byte-level BPE's vocab.json and merges.txt."""
@@ -147,6 +157,19 @@ class ModelFolder:
         candidate = Path(named) if Path(named).is_absolute() else self.path / named
         bundled = self.path / BUNDLED_VAE_FOLDER
         return VAEFiles.locate(bundled if not candidate.exists() and bundled.exists() else candidate)
+
+
+def _shard_name(name: object, index: Path) -> str:
+    """A shard file named by the index, which must lie inside the model folder: a path that leaves it (`..`, an
+    absolute path) would read some other file on the machine as this model's weights. Judged by the name alone, not
+    by where a symlink points (the Hugging Face cache links every file into its blobs/ folder)."""
+    if not isinstance(name, str) or not name:
+        raise NextStepError(f"{index} names a shard {name!r}; shard names are file names inside the model folder")
+    path = PureWindowsPath(name)  # both separators, drives and roots, as any platform may have written it
+    if path.root or path.drive or ".." in path.parts:
+        raise NextStepError(f"{index} names the shard {name!r}, outside the model folder; weight files must lie inside "
+                            f"it: download the model again")
+    return name
 
 
 def holds_model_config(path: Path) -> bool:

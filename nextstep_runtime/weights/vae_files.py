@@ -8,7 +8,6 @@ found, the released tokenizer's values apply, and every message about the VAE sa
 
 from __future__ import annotations
 
-import json
 import math
 import pickle
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..config import RELEASED_VAE_CONFIG, VAEConfig, read_json
+from ..config import RELEASED_VAE_CONFIG, VAEConfig, parse_json, read_json
 from ..errors import NextStepError
 from ..model.tokens import LatentNormalization
 from ..model.vae import vae_parameter_count
@@ -61,14 +60,19 @@ class VAEFiles:
         return cls(location, None, None)
 
     @cached_property
-    def _config_and_source(self) -> tuple[VAEConfig, str]:
+    def _config_and_source(self) -> tuple[VAEConfig, str, bool]:
+        """(config, where it comes from, whether the released values were assumed for want of a config)."""
         if self.config_path is not None:
-            return VAEConfig.from_dict(read_json(self.config_path), str(self.config_path)), str(self.config_path)
-        raw = self._metadata_config() if self.weights is not None and self.weights.suffix == ".safetensors" else None
+            return VAEConfig.from_dict(read_json(self.config_path), str(self.config_path)), str(self.config_path), False
+        is_safetensors = self.weights is not None and self.weights.suffix == ".safetensors"
+        raw = self._metadata_config() if is_safetensors else None
         if raw is not None:
-            return VAEConfig.from_dict(raw, str(self.weights)), str(self.weights)
-        source = f"the released VAE's values (no config found for {self.location})"
-        return VAEConfig.from_dict(dict(RELEASED_VAE_CONFIG), source), source
+            return VAEConfig.from_dict(raw, str(self.weights)), str(self.weights), False
+        missing = (f"{self.weights} holds no {VAE_CONFIG_METADATA_KEY!r} metadata" if is_safetensors
+                   else f"{self.location / CONFIG_NAME if self.location.is_dir() else self.location} is missing")
+        values = ", ".join(f"{key} {value}" for key, value in RELEASED_VAE_CONFIG.items())
+        source = f"{missing}, so the released VAE's config was assumed: {values}"
+        return VAEConfig.from_dict(dict(RELEASED_VAE_CONFIG), source), source, True
 
     @property
     def config(self) -> VAEConfig:
@@ -80,6 +84,12 @@ class VAEFiles:
         return self._config_and_source[1]
 
     @property
+    def assumed_config(self) -> str | None:
+        """Where no config was found: which one is missing and the released values assumed instead (for the
+        planner's notes); None when the VAE has a config of its own."""
+        return self.config_source if self._config_and_source[2] else None
+
+    @property
     def normalization(self) -> LatentNormalization:
         """The latent scale/shift the model was trained with: from this VAE's config."""
         return LatentNormalization(self.config.scaling_factor, self.config.shift_factor)
@@ -88,11 +98,10 @@ class VAEFiles:
         raw = read_header(self.weights)[1].get(VAE_CONFIG_METADATA_KEY)
         if not raw:
             return None
-        try:
-            return json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise NextStepError(f"{self.weights}: metadata {VAE_CONFIG_METADATA_KEY!r} is not valid JSON "
-                                f"({exc})") from None
+        config = parse_json(raw, f"{self.weights}: metadata {VAE_CONFIG_METADATA_KEY!r}")
+        if not isinstance(config, dict):
+            raise NextStepError(f"{self.weights}: metadata {VAE_CONFIG_METADATA_KEY!r} must hold a JSON object")
+        return config
 
     def require_weights(self) -> Path:
         """The weights file, or an error saying what is missing."""
