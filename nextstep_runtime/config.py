@@ -196,7 +196,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
-        """Accept the 1.0 (`fm_head_*`, `latent_*`) and 1.1 (`genloss_*`, `num_channels`) schemes."""
+        """Accept the 1.0 (`fm_head_*`, `latent_*`) and 1.1 (`genloss_*`, `num_channels`) schemes. A key set to null
+        counts as absent: its default, or for a required key the error naming it."""
+        raw = {key: value for key, value in raw.items() if value is not None}
         check_model_values(raw, source)
         _reject_unimplemented(raw, source)
         try:

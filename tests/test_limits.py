@@ -190,6 +190,21 @@ def test_model_config_values_are_checked_when_read(capsys, tmp_path, model_copy,
     assert line.startswith(f"error: {model_copy / 'config.json'}: {message}")
 
 
+@pytest.mark.parametrize("key", ["vocab_size", "num_hidden_layers", "boi"])
+def test_a_required_config_key_set_to_null_is_named(capsys, tmp_path, model_copy, key) -> None:
+    edit_config(model_copy, **{key: None})
+    line = folder_error(capsys, tmp_path, "plan", model_copy)
+    assert line == f"error: {model_copy / 'config.json'} lacks the required key {key!r}"
+
+
+def test_an_optional_config_key_set_to_null_takes_its_default(model_copy) -> None:
+    from nextstep_runtime.config import ModelConfig
+
+    edit_config(model_copy, rms_norm_eps=None, attention_bias=None, max_position_embeddings=None)
+    config = ModelConfig.from_dict(json.loads((model_copy / "config.json").read_text()))
+    assert (config.rms_norm_eps, config.attention_bias, config.max_positions) == (1e-6, True, 32768)
+
+
 @pytest.mark.parametrize("text,message", [
     ("[" * 200_000 + "]" * 200_000, "is nested too deeply to read"),
     ('{"a": ' * 100_000 + "1" + "}" * 100_000, "is nested too deeply to read"),
