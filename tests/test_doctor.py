@@ -124,6 +124,9 @@ def test_self_check_passes_each_way_this_cpu_computes(doctor_json) -> None:
 
 def test_text_report_says_the_same(doctor_json) -> None:
     text = render_text(doctor_json[0])
+    cuda = (f"CUDA {torch.version.cuda}, available: no (no NVIDIA GPU or working driver found)" if torch.version.cuda
+            else "CUDA none (a CPU-only torch), available: no")
+    assert cuda in text
     assert "torch.compile on cpu: yes (a tiny compile took" in text
     assert f"flash-attn: no: {NOT_INSTALLED}" in text
     assert f"{CACHED_REPO}: " in text

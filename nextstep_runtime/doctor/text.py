@@ -16,8 +16,10 @@ def _yes(works: bool, problem: str | None, detail: str = "") -> str:
 def _versions(report: dict) -> list[str]:
     versions = report["versions"]
     cuda = versions["cuda"] or "none (a CPU-only torch)"
+    # a CUDA build that finds no GPU is the usual sign of a missing or too old NVIDIA driver
+    unavailable = "no (no NVIDIA GPU or working driver found)" if versions["cuda"] else "no"
     return ["versions", f"  python {versions['python']} ({versions['executable']})", f"  torch {versions['torch']}",
-            f"  CUDA {cuda}, available: {'yes' if versions['cuda_available'] else 'no'}",
+            f"  CUDA {cuda}, available: {'yes' if versions['cuda_available'] else unavailable}",
             f"  platform {versions['platform']}"]
 
 
