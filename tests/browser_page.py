@@ -23,6 +23,8 @@ MODES = {"canvas": False, "nodes2": True}
 """Canvas modes by name: the classic LiteGraph canvas and Nodes 2.0 (the setting Comfy.VueNodes.Enabled)."""
 PAGE_TIMEOUT_MS = 120_000
 VIEWPORT = {"width": 1600, "height": 1000}
+MENU_ATTEMPTS, MENU_WAIT_MS = 3, 15_000
+"""A combo's menu is clicked open again (after Escape) when it has not opened this long after a click."""
 
 
 def chromium() -> str:
@@ -105,17 +107,35 @@ class Page:
             self.page.locator(f'[data-node-id="{node_id}"] [role="combobox"][aria-label="{widget}"]').click()
             self.page.get_by_role("option", name=value, exact=True).click()
         else:
-            x, y = self.js("""([id, name]) => {
-                const node = app.graph.getNodeById(id);
-                const widget = node.widgets.find(w => w.name === name);
-                const box = app.canvas.canvas.getBoundingClientRect();
-                const [ox, oy] = app.canvas.ds.offset, scale = app.canvas.ds.scale;
-                const at = [node.pos[0] + node.size[0] / 2, node.pos[1] + widget.y + LiteGraph.NODE_WIDGET_HEIGHT / 2];
-                return [(at[0] + ox) * scale + box.left, (at[1] + oy) * scale + box.top];
-            }""", [node_id, widget])
-            self.page.mouse.click(x, y)
-            self.page.locator(".litecontextmenu .litemenu-entry", has_text=re.compile(f"^{re.escape(value)}$")).click()
+            from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+            entry = self.page.locator(".litecontextmenu .litemenu-entry", has_text=re.compile(f"^{re.escape(value)}$"))
+            for attempt in range(MENU_ATTEMPTS):
+                self.page.mouse.click(*self._widget_centre(node_id, widget))
+                try:
+                    entry.wait_for(timeout=MENU_WAIT_MS)
+                    break
+                except PlaywrightTimeout:  # the node was laid out again between measuring and clicking
+                    self.screenshot(f"menu-not-open-{widget}-{attempt}")
+                    self.page.keyboard.press("Escape")
+            else:
+                raise AssertionError(f"clicking {widget!r} {MENU_ATTEMPTS} times opened no menu holding {value!r} "
+                                     f"(screenshots menu-not-open-*)")
+            entry.click()
         self.page.wait_for_timeout(100)
+
+    def _widget_centre(self, node_id: int, widget: str) -> tuple[float, float]:
+        """Where a widget is on the screen now: the node is laid out first (arrange), as drawing it would, so a
+        node added or resized since the last frame is measured as it will be drawn."""
+        return tuple(self.js("""([id, name]) => {
+            const node = app.graph.getNodeById(id);
+            node.arrange();
+            const widget = node.widgets.find(w => w.name === name);
+            const box = app.canvas.canvas.getBoundingClientRect();
+            const [ox, oy] = app.canvas.ds.offset, scale = app.canvas.ds.scale;
+            const at = [node.pos[0] + node.size[0] / 2, node.pos[1] + widget.y + LiteGraph.NODE_WIDGET_HEIGHT / 2];
+            return [(at[0] + ox) * scale + box.left, (at[1] + oy) * scale + box.top];
+        }""", [node_id, widget]))
 
 
 def open_page(browser, server: ComfyUI, mode: str) -> Page:
