@@ -86,9 +86,7 @@ class NextStepPipeline:
         if devices is not None:
             if device != "auto":
                 raise NextStepError(f"both device {device!r} and devices {devices!r} were given; give one of them")
-            device_list = DeviceList.parse(devices)
-            for each in device_list.devices:
-                resolve_device(str(each))
+            device_list = DeviceList.parse(devices).check_present()
             torch_dtype = resolve_dtype(dtype, device_list.devices[-1])
             mode = WeightMode(torch_dtype, fp8, resident_layers, int4)
             placement = placement_for(ModelFootprint.from_folder(folder), mode, Job(), device_list, free_memory)

@@ -12,7 +12,6 @@ from nextstep_runtime import (
     Placement,
     WeightMode,
     compile_default,
-    resolve_device,
     resolve_dtype,
     resolve_split,
     resolve_weight_mode,
@@ -121,10 +120,7 @@ def loader_devices(device: str) -> DeviceList | None:
     if text == "auto":
         gpus = host.gpu_devices()
         return DeviceList(tuple(gpus)) if len(gpus) > 1 else None
-    devices = DeviceList.parse(text)
-    for each in devices.devices:
-        resolve_device(str(each))
-    return devices
+    return DeviceList.parse(text).check_present()
 
 
 def loader_weight_mode(folder: ModelFolder, dtype: str, memory: str, fp8: bool, gpu_layers: int,

@@ -171,9 +171,7 @@ def _weight_mode(args: argparse.Namespace, folder: ModelFolder, settings: Genera
     if args.devices is not None:
         if args.device != "auto":
             raise NextStepError(f"both --device {args.device} and --devices {args.devices} were given; give one")
-        devices = DeviceList.parse(args.devices)
-        for each in devices.devices:
-            resolve_device(str(each))
+        devices = DeviceList.parse(args.devices).check_present()
         mode, placement, choice = resolve_split(folder, args.memory, devices,
                                                 resolve_dtype(args.dtype, devices.devices[-1]), args.fp8,
                                                 args.gpu_layers, free_memory, job)

@@ -103,12 +103,11 @@ def _split_gpus(args: argparse.Namespace, devices: DeviceList) -> tuple[list[int
             raise NextStepError(f"--gpu-memory gives {len(args.gpu_memory)} sizes for {len(devices.devices)} devices; "
                                 f"give one size per device, e.g. {','.join(['24'] * len(devices.devices))}")
         return [_bytes(size) for size in args.gpu_memory], [PLANNED_GPU] * len(devices.devices)
-    for device in devices.devices:
-        try:
-            resolve_device(str(device))
-        except NextStepError as exc:
-            raise NextStepError(f"{exc.args[0].partition(';')[0]}; to plan for GPUs this machine does not have, give "
-                                f"their sizes: --gpu-memory {','.join(['24'] * len(devices.devices))}") from None
+    try:
+        devices.check_present()
+    except NextStepError as exc:
+        raise NextStepError(f"{exc.args[0].partition(';')[0]}; to plan for GPUs this machine does not have, give "
+                            f"their sizes: --gpu-memory {','.join(['24'] * len(devices.devices))}") from None
     return ([free_memory(device) for device in devices.devices],
             [DeviceTraits.of(device) for device in devices.devices])
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..devices import DEVICE_TYPES
+from ..devices import DEVICE_TYPES, resolve_device
 from ..errors import NextStepError
 
 INPUT_PARTS = ("embed_tokens", "image_in_projector")
@@ -162,6 +162,12 @@ class DeviceList:
         ranges = tuple(LayerRange(parse_device(match["device"]), int(match["start"]), int(match["stop"]) + 1)
                        for match in matches)
         return cls(tuple(r.device for r in ranges), Placement(ranges))
+
+    def check_present(self) -> "DeviceList":
+        """Refuse a listed device this machine does not have (devices.resolve_device's check); this list otherwise."""
+        for device in self.devices:
+            resolve_device(str(device))
+        return self
 
     def check_layers(self, layers: int) -> None:
         """Refuse more devices than decoder layers, and explicit ranges made for another layer count."""
