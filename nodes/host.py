@@ -236,7 +236,7 @@ ROUTE_WORKERS = 2
 """Threads of the pack's own pool for slow route work (reading a model folder's headers, planning)."""
 MAX_WAITING_ROUTE_CALLS = 16
 """Slow route calls queued or running at once; more are answered 429 at once instead of piling up."""
-_route_pool: ThreadPoolExecutor | None = None
+_ROUTE_POOL = ThreadPoolExecutor(ROUTE_WORKERS, thread_name_prefix="nextstep-route")  # threads start at first use
 _route_calls = 0
 
 
@@ -307,7 +307,7 @@ def add_get_route(path: str, handler: RouteHandler, slow: bool = False) -> None:
         return
 
     async def respond(request: "web.Request") -> "web.Response":
-        global _route_pool, _route_calls
+        global _route_calls
         try:
             query = query_parameters(list(request.query.items()))
         except NextStepError as exc:
@@ -318,11 +318,9 @@ def add_get_route(path: str, handler: RouteHandler, slow: bool = False) -> None:
         if _route_calls >= MAX_WAITING_ROUTE_CALLS:
             return web.json_response({"error": f"{_route_calls} requests to NextStep's routes are being answered; "
                                                f"try again in a moment"}, status=429)
-        if _route_pool is None:
-            _route_pool = ThreadPoolExecutor(ROUTE_WORKERS, thread_name_prefix="nextstep-route")
         _route_calls += 1
         try:
-            status, body = await asyncio.get_running_loop().run_in_executor(_route_pool, handler, query)
+            status, body = await asyncio.get_running_loop().run_in_executor(_ROUTE_POOL, handler, query)
         finally:
             _route_calls -= 1
         return web.json_response(body, status=status)
