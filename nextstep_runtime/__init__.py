@@ -10,7 +10,7 @@ everything else is internal and may move.
 
 from .config import ModelConfig, VAEConfig
 from .devices import DTYPES, DeviceTraits, compile_default, resolve_device, resolve_dtype
-from .doctor import doctor_report
+from .doctor import doctor_report, loader_warnings
 from .errors import NextStepError
 from .image_codec import decode_latents, encode_images
 from .images import center_crop_to_multiple, check_input_image_size, images_to_unit, load_rgb, to_uint8
@@ -42,7 +42,7 @@ __all__ = [
     "ModelFolder", "ModelFootprint", "NextStepError", "NextStepPipeline", "NextStepVAE", "PROFILES", "SAMPLERS",
     "VAEConfig", "WeightMode", "cache_root", "cached_nextstep_repos", "center_crop_to_multiple",
     "check_input_image_size", "decode_latents", "device_memory", "doctor_report", "encode_images", "free_memory",
-    "holds_model_config", "image_size_of", "images_to_unit", "load_model", "load_rgb", "load_tokenizer",
+    "holds_model_config", "loader_warnings", "image_size_of", "images_to_unit", "load_model", "load_rgb", "load_tokenizer",
     "load_vae", "memory_remedy", "plan_memory", "resolve_device", "resolve_dtype", "resolve_weight_mode",
     "sampling_bytes", "set_attention_backend", "to_uint8", "token_pixels", "unpatchify", "vae_decode_bytes",
     "vae_encode_bytes", "PinHostMemory", "compile_default", "release_streaming_slots", "released_slot_bytes",

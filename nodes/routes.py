@@ -5,9 +5,9 @@ GET /nextstep/plan?model=NAME&dtype=..&memory=..&fp8=..&gpu_layers=..&device=..&
 the memory plan of a model from the loader's list for a job, in the weight mode the loader would load it in
 with those widgets (`memory` auto chosen as the loader chooses it, for 512x512), against this server's run
 device, the loader's chosen device, or each device of its split (then with a `devices` list).
-GET /nextstep/doctor[?device=..&self_check=1]: the doctor report (nextstep_runtime.doctor) for the loader's device
-(default: this server's run device) and its `nextstep` model folders, with the warnings each loader setting
-deserves here; the self-check (seconds) only when asked.
+GET /nextstep/doctor[?device=..&self_check=1&warnings_only=1]: the doctor report (nextstep_runtime.doctor) for the
+loader's device (default: this server's run device) and its `nextstep` model folders, with the warnings each loader
+setting deserves here; the self-check (seconds) only when asked; with warnings_only, those warnings alone.
 
 Handlers are plain functions of the query parameters returning (HTTP status, JSON body), so they are tested
 without a server. A model is named, never given as a path, and only names from the loader's list are looked up.
@@ -28,6 +28,7 @@ from nextstep_runtime import (
     NextStepError,
     device_memory,
     doctor_report,
+    loader_warnings,
     plan_memory,
     plan_split,
 )
@@ -125,25 +126,29 @@ def plan_response(query: dict[str, str]) -> Response:
     return 200, {**plan.to_dict(), **about}
 
 
-DOCTOR_PARAMETERS = ("self_check", "device")
+DOCTOR_PARAMETERS = ("self_check", "warnings_only", "device")
 
 
 def doctor_response(query: dict[str, str]) -> Response:
     """The doctor report as JSON for the device the loader's `device` widget names (default: ComfyUI's; of a split,
-    the last device, where attention, the flow head and compiling run); `self_check=1` adds the self-check."""
+    the last device, where attention, the flow head and compiling run); `self_check=1` adds the self-check;
+    `warnings_only=1` answers {"warnings": ...} alone (the Model Loader's panel), from the run device's reports only."""
     unknown = sorted(set(query) - set(DOCTOR_PARAMETERS))
     if unknown:
         return 400, {"error": f"unknown doctor parameter {unknown[0]!r}; known: {', '.join(DOCTOR_PARAMETERS)}"}
-    check = query.get("self_check", "0").lower()
-    if check not in BOOLEANS:
-        return 400, {"error": f"doctor parameter self_check={query['self_check']!r} is not true or false"}
+    switches = {name: query.get(name, "0").lower() for name in ("self_check", "warnings_only")}
+    for name, text in switches.items():
+        if text not in BOOLEANS:
+            return 400, {"error": f"doctor parameter {name}={query[name]!r} is not true or false"}
     try:
         devices = loader_devices(query.get("device", DEFAULT_DEVICE))
     except NextStepError as exc:
         return 400, {"error": str(exc)}
     device = host.load_device() if devices is None else devices.devices[-1]
+    if BOOLEANS[switches["warnings_only"]]:
+        return 200, {"warnings": loader_warnings(device)}
     roots = [Path(root) for root in host.folder_roots(host.MODEL_FOLDER_KEY)]
-    return 200, doctor_report(device, roots, check=BOOLEANS[check])
+    return 200, doctor_report(device, roots, check=BOOLEANS[switches["self_check"]])
 
 
 def register_routes() -> None:

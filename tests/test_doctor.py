@@ -228,9 +228,17 @@ def test_route_reports_on_the_loaders_device() -> None:
     assert status == 400 and "no CUDA GPU is available" in answer["error"]
 
 
+def test_route_warnings_only_are_the_whole_reports_warnings() -> None:
+    """What the Model Loader's panel asks for: the warnings alone, the same as the whole report's."""
+    for device in ("default", "cpu,cpu"):
+        status, report = routes.doctor_response({"device": device})
+        assert routes.doctor_response({"device": device, "warnings_only": "1"}) == (200, {"warnings": report["warnings"]})
+
+
 @pytest.mark.parametrize("query,message", [
     ({"self_check": "maybe"}, "doctor parameter self_check='maybe' is not true or false"),
-    ({"path": "/tmp"}, "unknown doctor parameter 'path'; known: self_check, device"),
+    ({"warnings_only": "yes"}, "doctor parameter warnings_only='yes' is not true or false"),
+    ({"path": "/tmp"}, "unknown doctor parameter 'path'; known: self_check, warnings_only, device"),
 ])
 def test_route_refuses_unknown_parameters(query: dict, message: str) -> None:
     assert routes.doctor_response(query) == (400, {"error": message})

@@ -2,7 +2,7 @@
 random model (self_check.py), the warnings each loader setting deserves here (warnings.py), as JSON or text
 (text.py)."""
 
-from .report import doctor_report
+from .report import doctor_report, loader_warnings
 from .text import render_text
 
-__all__ = ["doctor_report", "render_text"]
+__all__ = ["doctor_report", "loader_warnings", "render_text"]

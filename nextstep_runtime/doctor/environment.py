@@ -178,17 +178,30 @@ def versions_report() -> dict:
             "mps_available": torch.backends.mps.is_available()}
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """`cuda` as the current GPU, named as the device list names it (`cuda:N`)."""
+    return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" and device.index is None else device
+
+
+def run_device_report(device: torch.device) -> dict:
+    """What runs the models on `device`: its kernels, attention and compiling (all the loader's warnings need)."""
+    device = _indexed(device)
+    return {"run_device": device_report(device, device), "attention": attention_report(device),
+            "compile": {"device": device.type, **compile_report(device)}}
+
+
 def environment_report(device: torch.device, model_roots: list[Path] | None = None) -> dict:
     """Everything but the self-check, for models run on `device`; `model_roots`: the model search folders to
     list (ComfyUI's `nextstep` folders), None outside ComfyUI."""
-    if device.type == "cuda" and device.index is None:  # `cuda`: the current GPU, named as the device list names it
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = _indexed(device)
+    devices = [device_report(visible, device) for visible in visible_devices()]
+    run = run_device_report(device)  # its memory read next to the others', before compiling takes some
     return {
         "versions": versions_report(),
-        "run_device": device_report(device, device),
-        "devices": [device_report(visible, device) for visible in visible_devices()],
-        "attention": attention_report(device),
-        "compile": {"device": device.type, **compile_report(device)},
+        "run_device": run["run_device"],
+        "devices": devices,
+        "attention": run["attention"],
+        "compile": run["compile"],
         "hf_cache": hf_cache_report(),
         "model_folders": None if model_roots is None else model_folders_report(model_roots),
     }

@@ -1,7 +1,7 @@
-// The install's warnings for the Model Loader (GET /nextstep/doctor?device=.., asked once per page and device: the
-// server times a tiny torch.compile the first time): each warning is keyed by the loader setting it concerns
-// ("compile", "attention:flash_attn", "memory:int4", "dtype:bfloat16", ...; see nextstep_runtime/doctor/warnings.py),
-// so a loader shows those of its chosen values only.
+// The install's warnings for the Model Loader (GET /nextstep/doctor?device=..&warnings_only=1: the run device's part of
+// the report only, asked once per page and device; the server times a tiny torch.compile the first time): each
+// warning is keyed by the loader setting it concerns ("compile", "attention:flash_attn", "memory:int4",
+// "dtype:bfloat16", ...; see nextstep_runtime/doctor/warnings.py), so a loader shows those of its chosen values only.
 
 import { widgetValue } from "./widgets.js";
 
@@ -12,7 +12,7 @@ const reports = new Map();  // the loader's device text -> the warnings' promise
  * asked again next time. */
 export function installWarnings(api, device) {
   if (!reports.has(device)) {
-    reports.set(device, api.fetchApi(`/nextstep/doctor?device=${encodeURIComponent(device)}`)
+    reports.set(device, api.fetchApi(`/nextstep/doctor?device=${encodeURIComponent(device)}&warnings_only=1`)
       .then(async (response) => {
         const answer = await response.json();
         if (!response.ok) throw new Error(answer.error ?? `HTTP ${response.status}`);
@@ -27,8 +27,7 @@ export function installWarnings(api, device) {
 
 /** The setting keys the loader's current widget values stand for. */
 function chosenSettings(node) {
-  const keys = SETTING_WIDGETS.filter((name) => !["fp8", "compile", "device"].includes(name))
-    .map((name) => `${name}:${widgetValue(node, name)}`);
+  const keys = ["dtype", "attention", "memory"].map((name) => `${name}:${widgetValue(node, name)}`);
   if (widgetValue(node, "fp8")) keys.push("fp8");
   if (widgetValue(node, "compile")) keys.push("compile");
   return keys;
