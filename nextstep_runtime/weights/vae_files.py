@@ -21,7 +21,7 @@ from ..config import RELEASED_VAE_CONFIG, VAEConfig, parse_json, read_json
 from ..errors import NextStepError
 from ..model.tokens import LatentNormalization
 from ..model.vae import vae_parameter_count
-from .checkpoint import TensorSource, iter_safetensors, read_header
+from .checkpoint import TensorHeader, TensorSource, iter_safetensors, read_header
 
 VAE_CONFIG_METADATA_KEY = "nextstep_vae_config"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -94,8 +94,13 @@ class VAEFiles:
         """The latent scale/shift the model was trained with: from this VAE's config."""
         return LatentNormalization(self.config.scaling_factor, self.config.shift_factor)
 
+    @cached_property
+    def _header(self) -> tuple[list[TensorHeader], dict[str, str]]:
+        """The .safetensors weights' header (tensors, metadata), read once for the config and the parameter count."""
+        return read_header(self.weights)
+
     def _metadata_config(self) -> dict[str, Any] | None:
-        raw = read_header(self.weights)[1].get(VAE_CONFIG_METADATA_KEY)
+        raw = self._header[1].get(VAE_CONFIG_METADATA_KEY)
         if not raw:
             return None
         config = parse_json(raw, f"{self.weights}: metadata {VAE_CONFIG_METADATA_KEY!r}")
@@ -125,7 +130,7 @@ class VAEFiles:
         """Parameters of the network, without reading weights: a .safetensors header is counted; a .pt checkpoint
         has no readable header, so its count comes from the config."""
         if self.weights is not None and self.weights.suffix == ".safetensors":
-            return sum(math.prod(header.shape) for header in read_header(self.weights)[0]
+            return sum(math.prod(header.shape) for header in self._header[0]
                        if header.key.startswith(VAE_PREFIXES))
         return vae_parameter_count(self.config)
 
