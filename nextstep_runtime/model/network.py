@@ -110,7 +110,6 @@ class NextStepModel(nn.Module):
                 cache_position = None if cache_position is None else cache_position.to(device)
                 for layer in islice(self.layers, layer_range.start, layer_range.stop):
                     x = layer(x, cos, sin, cache, cache_position, mask)
-            x = x.to(self.device)
         hidden = self.norm(x[:, -1])
         if position_offset is not None:
             hidden = hidden + position_offset
