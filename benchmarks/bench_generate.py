@@ -1,7 +1,7 @@
 """End-to-end generation benchmark on a random-weight model of a named size; prints one JSON object.
 
     python benchmarks/bench_generate.py --preset small --height 128 --width 128 --steps 28 --cfg 7.5 \\
-        --sampler sde --threads 2 --repeat 5 --compare-eager \\
+        --sampler sde --threads 1 --repeat 5 \\
         --compare-official ~/NextStep-1 --official-python ~/nextstep-official/bin/python
 
 seconds_per_image: median over --repeat runs after one warm-up, prompt to decoded image (loading
@@ -23,7 +23,6 @@ official_ratio: seconds_per_image / official_seconds_per_image.
 planned_peak_vram_mb: the memory planner's peak for the same job, next to the measured peak_vram_mb.
 --keep-fraction F also times, in the same process and alternating with full runs, a run that keeps the
 first F of the token rows of a full run's output and regenerates the rest (inpainting/outpainting cost).
---compare-eager: also time the straightforward eager loop (benchmarks/eager_baseline.py).
 """
 
 from __future__ import annotations
@@ -46,25 +45,29 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).parent)]
 
-from eager_baseline import eager_sample  # noqa: E402
 from official_layout import save_official_layout  # noqa: E402
 from presets import PRESETS, VAE_PRESETS, random_model, random_vae  # noqa: E402
 
-from nextstep_runtime import (  # noqa: E402  # noqa: E402
+from nextstep_runtime import (  # noqa: E402
     DTYPES,
-    SAMPLERS,  # noqa: E402
+    SAMPLERS,
+    DeviceList,
+    DeviceTraits,
     GenerationSettings,
     Job,
-    LatentNormalization,  # noqa: E402
+    LatentNormalization,
     ModelFootprint,
     NextStepPipeline,
+    Targets,
     WeightMode,
-    load_tokenizer,  # noqa: E402
-    plan_memory,
+    load_tokenizer,
+    plan_mode,
     resolve_device,
     resolve_dtype,
 )
-from nextstep_runtime.sampling.token_loop import DecodeState, TokenSolver  # noqa: E402
+from nextstep_runtime.sampling.decode_state import DecodeState  # noqa: E402
+from nextstep_runtime.sampling.guided_head import GuidedHead  # noqa: E402
+from nextstep_runtime.sampling.token_loop import TokenStep  # noqa: E402
 
 TOKENIZER = ROOT / "tests" / "fixtures" / "tiny-nextstep"
 CAPTION = "A baby panda wearing an Iron Man mask, holding a board with 'NextStep-1' written on it"
@@ -120,18 +123,18 @@ def _component_figures(pipe: NextStepPipeline, inputs, device: torch.device, rep
     """Prefill, one token's head work (compiled and eager: time and profiler events), one token through the
     decoder at mid-image; median milliseconds."""
     total = inputs.grid[0] * inputs.grid[1]
-    state = DecodeState(pipe.model, inputs.rows, total)
+    state = DecodeState(pipe.model, inputs.rows, total, pipe.attention)
     figures = {"prefill_ms": _median_ms(lambda: state.prefill(inputs.rows, None), device, repeat)}
     condition = state.prefill(inputs.rows, None)
     first = torch.zeros(1, dtype=torch.long, device=device)
     for suffix, compile in (("", pipe.compile), ("_eager", False)):
-        solve = TokenSolver(pipe.model, inputs, compile)
-        token = solve(first, condition)
-        figures[f"ms_per_token_head{suffix}"] = _median_ms(lambda: solve(first, condition), device, max(repeat, 5))
-        ops, events = _profiled_ops(lambda: solve(first, condition), device)
+        head = GuidedHead(pipe.model, inputs, compile)
+        token = head(first, condition)
+        figures[f"ms_per_token_head{suffix}"] = _median_ms(lambda: head(first, condition), device, max(repeat, 5))
+        ops, events = _profiled_ops(lambda: head(first, condition), device)
         figures[f"head_ops_per_token{suffix}"], figures[f"head_profiler_events_per_token{suffix}"] = ops, events
-    middle = torch.tensor([state.prefill_len + total // 2], device=device)
-    figures["ms_per_token_backbone"] = _median_ms(lambda: state.feed(token, middle), device, max(repeat, 5))
+    step = TokenStep(state, head, use_cuda_graphs=False, feed_only=True)
+    figures["ms_per_token_backbone"] = _median_ms(lambda: step.feed(token, total // 2), device, max(repeat, 5))
     return figures
 
 
@@ -165,13 +168,19 @@ class OfficialPipeline:
         self.process.wait()
 
 
-def _planned_peak(args: argparse.Namespace, dtype: torch.dtype, prompt_tokens: int) -> int:
+def _planned_peak(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, prompt_tokens: int) -> int:
     """The memory planner's peak for this run, to compare with the measured peak_vram_mb."""
     footprint = ModelFootprint.from_config(PRESETS[args.preset], vae_config=VAE_PRESETS[args.preset])
     settings = GenerationSettings(width=args.width, height=args.height, batch=args.batch, cfg=args.cfg,
                                   steps=args.steps)
     job = Job(settings, prompt_tokens=prompt_tokens)
-    return plan_memory(footprint, WeightMode(dtype, args.fp8, int4=args.int4), job).peak_gpu_bytes
+    targets = Targets.on(DeviceList((device,)), str(dtype).removeprefix("torch."), lambda device: None,
+                         vae_on_run_device=True)
+    return plan_mode(footprint, WeightMode(_storage(args)), job, targets).devices[0].peak_bytes
+
+
+def _storage(args: argparse.Namespace) -> str:
+    return "fp8" if args.fp8 else "int4" if args.int4 else "full"
 
 
 def _kept_vs_full(pipe: NextStepPipeline, settings: GenerationSettings, latents: torch.Tensor, fraction: float,
@@ -213,8 +222,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also time a run keeping this fraction of the token rows (e.g. 0.5) against a full run")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="time the eager head only (no torch.compile)")
-    parser.add_argument("--compare-eager", action="store_true",
-                        help="also time the straightforward eager loop (benchmarks/eager_baseline.py)")
     parser.add_argument("--compare-official", type=Path, metavar="CHECKOUT",
                         help="a checkout of github stepfun-ai/NextStep-1 to time side by side (CPU, float32)")
     parser.add_argument("--official-python", default=sys.executable,
@@ -231,8 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     torch._inductor.config.cpp.enable_kernel_profile = True  # fused CPU kernels visible to the op count
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    model = random_model(args.preset, dtype, device, fp8=args.fp8, int4=args.int4)
+    dtype = resolve_dtype(args.dtype, DeviceTraits.of(device))
+    model = random_model(args.preset, dtype, device, _storage(args))
     vae = random_vae(args.preset, dtype, device)
     pipe = NextStepPipeline(model, load_tokenizer(TOKENIZER), LatentNormalization(), vae, compile=args.compile)
     settings = GenerationSettings(width=args.width, height=args.height, batch=args.batch, steps=args.steps,
@@ -285,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens_per_s": round(total * args.batch / sample_s, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_vram_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None,
-        "planned_peak_vram_mb": round(_planned_peak(args, dtype, inputs.rows.input_ids.shape[1]) / 2**20, 1),
+        "planned_peak_vram_mb": round(_planned_peak(args, device, dtype, inputs.rows.input_ids.shape[1]) / 2**20, 1),
         "load_average": os.getloadavg(),
         "args": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "device": str(device),
                  "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads()},
@@ -297,12 +304,6 @@ def main(argv: list[str] | None = None) -> dict:
         report["official_first_run_seconds"] = round(official_warmup_s, 2)
         report["official_ratio"] = round(seconds / per_image["official"], 3)
         report["official_runtime"] = official.info
-    if args.compare_eager:
-        eager_s = statistics.median(timed(lambda: eager_sample(pipe, CAPTION, NEGATIVE, settings), device)
-                                    for _ in range(args.repeat))
-        report["eager_loop_sampling_seconds"] = round(eager_s, 4)
-        report["sampling_seconds"] = round(sample_s, 4)
-        report["speedup_vs_eager_loop"] = round(eager_s / sample_s, 3)
     return report
 
 

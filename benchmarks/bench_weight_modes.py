@@ -37,10 +37,11 @@ from nextstep_runtime import (  # noqa: E402
     NextStepPipeline,
     load_tokenizer,  # noqa: E402
 )
-from nextstep_runtime.sampling.token_loop import DecodeState  # noqa: E402
+from nextstep_runtime.sampling.decode_state import DecodeState  # noqa: E402
 
-MODES = {"float32": {"dtype": torch.float32}, "bf16": {}, "fp8": {"fp8": True}, "int4": {"int4": True}}
-"""float32 is the yardstick: how far bf16 itself is from it."""
+MODES = {"float32": (torch.float32, "full"), "bf16": (torch.bfloat16, "full"), "fp8": (torch.bfloat16, "fp8"),
+         "int4": (torch.bfloat16, "int4")}
+"""(compute dtype, weight storage) per mode; float32 is the yardstick: how far bf16 itself is from it."""
 
 
 def decoder_linear_bytes(pipe: NextStepPipeline) -> int:
@@ -52,7 +53,8 @@ def decoder_linear_bytes(pipe: NextStepPipeline) -> int:
 def condition(pipe: NextStepPipeline, settings: GenerationSettings) -> torch.Tensor:
     """The decoder's output for the prompt (the first image token's condition), in float32."""
     inputs = pipe.prepare(CAPTION, settings)
-    return DecodeState(pipe.model, inputs.rows, inputs.grid[0] * inputs.grid[1]).prefill(inputs.rows, None).float()
+    state = DecodeState(pipe.model, inputs.rows, inputs.grid[0] * inputs.grid[1], pipe.attention)
+    return state.prefill(inputs.rows, None).float()
 
 
 def closeness(result: GenerationResult, reference: GenerationResult) -> dict[str, float]:
@@ -86,9 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
     vae = random_vae(args.preset, torch.bfloat16, device)
     tokenizer = load_tokenizer(TOKENIZER)
     pipes = {}
-    for name, mode in MODES.items():
-        dtype = mode.get("dtype", torch.bfloat16)
-        model = random_model(args.preset, dtype, device, fp8=mode.get("fp8", False), int4=mode.get("int4", False))
+    for name, (dtype, storage) in MODES.items():
+        model = random_model(args.preset, dtype, device, storage)
         pipes[name] = NextStepPipeline(model, tokenizer, LatentNormalization(),
                                        vae if dtype == torch.bfloat16 else random_vae(args.preset, dtype, device),
                                        compile=args.compile)

@@ -7,11 +7,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nextstep_runtime import ModelConfig, NextStepVAE, VAEConfig
+from nextstep_runtime import ModelConfig, NextStepVAE, Placement, VAEConfig, WeightMode
 from nextstep_runtime.model.backbone import RMSNorm
 from nextstep_runtime.model.network import NextStepModel
 from nextstep_runtime.weights.checkpoint import expected_shapes, load_weights
 from nextstep_runtime.weights.loading import weight_converter
+from nextstep_runtime.weights.modes import FLOAT_WEIGHTS
 
 _BASE = dict(rms_norm_eps=1e-6, rope_theta=1e6, attention_bias=True, o_attention_bias=False, mlp_bias=False,
              boi=517, eoi=518, image_placeholder_id=519)
@@ -35,17 +36,19 @@ VAE_PRESETS: dict[str, VAEConfig] = {
 
 
 @torch.no_grad()
-def random_model(preset: str, dtype: torch.dtype, device: torch.device, fp8: bool = False, int4: bool = False,
+def random_model(preset: str, dtype: torch.dtype, device: torch.device, storage: str = "full",
                  seed: int = 0) -> NextStepModel:
-    """Weights ~ N(0, 0.02), norms at 1: activations of realistic scale at any size. Filled through the
-    loader's own per-tensor conversion, so fp8 and int4 weights are quantised as a checkpoint's would be."""
+    """Weights ~ N(0, 0.02), norms at 1: activations of realistic scale at any size, on one device. Filled through
+    the loader's own per-tensor conversion, so fp8 and int4 weights are quantised as a checkpoint's would be."""
     torch.manual_seed(seed)
+    config = PRESETS[preset]
     with torch.device("meta"):
-        model = NextStepModel(PRESETS[preset])
+        model = NextStepModel(config)
     plain_shapes = expected_shapes(model)
     norms = {f"{name}.{attr}" for name, module in model.named_modules() if isinstance(module, (nn.LayerNorm, RMSNorm))
              for attr, _ in module.named_parameters(recurse=False)}
-    convert = weight_converter(model, dtype, device, fp8, int4, "bf16", None)
+    placement = Placement.single(device, dtype, config.num_hidden_layers)
+    convert = weight_converter(model, WeightMode(storage), FLOAT_WEIGHTS, placement)
 
     def tensors():
         for name, shape in plain_shapes.items():
@@ -54,6 +57,7 @@ def random_model(preset: str, dtype: torch.dtype, device: torch.device, fp8: boo
             else:
                 yield Path(preset), name, lambda shape=shape: torch.randn(shape, device=device) * 0.02
     load_weights(model, tensors(), dtype, device, f"preset {preset}", convert=convert)
+    model.placement = placement
     return model.eval().requires_grad_(False)
 
 

@@ -90,6 +90,13 @@ class DeviceTraits:
 
 PLANNED_GPU = DeviceTraits("cuda")
 """A CUDA GPU this machine does not have, planned for by size alone."""
+PLANNED_MAC = DeviceTraits("mps", macos=BF16_MACOS)
+"""An Apple GPU this machine does not have, planned for by size alone (a current macOS assumed)."""
+
+
+def planned_traits(device: torch.device) -> DeviceTraits:
+    """What the rules assume of a device planned for by size alone: a current GPU of its kind."""
+    return PLANNED_MAC if device.type == "mps" else PLANNED_GPU if device.type == "cuda" else DeviceTraits(device.type)
 
 MEMINFO = Path("/proc/meminfo")
 """Linux's host memory figures; macOS and Windows have none (psutil reads theirs)."""
@@ -121,31 +128,51 @@ def _torch_text(version: tuple[int, ...]) -> str:
     return ".".join(str(part) for part in version)
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks a CUDA GPU, else an Apple GPU, else the CPU; otherwise cpu, cuda, cuda:N or mps, which must exist
-    on this machine."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+def _current_cuda_index() -> int:
+    """The index `cuda` stands for: the current CUDA device where there is one, else 0 (a GPU only planned for)."""
+    return torch.cuda.current_device() if torch.cuda.is_available() else 0
+
+
+def parse_device(name: str) -> torch.device:
+    """A device name (cpu, cuda, cuda:N, mps) as one torch.device, of a known kind: `cuda` becomes the indexed current
+    GPU (`cuda:0`), since torch.device("cuda") != torch.device("cuda:0") and ComfyUI compares devices with ==. Whether
+    the device exists is resolve_device's check."""
     try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
+        device = torch.device(name.strip())
+    except (RuntimeError, TypeError, ValueError):
         device = None
     if device is None or device.type not in DEVICE_TYPES:
-        raise NextStepError(f"unknown device {name!r}; use cpu, cuda, cuda:N, mps or auto")
+        raise NextStepError(f"unknown device {name.strip()!r}; use cpu, cuda, cuda:N, mps or auto")
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", _current_cuda_index())
+    return device
+
+
+def check_present(device: torch.device) -> torch.device:
+    """Refuse a device this machine does not have, naming what it has."""
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise NextStepError(f"device {name} was asked for but no CUDA GPU is available; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise NextStepError(f"device {name} does not exist: this machine has {torch.cuda.device_count()} "
+            raise NextStepError(f"device {device} was asked for but no CUDA GPU is available here; run on the CPU "
+                                f"instead (device cpu)")
+        if device.index >= torch.cuda.device_count():
+            raise NextStepError(f"device {device} does not exist: this machine has {torch.cuda.device_count()} "
                                 f"CUDA GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if device.type == "mps" and not torch.backends.mps.is_available():
         reason = ("this torch was built without it" if not torch.backends.mps.is_built()
                   else "it needs a Mac with Apple silicon and macOS 12.3 or newer")
-        raise NextStepError(f"device {name} (an Apple GPU) was asked for but MPS is not available here ({reason}); "
-                            f"use --device cpu")
+        raise NextStepError(f"device {device} (an Apple GPU) was asked for but MPS is not available here ({reason}); "
+                            f"run on the CPU instead (device cpu)")
     return device
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks a CUDA GPU (the current one), else an Apple GPU, else the CPU; otherwise cpu, cuda, cuda:N or mps
+    (parse_device), which must exist on this machine."""
+    if name.strip() == "auto":
+        if torch.cuda.is_available():
+            return parse_device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    return check_present(parse_device(name))
 
 
 def bf16_native(traits: DeviceTraits) -> bool:
@@ -173,13 +200,20 @@ def vae_dtype(compute: torch.dtype) -> torch.dtype:
     return torch.float32 if compute == torch.float16 else compute
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """A dtype name, or `auto` (see auto_dtype)."""
+def resolve_dtype(name: str, traits: DeviceTraits) -> torch.dtype:
+    """A dtype name, or `auto` (see auto_dtype), for a device with `traits`."""
     if name == "auto":
-        return auto_dtype(DeviceTraits.of(device))
+        return auto_dtype(traits)
     if name not in DTYPES:
         raise NextStepError(f"unknown dtype {name!r}; choose auto, float32, bfloat16 or float16")
     return DTYPES[name]
+
+
+def plans_memory(traits: DeviceTraits) -> bool:
+    """Whether `memory auto` chooses a weight mode from the device's memory: on GPUs (CUDA, and Apple GPUs, whose share
+    of the Mac's memory is their limit); on the CPU it loads the full model (the smaller modes save memory there, not
+    time)."""
+    return traits.type in ("cuda", "mps")
 
 
 def fp8_refusal(traits: DeviceTraits) -> str | None:
@@ -207,11 +241,11 @@ def int4_refusal(traits: DeviceTraits, dtype: torch.dtype) -> str | None:
         return (f"4-bit weights on {traits.describe()} need torch {_torch_text(needed)} or newer (this is torch "
                 f"{_torch_text(traits.torch_version)}); upgrade torch, or load the model in full or fp8")
     if traits.type == "cuda":
-        if dtype != torch.bfloat16:
-            return f"4-bit weights on CUDA compute in bfloat16 (got {str(dtype).removeprefix('torch.')})"
         if traits.capability_below(INT4_CUDA_CAPABILITY):
             return (f"4-bit weights on CUDA need a GPU of compute capability 8.0+ (Ampere or newer); this is "
                     f"{traits.describe()}")
+        if dtype != torch.bfloat16:
+            return f"4-bit weights on CUDA compute in bfloat16 (got {str(dtype).removeprefix('torch.')})"
     return None
 
 

@@ -7,35 +7,40 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .devices import DeviceTraits, compile_default, resolve_device, resolve_dtype, vae_dtype
+from .devices import DeviceTraits, compile_default, resolve_device, vae_dtype
 from .errors import NextStepError
 from .image_codec import decode_latents, encode_images
 from .memory.check import check_job_memory
 from .memory.device_memory import FreeMemory, free_memory
+from .memory.estimate import VAEPlacement
 from .memory.footprint import ModelFootprint
 from .memory.job import Job
 from .memory.out_of_memory import SAMPLING, run_or_explain_out_of_memory
-from .memory.split import placement_for
-from .model.attention import set_attention_backend
+from .memory.planner import Targets, plan_load
+from .model.attention import FlashAttention, attention_kernels
 from .model.network import NextStepModel
 from .model.placement import DeviceList
 from .model.tokens import LatentNormalization, image_size_of, patchify, token_grid, token_pixels, unpatchify
 from .model.vae import NextStepVAE
-from .sampling.keep_mask import kept_tokens, regenerated_cells
+from .sampling.keep_mask import KeptTokens, kept_tokens, regenerated_cells
+from .sampling.loop_inputs import TokenLoopInputs
+from .sampling.noise import NoiseSpec
 from .sampling.prompt import build_rows, load_tokenizer
 from .sampling.solvers import guidance_scales, solver_plan
-from .sampling.token_loop import KeptTokens, NoiseSpec, TokenCallback, TokenLoopInputs, sample_tokens
+from .sampling.token_loop import TokenCallback, sample_tokens
 from .settings import GenerationSettings
 from .validation import check_context_length, check_finite, check_text
 from .weights.loading import check_vae_matches, load_model, load_vae
 from .weights.model_folder import ModelFolder
-from .weights.modes import WeightMode
 from .weights.vae_files import VAEFiles
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,12 +55,15 @@ class NextStepPipeline:
 
     def __init__(self, model: NextStepModel, tokenizer, normalization: LatentNormalization,
                  vae: NextStepVAE | None = None, vae_description: str = "VAE",
-                 free_memory: FreeMemory = free_memory, compile: bool = True) -> None:
+                 free_memory: FreeMemory = free_memory, compile: bool = True,
+                 attention: tuple[FlashAttention | None, ...] | None = None) -> None:
         """`free_memory` tells the memory check what a run may use on a device (a host such as ComfyUI
-        passes its own accounting); `compile` runs the flow head through torch.compile (see sample)."""
+        passes its own accounting); `compile` runs the flow head through torch.compile (see sample); `attention`:
+        each range's attention kernel (attention.attention_kernels; default: SDPA everywhere)."""
         self.model = model
         self.free_memory = free_memory
         self.compile = compile
+        self.attention = attention or (None,) * len(model.placement.ranges)
         self.tokenizer = tokenizer
         self.normalization = normalization
         self.vae = vae
@@ -64,45 +72,43 @@ class NextStepPipeline:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path | ModelFolder, vae: str | Path | None = None, device: str = "auto",
-                        dtype: str = "auto", fp8: bool = False,
-                        resident_layers: int | None = None, int4: bool = False,
+                        dtype: str = "auto", memory: str = "auto", gpu_layers: int | None = None,
                         compile: bool | None = None, attention: str = "auto",
-                        devices: str | list[str] | None = None) -> "NextStepPipeline":
+                        devices: "str | torch.device | list[str | torch.device] | None" = None,
+                        job: Job | None = None) -> "NextStepPipeline":
         """Load the model folder, or a Hugging Face repo id (`org/name[@revision]`) from the local Hugging Face
         cache; the VAE from `vae` or the config's `vae_name_or_path`. The latent scale/shift come from the
         config of the VAE actually loaded.
 
-        `fp8` stores the decoder's linear weights as float8 (about half the memory of bf16), `int4` as
-        grouped 4-bit (about a quarter);
-        `resident_layers` keeps only that many decoder layers on the device and streams the rest;
+        `memory`: the decoder's linear weights in the compute dtype (`full`), as float8 (`fp8`, about half the memory
+        of bf16), grouped 4-bit (`int4`, about a quarter), or `auto`: the fastest that fits the GPU's free memory for
+        `job` (default: one 512x512 image), as the Model Loader chooses (memory/planner.py); the full model on the CPU.
+        `gpu_layers` keeps only that many decoder layers on the GPU and streams the rest;
         `compile` runs the flow head through torch.compile (compiled at the first call of each shape;
         eager, with one warning, where compiling fails); None: the device's default (devices.compile_default:
-        on, except on Apple GPUs). `attention`: auto, sdpa or flash_attn (see set_attention_backend).
+        on, except on Apple GPUs). `attention`: auto, sdpa or flash_attn, chosen for each device
+        (attention.attention_kernels). `dtype` auto: each device's own (devices.auto_dtype).
         `devices` (instead of `device`) splits the decoder's layers over several devices (docs/multi-gpu.md):
         "cuda:0,cuda:1" sized by the memory planner from each one's free memory now, or explicit inclusive ranges
         "cuda:0:0-23,cuda:1:24-47"; the flow head and VAE run on the last, streamed layers stream to the last."""
         folder = ModelFolder.open(folder)
-        placement = None
-        if devices is not None:
-            if device != "auto":
-                raise NextStepError(f"both device {device!r} and devices {devices!r} were given; give one of them")
-            device_list = DeviceList.parse(devices).check_present()
-            torch_dtype = resolve_dtype(dtype, device_list.devices[-1])
-            mode = WeightMode(torch_dtype, fp8, resident_layers, int4)
-            placement = placement_for(ModelFootprint.from_folder(folder), mode, Job(), device_list, free_memory)
-            torch_device = placement.last
-        else:
-            torch_device = resolve_device(device)
-            torch_dtype = resolve_dtype(dtype, torch_device)
-        if compile is None:
-            compile = compile_default(DeviceTraits.of(torch_device))
-        set_attention_backend(attention, torch_device)
-        model = load_model(folder, torch_dtype, torch_device, fp8=fp8, resident_layers=resident_layers, int4=int4,
-                           placement=placement)
+        if devices is not None and device != "auto":
+            raise NextStepError(f"both device {device!r} and devices {devices!r} were given; give one of them")
+        listed = DeviceList((resolve_device(device),)) if devices is None else DeviceList.parse(devices).check_present()
+        targets = Targets.on(listed, dtype, free_memory, vae_on_run_device=True)
+        plan, choice = plan_load(ModelFootprint.from_folder(folder), memory, gpu_layers, job or Job(), targets,
+                                 str(folder.path))
+        placement = plan.placement
+        layers = f", layers {placement.split}" if placement.split else ""
+        log.info("NextStep: %s", choice or f"loading {folder.path.name} as {plan.loads_as}{layers}")
+        model = load_model(folder, plan.mode, placement)
         vae_files = folder.vae if vae is None else VAEFiles.locate(vae)
-        vae_model = load_vae(vae_files, vae_dtype(torch_dtype), torch_device)
+        vae_model = load_vae(vae_files, vae_dtype(placement.run_dtype), placement.run_device)
+        if compile is None:
+            compile = compile_default(DeviceTraits.of(placement.run_device))
+        kernels = attention_kernels(attention, [layer_range.device for layer_range in placement.ranges])
         return cls(model, load_tokenizer(folder), vae_files.normalization, vae_model, str(vae_files.location),
-                   compile=compile)
+                   compile=compile, attention=kernels)
 
     def _require_vae(self) -> NextStepVAE:
         if self.vae is None:
@@ -142,8 +148,9 @@ class NextStepPipeline:
     def prepare(self, caption: str, settings: GenerationSettings, negative: str | None = None,
                 positive: str | None = None, edit_latents: list[torch.Tensor] | None = None,
                 init_latents: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> TokenLoopInputs:
-        """Validate and tokenize, and prepare everything the token loop needs (rows, noise, schedules, kept
-        tokens)."""
+        """Everything the token loop needs, in one pass: the settings, texts and latents checked first; then the
+        prompt tokenized and the job's memory checked on every device (memory/check.py); then the loop's inputs
+        (rows, noise, schedules, kept tokens)."""
         if not isinstance(settings, GenerationSettings):
             raise NextStepError(f"settings must be a GenerationSettings, got {type(settings).__name__}")
         settings.validate()
@@ -151,10 +158,10 @@ class NextStepPipeline:
         check_text("negative", negative, optional=True)
         check_text("positive", positive, optional=True)
         kept = self._kept(init_latents, mask, settings) if init_latents is not None else None
-        config = self.model.config
-        grid = token_grid(config, settings.height, settings.width)
         edit_latents = [check_finite(latent, f"editing input image {index + 1}'s latent")
                         for index, latent in enumerate(edit_latents or [])]
+        config = self.model.config
+        grid = token_grid(config, settings.height, settings.width)
         input_grids = [(lat.shape[-2] // config.latent_patch_size, lat.shape[-1] // config.latent_patch_size)
                        for lat in edit_latents]
         rows = build_rows(self.tokenizer, caption, negative, positive, input_grids, grid, settings.batch,
@@ -162,8 +169,8 @@ class NextStepPipeline:
         check_context_length(rows.input_ids.shape[1], grid[0] * grid[1], config.max_positions)
         placeholders = sum(h * w for h, w in input_grids)
         job = Job.with_latents(settings, edit_latents, prompt_tokens=rows.input_ids.shape[1] - placeholders)
-        check_job_memory(config, self.vae.config if self.vae is not None else None, self.model.dtype, job,
-                         self.model.device, self.free_memory, self.model.placement)
+        vae = None if self.vae is None else VAEPlacement(self.vae.config, self.vae.device, self.vae.dtype)
+        check_job_memory(config, self.model.placement, job, self.free_memory, vae)
         image_tokens = None
         if edit_latents:
             per_row = torch.cat([self.latents_to_tokens(lat).flatten(0, 1) for lat in edit_latents])
@@ -187,17 +194,19 @@ class NextStepPipeline:
     def sample(self, caption: str, settings: GenerationSettings, negative: str | None = None,
                positive: str | None = None, edit_latents: list[torch.Tensor] | None = None,
                callback: TokenCallback | None = None, init_latents: torch.Tensor | None = None,
-               mask: torch.Tensor | None = None, compile: bool | None = None) -> GenerationResult:
+               mask: torch.Tensor | None = None, compile: bool | None = None,
+               attention: tuple[FlashAttention | None, ...] | None = None) -> GenerationResult:
         """Generate tokens and VAE-space latents (no decoding). `edit_latents`: one VAE-space latent
         [1, C, h, w] per `<image>` tag in the caption. `init_latents` [1 or B, C, H/8, W/8] (VAE space, the
         settings' size) with `mask` (pixels, 1 = regenerate, see keep_mask): the tokens the mask keeps are
         taken from the init latents, the rest generated after them in raster order. Without a mask every
-        token is generated. `compile`: None uses the pipeline's setting."""
+        token is generated. `compile` and `attention` (each range's kernel): None uses the pipeline's."""
         use_compile = self.compile if compile is None else compile
+        kernels = self.attention if attention is None else attention
 
         def run() -> tuple[torch.Tensor, TokenLoopInputs]:
             inputs = self.prepare(caption, settings, negative, positive, edit_latents, init_latents, mask)
-            return sample_tokens(self.model, inputs, callback, use_compile), inputs
+            return sample_tokens(self.model, inputs, kernels, callback, use_compile), inputs
 
         tokens, inputs = run_or_explain_out_of_memory(SAMPLING, self.model.device, run)
         patch = self.model.config.latent_patch_size

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..weights.modes import STORED_FORMATS
-from ..weights.repack import convert_folder
+from ..weights.repack import CONVERTED_FORMATS, convert_folder
 from .help import HelpFormatter
 
 
@@ -18,7 +17,7 @@ def add_parser(commands) -> None:
                     "copied. Load it with the same weights setting (fp8 / int4).")
     parser.add_argument("source", metavar="SRC", help="NextStep model folder (as downloaded)")
     parser.add_argument("destination", metavar="DST", help="new folder to write (must not exist or be empty)")
-    parser.add_argument("--weights", choices=STORED_FORMATS, required=True,
+    parser.add_argument("--weights", choices=list(CONVERTED_FORMATS), required=True,
                         help="storage of the decoder's linear weights")
 
 

@@ -12,21 +12,17 @@ from typing import Any, NoReturn, Sequence
 import torch
 from safetensors.torch import save_file
 
-from ..devices import DTYPES, resolve_device, resolve_dtype
+from ..devices import DTYPES
 from ..errors import NextStepError
 from ..images import images_to_unit, save_png, to_uint8
-from ..memory.choice import MEMORY_CHOICES, resolve_weight_mode
-from ..memory.device_memory import device_memory, free_memory
 from ..memory.job import Job
-from ..memory.split import resolve_split
+from ..memory.planner import MEMORY_CHOICES, memory_setting
 from ..model.attention import BACKENDS
-from ..model.placement import DeviceList
 from ..pipeline import NextStepPipeline
 from ..presets import DEFAULT_PRESET, PRESETS
 from ..sampling.prompt import PROFILES
 from ..sampling.solvers import CFG_SCHEDULES, SAMPLERS
 from ..settings import PRESET_SETTINGS, GenerationSettings
-from ..weights.model_folder import ModelFolder
 from . import convert as cli_convert
 from . import doctor as cli_doctor
 from . import download as cli_download
@@ -102,14 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "(ranges sized from each GPU's free memory; the flow head and VAE on the last) or explicit "
                           "inclusive layer ranges, cuda:0:0-23,cuda:1:24-47 (see docs/multi-gpu.md)")
     gen.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
-                     help="compute dtype (auto: bfloat16 on NVIDIA GPUs from Ampere and on Macs from macOS 14, "
-                          "float16 on older ones, float32 on the CPU)")
+                     help="compute dtype (auto: each device's own: bfloat16 on NVIDIA GPUs from Ampere and on Macs "
+                          "from macOS 14, float16 on older ones, float32 on the CPU)")
     gen.add_argument("--attention", choices=BACKENDS, default="auto",
                      help="attention kernel: flash-attn where it imports and the GPU runs it (auto), or PyTorch SDPA; "
                           "a missing or broken flash-attn falls back to SDPA with a warning")
     gen.add_argument("--memory", choices=MEMORY_CHOICES, default="auto",
                      help="decoder weights: full (the dtype), fp8 (NextStep-14B in about 15 GB), int4 (about 9 GB), "
-                          "or auto: the fastest that fits this GPU (full on the CPU)")
+                          "or auto: the fastest that fits the GPUs for this job (full on the CPU)")
     gen.add_argument("--fp8", action="store_true", help="same as --memory fp8")
     gen.add_argument("--gpu-layers", type=int, metavar="N",
                      help="keep only N decoder layers on the GPU and stream the rest from RAM (default: all, or "
@@ -163,30 +159,6 @@ def settings_from_args(args: argparse.Namespace) -> tuple[GenerationSettings, st
     return settings, preset.negative if args.negative is None else args.negative
 
 
-def _weight_mode(args: argparse.Namespace, folder: ModelFolder, settings: GenerationSettings,
-                 edit_images: list[torch.Tensor]) -> dict:
-    """from_pretrained's weight (and device) arguments from --memory/--fp8/--gpu-layers (and --devices); `auto` plans
-    for this job."""
-    job = Job(settings, tuple(tuple(image.shape[-2:]) for image in edit_images))
-    if args.devices is not None:
-        if args.device != "auto":
-            raise NextStepError(f"both --device {args.device} and --devices {args.devices} were given; give one")
-        devices = DeviceList.parse(args.devices).check_present()
-        mode, placement, choice = resolve_split(folder, args.memory, devices,
-                                                resolve_dtype(args.dtype, devices.devices[-1]), args.fp8,
-                                                args.gpu_layers, free_memory, job)
-        sys.stderr.write(f"{choice or 'split'}: layers {placement.describe()}\n")
-        return {"fp8": mode.fp8, "int4": mode.int4, "resident_layers": mode.gpu_layers,
-                "devices": placement.describe()}
-    device = resolve_device(args.device)
-    measured = device_memory(device) if device.type != "cpu" else None
-    mode, choice = resolve_weight_mode(folder, args.memory, device, resolve_dtype(args.dtype, device), args.fp8,
-                                       args.gpu_layers, None if measured is None else measured[0], job)
-    if choice:
-        sys.stderr.write(choice + "\n")
-    return {"fp8": mode.fp8, "int4": mode.int4, "resident_layers": mode.gpu_layers, "device": args.device}
-
-
 def run_generate(args: argparse.Namespace) -> None:
     if args.mask and not args.init_image:
         raise NextStepError("--mask needs --init-image (the image whose unmasked tokens are kept)")
@@ -199,10 +171,11 @@ def run_generate(args: argparse.Namespace) -> None:
     edit_size = None if args.keep_input_size else (settings.width, settings.height)
     edit_images = [load_cropped_rgb(args.image, edit_size)] if args.image else []
     mask = load_mask(args.mask, init) if args.mask else None
-    folder = ModelFolder.open(args.model)
-    pipe = NextStepPipeline.from_pretrained(folder, vae=args.vae, dtype=args.dtype,
-                                            compile=args.compile, attention=args.attention,
-                                            **_weight_mode(args, folder, settings, edit_images))
+    pipe = NextStepPipeline.from_pretrained(args.model, vae=args.vae, device=args.device, devices=args.devices,
+                                            dtype=args.dtype, memory=memory_setting(args.memory, args.fp8),
+                                            gpu_layers=args.gpu_layers, compile=args.compile,
+                                            attention=args.attention,
+                                            job=Job(settings, tuple(tuple(image.shape[-2:]) for image in edit_images)))
     result = pipe.generate(args.prompt, settings, negative=negative, positive=args.positive,
                            edit_images=edit_images, callback=ProgressBar(), mask=mask,
                            init_image=init.pixels if init else None, init_latents=init.latents if init else None)
@@ -221,12 +194,25 @@ RUNNERS = {"generate": run_generate, "plan": cli_plan.run, "download": cli_downl
 """Subcommand name -> the function that runs it."""
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A handler writing to whatever sys.stderr is when a line is logged: `main` may run in a process that swaps it
+    (a test capturing output, an application embedding the CLI), and a stream bound once would then be closed."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _show_runtime_log() -> None:
-    """The runtime's own info lines (compiling, skipped tensors, ...) on stderr; not other libraries' chatter
-    (HTTP requests, ...), so an error stays the one line a failed command prints."""
+    """The runtime's own info lines (the mode it loads in, compiling, skipped tensors, ...) on stderr; not other
+    libraries' chatter (HTTP requests, ...), so an error stays the one line a failed command prints."""
     runtime = logging.getLogger(__package__.partition(".")[0])
     if not runtime.handlers:
-        handler = logging.StreamHandler()
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         runtime.addHandler(handler)
         runtime.setLevel(logging.INFO)

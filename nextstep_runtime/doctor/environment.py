@@ -155,7 +155,8 @@ def _folder_contents(path: Path) -> dict:
                 else "; not a model folder")
         return {"problem": f"holds no {CONFIG_NAME}{hint}"}
     folder = ModelFolder.open(path)
-    return {"weights": folder.stored_format, "parameters": folder.parameter_count(), "vae": (path / "vae").is_dir()}
+    return {"weights": folder.weights_description, "parameters": folder.parameter_count(),
+            "vae": (path / "vae").is_dir()}
 
 
 def model_folders_report(roots: list[Path]) -> list[dict]:

@@ -25,13 +25,16 @@ from safetensors.torch import save_file
 from ..config import ModelConfig
 from ..devices import DeviceTraits, auto_dtype
 from ..model.network import NextStepModel
+from ..model.placement import Placement
 from ..sampling.compiled_step import compile_failure
+from ..sampling.loop_inputs import TokenLoopInputs
+from ..sampling.noise import NoiseSpec
 from ..sampling.prompt import PromptRows
 from ..sampling.solvers import guidance_scales, solver_plan
-from ..sampling.token_loop import NoiseSpec, TokenLoopInputs, sample_tokens
+from ..sampling.token_loop import sample_tokens
 from ..weights.loading import load_model
 from ..weights.model_folder import CONFIG_NAME, SINGLE_WEIGHTS_NAME
-from ..weights.modes import WeightMode, mode_refusal
+from ..weights.modes import FLOAT_WEIGHTS, WeightMode, mode_refusal
 from .environment import compile_report, exception_line
 
 TINY_CONFIG = {
@@ -42,6 +45,9 @@ TINY_CONFIG = {
 }
 """A NextStep config.json of the released models' shape (grouped-query attention, the flow head), at widths every
 weight format's kernels take (int4 groups of 32, CUDA's packing tiles)."""
+LAYERS = TINY_CONFIG["num_hidden_layers"]
+SDPA = (None,)
+"""The one range's attention kernel: SDPA (the attention report checks flash-attn on its own)."""
 GRID = (3, 3)
 STEPS = 4
 CFG = 3.0
@@ -63,13 +69,13 @@ class Check:
 
     name: str
     mode: WeightMode
+    dtype: torch.dtype
     compile: bool = False
     cuda_graph: bool = False
 
     @property
     def precision(self) -> str:
-        storage = self.mode.storage
-        return str(self.mode.dtype).removeprefix("torch.") if storage == "bf16" else storage
+        return str(self.dtype).removeprefix("torch.") if self.mode.storage == "full" else self.mode.storage
 
 
 def write_tiny_model(folder: Path) -> None:
@@ -109,15 +115,15 @@ def checks_for(device: torch.device) -> list[tuple[Check, str | None]]:
     captured CUDA graph, fp8 and int4 weights, each where the device and this install allow it."""
     traits = DeviceTraits.of(device)
     dtype = auto_dtype(traits)
-    full = WeightMode(dtype)
+    full, fp8, int4 = (WeightMode(storage) for storage in ("full", "fp8", "int4"))
     compiling = compile_report(device)["problem"]  # the tiny compile's verdict: a compiler that fails is skipped
     return [
-        (Check("eager", full), None),
-        (Check("compiled", full, compile=True), compiling and f"compile unavailable: {compiling}"),
-        (Check("cuda graph", full, compile=compiling is None, cuda_graph=True),
+        (Check("eager", full, dtype), None),
+        (Check("compiled", full, dtype, compile=True), compiling and f"compile unavailable: {compiling}"),
+        (Check("cuda graph", full, dtype, compile=compiling is None, cuda_graph=True),
          None if device.type == "cuda" else "CUDA graphs need a CUDA GPU"),
-        (Check("fp8", WeightMode(dtype, fp8=True)), mode_refusal(WeightMode(dtype, fp8=True), "bf16", traits)),
-        (Check("int4", WeightMode(dtype, int4=True)), mode_refusal(WeightMode(dtype, int4=True), "bf16", traits)),
+        (Check("fp8", fp8, dtype), mode_refusal(fp8, FLOAT_WEIGHTS, traits, dtype)),
+        (Check("int4", int4, dtype), mode_refusal(int4, FLOAT_WEIGHTS, traits, dtype)),
     ]
 
 
@@ -140,8 +146,8 @@ def _run(folder: Path, check: Check, device: torch.device, reference: torch.Tens
     start = time.perf_counter()
     with _warnings_logged() as warnings:
         try:
-            model = load_model(folder, check.mode.dtype, device, fp8=check.mode.fp8, int4=check.mode.int4)
-            tokens = sample_tokens(model, inputs, compile=check.compile, cuda_graph=check.cuda_graph).cpu()
+            model = load_model(folder, check.mode, Placement.single(device, check.dtype, LAYERS))
+            tokens = sample_tokens(model, inputs, SDPA, compile=check.compile, cuda_graphs=check.cuda_graph).cpu()
         except Exception as exc:  # noqa: BLE001 - a kernel or toolchain that fails is the answer, not a crash
             return {**result, "verdict": "error", "note": exception_line(exc), "seconds": time.perf_counter() - start}
     difference = float((tokens - reference).abs().max() / reference.abs().max())
@@ -164,7 +170,8 @@ def self_check(device: torch.device) -> dict:
         write_tiny_model(folder)
         config = ModelConfig.from_dict(TINY_CONFIG)
         inputs = tiny_inputs(config)
-        reference = sample_tokens(load_model(folder, torch.float32, "cpu"), inputs)
+        reference = sample_tokens(load_model(folder, WeightMode(), Placement.single("cpu", torch.float32, LAYERS)),
+                                  inputs, SDPA)
         checks = [_run(folder, check, device, reference, inputs) if skip is None
                   else {"name": check.name, "precision": check.precision, "verdict": "skipped", "note": skip}
                   for check, skip in checks_for(device)]

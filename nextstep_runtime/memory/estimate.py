@@ -1,14 +1,17 @@
-"""What one sampling call allocates on the run device besides the weights: the KV cache exactly as `DecodeState`
+"""What one sampling call allocates on each device besides the weights: the KV cache exactly as `DecodeState`
 allocates it, the token loop's activations (an estimate, documented where it is computed) and the VAE's
 working memory."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..config import ModelConfig, VAEConfig
+from ..model.placement import Placement
+from ..sampling.noise import NoiseSpec
 from ..sampling.prompt import guidance_groups
-from ..sampling.token_loop import NoiseSpec
 from .job import Job, image_tokens
 from .out_of_memory import VAE_DECODING, VAE_ENCODING
 
@@ -25,12 +28,12 @@ the (positions x positions) score matrix of the math backend (17 GB at 2048x2048
 form it, the queries go in chunks that bound it to SCORE_CHUNK_BYTES (model/vae.py)."""
 
 
-def kv_cache_bytes(config: ModelConfig, dtype: torch.dtype, job: Job) -> int:
-    """Keys and values of every layer for all guidance rows, over prompt + input-image + image positions
-    (the last image token is never fed back), exactly as `DecodeState` allocates them."""
+def kv_cache_bytes(config: ModelConfig, dtype: torch.dtype, job: Job, layers: int | None = None) -> int:
+    """Keys and values of `layers` decoder layers (default: all) for all guidance rows, over prompt + input-image +
+    image positions (the last image token is never fed back), exactly as `DecodeState` allocates them."""
     rows, capacity = _rows_and_capacity(config, job)
     per_position = config.num_key_value_heads * config.head_dim * dtype.itemsize
-    return 2 * config.num_hidden_layers * rows * capacity * per_position
+    return 2 * (config.num_hidden_layers if layers is None else layers) * rows * capacity * per_position
 
 
 def _rows_and_capacity(config: ModelConfig, job: Job) -> tuple[int, int]:
@@ -49,26 +52,17 @@ def vae_encode_bytes(height: int, width: int, dtype: torch.dtype) -> int:
     return VAE_ENCODE_PER_PIXEL * height * width * dtype.itemsize
 
 
-def sampling_activation_bytes(config: ModelConfig, dtype: torch.dtype, job: Job) -> int:
-    """An estimate of what the token loop allocates besides the KV cache, in bytes.
+def layer_work_bytes(config: ModelConfig, dtype: torch.dtype, job: Job) -> int:
+    """An estimate of what the token loop allocates besides the KV cache on every device that runs decoder layers:
 
     - prefill of the prompt, one layer at a time: the embeddings, residual stream and normed input
       (3 x rows x P x hidden), then the larger of attention (q, K/V repeated to every head, output, and the
       rows x heads x P x P score matrix of SDPA's math backend, an upper bound: CUDA's fused kernels need
       none) and the MLP (gate, up and their product, 3 x rows x P x intermediate); rotary tables and the
       padding mask;
-    - the token loop: one chunk of the seeded noise in float32 (NoiseSpec: the whole image's when it is at
-      most NOISE_CHUNK_BYTES), drawn on the host and held in the solver's buffers on the run device,
-      the output tokens, the flow head's adaLN modulations for every step, the key-valid mask and slot
-      indices, and one decode step's activations;
+    - one decode step's activations, the key-valid mask and slot indices (each device keeps its own);
     - WORKSPACE_ALLOWANCE.
     """
-    return layer_work_bytes(config, dtype, job) + loop_buffer_bytes(config, dtype, job)
-
-
-def layer_work_bytes(config: ModelConfig, dtype: torch.dtype, job: Job) -> int:
-    """The part of `sampling_activation_bytes` every device that runs decoder layers allocates: the prefill's and a
-    decode step's activations, the masks and positions (handed to each device of a split) and the workspace."""
     c, size = config, dtype.itemsize
     rows, capacity = _rows_and_capacity(config, job)
     prompt = job.prompt_length(config)
@@ -83,8 +77,9 @@ def layer_work_bytes(config: ModelConfig, dtype: torch.dtype, job: Job) -> int:
 
 
 def loop_buffer_bytes(config: ModelConfig, dtype: torch.dtype, job: Job) -> int:
-    """The part of `sampling_activation_bytes` on the run device alone (the last of a split): the noise chunk and the
-    solver's buffers, the output tokens and the flow head's modulations."""
+    """What the token loop allocates on the run device alone: one chunk of the seeded noise in float32 (NoiseSpec: the
+    whole image's when it is at most NOISE_CHUNK_BYTES), drawn on the host and held in the solver's buffers there, the
+    output tokens and the flow head's adaLN modulations for every step."""
     c, settings = config, job.settings
     rows, _ = _rows_and_capacity(config, job)
     tokens = image_tokens(config, settings.height, settings.width)
@@ -94,31 +89,39 @@ def loop_buffer_bytes(config: ModelConfig, dtype: torch.dtype, job: Job) -> int:
     return noise + output + modulations
 
 
-def sampling_bytes(config: ModelConfig, dtype: torch.dtype, job: Job) -> int:
-    """What the token loop allocates on the run device besides the weights: KV cache plus activations."""
-    return kv_cache_bytes(config, dtype, job) + sampling_activation_bytes(config, dtype, job)
+def range_run_bytes(config: ModelConfig, placement: Placement, job: Job) -> list[tuple[int, int]]:
+    """Per range of `placement`, (its layers' KV cache bytes, what sampling allocates on its device besides weights):
+    its KV cache and `layer_work_bytes`, in the range's dtype; the last range (on the run device) also the loop's
+    buffers."""
+    shares = [(kv_cache_bytes(config, r.dtype, job, r.count), layer_work_bytes(config, r.dtype, job))
+              for r in placement.ranges]
+    kv, work = shares[-1]
+    shares[-1] = (kv, work + loop_buffer_bytes(config, placement.run_dtype, job))
+    return [(kv, kv + work) for kv, work in shares]
 
 
-def job_bytes(config: ModelConfig, vae_config: VAEConfig, dtype: torch.dtype, job: Job) -> tuple[int, int]:
-    """(KV cache bytes, everything one run allocates besides weights): the largest of its three phases, VAE encode,
-    sampling and VAE decode, which never overlap."""
-    return split_job_bytes(config, vae_config, dtype, job, [config.num_hidden_layers])[0]
+@dataclass(frozen=True)
+class VAEPlacement:
+    """Where the VAE runs and in which dtype, for the estimate of its phases there."""
+
+    config: VAEConfig
+    device: torch.device
+    dtype: torch.dtype
 
 
-def split_job_bytes(config: ModelConfig, vae_config: VAEConfig | None, dtype: torch.dtype, job: Job,
-                    counts: list[int]) -> list[tuple[int, int]]:
-    """Per device of a split whose ranges hold these many decoder layers (one count: one device), (its layers' KV
-    cache bytes, what one run allocates there besides weights): each device its KV cache and `layer_work_bytes`; the
-    last (the run device, with the VAE) also the loop's buffers, or VAE encode or decode where larger (`vae_config`
-    None: no VAE runs there, as in the nodes, which decode in their own node)."""
-    job.validate()
-    per_layer_kv = kv_cache_bytes(config, dtype, job) // config.num_hidden_layers
-    vae = vae_phase_bytes(vae_config, dtype, job) if vae_config is not None else {}
-    work = layer_work_bytes(config, dtype, job)
-    shares = [(count * per_layer_kv, count * per_layer_kv + work) for count in counts]
-    kv, sampling = shares[-1]
-    shares[-1] = (kv, max([sampling + loop_buffer_bytes(config, dtype, job), *vae.values()]))
-    return shares
+def device_run_bytes(config: ModelConfig, placement: Placement, job: Job,
+                     vae: VAEPlacement | None = None) -> dict[torch.device, tuple[int, int]]:
+    """Per device (the placement's, and the VAE's), (KV cache bytes, what one call allocates there besides weights):
+    its ranges' sampling bytes (range_run_bytes), or on the VAE's device VAE encode or decode where larger (the three
+    phases never overlap). `vae` None: no VAE runs in this call (the nodes decode in their own node)."""
+    needs: dict[torch.device, tuple[int, int]] = {}
+    for layer_range, (kv, run) in zip(placement.ranges, range_run_bytes(config, placement, job)):
+        held_kv, held_run = needs.get(layer_range.device, (0, 0))
+        needs[layer_range.device] = (held_kv + kv, held_run + run)
+    if vae is not None:
+        kv, run = needs.get(vae.device, (0, 0))
+        needs[vae.device] = (kv, max(run, *vae_phase_bytes(vae.config, vae.dtype, job).values()))
+    return needs
 
 
 def vae_phase_bytes(vae_config: VAEConfig, dtype: torch.dtype, job: Job) -> dict[str, int]:

@@ -12,21 +12,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..config import ModelConfig, VAEConfig
 from ..errors import NextStepError
-from ..model.backbone import DecoderLayer
 from ..model.network import NextStepModel
-from ..model.placement import INPUT_PARTS
+from ..model.placement import INPUT_PARTS, Placement
 from ..model.vae import vae_parameter_count
-from ..weights.checkpoint import IGNORED_KEYS
-from ..weights.fp8 import FP8_DTYPE, use_fp8_linears
+from ..weights.checkpoint import IGNORED_KEYS, shape_error
 from ..weights.gptq import PACKED_PARTS, int4_groups
-from ..weights.int4 import group_size_for
+from ..weights.loading import model_shape_hint
 from ..weights.model_folder import ModelFolder
-from ..weights.modes import GPTQ_PACKED, WeightMode
+from ..weights.modes import FLOAT_WEIGHTS, GPTQ_PACKED, WeightMode
 from ..weights.offload import packed_bytes
+from ..weights.schemes import is_layer_linear, scheme_for
 
 
 @dataclass(frozen=True)
@@ -38,7 +36,7 @@ class ModelFootprint:
     """The tensors the loader keeps (no `model.` prefix, lm_head and other ignored keys left out) -> shape."""
     vae_parameters: int
     vae_config: VAEConfig = VAEConfig()
-    stored_format: str = "bf16"
+    stored_format: str = FLOAT_WEIGHTS
     """How the folder stores the decoder's linear weights (see weights/modes.py)."""
     int4_groups: dict[str, int] | None = None
     """A folder of GPTQ-packed weights: the linears it holds 4-bit -> the kernel group each loads with
@@ -62,10 +60,15 @@ class ModelFootprint:
             groups = int4_groups(folder.packed_linears, expected)
             _unpack_gptq_shapes(shapes, folder, expected)
         shapes = {name: shape for name, shape in shapes.items() if name in expected}  # the loader skips the rest
-        if shapes != expected:
-            differing = sorted(set(expected) - set(shapes) or {k for k in shapes if shapes[k] != expected[k]})
+        missing = sorted(set(expected) - set(shapes))
+        if missing:
             raise NextStepError(f"the weights in {folder.path} do not match its config.json (first difference: "
-                                f"{differing[0]}); the model would not load: download it again")
+                                f"{missing[0]} is missing); the model would not load: download it again")
+        differing = sorted(name for name in shapes if shapes[name] != expected[name])
+        if differing:
+            header = folder.tensors[differing[0]]
+            raise shape_error(header.file, header.key, shapes[differing[0]], str(folder.config_path),
+                              tuple(expected[differing[0]]), model_shape_hint(folder.config)(differing[0]))
         return cls(folder.config, shapes, folder.vae.parameter_count(), folder.vae.config, folder.stored_format,
                    groups, folder.vae.assumed_config)
 
@@ -110,75 +113,65 @@ def _unpack_gptq_shapes(shapes: dict[str, tuple[int, ...]], folder: ModelFolder,
             shapes[weight] = expected[weight]
 
 
+_LAYER_KEY = re.compile(r"layers\.(\d+)\..+")
+
+
 @dataclass(frozen=True)
-class WeightBytes:
-    """A mode's weight bytes on the run device and in host RAM."""
+class PartBytes:
+    """A mode's weight bytes in one compute dtype, part by part, as the loader stores them (weights/schemes.py)."""
 
-    gpu: int
-    host: int
+    layers: list[list[int]]
+    """Per decoder layer, its tensors' bytes (streamed layers are packed from these: offload.packed_bytes)."""
+    inputs: int
+    """The embedding and the image-in projector (on the first range's device)."""
+    outputs: int
+    """The final norm, the image-out projector and the flow head (on the run device)."""
 
-
-def _quantized_linear_names(config: ModelConfig) -> set[str]:
-    """Names (inside one decoder layer) of the linears the loader stores as fp8 or int4: the loader's own
-    swap, run on a meta-device layer."""
-    with torch.device("meta"):
-        layer = nn.ModuleList([DecoderLayer(config, 0)])
-    return {name.removeprefix("0.") for name in use_fp8_linears(layer)}
-
-
-_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)")
+    @property
+    def per_layer(self) -> int:
+        """A decoder layer's bytes on average (every layer of a released model is alike)."""
+        return sum(sum(sizes) for sizes in self.layers) // len(self.layers)
 
 
-def weight_bytes(footprint: ModelFootprint, mode: WeightMode) -> WeightBytes:
-    """Bytes of the model's weights on the run device and in host RAM, as `load_model` stores them: the
-    compute dtype everywhere, except fp8 decoder linear weights (1 byte each plus a float32 scale per output
-    channel) and int4 ones (half a byte each plus a scale and zero per group, in the compute dtype); streamed
-    layers in host RAM, each packed in one buffer (offload.pack_layer), and two device slots (one with a single
-    streamed layer) packed alike, that they are copied into."""
-    gpu, host = range_weight_bytes(footprint, mode, [footprint.config.num_hidden_layers])
-    return WeightBytes(gpu=gpu[0], host=host)
-
-
-def range_weight_bytes(footprint: ModelFootprint, mode: WeightMode, counts: list[int]) -> tuple[list[int], int]:
-    """Weight bytes on each device of a split whose ranges hold these many decoder layers in order (one count: one
-    device), as `load_model` places them (model/placement.py): each range's resident layers; the embedding and the
-    image-in projector on the first device; the other parts, and the streaming slots, on the last. Also the bytes
-    of streamed layers in host RAM (see weight_bytes)."""
-    layers = footprint.config.num_hidden_layers
-    if mode.gpu_layers is not None and not 0 <= mode.gpu_layers <= layers:
-        raise NextStepError(f"gpu_layers must be between 0 and {layers} (got {mode.gpu_layers})")
-    quantized_owners = _quantized_linear_names(footprint.config) if mode.fp8 or mode.int4 else set()
-    itemsize = mode.dtype.itemsize
-    per_layer: list[list[int]] = [[] for _ in range(layers)]
+def part_bytes(footprint: ModelFootprint, storage: str, dtype: torch.dtype) -> PartBytes:
+    """The bytes of every part of the model when its decoder linears are held as `storage` and everything else in
+    `dtype`; a GPTQ-packed folder's 4-bit linears as int4 whatever the storage (it loads in its own format only)."""
+    scheme, int4 = scheme_for(storage), scheme_for("int4")
+    layers: list[list[int]] = [[] for _ in range(footprint.config.num_hidden_layers)]
     inputs = outputs = 0
     for name, shape in footprint.tensor_shapes.items():
-        count = math.prod(shape)
         match = _LAYER_KEY.fullmatch(name)
-        owner, _, attr = (match.group(2) if match else name).rpartition(".")
-        group = None
+        owner, _, attr = name.rpartition(".")
         if footprint.int4_groups is not None:
-            group = footprint.int4_groups.get(name.removesuffix(".weight")) if attr == "weight" else None
-        elif match and owner in quantized_owners and attr == "weight" and mode.int4:
-            group = group_size_for(shape[1])
-        if group is not None:  # the packed nibbles, scales and zeros
-            sizes = [count // 2, 2 * (count // group) * itemsize]
-        elif match and owner in quantized_owners and attr == "weight" and mode.fp8:  # the weight, its scale
-            sizes = [count * FP8_DTYPE.itemsize, shape[0] * torch.float32.itemsize]
+            group = footprint.int4_groups.get(owner) if attr == "weight" else None
+            sizes = int4.weight_bytes(shape, dtype, group) if group else [math.prod(shape) * dtype.itemsize]
+        elif attr == "weight" and is_layer_linear(owner, footprint.config):
+            sizes = scheme.weight_bytes(shape, dtype)
         else:
-            sizes = [count * itemsize]
+            sizes = [math.prod(shape) * dtype.itemsize]
         if match:
-            per_layer[int(match.group(1))] += sizes
+            layers[int(match.group(1))] += sizes
         elif name.split(".")[0] in INPUT_PARTS:
             inputs += sum(sizes)
         else:
             outputs += sum(sizes)
+    return PartBytes(layers, inputs, outputs)
+
+
+def placed_weight_bytes(footprint: ModelFootprint, mode: WeightMode, placement: Placement) -> tuple[list[int], int]:
+    """Weight bytes on each range's device as `load_model` places them, and the bytes of streamed layers in host RAM:
+    each range's resident layers in its dtype; the embedding and the image-in projector on the first range's device;
+    the other parts on the run device, with the streaming slots: streamed layers (from `mode.gpu_layers` on) are held
+    in host RAM each packed in one buffer (offload.pack_layer), and copied into two run-device slots (one with a
+    single streamed layer) packed alike."""
+    layers = footprint.config.num_hidden_layers
+    mode.check_layers(layers)
     resident = layers if mode.gpu_layers is None else mode.gpu_layers
-    streamed = [packed_bytes(sizes) for sizes in per_layer[resident:]]
-    slots = min(2, len(streamed)) * (streamed[0] if streamed else 0)
-    on_device, start = [], 0
-    for count in counts:
-        on_device.append(sum(sum(sizes) for sizes in per_layer[start:min(start + count, resident)]))
-        start += count
-    on_device[0] += inputs
-    on_device[-1] += outputs + slots
+    by_dtype = {dtype: part_bytes(footprint, mode.storage, dtype) for dtype in {r.dtype for r in placement.ranges}}
+    on_device = [sum(sum(sizes) for sizes in by_dtype[r.dtype].layers[r.start:min(r.stop, resident)])
+                 for r in placement.ranges]
+    run = by_dtype[placement.run_dtype]
+    streamed = [packed_bytes(sizes) for sizes in run.layers[resident:]]
+    on_device[0] += by_dtype[placement.input_dtype].inputs
+    on_device[-1] += run.outputs + min(2, len(streamed)) * (streamed[0] if streamed else 0)
     return on_device, sum(streamed)

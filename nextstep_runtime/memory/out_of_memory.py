@@ -15,10 +15,10 @@ from typing import Callable, TypeVar
 
 import torch
 
-from ..devices import DeviceTraits
+from ..devices import DeviceTraits, auto_dtype
 from ..errors import NextStepError
 from ..failures import is_out_of_memory
-from ..weights.modes import WeightMode, mode_refusal
+from ..weights.modes import FLOAT_WEIGHTS, WeightMode, mode_refusal
 
 T = TypeVar("T")
 
@@ -38,11 +38,12 @@ def model_changes(traits: DeviceTraits) -> str:
     """What frees the memory the model's weights take on a GPU (the Model Loader's widgets, the CLI's --memory and
     --gpu-layers), naming only what loads there (weights/modes.py): fp8 and int4 where their kernels exist, layer
     streaming where the GPU has memory of its own."""
-    modes = [name for name, mode in (("fp8", WeightMode(fp8=True)), ("int4", WeightMode(int4=True)))
-             if mode_refusal(mode, "bf16", traits) is None]
+    dtype = auto_dtype(traits)
+    modes = [storage for storage in ("fp8", "int4")
+             if mode_refusal(WeightMode(storage), FLOAT_WEIGHTS, traits, dtype) is None]
     memory = ", ".join(modes) + " or auto" if modes else "auto"
     text = f"load the model with memory {memory}"
-    if mode_refusal(WeightMode(gpu_layers=0), "bf16", traits) is None:
+    if mode_refusal(WeightMode(gpu_layers=0), FLOAT_WEIGHTS, traits, dtype) is None:
         text += ", or keep fewer decoder layers on the GPU (gpu_layers)"
     return text
 

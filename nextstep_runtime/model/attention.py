@@ -1,10 +1,12 @@
-"""Attention kernel choice: PyTorch SDPA always works; flash-attn is used when it imports and runs on the model's
-GPU, in half precision, for calls that need no padding mask.
+"""Attention kernel choice: PyTorch SDPA always works; flash-attn is used where it imports and runs on the GPU of a
+range of layers, in half precision, for calls that need no padding mask.
 
-Whether flash-attn can run is decided once per choice of backend (`set_attention_backend`), by importing it: an
-installed package that does not import is common (a wheel built for another torch or CUDA fails with "DLL load
-failed" on Windows, an undefined symbol on Linux, typically after a torch upgrade), and finding the package on the
-path says nothing about that. Where it cannot run, attention falls back to SDPA with one warning.
+The kernel of each range is chosen once, when the model is placed (`attention_kernels`, from each range's device, not
+from wherever its weights are at the time), and handed to its layers at every call. Whether flash-attn can run is
+decided by importing it: an installed package that does not import is common (a wheel built for another torch or
+CUDA fails with "DLL load failed" on Windows, an undefined symbol on Linux, typically after a torch upgrade), and
+finding the package on the path says nothing about that. Where it cannot run, attention falls back to SDPA with one
+warning.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 log = logging.getLogger(__name__)
 
-_flash_attn_func: Callable | None = None
-"""flash-attn's kernel when the chosen backend uses it; None: SDPA."""
+FlashAttention = Callable[..., torch.Tensor]
+"""flash-attn's `flash_attn_func`."""
 _last_warning: str | None = None
-"""The fallback last warned about, so choosing the same backend again (every sampler run) does not repeat it."""
+"""The fallback last warned about, so choosing the same backend again (every model loaded) does not repeat it."""
 
 
 def _import_flash_attn() -> tuple[Callable | None, str | None]:
@@ -45,23 +47,14 @@ def _import_flash_attn() -> tuple[Callable | None, str | None]:
     return flash_attn_func, None
 
 
-def _flash_attn_for(device: torch.device) -> tuple[Callable | None, str | None]:
-    """(flash_attn_func or None when it does not import, why it cannot run on `device` or None)."""
-    flash, problem = _import_flash_attn()
-    return flash, problem or flash_attn_refusal(DeviceTraits.of(device))
-
-
-def flash_attn_problem(device: torch.device | str) -> str | None:
+def flash_attn_problem(device: torch.device | str | DeviceTraits) -> str | None:
     """Why flash-attn cannot run on `device`, or None when it can: not installed, installed but broken, or a device
     it does not run on (devices.flash_attn_refusal)."""
-    return _flash_attn_for(torch.device(device))[1]
+    traits = device if isinstance(device, DeviceTraits) else DeviceTraits.of(device)
+    return _import_flash_attn()[1] or flash_attn_refusal(traits)
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def attention_choice(name: str, device: torch.device | str | None = None) -> tuple[Callable | None, str | None]:
+def attention_choice(name: str, device: torch.device | str | DeviceTraits) -> tuple[FlashAttention | None, str | None]:
     """(flash-attn's kernel when backend `name` runs it on `device`, else None: SDPA; the warning that choice
     deserves, or None). `auto` stays quiet when flash-attn is simply absent or the device is not a CUDA GPU; a
     flash-attn asked for (`flash_attn`), or installed but unusable (`auto`: broken, or a GPU too old for it) is
@@ -70,26 +63,27 @@ def attention_choice(name: str, device: torch.device | str | None = None) -> tup
         raise ValueError(f"unknown attention backend {name!r}; use {', '.join(BACKENDS)}")
     if name == "sdpa":
         return None, None
-    device = _default_device() if device is None else torch.device(device)
-    flash, problem = _flash_attn_for(device)
+    traits = device if isinstance(device, DeviceTraits) else DeviceTraits.of(device)
+    flash, problem = _import_flash_attn()
+    problem = problem or flash_attn_refusal(traits)
     if problem is None:
         return flash, None
-    expected = problem == NOT_INSTALLED or (flash is not None and device.type != "cuda")
+    expected = problem == NOT_INSTALLED or (flash is not None and traits.type != "cuda")
     return None, None if name == "auto" and expected else problem
 
 
-def set_attention_backend(name: str, device: torch.device | str | None = None) -> str:
-    """Select `sdpa`, `flash_attn` or `auto` for models on `device` (default: the CUDA GPU if any, else the CPU);
-    returns the backend actually used: flash-attn where it imports and runs on `device`, else SDPA, with one
-    warning where `attention_choice` gives one."""
-    global _flash_attn_func, _last_warning
-    _flash_attn_func, problem = attention_choice(name, device)
-    if _flash_attn_func is not None or problem is None:
-        _last_warning = None
-    elif problem != _last_warning:
-        log.warning("NextStep: %s; using PyTorch SDPA attention instead", problem)
-        _last_warning = problem
-    return "sdpa" if _flash_attn_func is None else "flash_attn"
+def attention_kernels(name: str, devices: list[torch.device | DeviceTraits]) -> tuple[FlashAttention | None, ...]:
+    """The kernel of each range of layers on `devices` (attention_choice): flash-attn where it imports and runs on
+    that range's device, else None (SDPA), with one warning where the choice gives one."""
+    global _last_warning
+    kernels = []
+    for device in devices:
+        kernel, problem = attention_choice(name, device)
+        if problem is not None and problem != _last_warning:
+            log.warning("NextStep: %s; using PyTorch SDPA attention instead", problem)
+            _last_warning = problem
+        kernels.append(kernel)
+    return tuple(kernels)
 
 
 def flash_attn_difference(device: torch.device | str) -> float:
@@ -108,8 +102,10 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Scaled dot-product attention of q [rows, heads, sq, d] over k/v [rows, kv_heads, sk, d].
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           flash: FlashAttention | None = None) -> torch.Tensor:
+    """Scaled dot-product attention of q [rows, heads, sq, d] over k/v [rows, kv_heads, sk, d]: through `flash`
+    (flash-attn) where given and the call suits it (no mask, half precision), else SDPA.
 
     With mask None the call is causal (used when no row has padding); otherwise `mask` is a boolean
     [rows, 1, sq, sk] of allowed pairs.
@@ -117,8 +113,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     rows, heads, sq, dim = q.shape
     kv_heads = k.shape[1]
     groups = heads // kv_heads
-    if _flash_attn_func is not None and mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=sq > 1)
+    if flash is not None and mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        out = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=sq > 1)
         return out.transpose(1, 2)
     if sq == 1 and groups > 1:
         # one query per head (decoding): the query heads sharing a KV head become that head's query rows,

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import attend
+from .attention import FlashAttention, attend
 
 
 class RMSNorm(nn.Module):
@@ -51,14 +51,14 @@ class KVCache:
     masked. Shapes never change inside the token loop, so one token's work can be captured as a CUDA
     graph. The cache starts zeroed: masked slots must hold finite numbers (0 x NaN is NaN).
 
-    One tensor of keys and one of values per range of layers (`ranges`: each range's device and layer count, in
-    order): each layer's cache lives on its layer's device.
+    One tensor of keys and one of values per range of layers (`ranges`: each range's device, layer count and dtype,
+    in order): each layer's cache lives on its layer's device, in its range's dtype.
     """
 
-    def __init__(self, ranges: list[tuple[torch.device, int]], rows: int, kv_heads: int, capacity: int, head_dim: int,
-                 dtype: torch.dtype) -> None:
+    def __init__(self, ranges: list[tuple[torch.device, int, torch.dtype]], rows: int, kv_heads: int, capacity: int,
+                 head_dim: int) -> None:
         self.keys = [torch.zeros((count, rows, kv_heads, capacity, head_dim), dtype=dtype, device=device)
-                     for device, count in ranges]
+                     for device, count, dtype in ranges]
         self.values = [torch.zeros_like(keys) for keys in self.keys]
         """Per range: [its layers, rows, kv_heads, capacity, head_dim]."""
         self.layer_keys = [layer for keys in self.keys for layer in keys.unbind(0)]
@@ -99,7 +99,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=config.o_attention_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                position: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+                position: torch.Tensor | None, mask: torch.Tensor | None, flash: FlashAttention | None) -> torch.Tensor:
         rows, seq, _ = x.shape
         q = self.q_proj(x).view(rows, seq, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(rows, seq, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -107,7 +107,7 @@ class Attention(nn.Module):
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         keys, values = cache.store(self.layer_index, position, k, v)
-        out = attend(q, keys, values, mask)
+        out = attend(q, keys, values, mask, flash)
         return self.o_proj(out.transpose(1, 2).reshape(rows, seq, self.heads * self.head_dim))
 
 
@@ -136,8 +136,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                position: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, position, mask)
+                position: torch.Tensor | None, mask: torch.Tensor | None,
+                flash: FlashAttention | None = None) -> torch.Tensor:
+        """`flash`: flash-attn's kernel where its range runs it (attention.attention_kernels), else None: SDPA."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, position, mask, flash)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

@@ -3,6 +3,9 @@
 Attribute names mirror the checkpoint keys (`embed_tokens`, `layers.N`, `norm`, `image_in_projector`,
 `image_out_projector`, `image_head.net`) so weights load by name. `lm_head` is not built: image
 generation never reads it, and on the 14B model it is 3 GB.
+
+A loaded model has a placement (model/placement.py, set by the loader): which device and dtype each range of layers
+runs in. The decoder runs range by range (`run_range`), so a token's work can be captured per device.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import NextStepError
+from .attention import FlashAttention
 from .backbone import DecoderLayer, KVCache, RMSNorm, rotary_tables
 from .flow_head import FlowHead
 from .placement import INPUT_PARTS, Placement
@@ -32,41 +36,35 @@ class NextStepModel(nn.Module):
         # [tokens, hidden] position table of `use_gen_pos_embed` models (see positions.py), set by the loader
         self.register_buffer("gen_pos_embed", None, persistent=False)
         self.placement: Placement | None = None
-        """The layers' devices when split over several (set by the loader); None: every part on one device."""
+        """Where each range of layers runs and in which dtype (set by the loader, fixed from then on)."""
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.norm.weight.dtype
+        """The run device's compute dtype: the flow head's and the sampling buffers'."""
+        return self.placement.run_dtype
 
     @property
     def device(self) -> torch.device:
-        """The run device: where the flow head, the sampling buffers and the outputs are (the last device of a
-        split)."""
-        return self.norm.weight.device
-
-    @property
-    def input_device(self) -> torch.device:
-        """Where prompts and fed-back tokens enter (the first device of a split)."""
-        return self.embed_tokens.weight.device
+        """The run device, where the flow head, the sampling buffers and the outputs are: the placement's, whether or
+        not a host has moved the weights off it for now."""
+        return self.placement.run_device
 
     def parts_by_device(self) -> list[tuple[torch.device, list[nn.Module]]]:
-        """The network's modules grouped by the device each range of the placement puts them on, in order (one group
-        when it is not split): what a host moves off and back onto each device (model/placement.py says which part
-        goes where)."""
-        if self.placement is None:
-            return [(self.device, [self])]
-        groups = [(layer_range.device, list(islice(self.layers, layer_range.start, layer_range.stop)))
-                  for layer_range in self.placement.ranges]
+        """The network's modules grouped by the device the placement puts them on, one group per distinct device in
+        order: what a host moves off and back onto each device."""
+        groups: dict[torch.device, list[nn.Module]] = {device: [] for device in self.placement.devices}
+        for layer_range in self.placement.ranges:
+            groups[layer_range.device] += islice(self.layers, layer_range.start, layer_range.stop)
         for name, module in self.named_children():
             if name != "layers":
-                groups[0 if name in INPUT_PARTS else -1][1].append(module)
-        return groups
+                device = self.placement.input_device if name in INPUT_PARTS else self.placement.run_device
+                groups[device].append(module)
+        return list(groups.items())
 
     def new_cache(self, rows: int, capacity: int) -> KVCache:
         c = self.config
-        ranges = ([(self.device, c.num_hidden_layers)] if self.placement is None else
-                  [(layer_range.device, layer_range.count) for layer_range in self.placement.ranges])
-        return KVCache(ranges, rows, c.num_key_value_heads, capacity, c.head_dim, self.dtype)
+        ranges = [(r.device, r.count, r.dtype) for r in self.placement.ranges]
+        return KVCache(ranges, rows, c.num_key_value_heads, capacity, c.head_dim)
 
     def embed_prompt(self, input_ids: torch.Tensor, image_tokens: torch.Tensor | None) -> torch.Tensor:
         """Text embeddings, with placeholder positions replaced by projected input-image tokens.
@@ -74,7 +72,7 @@ class NextStepModel(nn.Module):
         `image_tokens` [n_placeholders_total, token_dim] are consumed in row-major order of the
         placeholder positions, i.e. raster order, image by image, row by row.
         """
-        input_ids = input_ids.to(self.input_device)
+        input_ids = input_ids.to(self.placement.input_device)
         embeds = self.embed_tokens(input_ids)
         slots = input_ids == self.config.image_placeholder_id
         given = 0 if image_tokens is None else image_tokens.shape[0]
@@ -88,29 +86,29 @@ class NextStepModel(nn.Module):
 
     def embed_image_token(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed sampled tokens [rows, token_dim] back as the next input position [rows, 1, hidden]."""
-        return self.image_in_projector(tokens.to(self.input_device, self.dtype))[:, None]
+        return self.image_in_projector(tokens.to(self.placement.input_device, self.placement.input_dtype))[:, None]
 
-    def decode(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache, mask: torch.Tensor | None,
-               cache_position: torch.Tensor | None = None,
-               position_offset: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the decoder over new positions and write them to the cache (as the prefix, or at
-        `cache_position` for one image token); returns the last position's image condition
-        `image_out_projector(norm(hidden) + position_offset)` [rows, hidden] (the offset: the next image
-        token's `gen_pos_embed` row, for models that use one)."""
-        cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta, embeds.dtype)
-        x = embeds
-        if self.placement is None:
-            for layer in self.layers:
-                x = layer(x, cos, sin, cache, cache_position, mask)
-        else:
-            for layer_range in self.placement.ranges:  # hand the hidden states (and the step's inputs) over
-                device = layer_range.device
-                x, cos, sin = x.to(device), cos.to(device), sin.to(device)
-                mask = None if mask is None else mask.to(device)
-                cache_position = None if cache_position is None else cache_position.to(device)
-                for layer in islice(self.layers, layer_range.start, layer_range.stop):
-                    x = layer(x, cos, sin, cache, cache_position, mask)
-        hidden = self.norm(x[:, -1])
+    def run_range(self, index: int, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                  mask: torch.Tensor | None, cache_position: torch.Tensor | None,
+                  flash: FlashAttention | None) -> torch.Tensor:
+        """Range `index`'s decoder layers over hidden states `x` [rows, seq, hidden] at `positions` [rows, seq],
+        handed over to the range's device and dtype, writing their keys and values to the cache (as the prefix, or at
+        `cache_position` for one image token); `mask` None: causal."""
+        layer_range = self.placement.ranges[index]
+        device = layer_range.device
+        x = x.to(device, layer_range.dtype)
+        cos, sin = rotary_tables(positions.to(device), self.config.head_dim, self.config.rope_theta, x.dtype)
+        mask = None if mask is None else mask.to(device)
+        cache_position = None if cache_position is None else cache_position.to(device)
+        for layer in islice(self.layers, layer_range.start, layer_range.stop):
+            x = layer(x, cos, sin, cache, cache_position, mask, flash)
+        return x
+
+    def condition(self, hidden: torch.Tensor, position_offset: torch.Tensor | None = None) -> torch.Tensor:
+        """The image condition of the last position's hidden states [rows, hidden]:
+        `image_out_projector(norm(hidden) + position_offset)` (the offset: the next image token's `gen_pos_embed`
+        row, for models that use one)."""
+        hidden = self.norm(hidden.to(self.placement.run_device, self.placement.run_dtype))
         if position_offset is not None:
             hidden = hidden + position_offset
         return self.image_out_projector(hidden)

@@ -35,7 +35,9 @@ from typing import Any, Callable
 import torch
 
 from ..devices import compile_version_refusal, resolve_device
+from ..failures import is_out_of_memory
 from ..model.flow_head import FlowNet, Linear, apply_linear, reduction_linear
+from .fallback import Fallback, first_line
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +86,7 @@ def compile_problem(device: torch.device | str | None = None) -> str | None:
         try:
             get_cpp_compiler()
         except Exception as exc:  # noqa: BLE001 - InvalidCxxCompiler, Windows' "cl is not found", ...
-            return (f"no C++ compiler that torch.compile can use was found ({_first_line(exc)}); install one (g++ "
+            return (f"no C++ compiler that torch.compile can use was found ({first_line(exc)}); install one (g++ "
                     f"or clang++; on Windows the Visual Studio Build Tools, run from a developer prompt)")
     if device_type == "cuda":
         from torch.utils._triton import has_triton
@@ -95,10 +97,8 @@ def compile_problem(device: torch.device | str | None = None) -> str | None:
     return None
 
 
-def _fall_back(reason: str) -> None:
-    log.warning("NextStep: the flow head runs without torch.compile (same images, slower): %s. To skip the "
-                "attempt, turn compile off (Model Loader `compile`, CLI --no-compile, "
-                "from_pretrained(compile=False)).", reason)
+_COMPILE_OFF = ("the flow head runs without torch.compile (same images, slower). To skip the attempt, turn compile "
+                "off (Model Loader `compile`, CLI --no-compile, from_pretrained(compile=False))")
 
 
 @functools.cache
@@ -106,33 +106,46 @@ def _problem_warned(device_type: str) -> str | None:
     """compile_problem for a device type, checked and warned about once per process."""
     problem = compile_problem(device_type)
     if problem is not None:
-        _fall_back(problem)
+        log.warning("NextStep: %s; %s", problem, _COMPILE_OFF)
     return problem
 
 
 class _Compiled:
-    """The process-wide compiled functions and what happened to them: compiled once, shared by every model
-    and call (inductor's graphs are keyed on shapes, not on the model instance); disabled for good after the
-    first failure, building them included (torch.compile itself refuses some installs)."""
+    """The process-wide compiled functions: compiled once, shared by every model and call (inductor's graphs are keyed
+    on shapes, not on the model instance), through one Fallback: off for good after the first failure (building
+    them included: torch.compile itself refuses some installs), every call guarded, a recompile included. Running out
+    of memory is not a compile failure: it reaches the caller's memory handling."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.shapes: set[tuple] = set()
-        self.failure: str | None = None
-        """Why compiling failed (then every call runs eagerly), or None."""
+        self.fallback = Fallback("torch.compile failed", _COMPILE_OFF, lambda exc: not is_out_of_memory(exc))
         try:
             self.modulations = torch.compile(FlowNet.modulations, fullgraph=True, dynamic=None)
             self.step = torch.compile(solver_step, fullgraph=True, dynamic=None)
         except Exception as exc:  # noqa: BLE001 - whatever torch.compile refuses: never fail the run
-            self.fail(exc)
+            self.fallback.fail(f"{type(exc).__name__}: {first_line(exc)}")
+        # a session changes batch, guidance rows and step counts: more shapes than dynamo's default of 8 (raised once,
+        # for the process; a limit only ever raised leaves a host's own compiled models as they were)
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+        dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 16 * RECOMPILE_LIMIT)
 
-    @property
-    def failed(self) -> bool:
-        return self.failure is not None
-
-    def fail(self, exc: Exception) -> None:
-        self.failure = f"torch.compile failed ({type(exc).__name__}: {_first_line(exc)})"
-        _fall_back(self.failure)
+    def call(self, key: tuple, compiled: Callable[[], Any], eager: Callable[[], Any]) -> Any:
+        """compiled(), compiling it first for a new `key` (shape, dtype, device): the first call of a key logs and
+        holds the lock, so two threads do not compile it twice; eager() for good once compiling failed."""
+        if key in self.shapes:
+            return self.fallback.run(compiled, eager)
+        with self.lock:
+            if self.fallback.failure is None:
+                log.info("NextStep: compiling the flow head's %s for %s (a new shape compiles once per process: "
+                         "seconds on a GPU, a minute or more on a small CPU)...", key[0], _describe(key))
+            start = time.perf_counter()
+            result = self.fallback.run(compiled, eager)
+            if self.fallback.failure is None:
+                self.shapes.add(key)
+                log.info("NextStep: compiled flow head %s ready in %.1f s", key[0], time.perf_counter() - start)
+            return result
 
 
 _compiled: _Compiled | None = None
@@ -141,7 +154,7 @@ _compiled: _Compiled | None = None
 def compile_failure() -> str | None:
     """Why compiling the flow head failed in this process (every later run is eager), or None: not tried yet, or
     it worked."""
-    return None if _compiled is None else _compiled.failure
+    return None if _compiled is None else _compiled.fallback.failure
 
 
 def _shared() -> _Compiled:
@@ -164,15 +177,15 @@ class SolverSteps:
     @property
     def active(self) -> bool:
         """Whether the compiled functions are in use (False after a failure fell back to eager)."""
-        return self.compiled is not None and not self.compiled.failed
+        return self.compiled is not None and self.compiled.fallback.failure is None
 
     def modulations(self, head: FlowNet, time_embeddings: torch.Tensor, condition: torch.Tensor) -> list[torch.Tensor]:
+        args = (head, time_embeddings, condition)
         if not self.active:
-            return head.modulations(time_embeddings, condition)
+            return FlowNet.modulations(*args)
         key = ("modulations", len(head.res_blocks), condition.shape[0], time_embeddings.shape[0],
                condition.dtype, condition.device)
-        args = (head, time_embeddings, condition)
-        return self._call(key, lambda: self.compiled.modulations(*args), lambda: FlowNet.modulations(*args))
+        return self.compiled.call(key, lambda: self.compiled.modulations(*args), lambda: FlowNet.modulations(*args))
 
     def step(self, head: FlowNet, x: torch.Tensor, modulations: list[torch.Tensor], step: torch.Tensor,
              weights: torch.Tensor, noise: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
@@ -184,38 +197,10 @@ class SolverSteps:
         key = ("step", len(modulations), batch, groups, weights.shape[0], noise is None, x.device,
                modulations[0].dtype)
         linear = reduction_linear if reduce else apply_linear
-        return self._call(key, lambda: self.compiled.step(*args, linear), lambda: solver_step(*args))
-
-    def _call(self, key: tuple, compiled: Callable[[], Any], eager: Callable[[], Any]) -> Any:
-        """compiled(), compiling it first for a new `key` (shape); eager() for good once compiling failed."""
-        shared = self.compiled
-        if key in shared.shapes:
-            return compiled()
-        with shared.lock:  # the first call of a shape compiles; two threads must not compile it twice
-            if shared.failed:
-                return eager()
-            log.info("NextStep: compiling the flow head's %s for %s (a new shape compiles once per process: "
-                     "seconds on a GPU, a minute or more on a small CPU)...", key[0], _describe(key))
-            start = time.perf_counter()
-            try:
-                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
-                                                accumulated_recompile_limit=16 * RECOMPILE_LIMIT):
-                    result = compiled()
-            except Exception as exc:  # noqa: BLE001 - any compiler or toolchain failure: never fail the run
-                shared.fail(exc)
-                return eager()
-            shared.shapes.add(key)
-            log.info("NextStep: compiled flow head %s ready in %.1f s", key[0], time.perf_counter() - start)
-            return result
+        return self.compiled.call(key, lambda: self.compiled.step(*args, linear), lambda: solver_step(*args))
 
 
 def _describe(key: tuple) -> str:
     if key[0] == "modulations":
         return f"{key[2]} rows, {key[3]} steps"
     return f"batch {key[2]}, {key[3]} guidance rows, {key[4]} steps"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else "no message"
-

@@ -8,13 +8,23 @@ is first stretched to the image's size bilinearly, as KSampler does with its noi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from ..errors import NextStepError
-from .token_loop import KeptTokens
 
 REGENERATE_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class KeptTokens:
+    """Tokens given instead of sampled: `tokens` [B, L, D] model space (fed and returned as they are),
+    `mask` [B, L] bool, True where the token is kept."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
 
 
 def regenerated_cells(mask: torch.Tensor, height: int, width: int, token_pixels: int) -> torch.Tensor:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 from ..errors import NextStepError
 
 SAMPLERS = ("sde", "cps", "ode", "sde_score")
@@ -103,22 +101,14 @@ def guidance_scales(scale: float, tokens: int, schedule: str, profile: str) -> l
 
 
 def guidance_weights(groups: int, cfg: list[float], cfg_img: list[float]) -> list[list[float]]:
-    """Per token, the weight of each guidance row's velocity: `combine_guidance` as one weighted sum, so the
-    token loop can fold it into the solver step (one matmul instead of a chain of small ops)."""
+    """Per token, the weight of each guidance row's velocity, so the guided velocity is one weighted sum
+    sum_g w_g v_g that the token loop folds into the solver step. The rows are (cond), (cond, neg) or
+    (cond, image_neg, text_neg); the official guidance, expanded:
+    - two rows: neg + cfg (cond - neg) = cfg cond + (1 - cfg) neg;
+    - three rows (editing): text_neg + cfg_img (image_neg - text_neg) + cfg (cond - image_neg)
+      = cfg cond + (cfg_img - cfg) image_neg + (1 - cfg_img) text_neg."""
     if groups == 1:
         return [[1.0] for _ in cfg]
     if groups == 2:
         return [[g, 1.0 - g] for g in cfg]
     return [[g, gi - g, 1.0 - gi] for g, gi in zip(cfg, cfg_img)]
-
-
-def combine_guidance(velocities: torch.Tensor, cfg: torch.Tensor, cfg_img: torch.Tensor) -> torch.Tensor:
-    """Mix per-row velocities [groups, B, D] into one guided velocity [B, D] (the formulas as written)."""
-    groups = velocities.shape[0]
-    if groups == 1:
-        return velocities[0]
-    if groups == 2:
-        cond, neg = velocities[0], velocities[1]
-        return neg + cfg * (cond - neg)
-    cond, image_neg, text_neg = velocities[0], velocities[1], velocities[2]
-    return text_neg + cfg_img * (image_neg - text_neg) + cfg * (cond - image_neg)

@@ -178,9 +178,14 @@ def checked_tensors(tensors: Iterator[TensorSource], shapes: dict[str, torch.Siz
             continue
         tensor = load()
         if tensor.shape != shapes[name]:
-            raise NextStepError(f"{path}: tensor {key!r} has shape {list(tensor.shape)} but {source} implies "
-                                f"{list(shapes[name])}{shape_hint(name)}")
+            raise shape_error(path, key, tuple(tensor.shape), source, tuple(shapes[name]), shape_hint(name))
         yield name, tensor
+
+
+def shape_error(path: Path, key: str, shape: tuple[int, ...], source: str, expected: tuple[int, ...],
+                hint: str = "") -> NextStepError:
+    """The one message for a tensor whose shape is not the one its config implies, naming the file and the keys."""
+    return NextStepError(f"{path}: tensor {key!r} has shape {list(shape)} but {source} implies {list(expected)}{hint}")
 
 
 def report_unknown_and_missing(unknown: list[str], missing: set[str], what: str) -> None:

@@ -18,7 +18,6 @@ from torch import nn
 
 from ..devices import DeviceTraits, fp8_matmul_fused
 from ..failures import is_unsupported
-from .linears import replace_linears
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
@@ -91,7 +90,32 @@ class FP8Linear(nn.Module):
         return out[:rows].reshape(*x.shape[:-1], out.shape[-1])
 
 
-def use_fp8_linears(decoder_layers: nn.Module) -> set[str]:
-    """Swap every nn.Linear under `decoder_layers` (built on the meta device) for FP8Linear; returns their names."""
-    return replace_linears(decoder_layers, lambda name, linear: FP8Linear(linear.in_features, linear.out_features,
-                                                                         linear.bias is not None))
+class Fp8Scheme:
+    """float8 decoder linears (weights/schemes.py): how the layer is built, the tensors it holds, and their bytes."""
+
+    storage = "fp8"
+
+    def __init__(self, stored: bool = False) -> None:
+        self.stored = stored
+
+    def linear(self, linear: nn.Linear, group: int | None = None) -> FP8Linear:
+        return FP8Linear(linear.in_features, linear.out_features, linear.bias is not None)
+
+    def stored_tensors(self, owner: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What a folder repacked as fp8 stores for the linear's float weight."""
+        quantized, scale = quantize_per_channel(weight)
+        return {f"{owner}.weight": quantized, f"{owner}.weight_scale": scale}
+
+    def placed_tensors(self, owner: str, attr: str, tensor: torch.Tensor, device: torch.device, runs_on: torch.device,
+                       dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The loaded layer's tensors on `device` for one checkpoint tensor: a float weight quantised there, a
+        repacked folder's fp8 weight and scale as they are; the bias in the compute dtype."""
+        if attr == "weight" and not self.stored:
+            return self.stored_tensors(owner, tensor.to(device))
+        if attr in ("weight", "weight_scale"):
+            return {f"{owner}.{attr}": tensor.to(device)}
+        return {f"{owner}.{attr}": tensor.to(device, dtype)}
+
+    def weight_bytes(self, shape: tuple[int, int], dtype: torch.dtype, group: int | None = None) -> list[int]:
+        """Bytes of the tensors standing for an [out, in] weight: the fp8 weight and its float32 scale per output."""
+        return [shape[0] * shape[1] * FP8_DTYPE.itemsize, shape[0] * torch.float32.itemsize]

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from ..errors import NextStepError
-from .linears import replace_linears
 
 LEVELS = 16
 MIDPOINT = 8
@@ -116,13 +115,37 @@ class Int4Linear(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
-def use_int4_linears(decoder_layers: nn.Module, stored: bool = False,
-                     groups: dict[str, int] | None = None) -> set[str]:
-    """Swap the nn.Linear layers under `decoder_layers` (built on the meta device) for Int4Linear: every one, or
-    with `groups` (names relative to `decoder_layers` -> group size) those it names; returns their names."""
-    def make(name: str, linear: nn.Linear) -> Int4Linear | None:
-        if groups is not None and name not in groups:
-            return None
-        return Int4Linear(linear.in_features, linear.out_features, linear.bias is not None, stored,
-                          None if groups is None else groups[name])
-    return replace_linears(decoder_layers, make)
+class Int4Scheme:
+    """Grouped 4-bit decoder linears (weights/schemes.py): how the layer is built, the tensors it holds, and their
+    bytes. `stored` folders (repacked as int4, or GPTQ-packed: gptq.py) give the nibbles and the scales and zeros;
+    float weights are quantised while loading."""
+
+    storage = "int4"
+
+    def __init__(self, stored: bool = False) -> None:
+        self.stored = stored
+
+    def linear(self, linear: nn.Linear, group: int | None = None) -> Int4Linear:
+        return Int4Linear(linear.in_features, linear.out_features, linear.bias is not None, self.stored, group)
+
+    def stored_tensors(self, owner: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What a folder repacked as int4 stores for the linear's float weight (the device-neutral form)."""
+        nibbles, scales_and_zeros = quantize_grouped(weight)
+        return {f"{owner}.weight": nibbles, f"{owner}.scales_and_zeros": scales_and_zeros}
+
+    def placed_tensors(self, owner: str, attr: str, tensor: torch.Tensor, device: torch.device, runs_on: torch.device,
+                       dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The loaded layer's tensors on `device` for one checkpoint tensor: the weight packed on `runs_on` for its
+        kernel (quantised there first when it is a float one; a streamed layer is then kept on the host), scales and
+        zeros and the bias in the compute dtype."""
+        if attr != "weight":
+            return {f"{owner}.{attr}": tensor.to(device, dtype)}
+        placed = {f"{owner}.weight": tensor} if self.stored else self.stored_tensors(owner, tensor.to(runs_on))
+        return {name: pack_for_device(value, runs_on).to(device) if name.endswith(".weight")
+                else value.to(device, dtype) for name, value in placed.items()}
+
+    def weight_bytes(self, shape: tuple[int, int], dtype: torch.dtype, group: int | None = None) -> list[int]:
+        """Bytes of the tensors standing for an [out, in] weight: half a byte per value, and a scale and a zero per
+        group of `group` inputs (default: group_size_for) in the compute dtype."""
+        count = shape[0] * shape[1]
+        return [count // 2, 2 * (count // (group or group_size_for(shape[1]))) * dtype.itemsize]

@@ -21,7 +21,7 @@ from ..errors import NextStepError
 from .checkpoint import IGNORED_KEYS, TensorHeader, read_headers
 from .gptq import QUANTIZATION_KEY, GPTQConfig, PackedLinear, find_packed_linears
 from .hub import cached_model_repos, resolve_model_source
-from .modes import GPTQ_PACKED, STORED_FORMATS
+from .modes import FLOAT_WEIGHTS, GPTQ_PACKED, STORED_FORMATS
 from .vae_files import VAEFiles
 
 CONFIG_NAME = "config.json"
@@ -31,6 +31,7 @@ BUNDLED_VAE_FOLDER = "vae"
 TOKENIZER_JSON = "tokenizer.json"
 BPE_TOKENIZER_FILES = ("vocab.json", "merges.txt")
 """The byte-level BPE files some repos ship instead of tokenizer.json."""
+SAFETENSORS_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F8_E4M3": "float8_e4m3fn"}
 
 
 class ModelFolder:
@@ -44,8 +45,8 @@ class ModelFolder:
                                 f"model*.safetensors, tokenizer files)")
         self.raw_config: dict[str, Any] = read_json(self.config_path)
         self.config = ModelConfig.from_dict(self.raw_config, str(self.config_path))
-        self.repacked_format: str = self.raw_config.get(WEIGHTS_FORMAT_KEY, "bf16")
-        """What `convert` recorded it repacked the decoder's linear weights as (`bf16` where it did not)."""
+        self.repacked_format: str = self.raw_config.get(WEIGHTS_FORMAT_KEY, FLOAT_WEIGHTS)
+        """What `convert` recorded it repacked the decoder's linear weights as (`float` where it did not)."""
         if self.repacked_format not in STORED_FORMATS:
             raise NextStepError(f"{self.config_path}: {WEIGHTS_FORMAT_KEY}={self.repacked_format!r} is not one of "
                                 f"{', '.join(STORED_FORMATS)}; convert the model again with this version")
@@ -60,11 +61,23 @@ class ModelFolder:
     @cached_property
     def stored_format(self) -> str:
         """How the decoder's linear weights are stored (modes.py): `fp8`/`int4` for folders repacked by `convert`,
-        `gptq` for an AutoRound/GPTQ export that holds packed layers (its headers are read to tell), else `bf16`
+        `gptq` for an AutoRound/GPTQ export that holds packed layers (its headers are read to tell), else `float`
         (an export whose every layer stayed float included)."""
         if self.gptq is not None:
-            return GPTQ_PACKED if self.packed_linears else "bf16"
+            return GPTQ_PACKED if self.packed_linears else FLOAT_WEIGHTS
         return self.repacked_format
+
+    @cached_property
+    def weights_description(self) -> str:
+        """What the decoder's weights are stored as, in words: the float dtype the headers name (`float32` for the
+        released repos, `bfloat16` for a converted copy), or the repacked or 4-bit format."""
+        if self.stored_format == GPTQ_PACKED:
+            return "int4 (GPTQ-packed)"
+        if self.stored_format != FLOAT_WEIGHTS:
+            return f"{self.stored_format} (repacked)"
+        dtypes = [header.dtype for name, header in self.tensors.items() if name.startswith("layers.")]
+        stored = max(set(dtypes), key=dtypes.count) if dtypes else "unknown"
+        return SAFETENSORS_DTYPE_NAMES.get(stored, stored)
 
     @classmethod
     def open(cls, source: "str | Path | ModelFolder") -> "ModelFolder":

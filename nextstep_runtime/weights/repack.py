@@ -17,58 +17,45 @@ from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
-from ..config import ModelConfig
 from ..errors import NextStepError
 from ..model.network import NextStepModel
 from .checkpoint import TensorSource, checked_tensors, expected_shapes, iter_safetensors, report_unknown_and_missing
-from .fp8 import quantize_per_channel
 from .gptq import QUANTIZATION_KEY
-from .int4 import quantize_grouped
 from .loading import model_shape_hint
 from .model_folder import BUNDLED_VAE_FOLDER, CONFIG_NAME, INDEX_NAME, WEIGHTS_FORMAT_KEY, ModelFolder
-from .modes import GPTQ_PACKED, STORED_FORMATS
+from .modes import FLOAT_WEIGHTS, GPTQ_PACKED
+from .schemes import STORED_DTYPE, is_layer_linear, scheme_for
 
 MAX_SHARD_BYTES = 5 * 10**9
 """Hugging Face's customary shard limit (5 GB)."""
-STORED_DTYPE = torch.bfloat16
-"""Everything not quantised (embeddings, norms, head, biases) is stored in the release compute dtype."""
 COPIED_SUFFIXES = (".json", ".txt", ".model")
 """Top-level files copied besides the weights: config, tokenizer (json, vocab/merges, sentencepiece) files."""
 
 log = logging.getLogger(__name__)
 
 
-def _layout(config: ModelConfig) -> tuple[set[str], dict[str, torch.Size]]:
-    """(names of the decoder's linear layers, shape of every tensor the runtime reads)."""
-    with torch.device("meta"):
-        model = NextStepModel(config)
-    return {f"layers.{name}" for name, module in model.layers.named_modules() if isinstance(module, nn.Linear)}, \
-        expected_shapes(model)
-
-
-def _stored_tensors(name: str, tensor: torch.Tensor, weights: str, linears: set[str]) -> dict[str, torch.Tensor]:
-    """The tensors a repacked folder holds for one source tensor."""
-    owner, _, attr = name.rpartition(".")
-    if owner in linears and attr == "weight" and weights == "fp8":
-        weight, scale = quantize_per_channel(tensor)
-        return {name: weight, f"{owner}.weight_scale": scale}
-    if owner in linears and attr == "weight" and weights == "int4":
-        nibbles, scales_and_zeros = quantize_grouped(tensor)
-        return {name: nibbles, f"{owner}.scales_and_zeros": scales_and_zeros}
-    return {name: tensor.to(STORED_DTYPE)}
+CONVERTED_FORMATS = {"bf16": "full", "fp8": "fp8", "int4": "int4"}
+"""What `convert --weights` writes -> the weight storage (weights/modes.py) the folder then loads in."""
 
 
 def _converted(folder: ModelFolder, tensors: Iterator[TensorSource],
                weights: str) -> Iterator[tuple[str, torch.Tensor]]:
-    linears, shapes = _layout(folder.config)
+    """The tensors a folder repacked as `weights` holds, one source tensor at a time: the decoder's linear weights as
+    the scheme stores them (weights/schemes.py), everything else in STORED_DTYPE."""
+    with torch.device("meta"):
+        shapes = expected_shapes(NextStepModel(folder.config))
+    scheme = scheme_for(CONVERTED_FORMATS[weights])
     unknown: list[str] = []
     seen = set()
     for name, tensor in checked_tensors(tensors, shapes, str(folder.config_path), unknown,
                                         model_shape_hint(folder.config)):
         seen.add(name)
-        yield from _stored_tensors(name, tensor, weights, linears).items()
+        owner, _, attr = name.rpartition(".")
+        if attr == "weight" and is_layer_linear(owner, folder.config):
+            yield from scheme.stored_tensors(owner, tensor).items()
+        else:
+            yield name, tensor.to(STORED_DTYPE)
     report_unknown_and_missing(unknown, set(shapes) - seen, f"convert: the weights in {folder.path}")
 
 
@@ -111,8 +98,8 @@ def convert_folder(source: str | Path | ModelFolder, destination: str | Path, we
     """Write `destination`: `source`'s model with the decoder's linear weights stored as `weights`
     (bf16, fp8 or int4), its config (with the format recorded), tokenizer files and vae/ (never code)."""
     destination = Path(destination)
-    if weights not in STORED_FORMATS:
-        raise NextStepError(f"unknown weight format {weights!r}; choose {', '.join(STORED_FORMATS)}")
+    if weights not in CONVERTED_FORMATS:
+        raise NextStepError(f"unknown weight format {weights!r}; choose {', '.join(CONVERTED_FORMATS)}")
     folder = ModelFolder.open(source)
     if folder.stored_format == GPTQ_PACKED and weights == "int4":
         raise NextStepError(f"{folder.path} holds 4-bit GPTQ-packed weights (an AutoRound or GPTQ export), which load "
@@ -120,7 +107,7 @@ def convert_folder(source: str | Path | ModelFolder, destination: str | Path, we
     if folder.stored_format == GPTQ_PACKED:
         raise NextStepError(f"{folder.path} holds 4-bit GPTQ-packed weights (an AutoRound or GPTQ export), not the "
                             f"original ones, so it cannot become {weights}; convert the original model folder instead")
-    if folder.stored_format != "bf16":
+    if folder.stored_format != FLOAT_WEIGHTS:
         raise NextStepError(f"{folder.path} is already repacked ({folder.stored_format}); convert the original model "
                             f"folder instead")
     tensors = iter_safetensors(list(folder.weight_files))  # no weights: refused before anything is written
