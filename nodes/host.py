@@ -54,6 +54,16 @@ VAE_FOLDER_KEY = "vae"
 
 _fallback_folders: dict[str, list[str]] = {MODEL_FOLDER_KEY: [], VAE_FOLDER_KEY: []}
 
+class _Managed(nn.Module):
+    """Holds a runtime module for ComfyUI's ModelPatcher, which needs a writable `device` attribute
+    (the runtime's modules report their device through a read-only property)."""
+
+    def __init__(self, module: nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.module = module
+        self.device = device
+
+
 RouteHandler = Callable[[dict[str, str]], tuple[int, dict]]
 """Takes the query parameters, returns (HTTP status, JSON body)."""
 ProgressSink = Callable[[int, int, "Image.Image | None"], None]
@@ -80,23 +90,18 @@ if IN_COMFYUI:
 
 
 def load_device() -> torch.device:
-    """Where models run."""
+    """Where models run: ComfyUI's device (indexed, `cuda:0`, as ComfyUI compares devices), else the runtime's
+    `auto` choice."""
     return model_management.get_torch_device() if IN_COMFYUI else resolve_device("auto")
 
 
-def initial_device(parameters: int, dtype: torch.dtype) -> torch.device:
-    """Where a freshly loaded model is placed: ComfyUI's own choice for diffusion models (the GPU when it has
-    more free memory than the host, else the CPU, from where it is moved before sampling)."""
-    return model_management.unet_inital_load_device(parameters, dtype) if IN_COMFYUI else load_device()
-
-
-def model_memory_budget(device: torch.device) -> int | None:
-    """Bytes a model and its runs may use on a GPU `device` (None on the CPU): on CUDA inside ComfyUI, the card less
-    ComfyUI's reserve, since it unloads other models to make room; on an Apple GPU, and outside ComfyUI, what is free
-    there now (ComfyUI counts a Mac's whole RAM as the GPU's, more than Metal lets the GPU use)."""
+def memory_budget(device: torch.device) -> int | None:
+    """Bytes a model and its runs may use on `device`, what the memory planner plans against: on CUDA inside ComfyUI,
+    the card less ComfyUI's reserve, since it unloads other models to make room; elsewhere (an Apple GPU, whose share
+    of the Mac's memory ComfyUI overstates, the CPU, and outside ComfyUI) what is free there now."""
     if device.type == "cuda" and IN_COMFYUI:
         return model_management.get_total_memory(device) - model_management.extra_reserved_memory()
-    return runtime_free_memory(device) if device.type in ("cuda", "mps") else None
+    return runtime_free_memory(device)
 
 
 def gpu_devices() -> list[torch.device]:
@@ -128,66 +133,57 @@ def vae_dtype(device: torch.device) -> torch.dtype:
     return model_management.vae_dtype(device, [torch.bfloat16, torch.float32]) if IN_COMFYUI else torch.float32
 
 
-class _Managed(nn.Module):
-    """Holds a runtime module for ComfyUI's ModelPatcher, which needs a writable `device` attribute
-    (the runtime's modules report their device through a read-only property)."""
-
-    def __init__(self, module: nn.Module, device: torch.device) -> None:
-        super().__init__()
-        self.module = module
-        self.device = device
+def make_room(needs: dict[torch.device, int]) -> None:
+    """Ask ComfyUI to unload other models until each GPU has `needs[device]` bytes free (before the planned weights
+    are loaded there); a no-op for the CPU and outside ComfyUI."""
+    for device, needed in needs.items():
+        if IN_COMFYUI and device.type != "cpu":
+            model_management.free_memory(needed, device)
 
 
-def register_model(module: nn.Module, current_device: torch.device, run_device: torch.device,
-                   wait_device: torch.device) -> Any:
-    """Put `module` under ComfyUI's model management (offloaded when other models need the memory and by
-    "Unload models"). Returns the handle `prepare_model` takes; None outside ComfyUI."""
+def register_model(parts: list[tuple[torch.device, list[nn.Module]]], wait_device: torch.device, name: str,
+                   in_place: bool, on_detach: Callable[[], None] | None = None) -> list | None:
+    """Put a model under ComfyUI's model management, each device's part (`parts`: its device and modules) as a
+    model of its own on that device, so "Unload models" and other models' needs move every part off its GPU and
+    `prepare_model` brings every part back. `in_place`: the parts are on their devices already (entered in the
+    registry now, as ComfyUI's direct-to-GPU loads are), else they wait on `wait_device`. `on_detach` runs when the
+    last part is unloaded. Returns the handles `prepare_model` takes; None outside ComfyUI."""
     if not IN_COMFYUI:
         return None
-    patcher = comfy.model_patcher.ModelPatcher(_Managed(module, current_device), load_device=run_device,
-                                               offload_device=wait_device)
-    # unloading moves the registered weights; the streaming slots (registered nowhere ComfyUI sees) are freed here
-    patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_DETACH,
-                         lambda detached, unpatch_all: _release_streaming_slots(module))
-    if current_device == run_device:
-        prepare_model(patcher)  # already in place: enter it in the registry now, as ComfyUI's direct-to-GPU loads do
-    return patcher
-
-
-def register_split_model(model: nn.Module, wait_device: torch.device) -> Any:
-    """Put each device's part of a model split over several devices (NextStepModel.parts_by_device) under ComfyUI's
-    model management as its own model on its own device, so "Unload models" and other models' needs move every part
-    off its GPU and `prepare_model` brings every part back. Returns the handles; None outside ComfyUI."""
-    if not IN_COMFYUI:
-        return None
-    patchers = [comfy.model_patcher.ModelPatcher(_Managed(nn.ModuleList(modules), device), load_device=device,
-                                                 offload_device=wait_device)
-                for device, modules in model.parts_by_device()]
-    patchers[-1].add_callback(comfy.patcher_extension.CallbacksMP.ON_DETACH,  # streaming is the last device's
-                              lambda detached, unpatch_all: _release_streaming_slots(model))
-    prepare_model(patchers)  # loaded in place: enter every part in the registry now
+    managed = type(name, (_Managed,), {})  # ComfyUI's log names a model by its class: "Requested to load <name>"
+    patchers = [comfy.model_patcher.ModelPatcher(managed(nn.ModuleList(modules), device if in_place else wait_device),
+                                                 load_device=device, offload_device=wait_device)
+                for device, modules in parts]
+    if on_detach is not None:
+        patchers[-1].add_callback(comfy.patcher_extension.CallbacksMP.ON_DETACH,
+                                  lambda detached, unpatch_all: on_detach())
+    if in_place:
+        prepare_model(patchers, {})
     return patchers
 
 
-def _release_streaming_slots(module: nn.Module) -> None:
-    freed = release_streaming_slots(module)
+def release_streaming_slots_of(model: nn.Module) -> None:
+    """Free a detached model's streaming slots (registered nowhere ComfyUI sees) and say so."""
+    freed = release_streaming_slots(model)
     if freed:
         log.info("NextStep: freed the streaming slots of the unloaded model (%.0f MB)", freed / 2**20)
 
 
-def prepare_model(handle: Any, memory_required: int = 0) -> None:
-    """Move a registered model (or each part of a split one: a list of handles) onto its device before use, freeing
-    `memory_required` bytes more for the run (on each device).
+def prepare_model(handles: list | None, memory_required: dict[torch.device, int]) -> None:
+    """Move a registered model's parts onto their devices before use, freeing on each device the bytes
+    `memory_required` names for the run there (each device asked for its own share, not the largest).
 
     Loads fully: the runtime's plain torch layers cannot run partly offloaded."""
-    if handle is not None:
-        handles = handle if isinstance(handle, list) else [handle]
-        try:
-            model_management.load_models_gpu(handles, memory_required=memory_required, force_full_load=True)
-        except torch.cuda.OutOfMemoryError:
-            split = f" (split over {', '.join(str(each.load_device) for each in handles)})" if len(handles) > 1 else ""
-            raise NextStepError(f"the NextStep model does not fit in GPU memory{split}; "
-                                f"{memory_remedy(LOADING, handles[-1].load_device)}") from None
+    if handles is None:
+        return
+    try:
+        for handle in handles:
+            model_management.load_models_gpu([handle], memory_required=memory_required.get(handle.load_device, 0),
+                                             force_full_load=True)
+    except torch.cuda.OutOfMemoryError:
+        devices = ", ".join(str(handle.load_device) for handle in handles)
+        raise NextStepError(f"the NextStep model does not fit in GPU memory ({devices}); "
+                            f"{memory_remedy(LOADING, handles[-1].load_device)}") from None
 
 
 def host_memory_pinning() -> PinHostMemory | None:

@@ -8,14 +8,16 @@ from nextstep_runtime import (
     MEMORY_CHOICES,
     DeviceList,
     DeviceTraits,
+    Job,
     ModelFolder,
-    Placement,
-    WeightMode,
+    ModelFootprint,
+    Plan,
+    Targets,
+    attention_kernels,
     compile_default,
-    resolve_dtype,
-    resolve_split,
-    resolve_weight_mode,
-    set_attention_backend,
+    memory_setting,
+    plan_load,
+    plan_mode,
 )
 
 from . import catalog, host
@@ -103,42 +105,44 @@ class NextStepModelLoader:
              gpu_layers: int = ALL_LAYERS, memory: str = "auto", compile: bool = True,
              device: str = DEFAULT_DEVICE) -> tuple[NextStepModelHandle]:
         folder = catalog.model_folder(model_name)
-        mode, placement, choice = loader_weight_mode(folder, dtype, memory, fp8, gpu_layers, device)
-        set_attention_backend(attention, host.load_device() if placement is None else placement.last)
+        plan, choice = loader_plan(folder, dtype, memory, fp8, gpu_layers, device)
         if choice:
             log.info("NextStep: %s", choice)
-        loaded = load_nextstep_model(folder, mode.dtype, mode.fp8, mode.gpu_layers, mode.int4, placement)
-        return (NextStepModelHandle(loaded, attention, compile),)
+        loaded = load_nextstep_model(folder, plan)
+        kernels = attention_kernels(attention, [layer_range.device for layer_range in plan.placement.ranges])
+        return (NextStepModelHandle(loaded, kernels, compile),)
 
 
-def loader_devices(device: str) -> DeviceList | None:
-    """The devices the loader's `device` names; None for ComfyUI's device (`default`, or `auto` on a machine with
-    fewer than two GPUs). Each must exist here."""
+def loader_devices(device: str) -> DeviceList:
+    """The devices the loader's `device` names, each of which must exist here: ComfyUI's device for `default` (and
+    for `auto` on a machine with fewer than two GPUs), every GPU for `auto`, else the list as typed."""
     text = device.strip()
-    if text in ("", DEFAULT_DEVICE):
-        return None
-    if text == "auto":
-        gpus = host.gpu_devices()
-        return DeviceList(tuple(gpus)) if len(gpus) > 1 else None
+    if text == "auto" and len(host.gpu_devices()) > 1:
+        return DeviceList(tuple(host.gpu_devices()))
+    if text in ("", DEFAULT_DEVICE, "auto"):
+        return DeviceList((host.load_device(),))
     return DeviceList.parse(text).check_present()
 
 
-def loader_weight_mode(folder: ModelFolder, dtype: str, memory: str, fp8: bool, gpu_layers: int,
-                       device: str = DEFAULT_DEVICE) -> tuple[WeightMode, Placement | None, str | None]:
-    """The weight mode NextStep Model Loader loads `folder` in for these widget values, where (None: ComfyUI's run
-    device; else the chosen device or the split, model/placement.py), and the line that explains an `auto` choice
-    (planned for 512x512 against ComfyUI's memory budget on each device). The plan route asks the same, so the node
-    shows what loading will do."""
+def loader_targets(device: str, dtype: str) -> Targets:
+    """What the loader plans for: its devices, ComfyUI's memory budget on each, and the VAE where ComfyUI runs it."""
+    vae_device = host.vae_devices()[0]
+    return Targets.on(loader_devices(device), dtype, host.memory_budget, (vae_device, host.vae_dtype(vae_device)))
+
+
+def loader_plan(folder: ModelFolder, dtype: str, memory: str, fp8: bool, gpu_layers: int,
+                device: str = DEFAULT_DEVICE, job: Job | None = None) -> tuple[Plan, str | None]:
+    """The plan NextStep Model Loader loads `folder` with for these widget values (memory/planner.plan_load: the
+    weight mode, and the placement on its devices, planned for one 512x512 image against ComfyUI's memory budget on
+    each device), and the line that explains an `auto` choice. With `job` (the panel's: the sampler the loader feeds),
+    that same load planned for `job`. The plan route asks this, so the panel shows what loading will do."""
+    targets = loader_targets(device, dtype)
+    footprint = ModelFootprint.from_folder(folder)
     layers = None if gpu_layers == ALL_LAYERS else gpu_layers
-    devices = loader_devices(device)
-    if devices is None or (len(devices.devices) == 1 and devices.placement is None):
-        run = host.load_device() if devices is None else devices.devices[0]
-        mode, choice = resolve_weight_mode(folder, memory, run, resolve_dtype(dtype, run), fp8, layers,
-                                           host.model_memory_budget(run))
-        return mode, None if devices is None else Placement.single(run, folder.config.num_hidden_layers), choice
-    mode, placement, choice = resolve_split(folder, memory, devices, resolve_dtype(dtype, devices.devices[-1]), fp8,
-                                            layers, host.model_memory_budget)
-    return mode, placement, choice
+    plan, choice = plan_load(footprint, memory_setting(memory, fp8), layers, Job(), targets, str(folder.path))
+    if job is not None:
+        plan = plan_mode(footprint, plan.mode, job, targets.fixed_to(plan.placement), str(folder.path))
+    return plan, choice
 
 
 class NextStepVAELoader:

@@ -15,7 +15,16 @@ from typing import Any
 
 import torch
 
-from nextstep_runtime import ModelFolder, NextStepPipeline, NextStepVAE, Placement, load_model, load_tokenizer, load_vae
+from nextstep_runtime import (
+    FlashAttention,
+    ModelFolder,
+    NextStepPipeline,
+    NextStepVAE,
+    Plan,
+    load_model,
+    load_tokenizer,
+    load_vae,
+)
 
 from . import host
 from .preview import LatentToRGB, channel_view, fit_latent_to_rgb
@@ -46,10 +55,11 @@ class LoadedModel:
 
 @dataclass(frozen=True, eq=False)
 class NextStepModelHandle:
-    """What a NEXTSTEP_MODEL socket carries: shared weights plus this loader's attention and compile choices."""
+    """What a NEXTSTEP_MODEL socket carries: shared weights plus this loader's choices: each range's attention kernel
+    (resolved for the placement's devices when loaded) and compile."""
 
     loaded: LoadedModel
-    attention: str
+    attention: tuple[FlashAttention | None, ...]
     compile: bool = True
 
 
@@ -59,6 +69,8 @@ class LoadedVAE:
 
     path: Path
     vae: NextStepVAE
+    device: torch.device
+    """Where ComfyUI runs it (the VAE waits elsewhere between runs)."""
     registration: Any
 
 
@@ -68,30 +80,18 @@ _models: "weakref.WeakValueDictionary[tuple, LoadedModel]" = weakref.WeakValueDi
 _vaes: "weakref.WeakValueDictionary[tuple, LoadedVAE]" = weakref.WeakValueDictionary()
 
 
-def load_nextstep_model(folder: ModelFolder, dtype: torch.dtype, fp8: bool = False,
-                        resident_layers: int | None = None, int4: bool = False,
-                        placement: Placement | None = None) -> LoadedModel:
-    """The model in `folder` at `dtype` (decoder linears in fp8 or int4 if asked; only `resident_layers`
-    decoder layers on the GPU if given), on ComfyUI's device or as `placement` says (one chosen device, or the
-    layers split over several), reusing a copy that is still loaded."""
-    key = (str(folder.path.resolve()), dtype, fp8, resident_layers, int4, placement)
+def load_nextstep_model(folder: ModelFolder, plan: Plan) -> LoadedModel:
+    """The model in `folder` loaded as `plan` says (its weight mode and placement: memory/planner.py), straight onto its
+    devices after ComfyUI made room there for the planned weights, reusing a copy that is still loaded."""
+    key = (str(folder.path.resolve()), plan.mode, plan.placement)
     loaded = _models.get(key)
     if loaded is None:
-        if placement is not None:  # a chosen device, or a split: loaded straight onto its devices
-            device = placement.last
-        elif resident_layers is None and not int4:
-            device = host.initial_device(folder.parameter_count(), torch.float8_e4m3fn if fp8 else dtype)
-        else:  # streaming is set up, and int4 weights are packed, for the run device at load time
-            device = host.load_device()
-        model = load_model(folder, dtype, device, fp8=fp8, resident_layers=resident_layers, int4=int4,
-                           pin=host.host_memory_pinning(), placement=placement)
+        host.make_room({torch.device(share.device): share.weights_bytes for share in plan.devices})
+        model = load_model(folder, plan.mode, plan.placement, pin=host.host_memory_pinning())
         pipeline = NextStepPipeline(model, load_tokenizer(folder), folder.vae.normalization,
                                     free_memory=host.free_memory)
-        if placement is not None and placement.is_split:
-            registration = host.register_split_model(model, host.offload_device())
-        else:
-            run_device = host.load_device() if placement is None else placement.last
-            registration = host.register_model(model, device, run_device, host.offload_device())
+        registration = host.register_model(model.parts_by_device(), host.offload_device(), folder.path.name,
+                                           in_place=True, on_detach=lambda: host.release_streaming_slots_of(model))
         loaded = _models[key] = LoadedModel(folder, pipeline, registration)
     return loaded
 
@@ -104,5 +104,6 @@ def load_nextstep_vae(path: Path) -> LoadedVAE:
     loaded = _vaes.get(key)
     if loaded is None:
         vae = load_vae(path, dtype, wait_device)
-        loaded = _vaes[key] = LoadedVAE(path, vae, host.register_model(vae, wait_device, run_device, wait_device))
+        registration = host.register_model([(run_device, [vae])], wait_device, f"{path.name} VAE", in_place=False)
+        loaded = _vaes[key] = LoadedVAE(path, vae, run_device, registration)
     return loaded

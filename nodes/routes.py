@@ -20,22 +20,17 @@ from pathlib import Path
 
 from nextstep_runtime import (
     MEMORY_CHOICES,
-    DeviceList,
-    DeviceTraits,
     GenerationSettings,
     Job,
     ModelFootprint,
     NextStepError,
-    device_memory,
     doctor_report,
     loader_warnings,
-    plan_memory,
-    plan_split,
 )
 from nextstep_runtime.presets import presets_as_json
 
 from . import catalog, host
-from .loaders import ALL_LAYERS, DEFAULT_DEVICE, DTYPE_CHOICES, loader_devices, loader_weight_mode
+from .loaders import ALL_LAYERS, DEFAULT_DEVICE, DTYPE_CHOICES, loader_devices, loader_plan
 
 Response = tuple[int, dict]
 PLAN_PARAMETERS = {"model": str, "dtype": str, "memory": str, "fp8": bool, "gpu_layers": int, "device": str,
@@ -107,23 +102,12 @@ def plan_response(query: dict[str, str]) -> Response:
     except NextStepError as exc:
         return 422, {"error": str(exc)}
     try:
-        mode, placement, choice = loader_weight_mode(folder, values.get("dtype", "auto"), values.get("memory", "auto"),
-                                                     values.get("fp8", False), values.get("gpu_layers", ALL_LAYERS),
-                                                     values.get("device", DEFAULT_DEVICE))
-        about = {"loads_as": mode.describe(), "memory_choice": choice,
-                 "vae_config_assumed": footprint.vae_config_assumed}
-        if placement is not None and placement.is_split:
-            rooms = [host.model_memory_budget(device) for device in placement.devices]
-            split = plan_split(footprint, mode, job, DeviceList(placement.devices, placement), rooms,
-                               [DeviceTraits.of(device) for device in placement.devices])
-            return 200, {**split.to_dict(), **about}
-        device = host.load_device() if placement is None else placement.last
-        memory = device_memory(device)
-        free, total = memory if memory is not None else (None, None)
-        plan = plan_memory(footprint, mode, job, gpu_total=total, gpu_free=free, device=DeviceTraits.of(device))
+        plan, choice = loader_plan(folder, values.get("dtype", "auto"), values.get("memory", "auto"),
+                                   values.get("fp8", False), values.get("gpu_layers", ALL_LAYERS),
+                                   values.get("device", DEFAULT_DEVICE), job)
     except NextStepError as exc:  # widget values the loader refuses too (fp8 on with memory int4, a mode the folder
         return 400, {"error": str(exc)}  # or this device cannot load in, a device list it refuses)
-    return 200, {**plan.to_dict(), **about}
+    return 200, {**plan.to_dict(), "memory_choice": choice, "vae_config_assumed": footprint.vae_config_assumed}
 
 
 DOCTOR_PARAMETERS = ("self_check", "warnings_only", "device")
@@ -144,7 +128,7 @@ def doctor_response(query: dict[str, str]) -> Response:
         devices = loader_devices(query.get("device", DEFAULT_DEVICE))
     except NextStepError as exc:
         return 400, {"error": str(exc)}
-    device = host.load_device() if devices is None else devices.devices[-1]
+    device = devices.devices[-1]
     if BOOLEANS[switches["warnings_only"]]:
         return 200, {"warnings": loader_warnings(device)}
     roots = [Path(root) for root in host.folder_roots(host.MODEL_FOLDER_KEY)]

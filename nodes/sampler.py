@@ -14,10 +14,10 @@ from nextstep_runtime import (
     Job,
     ModelConfig,
     NextStepError,
+    NextStepModel,
+    device_run_bytes,
     image_size_of,
     released_slot_bytes,
-    sampling_bytes,
-    set_attention_backend,
     token_pixels,
 )
 from nextstep_runtime.presets import PRESETS
@@ -67,6 +67,15 @@ def _init_latent(latent_image: dict | None, config: ModelConfig) -> tuple[torch.
             raise NextStepError(f"the noise_mask of latent_image must be a mask tensor, got {type(mask).__name__}")
         check_finite(mask, "the noise_mask of latent_image")
     return samples.float(), None if mask is None else mask.float()
+
+
+def sampling_needs(model: NextStepModel, job: Job) -> dict[torch.device, int]:
+    """What ComfyUI frees on each device before a run: what the token loop allocates there besides the weights (the
+    planner's figure for that device's ranges, memory/estimate.py), and on the run device the streaming slots, which
+    ComfyUI does not count as the model's (they are freed when it unloads the model)."""
+    needs = {device: run for device, (_, run) in device_run_bytes(model.config, model.placement, job).items()}
+    needs[model.device] += released_slot_bytes(model)
+    return needs
 
 
 def _size_input(label: str) -> tuple:
@@ -176,12 +185,8 @@ class NextStepSampler:
         negative_prompt = negative_text(negative)
         pipeline = model.loaded.pipeline
         config = pipeline.model.config
-        set_attention_backend(model.attention, pipeline.model.device)
-        # ComfyUI frees what the token loop allocates besides the weights (the planner's figure) before the run, and
-        # the streaming slots, which it does not count as the model's (they are freed when it unloads the model)
-        working_memory = (sampling_bytes(config, pipeline.model.dtype, Job.with_latents(settings, positive.images))
-                          + released_slot_bytes(pipeline.model))
-        host.prepare_model(model.loaded.registration, working_memory)
+        host.prepare_model(model.loaded.registration, sampling_needs(pipeline.model, Job.with_latents(settings,
+                                                                                                     positive.images)))
         grid = (height // token_pixels(config), width // token_pixels(config))
         preview = None
         if host.previews_enabled():
@@ -191,7 +196,8 @@ class NextStepSampler:
         try:
             result = pipeline.sample(positive.text, settings, negative=negative_prompt,
                                      edit_latents=list(positive.images), callback=progress,
-                                     init_latents=init_latents, mask=mask, compile=model.compile)
+                                     init_latents=init_latents, mask=mask, compile=model.compile,
+                                     attention=model.attention)
         except BaseException as exc:
             # The traceback holds the token loop's frames and with them the KV cache; let it go now, not at
             # the next garbage collection, so a cancelled or failed run hands its memory straight back.

@@ -50,7 +50,8 @@ class NextStepVAEDecode:
             shape = list(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
             raise NextStepError(f"NextStep VAE Decode needs a LATENT of [batch, channels, height/8, width/8] from "
                                 f"NextStep Sampler, got {shape}")
-        host.prepare_model(vae.registration, vae_decode_bytes(latent.shape[2], latent.shape[3], vae.vae.dtype))
+        host.prepare_model(vae.registration,
+                           {vae.device: vae_decode_bytes(latent.shape[2], latent.shape[3], vae.vae.dtype)})
         images = images_to_unit(decode_latents(vae.vae, latent))
         return (images.movedim(1, -1).to(host.intermediate_device(), torch.float32),)
 
@@ -81,6 +82,7 @@ class NextStepVAEEncode:
         if cropped.shape != images.shape:
             log.info("NextStep VAE Encode: centre-cropped %dx%d to %dx%d", images.shape[-1], images.shape[-2],
                      cropped.shape[-1], cropped.shape[-2])
-        host.prepare_model(vae.registration, vae_encode_bytes(cropped.shape[2], cropped.shape[3], vae.vae.dtype))
+        host.prepare_model(vae.registration,
+                           {vae.device: vae_encode_bytes(cropped.shape[2], cropped.shape[3], vae.vae.dtype)})
         latents = encode_images(vae.vae, cropped, "the image to encode")
         return ({"samples": latents.to(host.intermediate_device(), torch.float32)},)

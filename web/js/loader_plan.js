@@ -1,6 +1,6 @@
-// NextStep Model Loader in the graph editor: the memory plan of the chosen model in the weight mode the
-// loader will use (its `memory` choice resolved as loading resolves it) on this server's run device
-// (GET /nextstep/plan), for the job of the sampler it feeds; asked again whenever a widget it depends on
+// NextStep Model Loader in the graph editor: the memory plan of the chosen model in the weight mode and on the
+// devices the loader will use (its `memory` choice resolved as loading resolves it, GET /nextstep/plan), for the
+// job of the sampler it feeds; asked again whenever a widget it depends on
 // changes. The install's warnings for the loader's chosen settings (doctor.js), e.g. "compile unavailable: no C++
 // compiler ...; running uncompiled", take the place of its last line.
 
@@ -37,16 +37,21 @@ function planQuery(node) {
   return query.toString();
 }
 
+/** The bytes of the plan's devices in one line: the parts of one device's peak, or each device's peak. */
+function deviceLine(plan) {
+  const streamed = plan.weights_host_bytes ? ` (+${formatBytes(plan.weights_host_bytes)} in RAM)` : "";
+  if (plan.devices.length === 1) {
+    const [device] = plan.devices;
+    return `weights ${formatBytes(device.weights_bytes)}${streamed} · KV cache ` +
+      `${formatBytes(device.kv_cache_bytes)} · peak ${formatBytes(device.peak_bytes)}`;
+  }
+  return plan.devices.map((d) => `${d.device} peak ${formatBytes(d.peak_bytes)}`).join(" · ") + streamed;
+}
+
 function planLines(plan) {
   const tone = plan.fits === null ? "muted" : plan.fits ? "ok" : "warn";
-  const streamed = plan.weights_host_bytes ? ` (+${formatBytes(plan.weights_host_bytes)} in RAM)` : "";
-  if (plan.devices) {  // split over several devices (docs/multi-gpu.md): the peak on each
-    return [[plan.advice, tone], [`loads as ${plan.loads_as}, layers ${plan.placement}`, ""],
-      [plan.devices.map((d) => `${d.device} peak ${formatBytes(d.peak_bytes)}`).join(" · ") + streamed, "muted"]];
-  }
-  return [[plan.advice, tone], [`loads as ${plan.loads_as}`, ""],
-    [`weights ${formatBytes(plan.weights_gpu_bytes)}${streamed} · KV cache ` +
-    `${formatBytes(plan.kv_cache_bytes)} · peak ${formatBytes(plan.peak_gpu_bytes)}`, "muted"]];
+  const layers = plan.placement.includes(",") ? `, layers ${plan.placement}` : "";
+  return [[plan.advice, tone], [`loads as ${plan.loads_as}${layers}`, ""], [deviceLine(plan), "muted"]];
 }
 
 /** The plan's lines with the install's warning, if any, in place of the last (muted) detail line: the panel
