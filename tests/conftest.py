@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,16 @@ from model_folders import copy_model  # noqa: E402
 from sdpa_layouts import LAYOUTS, sdpa_with_cuda_layout  # noqa: E402
 
 from nextstep_runtime import NextStepPipeline  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def no_emulated_package_outlives_its_test():
+    """A test that puts an emulated flash-attn on the path (broken_installs.py) imports it: forget it afterwards, so
+    the next test sees this machine's own install."""
+    before = set(sys.modules)
+    yield
+    for name in [name for name in sys.modules if name.partition(".")[0] == "flash_attn" and name not in before]:
+        del sys.modules[name]
 
 
 @pytest.fixture(scope="session")

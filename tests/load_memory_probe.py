@@ -20,10 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 TINY_MODEL = Path(__file__).resolve().parent / "fixtures" / "tiny-nextstep"
 
-from nextstep_runtime import (
-    DTYPES,  # noqa: E402
-    load_model,  # noqa: E402
-)
+from model_folders import load_on  # noqa: E402
+
+from nextstep_runtime import DTYPES  # noqa: E402
 from nextstep_runtime.weights.repack import convert_folder  # noqa: E402
 
 
@@ -36,7 +35,7 @@ def _status_kb(field: str) -> int:
 
 def _load(folder: Path, dtype: str, weights: str) -> float:
     """Load `folder` and return the loaded model's size in MB."""
-    model = load_model(folder, DTYPES[dtype], "cpu", fp8=weights == "fp8", int4=weights == "int4")
+    model = load_on(folder, DTYPES[dtype], "full" if weights == "bf16" else weights)
     return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
 
 

@@ -10,8 +10,7 @@ import torch
 from goldens import TINY_MODEL
 from safetensors.torch import load_file, save_file
 
-from nextstep_runtime import ModelConfig
-from nextstep_runtime.model.network import NextStepModel
+from nextstep_runtime import ModelConfig, ModelFolder, NextStepModel, Placement, WeightMode, load_model
 
 MEMORY_PROBE = Path(__file__).parent / "load_memory_probe.py"
 """The subprocess that loads or repacks a folder and reports its peak host memory."""
@@ -161,3 +160,12 @@ def write_sharded_fp32_model(folder: Path, shards: int) -> int:
         del part
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     return largest
+
+
+def load_on(source: Path | str | ModelFolder, dtype: torch.dtype = torch.float32, storage: str = "full",
+            gpu_layers: int | None = None, device: str = "cpu") -> NextStepModel:
+    """The runtime's load_model of `source` with every decoder layer on one device, in `dtype`, the decoder's linears
+    held as `storage` and only `gpu_layers` of them resident (None: all)."""
+    folder = ModelFolder.open(source)
+    return load_model(folder, WeightMode(storage, gpu_layers),
+                      Placement.single(device, dtype, folder.config.num_hidden_layers))

@@ -103,7 +103,7 @@ def test_plan_route_of_a_repacked_int4_folder_refuses_what_loading_refuses(comfy
     status, answer = comfy.request(f"/nextstep/plan?model=int4&{query}")
     assert status == 400 and "holds int4 weights (repacked); load it with int4 weights" in answer["error"], answer
     status, plan = comfy.request("/nextstep/plan?model=int4&memory=int4")
-    assert status == 200 and plan["mode"]["int4"] is True
+    assert status == 200 and plan["mode"]["storage"] == "int4"
 
 
 def test_slow_planning_does_not_hold_up_the_other_routes(comfy):

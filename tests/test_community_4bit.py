@@ -30,12 +30,14 @@ from community_folders import (
 )
 from fixture_workflows import workflow
 from goldens import TINY_MODEL, golden_cases, settings_for
-from model_folders import edit_config
+from model_folders import edit_config, load_on
 from nodes_pack import install_fixture_models, load_pack
+from planning import gpus
 from reference_quantization import dequantize_gptq, gptq_codes, gptq_words, quantize_gptq
 from safetensors.torch import load_file
 
 from nextstep_runtime import (
+    DeviceList,
     DeviceTraits,
     GenerationSettings,
     Job,
@@ -44,22 +46,25 @@ from nextstep_runtime import (
     ModelFootprint,
     NextStepError,
     NextStepPipeline,
+    Targets,
     WeightMode,
     images_to_unit,
-    load_model,
-    plan_memory,
+    plan_load,
+    plan_mode,
     to_uint8,
 )
 from nextstep_runtime.cli.main import main
-from nextstep_runtime.memory.choice import choose_mode
 from nextstep_runtime.weights.int4 import Int4Linear
 from nextstep_runtime.weights.repack import convert_folder
 
 CASE = next(case for case in golden_cases() if case.name == "official_t2i_cps_nocfg")
+
+
+def on_cpu(dtype: torch.dtype) -> Targets:
+    return Targets.on(DeviceList.parse("cpu"), str(dtype).removeprefix("torch."), lambda device: None)
 SOURCE = load_file(TINY_MODEL / "model.safetensors")
 """The float32 model the fixtures were quantised from."""
 IN_FEATURES = {name.removesuffix(".weight"): tensor.shape[1] for name, tensor in SOURCE.items() if tensor.ndim == 2}
-CPU = DeviceTraits("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +131,7 @@ def test_every_packed_linear_is_its_reference_dequantisation_exactly(folders, na
     """Float32 on the CPU: the identity through each packed layer gives the reference weights bit for bit (the
     kernel's (q - 8) * s + (8 - z) * s is exact); everything else is the file's tensor, as stored."""
     folder = folders[name]
-    model = load_model(folder, torch.float32, "cpu", int4=True)
+    model = load_on(folder, torch.float32, "int4")
     layers = packed_layers(model)
     assert set(layers) == DECODER_LINEARS
     for linear, weight in reference_weights(folder, IN_FEATURES).items():
@@ -143,7 +148,7 @@ def test_bfloat16_layers_are_the_reference_within_bfloat16_rounding(folders):
     """In bfloat16 (what CUDA computes in) the kernels read bf16 scales and zeros: the same weights, each within
     bf16 rounding of scale, zero and result."""
     folder = folders["asym-g32"]
-    layers = packed_layers(load_model(folder, torch.bfloat16, "cpu", int4=True))
+    layers = packed_layers(load_on(folder, torch.bfloat16, "int4"))
     tensors = folder_tensors(folder)
     for linear, weight in reference_weights(folder, IN_FEATURES).items():
         layer = layers[linear]
@@ -159,10 +164,10 @@ def test_stored_format_and_modes(folders):
     assert folder.stored_format == "gptq" and folder.gptq.packing == "auto_round:auto_gptq"
     assert set(folder.packed_linears) == DECODER_LINEARS
     assert ModelFolder.open(folders["gptq-sym-g32"]).gptq.quant_method == "gptq"
-    for fp8 in (False, True):
+    for storage in ("full", "fp8"):
         with pytest.raises(NextStepError, match=r"holds 4-bit GPTQ-packed weights \(an AutoRound or GPTQ export\), "
                                                 r"not the original ones; load it with int4 weights"):
-            load_model(folder, torch.bfloat16, "cpu", fp8=fp8)
+            load_on(folder, torch.bfloat16, storage)
 
 
 def test_gptq_config_reads_rope_parameters(folders):
@@ -181,7 +186,7 @@ def test_gptq_config_reads_rope_parameters(folders):
 def test_generation_is_near_the_bf16_model_closer_than_a_seed_change(folders, bf16_images, name):
     same_seed, next_seed = bf16_images
     images = generate(NextStepPipeline.from_pretrained(folders[name], device="cpu", dtype="bfloat16",
-                                                       int4=True)).images.float()
+                                                       memory="int4")).images.float()
     assert torch.isfinite(images).all()
     quantisation = (images - same_seed).abs().mean().item()
     seed_change = (next_seed - same_seed).abs().mean().item()
@@ -195,7 +200,7 @@ def test_cli_generates_with_memory_auto_as_the_api_does(folders, tmp_path):
                      str(tmp_path / "o.png"), "--save-tensors", str(tmp_path / "o.safetensors"), *CASE.cli_args())
     assert result.returncode == 0, result.stderr
     saved = load_file(tmp_path / "o.safetensors")
-    api = generate(NextStepPipeline.from_pretrained(folder, device="cpu", dtype="float32", int4=True))
+    api = generate(NextStepPipeline.from_pretrained(folder, device="cpu", dtype="float32", memory="int4"))
     assert torch.equal(saved["tokens"], api.tokens) and torch.equal(saved["images"], api.images)
 
 
@@ -225,14 +230,14 @@ def test_nodes_load_the_folder_as_it_is(folders, tmp_path):
         timesteps_shift=settings.timesteps_shift, sampler=settings.sampler, profile=settings.profile,
         use_norm=settings.use_norm)[0]
     images = nodes["NextStepVAEDecode"]().decode(vae, latent)[0]
-    api = generate(NextStepPipeline.from_pretrained(folders[name], device="cpu", dtype="float32", int4=True))
+    api = generate(NextStepPipeline.from_pretrained(folders[name], device="cpu", dtype="float32", memory="int4"))
     assert torch.equal(latent["samples"], api.latents)
     assert torch.equal(images, images_to_unit(api.images).movedim(1, -1))
     status, plan = routes.plan_response({"model": name, "dtype": "float32"})
     assert status == 200, plan
     assert plan["loads_as"] == "float32, int4"
-    placed = load_model(folders[name], torch.float32, "cpu", int4=True).state_dict().values()
-    assert plan["weights_gpu_bytes"] == sum(tensor.nbytes for tensor in placed)
+    placed = load_on(folders[name], torch.float32, "int4").state_dict().values()
+    assert plan["devices"][0]["weights_bytes"] == sum(tensor.nbytes for tensor in placed)
 
 
 def test_real_comfyui_loads_the_folder_and_plans_it(folders, tmp_path):
@@ -251,13 +256,13 @@ def test_real_comfyui_loads_the_folder_and_plans_it(folders, tmp_path):
                                   steps=case["num_sampling_steps"], cfg=case["cfg"], cfg_img=case["cfg_img"],
                                   cfg_schedule=case["cfg_schedule"], timesteps_shift=case["timesteps_shift"],
                                   sampler=case["sampler"], profile=case["profile"], use_norm=case["use_norm"])
-    pipe = NextStepPipeline.from_pretrained(folders[name], device="cpu", dtype="float32", int4=True)
+    pipe = NextStepPipeline.from_pretrained(folders[name], device="cpu", dtype="float32", memory="int4")
     result = pipe.generate(case["caption"], settings)
     expected = to_uint8(images_to_unit(result.images))[0].movedim(0, -1).numpy()
     assert np.abs(saved.astype(int) - expected.astype(int)).max() <= 1
     assert status == 200 and plan["loads_as"] == "bfloat16, int4", plan
-    placed = load_model(folders[name], torch.bfloat16, "cpu", int4=True).state_dict().values()
-    assert plan["weights_gpu_bytes"] == sum(tensor.nbytes for tensor in placed)
+    placed = load_on(folders[name], torch.bfloat16, "int4").state_dict().values()
+    assert plan["devices"][0]["weights_bytes"] == sum(tensor.nbytes for tensor in placed)
 
 
 def test_shipped_code_is_never_imported(folders, tmp_path):
@@ -267,7 +272,7 @@ def test_shipped_code_is_never_imported(folders, tmp_path):
     for name in SHIPPED_CODE:
         assert (folder / name).is_file()
         (folder / name).write_text('raise RuntimeError("code from the model folder was executed")\n')
-    images = generate(NextStepPipeline.from_pretrained(folder, device="cpu", dtype="float32", int4=True)).images
+    images = generate(NextStepPipeline.from_pretrained(folder, device="cpu", dtype="float32", memory="int4")).images
     assert torch.isfinite(images).all()
     assert not any(str(getattr(module, "__file__", None) or "").startswith(str(folder))
                    for module in list(sys.modules.values()))
@@ -280,18 +285,18 @@ def test_shipped_code_is_never_imported(folders, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_planned_weight_bytes_are_what_loading_places(folders, name, dtype):
     footprint = ModelFootprint.from_folder(folders[name])
-    plan = plan_memory(footprint, WeightMode(dtype, int4=True), Job(), device=CPU)
-    placed = load_model(folders[name], dtype, "cpu", int4=True).state_dict().values()
-    assert plan.weights_gpu_bytes == sum(tensor.nbytes for tensor in placed)
+    plan = plan_mode(footprint, WeightMode("int4"), Job(), on_cpu(dtype))
+    placed = load_on(folders[name], dtype, "int4").state_dict().values()
+    assert plan.devices[0].weights_bytes == sum(tensor.nbytes for tensor in placed)
     assert plan.weights_host_bytes == 0
 
 
 def test_auto_and_the_plan_command_choose_int4(folders, capsys):
     footprint = ModelFootprint.from_folder(folders["sym-g128-padded"])
-    mode, plan = choose_mode(footprint, Job(), 80 * 10**9, DeviceTraits("cuda", (9, 0), True))
-    assert mode == WeightMode(torch.bfloat16, int4=True) and plan.fits
+    plan, _ = plan_load(footprint, "auto", None, Job(), gpus(80, traits=DeviceTraits("cuda", (9, 0))))
+    assert plan.mode == WeightMode("int4") and plan.fits
     assert main(["plan", str(folders["sym-g128-padded"]), "--gpu-memory", "8"]) == 0
-    assert capsys.readouterr().out.startswith("mode: bfloat16, int4\n")
+    assert capsys.readouterr().out.startswith("memory auto: bfloat16, int4 (needs ")
 
 
 # --- variants ---------------------------------------------------------------------------------------------------------
@@ -310,7 +315,7 @@ def test_packing_is_decided_per_layer(sym_copy, caplog):
                                **{f"{up}.{part}": value for part, value in up_packed.items()},
                                f"{down}.qweight": None, f"{down}.qzeros": None, f"{down}.scales": None,
                                f"{down}.weight": down_weight})
-    model = load_model(sym_copy, torch.float32, "cpu", int4=True)
+    model = load_on(sym_copy, torch.float32, "int4")
     assert set(packed_layers(model)) == DECODER_LINEARS - {up, down}
     assert torch.equal(model.get_submodule(down).weight, down_weight)
     for name, packed in ((head, head_packed), (up, up_packed)):
@@ -318,10 +323,10 @@ def test_packing_is_decided_per_layer(sym_copy, caplog):
         assert torch.equal(model.get_submodule(name).weight, expected), name
     assert "1 decoder layers (layers.0.mlp.up_proj, ...) are packed in groups the int4 kernels do not take" \
         in caplog.text
-    plan = plan_memory(ModelFootprint.from_folder(sym_copy), WeightMode(torch.float32, int4=True), Job(), device=CPU)
-    assert plan.weights_gpu_bytes == sum(tensor.nbytes for tensor in model.state_dict().values())
+    plan = plan_mode(ModelFootprint.from_folder(sym_copy), WeightMode("int4"), Job(), on_cpu(torch.float32))
+    assert plan.devices[0].weights_bytes == sum(tensor.nbytes for tensor in model.state_dict().values())
     with pytest.raises(NextStepError, match="are not all packed alike, so they cannot be streamed"):
-        load_model(sym_copy, torch.float32, "cpu", int4=True, resident_layers=1)
+        load_on(sym_copy, torch.float32, "int4", gpu_layers=1)
 
 
 def test_an_export_whose_layers_all_stayed_float_is_a_float_folder(model_copy, tmp_path):
@@ -329,9 +334,9 @@ def test_an_export_whose_layers_all_stayed_float_is_a_float_folder(model_copy, t
     its tensors are, a float one, loading in every mode (and convert leaves the config block out)."""
     edit_config(model_copy, quantization_config=quantization_config(AUTOROUND / "sym-g32"))
     folder = ModelFolder.open(model_copy)
-    assert folder.gptq is not None and folder.stored_format == "bf16"
-    reference = load_model(TINY_MODEL, torch.float32, "cpu").state_dict()
-    loaded = load_model(folder, torch.float32, "cpu").state_dict()
+    assert folder.gptq is not None and folder.stored_format == "float"
+    reference = load_on(TINY_MODEL, torch.float32).state_dict()
+    loaded = load_on(folder, torch.float32).state_dict()
     assert all(torch.equal(value, reference[key]) for key, value in loaded.items())
     convert_folder(folder, tmp_path / "int4", "int4")
     assert ModelFolder.open(tmp_path / "int4").stored_format == "int4"
@@ -344,7 +349,7 @@ def test_symmetric_gptq_v2_zero_points_load_the_same_weights(tmp_path, folders):
     rewrite_tensors(folder, {key: gptq_words(gptq_codes(value) + 1) for key, value in tensors.items()
                              if key.endswith(".qzeros")})
     edit_quantization_config(folder, checkpoint_format="gptq_v2")
-    v1, v2 = (packed_layers(load_model(f, torch.float32, "cpu", int4=True)) for f in (folders["gptq-sym-g32"], folder))
+    v1, v2 = (packed_layers(load_on(f, torch.float32, "int4")) for f in (folders["gptq-sym-g32"], folder))
     for name, layer in v1.items():
         assert torch.equal(layer(torch.eye(layer.in_features)), v2[name](torch.eye(layer.in_features))), name
 

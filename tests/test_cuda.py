@@ -16,11 +16,11 @@ import dataclasses
 import pytest
 import torch
 from goldens import TINY_MODEL, GoldenCase, assert_matches_golden, golden_cases, settings_for
-from model_folders import deepen
+from model_folders import deepen, load_on
 from safetensors.torch import load_file
 
 from nextstep_runtime import GenerationSettings, NextStepError, NextStepPipeline, load_rgb
-from nextstep_runtime.sampling.token_loop import TokenStep
+from nextstep_runtime.sampling import token_loop
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -35,16 +35,17 @@ def exact_float32():
 
 
 def record_captured_graphs(monkeypatch) -> list:
-    """The CUDA graphs TokenStep captures (None where capture failed), in order."""
+    """The devices of the CUDA graphs the token steps capture (one per range, and the feed-only last stage where
+    tokens are kept), in order; a failed capture records nothing."""
     captured = []
-    original = TokenStep._capture
+    original = token_loop.capture
 
-    def capture(self, device, work):
-        graph, output = original(self, device, work)
-        captured.append(graph)
-        return graph, output
+    def capture(device, work):
+        replay = original(device, work)
+        captured.append(torch.device(device))
+        return replay
 
-    monkeypatch.setattr(TokenStep, "_capture", capture)
+    monkeypatch.setattr(token_loop, "capture", capture)
     return captured
 
 
@@ -59,7 +60,7 @@ def test_goldens_through_the_cuda_graph(case: GoldenCase, monkeypatch) -> None:
     captured = record_captured_graphs(monkeypatch)
     pipe = NextStepPipeline.from_pretrained(TINY_MODEL, device="cuda", dtype="float32")
     result = generate(pipe, case)
-    assert captured and captured[0] is not None, "the token step was not captured as a CUDA graph"
+    assert captured, "the token step was not captured as a CUDA graph"
     assert_matches_golden(case, {"tokens": result.tokens.cpu(), "latents": result.latents.cpu(),
                                  "images": result.images.cpu()})
 
@@ -68,36 +69,43 @@ def test_fp8_and_streaming_on_cuda(model_copy) -> None:
     case = next(c for c in golden_cases() if c.name == "official_t2i_cps_nocfg")
     deepen(model_copy, 5)
     bf16 = generate(NextStepPipeline.from_pretrained(model_copy, device="cuda", dtype="bfloat16"), case)
-    fp8 = generate(NextStepPipeline.from_pretrained(model_copy, device="cuda", dtype="bfloat16", fp8=True), case)
+    fp8 = generate(NextStepPipeline.from_pretrained(model_copy, device="cuda", dtype="bfloat16", memory="fp8"), case)
     assert (fp8.images - bf16.images).abs().mean() < 0.05
     for resident in (1, 2):  # 4 and 3 streamed layers through the two slots
-        streamed = generate(NextStepPipeline.from_pretrained(model_copy, device="cuda", dtype="bfloat16", fp8=True,
-                                                             resident_layers=resident), case)
+        streamed = generate(NextStepPipeline.from_pretrained(model_copy, device="cuda", dtype="bfloat16",
+                                                             memory="fp8", gpu_layers=resident), case)
         assert torch.equal(streamed.tokens, fp8.tokens), resident
 
 
 def test_bfloat16_graph_equals_bfloat16_eager(monkeypatch) -> None:
     """The captured graph replays exactly the eager computation in the production dtype."""
-    import nextstep_runtime.sampling.token_loop as generate_module
-
     case = next(c for c in golden_cases() if c.name == "official_t2i_sde")
     pipe = NextStepPipeline.from_pretrained(TINY_MODEL, device="cuda", dtype="bfloat16")
     graphed = generate(pipe, case)
-    monkeypatch.setattr(generate_module, "cuda_graph_possible", lambda model: False)
+    monkeypatch.setattr(token_loop, "cuda_graphs_possible", lambda model: False)
     eager = generate(pipe, case)
     assert torch.equal(graphed.tokens, eager.tokens)
 
 
-@pytest.mark.parametrize("fp8,resident", [(False, None), (True, None), (True, 2)])
-def test_memory_plan_weights_are_what_sits_on_the_gpu(model_copy, fp8, resident) -> None:
+@pytest.mark.parametrize("storage,resident", [("full", None), ("fp8", None), ("fp8", 2)])
+def test_memory_plan_weights_are_what_sits_on_the_gpu(model_copy, storage, resident) -> None:
     """Every tensor the loaded model holds (registered ones, the buffers the streaming slots and the streamed host
     layers are packed in), summed by the device it really lives on, against the planner's device and host figures;
-    and the GPU's size as the planner reads it."""
-    from nextstep_runtime import Job, ModelFootprint, WeightMode, device_memory, load_model, plan_memory
+    and the GPU's free memory as the planner reads it."""
+    from nextstep_runtime import (
+        DeviceList,
+        Job,
+        ModelFootprint,
+        Targets,
+        WeightMode,
+        device_memory,
+        free_memory,
+        plan_mode,
+    )
     from nextstep_runtime.weights.offload import streamers
 
     deepen(model_copy, 5)
-    model = load_model(model_copy, torch.bfloat16, "cuda", fp8=fp8, resident_layers=resident)
+    model = load_on(model_copy, torch.bfloat16, storage, resident, device="cuda")
     tensors = list(model.state_dict().values())
     for streamer in streamers(model):
         tensors += streamer.slot_buffers + streamer.host_buffers
@@ -105,10 +113,11 @@ def test_memory_plan_weights_are_what_sits_on_the_gpu(model_copy, fp8, resident)
     for tensor in tensors:
         by_device[tensor.device.type] += tensor.numel() * tensor.element_size()
     free, total = device_memory(torch.device("cuda"))
-    plan = plan_memory(ModelFootprint.from_folder(model_copy), WeightMode(torch.bfloat16, fp8, resident), Job(),
-                       gpu_total=total, gpu_free=free)
-    assert (plan.weights_gpu_bytes, plan.weights_host_bytes) == (by_device["cuda"], by_device["cpu"])
-    assert 0 < free <= total == torch.cuda.mem_get_info()[1]
+    targets = Targets.on(DeviceList.parse("cuda"), "bfloat16", free_memory, vae_on_run_device=True)
+    plan = plan_mode(ModelFootprint.from_folder(model_copy), WeightMode(storage, resident), Job(), targets)
+    [gpu] = plan.devices
+    assert (gpu.weights_bytes, plan.weights_host_bytes) == (by_device["cuda"], by_device["cpu"])
+    assert gpu.device == f"cuda:{torch.cuda.current_device()}" and 0 < gpu.free_bytes <= total
     assert plan.fits is True
 
 
@@ -130,8 +139,8 @@ def test_kept_tokens_and_noise_chunks_through_the_cuda_graphs(monkeypatch) -> No
     inputs = pipe.prepare(p["caption"], settings_for(case), p["negative_prompt"], p["positive_prompt"],
                           init_latents=case.expected["latents"], mask=mask)
     chunked = dataclasses.replace(inputs, noise=dataclasses.replace(inputs.noise, chunk_tokens=5))
-    tokens = sample_tokens(pipe.model, chunked)
-    assert len(captured) == 2 and all(graph is not None for graph in captured), "step and feed graphs"
+    tokens = sample_tokens(pipe.model, chunked, pipe.attention)
+    assert len(captured) == 2, "step and feed graphs"
     assert_matches_golden(case, {"tokens": tokens.cpu()})
 
 
@@ -166,7 +175,7 @@ def test_gen_pos_embed_through_the_cuda_graph(model_copy, monkeypatch) -> None:
     captured = record_captured_graphs(monkeypatch)
     on_gpu = generate(NextStepPipeline.from_pretrained(model_copy, device="cuda", dtype="float32"), case)
     on_cpu = generate(NextStepPipeline.from_pretrained(model_copy, device="cpu", dtype="float32"), case)
-    assert captured and captured[0] is not None
+    assert captured
     torch.testing.assert_close(on_gpu.tokens.cpu(), on_cpu.tokens, atol=1e-3, rtol=0)
 
 
@@ -189,16 +198,17 @@ def test_int4_kernel_packing_and_model_on_cuda(model_copy, tmp_path) -> None:
     case = next(c for c in golden_cases() if c.name == "official_t2i_cps_nocfg")
     deepen(model_copy, 5)
     bf16 = generate(NextStepPipeline.from_pretrained(model_copy, device="cuda", dtype="bfloat16"), case)
-    int4 = generate(NextStepPipeline.from_pretrained(model_copy, device="cuda", dtype="bfloat16", int4=True), case)
+    int4 = generate(NextStepPipeline.from_pretrained(model_copy, device="cuda", dtype="bfloat16", memory="int4"),
+                    case)
     assert (int4.tokens - bf16.tokens).abs().max() < 0.35
     assert (int4.images - bf16.images).abs().mean() < 0.05
     for resident in (1, 2):
-        streamed = generate(NextStepPipeline.from_pretrained(model_copy, device="cuda", dtype="bfloat16", int4=True,
-                                                             resident_layers=resident), case)
+        streamed = generate(NextStepPipeline.from_pretrained(model_copy, device="cuda", dtype="bfloat16",
+                                                             memory="int4", gpu_layers=resident), case)
         assert torch.equal(streamed.tokens, int4.tokens), resident
     convert_folder(model_copy, tmp_path / "int4", "int4")
     repacked = generate(NextStepPipeline.from_pretrained(tmp_path / "int4", device="cuda", dtype="bfloat16",
-                                                         int4=True), case)
+                                                         memory="int4"), case)
     assert torch.equal(repacked.tokens, int4.tokens)
 
 
@@ -209,21 +219,13 @@ def test_community_4bit_folder_on_cuda(name, tmp_path) -> None:
     and the planned bytes what sits on the GPU."""
     from community_folders import community_folder, folder_tensors, reference_weights
 
-    from nextstep_runtime import (
-        Job,
-        ModelFootprint,
-        WeightMode,
-        device_memory,
-        load_model,
-        plan_memory,
-        resolve_weight_mode,
-    )
+    from nextstep_runtime import DeviceList, Job, ModelFootprint, Targets, WeightMode, free_memory, plan_load, plan_mode
     from nextstep_runtime.weights.int4 import Int4Linear
 
     folder = community_folder(name, tmp_path / name)
     source = {key: value.shape[1] for key, value in load_file(TINY_MODEL / "model.safetensors").items()
               if value.ndim == 2}
-    model = load_model(folder, torch.bfloat16, "cuda", int4=True)
+    model = load_on(folder, torch.bfloat16, "int4", device="cuda")
     tensors = folder_tensors(folder)
     for linear, weight in reference_weights(folder, {k.removesuffix(".weight"): v for k, v in source.items()}).items():
         layer = model.get_submodule(linear)
@@ -233,12 +235,11 @@ def test_community_4bit_folder_on_cuda(name, tmp_path) -> None:
         scales = tensors[f"{linear}.scales"].float().abs()
         step = scales.repeat_interleave(tensors[f"{linear}.qweight"].shape[0] * 8 // scales.shape[0], dim=0)
         assert ((out - weight).abs() <= 2**-7 * (weight.abs() + 16 * step[:weight.shape[1]].t())).all(), linear
-    free, total = device_memory(torch.device("cuda"))
-    plan = plan_memory(ModelFootprint.from_folder(folder), WeightMode(torch.bfloat16, int4=True), Job(),
-                       gpu_total=total, gpu_free=free)
-    assert plan.weights_gpu_bytes == sum(tensor.nbytes for tensor in model.state_dict().values())
-    mode, _ = resolve_weight_mode(folder, "auto", torch.device("cuda"), torch.bfloat16, gpu_free=free)
-    assert mode == WeightMode(torch.bfloat16, int4=True)
+    targets = Targets.on(DeviceList.parse("cuda"), "bfloat16", free_memory, vae_on_run_device=True)
+    footprint = ModelFootprint.from_folder(folder)
+    plan = plan_mode(footprint, WeightMode("int4"), Job(), targets)
+    assert plan.devices[0].weights_bytes == sum(tensor.nbytes for tensor in model.state_dict().values())
+    assert plan_load(footprint, "auto", None, Job(), targets)[0].mode == WeightMode("int4")
 
     case = next(c for c in golden_cases() if c.name == "official_t2i_cps_nocfg")
     bf16 = NextStepPipeline.from_pretrained(TINY_MODEL, device="cuda", dtype="bfloat16")
@@ -246,16 +247,16 @@ def test_community_4bit_folder_on_cuda(name, tmp_path) -> None:
     settings = settings_for(case)
     next_seed = bf16.generate(case.params["caption"], dataclasses.replace(settings, seed=settings.seed + 1)).images
     next_seed = next_seed.float()
-    int4 = generate(NextStepPipeline.from_pretrained(folder, device="cuda", dtype="bfloat16", int4=True), case)
+    int4 = generate(NextStepPipeline.from_pretrained(folder, device="cuda", dtype="bfloat16", memory="int4"), case)
     assert (int4.images.float() - same_seed).abs().mean() < (next_seed - same_seed).abs().mean() / 5
 
 
 def test_auto_memory_on_cuda_keeps_a_small_model_whole() -> None:
-    from nextstep_runtime import WeightMode, device_memory, resolve_weight_mode
+    from nextstep_runtime import DeviceList, Job, ModelFootprint, Targets, WeightMode, free_memory, plan_load
 
-    free = device_memory(torch.device("cuda"))[0]
-    mode, choice = resolve_weight_mode(TINY_MODEL, "auto", torch.device("cuda"), torch.bfloat16, gpu_free=free)
-    assert mode == WeightMode(torch.bfloat16) and choice.startswith("memory auto: bfloat16 (needs ")
+    targets = Targets.on(DeviceList.parse("cuda"), "bfloat16", free_memory, vae_on_run_device=True)
+    plan, choice = plan_load(ModelFootprint.from_folder(TINY_MODEL), "auto", None, Job(), targets)
+    assert plan.mode == WeightMode() and choice.startswith("memory auto: bfloat16 (needs ")
 
 
 @pytest.mark.parametrize("name", ["official_t2i_sde", "official_edit_sde"])
@@ -269,7 +270,7 @@ def test_compiled_head_goldens_through_the_cuda_graph(name: str, monkeypatch) ->
         pipe = NextStepPipeline.from_pretrained(TINY_MODEL, device="cuda", dtype="float32", compile=True)
         result = generate(pipe, case)
         assert SolverSteps(True, torch.device("cuda")).active, "compiling failed on this GPU machine"
-    assert captured and captured[0] is not None, "the token step was not captured as a CUDA graph"
+    assert captured, "the token step was not captured as a CUDA graph"
     assert_matches_golden(case, {"tokens": result.tokens.cpu(), "latents": result.latents.cpu(),
                                  "images": result.images.cpu()})
 
@@ -282,7 +283,7 @@ def test_out_of_memory_in_the_fused_fp8_matmul_is_explained_and_the_kernel_stays
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("no fused fp8 matmul below compute capability 8.9")
     case = next(c for c in golden_cases() if c.name == "official_t2i_cps_nocfg")
-    pipe = NextStepPipeline.from_pretrained(model_copy, device="cuda", dtype="bfloat16", fp8=True)
+    pipe = NextStepPipeline.from_pretrained(model_copy, device="cuda", dtype="bfloat16", memory="fp8")
     scaled_mm = torch._scaled_mm
 
     def out_of_memory(*args, **kwargs):
@@ -312,7 +313,7 @@ def test_out_of_memory_in_the_capture_is_explained_and_the_next_run_captures(mon
     monkeypatch.setattr(torch.cuda, "graph", graph)
     captured = record_captured_graphs(monkeypatch)
     result = generate(pipe, case)
-    assert captured and captured[0] is not None
+    assert captured
     assert_matches_golden(case, {"tokens": result.tokens.cpu()})
 
 
@@ -321,7 +322,7 @@ def test_streaming_slots_are_freed_and_made_again(model_copy) -> None:
 
     case = next(c for c in golden_cases() if c.name == "official_t2i_cps_nocfg")
     deepen(model_copy, 5)
-    pipe = NextStepPipeline.from_pretrained(model_copy, device="cuda", dtype="bfloat16", resident_layers=2)
+    pipe = NextStepPipeline.from_pretrained(model_copy, device="cuda", dtype="bfloat16", gpu_layers=2)
     before = generate(pipe, case)
     torch.cuda.synchronize()
     allocated = torch.cuda.memory_allocated()
@@ -334,20 +335,23 @@ def test_streaming_slots_are_freed_and_made_again(model_copy) -> None:
 def test_streamed_layers_are_page_locked_to_the_planners_bytes(model_copy, monkeypatch) -> None:
     """cudaHostRegister on the packed layers: exactly the planned host bytes locked (torch's pinned allocator
     would round each block up to a power of two); over the cap, layers stream from pageable memory, unchanged."""
-    from nextstep_runtime import Job, ModelFootprint, WeightMode, plan_memory
+    from nextstep_runtime import ModelFootprint, WeightMode
+    from nextstep_runtime.memory.footprint import placed_weight_bytes
+    from nextstep_runtime.model.placement import Placement
     from nextstep_runtime.weights import offload
     from nextstep_runtime.weights.offload import streamers
 
     case = next(c for c in golden_cases() if c.name == "official_t2i_cps_nocfg")
     deepen(model_copy, 5)
-    pipe = NextStepPipeline.from_pretrained(model_copy, device="cuda", dtype="bfloat16", resident_layers=1)
+    pipe = NextStepPipeline.from_pretrained(model_copy, device="cuda", dtype="bfloat16", gpu_layers=1)
     streamer = streamers(pipe.model)[0]
-    plan = plan_memory(ModelFootprint.from_folder(model_copy), WeightMode(torch.bfloat16, gpu_layers=1), Job())
+    _, host = placed_weight_bytes(ModelFootprint.from_folder(model_copy), WeightMode(gpu_layers=1),
+                                  Placement.single("cuda", torch.bfloat16, 5))
     assert all(buffer.is_pinned() for buffer in streamer.host_buffers)
-    assert sum(buffer.nbytes for buffer in streamer.host_buffers) == plan.weights_host_bytes
+    assert sum(buffer.nbytes for buffer in streamer.host_buffers) == host
     locked = generate(pipe, case)
     monkeypatch.setattr(offload, "pinned_memory_cap", lambda windows, total: offload._page_locked)
-    capped = NextStepPipeline.from_pretrained(model_copy, device="cuda", dtype="bfloat16", resident_layers=1)
+    capped = NextStepPipeline.from_pretrained(model_copy, device="cuda", dtype="bfloat16", gpu_layers=1)
     assert not any(buffer.is_pinned() for buffer in streamers(capped.model)[0].host_buffers)
     assert torch.equal(generate(capped, case).tokens, locked.tokens)
 
@@ -421,10 +425,12 @@ def test_capture_survives_another_thread_asking_for_free_memory(monkeypatch) -> 
 
 
 def test_auto_dtype_follows_the_compute_capability() -> None:
-    from nextstep_runtime import resolve_dtype
+    from nextstep_runtime import DeviceTraits, resolve_dtype
 
     expected = torch.bfloat16 if torch.cuda.get_device_capability() >= (8, 0) else torch.float16
-    assert resolve_dtype("auto", torch.device("cuda")) == expected
+    assert resolve_dtype("auto", DeviceTraits.of(torch.device("cuda"))) == expected
+    pipe = NextStepPipeline.from_pretrained(TINY_MODEL, device="cuda")
+    assert pipe.model.dtype == expected
 
 
 def test_a_broken_flash_attn_falls_back_on_the_gpu(tmp_path, monkeypatch, caplog) -> None:
@@ -432,17 +438,16 @@ def test_a_broken_flash_attn_falls_back_on_the_gpu(tmp_path, monkeypatch, caplog
 
     from broken_installs import broken_flash_attn
 
-    from nextstep_runtime import set_attention_backend
+    from nextstep_runtime.model import attention
 
     monkeypatch.syspath_prepend(str(broken_flash_attn(tmp_path)))
+    monkeypatch.setattr(attention, "_last_warning", None)
     case = next(c for c in golden_cases() if c.name == "official_t2i_sde")
-    try:
-        with caplog.at_level(logging.WARNING):
-            pipe = NextStepPipeline.from_pretrained(TINY_MODEL, device="cuda", dtype="bfloat16", attention="auto")
-            generate(pipe, case)
-        assert len([r for r in caplog.records if "flash-attn is installed but does not import" in r.getMessage()]) == 1
-    finally:
-        set_attention_backend("sdpa")
+    with caplog.at_level(logging.WARNING):
+        pipe = NextStepPipeline.from_pretrained(TINY_MODEL, device="cuda", dtype="bfloat16", attention="auto")
+        generate(pipe, case)
+    assert len([r for r in caplog.records if "flash-attn is installed but does not import" in r.getMessage()]) == 1
+    assert pipe.attention == (None,)
 
 
 def split_devices() -> list[str]:
@@ -451,15 +456,15 @@ def split_devices() -> list[str]:
 
 
 @pytest.mark.parametrize("case", golden_cases(), ids=lambda case: case.name)
-def test_goldens_through_a_split(case: GoldenCase, caplog) -> None:
+def test_goldens_through_a_split(case: GoldenCase, monkeypatch) -> None:
     """Every golden with the layers split over two device entries (one per GPU where there are two): each layer's
-    weights and KV cache on its range's device, the token step eager (one log line: a graph is one GPU's)."""
+    weights and KV cache on its range's device, the token step captured as one CUDA graph per range."""
     devices = split_devices()
-    with caplog.at_level("INFO", logger="nextstep_runtime"):
-        pipe = NextStepPipeline.from_pretrained(TINY_MODEL, devices=devices, dtype="float32")
-        result = generate(pipe, case)
+    captured = record_captured_graphs(monkeypatch)
+    pipe = NextStepPipeline.from_pretrained(TINY_MODEL, devices=devices, dtype="float32")
+    result = generate(pipe, case)
     model = pipe.model
-    assert [str(d) for d in model.placement.devices] == devices
+    assert [str(r.device) for r in model.placement.ranges] == devices
     for layer_range in model.placement.ranges:
         for layer in model.layers[layer_range.start:layer_range.stop]:
             assert all(t.device == layer_range.device for t in layer.state_dict().values())
@@ -467,7 +472,7 @@ def test_goldens_through_a_split(case: GoldenCase, caplog) -> None:
     assert model.image_head.net.input_proj.weight.device == torch.device(devices[1])
     cache = model.new_cache(2, 8)
     assert [keys.device for keys in cache.keys] == [torch.device(d) for d in devices]
-    assert sum("runs eagerly (no CUDA graph): the model is split" in r.message for r in caplog.records) == 1
+    assert captured[:2] == [torch.device(d) for d in devices]  # one graph per range, on its GPU
     assert_matches_golden(case, {"tokens": result.tokens.cpu(), "latents": result.latents.cpu(),
                                  "images": result.images.cpu()})
 
@@ -475,13 +480,12 @@ def test_goldens_through_a_split(case: GoldenCase, caplog) -> None:
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_split_over_two_gpus_with_fp8_and_streaming_equals_one_gpu(model_copy) -> None:
     """fp8 weights split 2 + 3 over two GPUs, the last streaming its last two layers: the tokens of the same mode on
-    one GPU (eager there too, so both compute the same kernels)."""
+    one GPU (eager on both: streamed layers are never captured, so both compute the same kernels)."""
     case = next(c for c in golden_cases() if c.name == "official_t2i_cps_nocfg")
     deepen(model_copy, 5)
-    one = NextStepPipeline.from_pretrained(model_copy, device="cuda:0", dtype="bfloat16", fp8=True,
-                                           resident_layers=3)
-    split = NextStepPipeline.from_pretrained(model_copy, devices="cuda:0:0-1,cuda:1:2-4", dtype="bfloat16", fp8=True,
-                                             resident_layers=3)
+    one = NextStepPipeline.from_pretrained(model_copy, device="cuda:0", dtype="bfloat16", memory="fp8", gpu_layers=3)
+    split = NextStepPipeline.from_pretrained(model_copy, devices="cuda:0:0-1,cuda:1:2-4", dtype="bfloat16",
+                                             memory="fp8", gpu_layers=3)
     assert torch.equal(generate(split, case).tokens.cpu(), generate(one, case).tokens.cpu())
     assert torch.cuda.memory_allocated(1) > 0
 

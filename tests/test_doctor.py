@@ -206,7 +206,7 @@ def test_route_reports_the_model_folders_and_what_they_hold(models_dir: Path) ->
     root = next(root for root in report["model_folders"] if root["path"] == str(models_dir / "nextstep"))
     entries = {entry["name"]: entry for entry in root["entries"]}
     assert set(entries) == {"downloads", "model.safetensors", MODEL_NAME}
-    assert entries[MODEL_NAME]["weights"] == "bf16" and entries[MODEL_NAME]["vae"] is True
+    assert entries[MODEL_NAME]["weights"] == "float32" and entries[MODEL_NAME]["vae"] is True  # what it stores
     assert entries["downloads"]["problem"] == ("holds no config.json; the model folder inside, "
                                                "downloads/NextStep-1.1, belongs directly in this folder")
     assert entries["model.safetensors"]["problem"].startswith("a file; NextStep models are whole repo folders")

@@ -222,7 +222,7 @@ def test_download_of_a_community_4bit_repo_fetches_what_the_runtime_reads(tmp_pa
     tokenizer = {"merges.txt", "vocab.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"}
     assert repo.fetched() == {"config.json", "model.safetensors", "vae/config.json", "vae/checkpoint.pt"} | tokenizer
     saved = load_file(tmp_path / "o.safetensors")
-    local = generate(NextStepPipeline.from_pretrained(folder, device="cpu", dtype="float32", int4=True))
+    local = generate(NextStepPipeline.from_pretrained(folder, device="cpu", dtype="float32", memory="int4"))
     assert torch.equal(saved["tokens"], local["tokens"]) and torch.equal(saved["images"], local["images"])
 
 

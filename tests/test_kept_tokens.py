@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 from nextstep_runtime import GenerationSettings, NextStepError, load_rgb
 from nextstep_runtime.cli.init_image import load_cropped_rgb
 from nextstep_runtime.sampling.keep_mask import regenerated_cells
-from nextstep_runtime.sampling.token_loop import NOISE_CHUNK_BYTES, NoiseSpec, NoiseStream, sample_tokens
+from nextstep_runtime.sampling.noise import NOISE_CHUNK_BYTES, NoiseSpec, NoiseStream
+from nextstep_runtime.sampling.token_loop import sample_tokens
 
 CASES = {case.name: case for case in golden_cases()}
 
@@ -91,7 +92,7 @@ def test_noise_in_small_chunks_is_the_same_stream(tiny_pipeline) -> None:
     inputs = tiny_pipeline.prepare(p["caption"], settings_for(case), p["negative_prompt"], p["positive_prompt"])
     assert inputs.noise.chunk_tokens == inputs.noise.tokens  # a small image is one chunk
     chunked = dataclasses.replace(inputs, noise=dataclasses.replace(inputs.noise, chunk_tokens=5))  # 24 = 4*5 + 4
-    tokens = sample_tokens(tiny_pipeline.model, chunked)
+    tokens = sample_tokens(tiny_pipeline.model, chunked, tiny_pipeline.attention)
     assert (tokens - case.expected["tokens"]).abs().max().item() <= FLOAT_TOLERANCE
 
 

@@ -352,7 +352,7 @@ def test_plan_of_a_repacked_int4_folder_refuses_other_weights_as_loading_does(ca
     line = command_error(capsys, "plan", str(tmp_path / "int4"), *args)
     assert "holds int4 weights (repacked); load it with int4 weights" in line
     assert main(["plan", str(tmp_path / "int4"), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["mode"]["int4"] is True
+    assert json.loads(capsys.readouterr().out)["mode"]["storage"] == "int4"
 
 
 # --- input images and masks: one size rule, read from the header, never a raw PIL error or warning ---------------

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from goldens import TINY_MODEL, TINY_VAE_FILE, assert_matches_golden, golden_cases, settings_for
-from model_folders import rewrite_weights, use_1_1_naming
+from model_folders import load_on, rewrite_weights, use_1_1_naming
 
-from nextstep_runtime import ModelConfig, NextStepPipeline, load_model, load_vae
+from nextstep_runtime import ModelConfig, NextStepPipeline, load_vae
 
 CASE = next(case for case in golden_cases() if case.name == "official_t2i_sde")
 
@@ -46,8 +46,8 @@ def test_both_namings_give_the_same_config(model_copy: Path) -> None:
 
 def test_bf16_on_disk_loads_into_float32_exactly(model_copy: Path) -> None:
     rewrite_weights(model_copy, shards=2, dtype=torch.bfloat16)
-    model = load_model(model_copy, torch.float32, "cpu")
-    reference = load_model(TINY_MODEL, torch.float32, "cpu")
+    model = load_on(model_copy)
+    reference = load_on(TINY_MODEL)
     for (name, loaded), (_, original) in zip(model.state_dict().items(), reference.state_dict().items()):
         assert loaded.dtype == torch.float32
         assert torch.equal(loaded, original.to(torch.bfloat16).float()), name
@@ -55,7 +55,7 @@ def test_bf16_on_disk_loads_into_float32_exactly(model_copy: Path) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_float32_checkpoint_converts_to_half_dtypes(dtype: torch.dtype) -> None:
-    model = load_model(TINY_MODEL, dtype, "cpu")
+    model = load_on(TINY_MODEL, dtype)
     assert {p.dtype for p in model.parameters()} == {dtype}
     assert not any(p.is_meta for p in model.parameters())
 

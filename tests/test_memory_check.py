@@ -9,7 +9,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from nextstep_runtime import GenerationSettings, Job, NextStepError, NextStepPipeline, free_memory
+from nextstep_runtime import (
+    GenerationSettings,
+    Job,
+    NextStepError,
+    NextStepPipeline,
+    Placement,
+    VAEPlacement,
+    free_memory,
+)
 from nextstep_runtime.memory.check import check_job_memory
 
 BUDGET = 4 * 10**9
@@ -40,12 +48,12 @@ def test_a_job_that_cannot_fit_is_refused_before_any_work(tiny_pipeline) -> None
     assert not calls  # not a single token was sampled
     largest = int(message.split("use a batch of at most ")[1].split(",")[0])
     assert 1 <= largest < settings.batch
-    config, dtype = pipe.model.config, torch.float32
+    config, placement = pipe.model.config, pipe.model.placement
     fitting = Job(replace(settings, batch=largest), prompt_tokens=8)
-    check_job_memory(config, None, dtype, fitting, torch.device("cpu"), lambda device: SAMPLING_BUDGET)
+    check_job_memory(config, placement, fitting, lambda device: SAMPLING_BUDGET)
     with pytest.raises(NextStepError):
-        check_job_memory(config, None, dtype, Job(replace(settings, batch=largest + 1), prompt_tokens=8),
-                         torch.device("cpu"), lambda device: SAMPLING_BUDGET)
+        check_job_memory(config, placement, Job(replace(settings, batch=largest + 1), prompt_tokens=8),
+                         lambda device: SAMPLING_BUDGET)
 
 
 def test_when_no_batch_fits_the_advice_is_a_smaller_image(budget_pipeline, tiny_pipeline) -> None:
@@ -65,17 +73,19 @@ def test_when_no_batch_fits_the_advice_is_a_smaller_image(budget_pipeline, tiny_
 def test_a_job_whose_vae_decoding_does_not_fit_is_advised_a_smaller_image(tiny_pipeline, device, size) -> None:
     """The tiny model samples in little memory, but decoding a large image takes gigabytes: the advice is the
     decoder's (a smaller image), never fewer steps, a shorter prompt or another weight mode."""
-    from nextstep_runtime.memory.estimate import split_job_bytes, vae_phase_bytes
+    from nextstep_runtime.memory.estimate import device_run_bytes, vae_phase_bytes
     from nextstep_runtime.memory.out_of_memory import VAE_DECODING
 
     config, vae_config = tiny_pipeline.model.config, tiny_pipeline.vae.config
+    placement = Placement.single(device, torch.float32, config.num_hidden_layers)
     job = Job(GenerationSettings(width=size, height=size, batch=2, steps=2, cfg=1.0), prompt_tokens=8)
-    ((_, sampling),) = split_job_bytes(config, None, torch.float32, job, [config.num_hidden_layers])
+    ((_, sampling),) = device_run_bytes(config, placement, job).values()
     decode = vae_phase_bytes(vae_config, torch.float32, job)[VAE_DECODING]
     free = (sampling + decode) // 2
     assert sampling < free < decode
+    vae = VAEPlacement(vae_config, torch.device(device), torch.float32)
     with pytest.raises(NextStepError) as caught:
-        check_job_memory(config, vae_config, torch.float32, job, torch.device(device), lambda device: free)
+        check_job_memory(config, placement, job, lambda device: free, vae)
     message = str(caught.value)
     assert "besides the model's weights, most for VAE decoding (KV cache" in message
     assert message.endswith("is free; make the image smaller (the VAE decodes one image at a time: a smaller batch, "

@@ -8,13 +8,15 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from goldens import FIXTURES, TINY_MODEL, TINY_VAE_FILE
-from model_folders import copy_model
+from model_folders import copy_model, load_on
 from nodes_pack import load_pack
+from planning import gpus
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -28,15 +30,13 @@ from nextstep_runtime import (
     NextStepError,
     NextStepPipeline,
     WeightMode,
+    device_run_bytes,
     images_to_unit,
-    load_model,
     load_rgb,
-    plan_memory,
-    sampling_bytes,
+    plan_load,
+    plan_mode,
 )
-from nextstep_runtime.memory.choice import choose_mode
-from nextstep_runtime.memory.plan import peak_bytes
-from nextstep_runtime.sampling.token_loop import DecodeState
+from nextstep_runtime.sampling.decode_state import DecodeState
 from nextstep_runtime.weights.checkpoint import read_header
 from nextstep_runtime.weights.repack import convert_folder
 from nextstep_runtime.weights.vae_files import VAE_CONFIG_METADATA_KEY
@@ -97,25 +97,30 @@ DEVICES = {"cuda-8.9": CUDA_WITH_INT4, "cuda-7.5": CUDA_WITHOUT_INT4, "cpu": Dev
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
-    """The tiny model as released (bf16: any float checkpoint) and repacked to fp8 and int4."""
+    """The tiny model as released (float weights) and repacked to fp8 and int4."""
     root = tmp_path_factory.mktemp("repacked")
     repacked = {stored: root / stored for stored in ("fp8", "int4")}
     for stored, folder in repacked.items():
         convert_folder(TINY_MODEL, folder, stored)
-    return {"bf16": TINY_MODEL, **repacked}
+    return {"float": TINY_MODEL, **repacked}
 
 
-def _budgets(footprint: ModelFootprint, job: Job) -> list[int]:
-    """Free-memory sizes on both sides of every mode's peak: each boundary where the advice can change."""
-    storages = ((False, False), (True, False), (False, True))
-    modes = [WeightMode(torch.bfloat16, fp8, layers, int4) for fp8, int4 in storages
+def on(device: DeviceTraits, free: float | None = None):
+    """One GPU (or the CPU) of these traits with `free` GB, computing in bfloat16."""
+    return gpus(free, traits=device, dtype="bfloat16", devices="cpu" if device.type == "cpu" else "cuda:0")
+
+
+def _budgets(footprint: ModelFootprint, job: Job) -> list[float]:
+    """Free-memory sizes (GB) on both sides of every mode's peak: each boundary where the advice can change."""
+    targets = on(DeviceTraits("cuda"))
+    modes = [replace(loadable, gpu_layers=layers) for loadable in targets.loadable(footprint)
              for layers in (None, *range(footprint.config.num_hidden_layers))]
-    peaks = {peak_bytes(footprint, mode, job).total for mode in modes}
-    return sorted({peak + delta for peak in peaks for delta in (-1, 0)} | {GB // 100})
+    peaks = {plan_mode(footprint, mode, job, targets).devices[0].peak_bytes for mode in modes}
+    return sorted({(peak + delta) / GB for peak in peaks for delta in (-1, 0)} | {0.01})
 
 
 @pytest.mark.parametrize("device", DEVICES.values(), ids=DEVICES.keys())
-@pytest.mark.parametrize("stored", ["bf16", "fp8", "int4"])
+@pytest.mark.parametrize("stored", ["float", "fp8", "int4"])
 def test_advice_and_auto_only_name_modes_that_load(folders, stored: str, device: DeviceTraits, monkeypatch) -> None:
     """For every free-memory boundary, the mode `auto` picks and the mode the plan's advice suggests both load on
     that device (loading asks the device's traits, here those of the emulated device; the weights load on the
@@ -124,33 +129,32 @@ def test_advice_and_auto_only_name_modes_that_load(folders, stored: str, device:
     footprint = ModelFootprint.from_folder(folder)
     job = Job(GenerationSettings(width=32, height=32))
     monkeypatch.setattr(DeviceTraits, "of", classmethod(lambda cls, where: device))
-    own = WeightMode(torch.bfloat16, fp8=stored == "fp8", int4=stored == "int4")
+    own = WeightMode("full" if stored == "float" else stored)
     if stored == "int4" and device is CUDA_WITHOUT_INT4:
         with pytest.raises(NextStepError, match="compute capability 8.0"):
-            choose_mode(footprint, job, GB, device)
+            plan_load(footprint, "auto", None, job, on(device, 1))
         with pytest.raises(NextStepError, match="compute capability 8.0"):
-            load_model(folder, torch.bfloat16, "cpu", int4=True)
+            load_on(folder, torch.bfloat16, "int4")
         return
     named = set()
     for free in _budgets(footprint, job):
-        named.add(choose_mode(footprint, job, free, device)[0])
-        suggested = plan_memory(footprint, own, job, gpu_free=free, device=device).suggested_mode
-        named |= {suggested} - {None}
-    assert {mode.storage for mode in named} >= {stored}
-    if stored == "bf16":  # the advice reaches beyond the asked mode where the device has the kernels
+        named.add(plan_load(footprint, "auto", None, job, on(device, free))[0].mode)
+        named |= {plan_mode(footprint, own, job, on(device, free)).suggested_mode} - {None}
+    assert {mode.storage for mode in named} >= {own.storage}
+    if stored == "float":  # the advice reaches beyond the asked mode where the device has the kernels
         assert ("int4" in {mode.storage for mode in named}) == (device is not CUDA_WITHOUT_INT4)
     for mode in named:
-        load_model(folder, mode.dtype, "cpu", fp8=mode.fp8, resident_layers=mode.gpu_layers, int4=mode.int4)
+        load_on(folder, torch.bfloat16, mode.storage, mode.gpu_layers)
 
 
-@pytest.mark.parametrize("stored,asked", [("fp8", WeightMode(torch.bfloat16)), ("fp8", WeightMode(int4=True)),
-                                          ("int4", WeightMode(torch.bfloat16)), ("int4", WeightMode(fp8=True))])
+@pytest.mark.parametrize("stored,asked", [("fp8", WeightMode()), ("fp8", WeightMode("int4")),
+                                          ("int4", WeightMode()), ("int4", WeightMode("fp8"))])
 def test_planning_a_mode_that_loading_refuses_is_refused(folders, stored: str, asked: WeightMode) -> None:
     footprint = ModelFootprint.from_folder(folders[stored])
     with pytest.raises(NextStepError, match=f"holds {stored} weights"):
-        plan_memory(footprint, asked, Job(), gpu_total=80 * GB)
+        plan_mode(footprint, asked, Job(), gpus(80))
     with pytest.raises(NextStepError, match=f"holds {stored} weights"):
-        load_model(folders[stored], asked.dtype, "cpu", fp8=asked.fp8, int4=asked.int4)
+        load_on(folders[stored], torch.bfloat16, asked.storage)
 
 
 def test_a_folder_is_read_once(tmp_path: Path) -> None:
@@ -160,7 +164,7 @@ def test_a_folder_is_read_once(tmp_path: Path) -> None:
     (folder.path / "config.json").write_text("{}")
     assert ModelFolder.open(folder) is folder
     assert folder.tensors is headers and folder.config.num_hidden_layers == 2
-    loaded = load_model(folder, torch.float32, "cpu").state_dict().values()
+    loaded = load_on(folder).state_dict().values()
     assert folder.parameter_count() == sum(tensor.numel() for tensor in loaded)
 
 
@@ -173,11 +177,12 @@ def test_the_memory_check_counts_the_prompt_as_the_loop_allocates_it(tiny_pipeli
     caption = "<image>make it blue" if edit else "a red cube"
     inputs = tiny_pipeline.prepare(caption, settings, "blurry", None, latents)
     tokens = inputs.grid[0] * inputs.grid[1]
-    allocated_positions = DecodeState(tiny_pipeline.model, inputs.rows, tokens).cache.keys[0].shape[3]
+    allocated_positions = DecodeState(tiny_pipeline.model, inputs.rows, tokens, (None,)).cache.keys[0].shape[3]
     placeholders = int((inputs.rows.input_ids[0] == tiny_pipeline.model.config.image_placeholder_id).sum())
     assert placeholders == (16 if edit else 0)
     text = allocated_positions - placeholders - tokens + 1
-    exact = sampling_bytes(tiny_pipeline.model.config, torch.float32, Job.with_latents(settings, latents, text))
+    job = Job.with_latents(settings, latents, text)
+    [(_, exact)] = device_run_bytes(tiny_pipeline.model.config, tiny_pipeline.model.placement, job).values()
     for budget in (exact, exact - 1):
         sampler_only = NextStepPipeline(tiny_pipeline.model, tiny_pipeline.tokenizer, tiny_pipeline.normalization,
                                         free_memory=lambda device, budget=budget: budget)

@@ -22,9 +22,9 @@ from nextstep_runtime import (
     VAEConfig,
     images_to_unit,
     load_rgb,
-    set_attention_backend,
     to_uint8,
 )
+from nextstep_runtime.model import attention as attention_module
 from nextstep_runtime.model.tokens import patchify
 from nextstep_runtime.weights.vae_files import VAE_CONFIG_METADATA_KEY
 
@@ -184,7 +184,7 @@ def test_vae_encode_centre_crops_to_multiples_of_16():
 
 def test_loaders_reuse_what_is_still_loaded(model):
     again = node("NextStepModelLoader", MODEL_NAME, "float32", "auto")[0]
-    assert again.loaded is model.loaded and again.attention == "auto"
+    assert again.loaded is model.loaded and again.attention == (None,)
     assert fixture_vae() is fixture_vae()
     other_precision = node("NextStepModelLoader", MODEL_NAME, "bfloat16", "sdpa")[0]
     assert other_precision.loaded is not model.loaded
@@ -196,16 +196,14 @@ def flash_attn_warnings(caplog) -> list[str]:
 
 
 @pytest.mark.parametrize("attention,warnings", [("flash_attn", 1), ("auto", 0)])
-def test_flash_attn_that_cannot_run_here_falls_back_to_sdpa(attention: str, warnings: int, caplog):
+def test_flash_attn_that_cannot_run_here_falls_back_to_sdpa(attention: str, warnings: int, caplog, monkeypatch):
     """On the CPU flash-attn never runs (missing, or a CUDA-only kernel): asked for, one warning; `auto`, none."""
-    try:
-        with caplog.at_level(logging.WARNING):
-            handle = node("NextStepModelLoader", MODEL_NAME, "float32", attention)[0]
-            run_graph(handle, CASES["official_t2i_cps_nocfg"].params, MODEL_VAE)
-        assert len(flash_attn_warnings(caplog)) == warnings, flash_attn_warnings(caplog)
-        assert handle.attention == attention
-    finally:
-        set_attention_backend("sdpa")
+    monkeypatch.setattr(attention_module, "_last_warning", None)
+    with caplog.at_level(logging.WARNING):
+        handle = node("NextStepModelLoader", MODEL_NAME, "float32", attention)[0]
+        run_graph(handle, CASES["official_t2i_cps_nocfg"].params, MODEL_VAE)
+    assert len(flash_attn_warnings(caplog)) == warnings, flash_attn_warnings(caplog)
+    assert handle.attention == (None,)  # SDPA for the one range, chosen when the model was placed
 
 
 @pytest.mark.parametrize("failure", list(FLASH_ATTN_FAILURES))
@@ -215,16 +213,14 @@ def test_broken_flash_attn_falls_back_to_sdpa_with_one_warning(attention: str, f
     """A flash-attn installed for another torch (found on the path, fails to import): the loader and both sampler
     runs use SDPA with one warning in all, naming the import error, and the workflow still gives the golden."""
     monkeypatch.syspath_prepend(str(broken_flash_attn(tmp_path, failure)))
-    try:
-        with caplog.at_level(logging.WARNING):
-            handle = node("NextStepModelLoader", MODEL_NAME, "float32", attention)[0]
-            assert_graph_matches_golden(handle, CASES["official_t2i_sde"])
-            assert_graph_matches_golden(handle, CASES["official_t2i_cps_nocfg"])
-        warned = flash_attn_warnings(caplog)
-        assert len(warned) == 1, warned
-        assert "does not import" in warned[0] and FLASH_ATTN_FAILURES[failure][1][:40] in warned[0]
-    finally:
-        set_attention_backend("sdpa")
+    monkeypatch.setattr(attention_module, "_last_warning", None)
+    with caplog.at_level(logging.WARNING):
+        handle = node("NextStepModelLoader", MODEL_NAME, "float32", attention)[0]
+        assert_graph_matches_golden(handle, CASES["official_t2i_sde"])
+        assert_graph_matches_golden(handle, CASES["official_t2i_cps_nocfg"])
+    warned = flash_attn_warnings(caplog)
+    assert len(warned) == 1, warned
+    assert "does not import" in warned[0] and FLASH_ATTN_FAILURES[failure][1][:40] in warned[0]
 
 
 # --- errors ---------------------------------------------------------------------------------------------------
@@ -397,7 +393,7 @@ def test_loader_accepts_a_repacked_folder(models_dir):
 
 
 def test_loader_rejects_more_gpu_layers_than_the_model_has():
-    with pytest.raises(NextStepError, match=r"layers kept on the GPU must be between 0 and 2 \(got 5\)"):
+    with pytest.raises(NextStepError, match=r"gpu_layers must be between 0 and 2 \(got 5\)"):
         node("NextStepModelLoader", MODEL_NAME, "float32", "sdpa", gpu_layers=5)
 
 
@@ -415,9 +411,9 @@ def test_graph_through_a_split_model_reproduces_golden(split_model, case: Golden
 
 def test_loader_device_chooses_one_device_or_refuses_with_the_fix():
     chosen = node("NextStepModelLoader", MODEL_NAME, "float32", "sdpa", device="cpu")[0]
-    assert chosen.loaded.pipeline.model.placement is None and chosen.loaded.pipeline.model.device.type == "cpu"
+    assert chosen.loaded.pipeline.model.placement.describe() == "cpu:0-1"
     auto = node("NextStepModelLoader", MODEL_NAME, "float32", "sdpa", device="auto")[0]  # no two GPUs: one device
-    assert auto.loaded.pipeline.model.placement is None
+    assert auto.loaded.pipeline.model.placement.describe() == "cpu:0-1"
     with pytest.raises(NextStepError, match="list at most 2 devices"):
         node("NextStepModelLoader", MODEL_NAME, "float32", "sdpa", device="cpu,cpu,cpu")
     with pytest.raises(NextStepError, match="unknown device 'gpu0' in the device list"):

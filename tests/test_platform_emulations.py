@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import types
+from functools import partial
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import pytest
@@ -24,15 +25,18 @@ from goldens import TINY_MODEL, assert_matches_golden, golden_cases, settings_fo
 from safetensors.torch import load_file
 from torch.nn.attention import SDPBackend
 
-from nextstep_runtime import NextStepError, set_attention_backend
+from nextstep_runtime import NextStepError, attention_kernels
 from nextstep_runtime import devices as devices_module
 from nextstep_runtime.cli.output_paths import nearest_existing
 from nextstep_runtime.memory.device_memory import device_memory, free_memory
 from nextstep_runtime.memory.out_of_memory import SAMPLING, run_or_explain_out_of_memory
+from nextstep_runtime.model import attention
 from nextstep_runtime.model.attention import flash_attn_problem
 from nextstep_runtime.model.vae import attend_positions
 from nextstep_runtime.sampling import compiled_step
-from nextstep_runtime.sampling.token_loop import DecodeState, TokenSolver, TokenStep
+from nextstep_runtime.sampling.decode_state import DecodeState
+from nextstep_runtime.sampling.guided_head import GuidedHead
+from nextstep_runtime.sampling.token_loop import TokenStep
 from nextstep_runtime.weights.fp8 import FP8Linear, quantize_per_channel
 from nextstep_runtime.weights.int4 import Int4Linear
 
@@ -70,27 +74,23 @@ def test_flash_attn_problem_names_the_import_error(failure: str, tmp_path: Path,
     error, message = FLASH_ATTN_FAILURES[failure]
     problem = flash_attn_problem("cpu")
     assert problem.startswith(f"flash-attn is installed but does not import ({error}: {message[:30]}")
-    try:
-        with caplog.at_level(logging.WARNING):
-            assert [set_attention_backend("auto", "cpu") for _ in range(3)] == ["sdpa"] * 3
-        assert len([record for record in caplog.records if "flash-attn" in record.getMessage()]) == 1
-    finally:
-        set_attention_backend("sdpa")
+    monkeypatch.setattr(attention, "_last_warning", None)
+    with caplog.at_level(logging.WARNING):
+        assert [attention_kernels("auto", ["cpu"]) for _ in range(3)] == [(None,)] * 3  # SDPA
+    assert len([record for record in caplog.records if "flash-attn" in record.getMessage()]) == 1
 
 
 def test_a_working_flash_attn_off_cuda_is_sdpa_quietly_under_auto(tmp_path: Path, monkeypatch, caplog) -> None:
     monkeypatch.syspath_prepend(str(working_flash_attn(tmp_path)))
     assert flash_attn_problem("cpu") == "flash-attn runs on CUDA GPUs only, not on the CPU"
-    try:
-        with caplog.at_level(logging.WARNING):
-            assert set_attention_backend("auto", "cpu") == "sdpa"
-            assert not caplog.records
-            assert set_attention_backend("flash_attn", "cpu") == "sdpa"
-        assert "CUDA GPUs only" in caplog.records[-1].getMessage()
-        generated = NextStepGolden.generate("official_t2i_cps_nocfg")  # the fake kernel raises if reached
-        assert_matches_golden(CASES["official_t2i_cps_nocfg"], generated)
-    finally:
-        set_attention_backend("sdpa")
+    monkeypatch.setattr(attention, "_last_warning", None)
+    with caplog.at_level(logging.WARNING):
+        assert attention_kernels("auto", ["cpu"]) == (None,)
+        assert not caplog.records
+        assert attention_kernels("flash_attn", ["cpu", "cpu"]) == (None, None)
+    assert "CUDA GPUs only" in caplog.records[-1].getMessage()
+    generated = NextStepGolden.generate("official_t2i_cps_nocfg")  # the fake kernel raises if reached
+    assert_matches_golden(CASES["official_t2i_cps_nocfg"], generated)
 
 
 class NextStepGolden:
@@ -182,7 +182,8 @@ def token_step_parts(pipeline):
     p = case.params
     inputs = pipeline.prepare(p["caption"], settings_for(case), p["negative_prompt"], p["positive_prompt"])
     tokens = inputs.grid[0] * inputs.grid[1]
-    return DecodeState(pipeline.model, inputs.rows, tokens), TokenSolver(pipeline.model, inputs), inputs
+    return DecodeState(pipeline.model, inputs.rows, tokens, pipeline.attention), GuidedHead(pipeline.model, inputs), \
+        inputs
 
 
 @pytest.mark.parametrize("error", [CUDA_OUT_OF_MEMORY, ACCELERATOR_FAULT,
@@ -194,7 +195,7 @@ def test_capture_out_of_memory_and_faults_are_raised_not_swallowed(tiny_pipeline
     state, solve, _ = token_step_parts(tiny_pipeline)
     with pytest.raises(NextStepError if error is not ACCELERATOR_FAULT else RuntimeError) as raised:
         run_or_explain_out_of_memory(SAMPLING, tiny_pipeline.model.device,
-                                     lambda: TokenStep(state, solve, use_cuda_graph=True, feed_only=False))
+                                     lambda: TokenStep(state, solve, use_cuda_graphs=True, feed_only=False))
     if error is not ACCELERATOR_FAULT:
         assert str(raised.value).startswith("out of memory on cpu during sampling")
     assert [call["capture_error_mode"] for call in calls] == ["thread_local"]  # other threads cannot break it
@@ -206,10 +207,11 @@ def test_capture_not_supported_runs_the_loop_eagerly(tiny_pipeline, message: str
     failing_capture(monkeypatch, RuntimeError(message))
     state, solve, inputs = token_step_parts(tiny_pipeline)
     with caplog.at_level(logging.WARNING):
-        step = TokenStep(state, solve, use_cuda_graph=True, feed_only=True)
-    assert step.graph is None and step.feed_graph is None and "running the token loop eagerly" in caplog.text
+        step = TokenStep(state, solve, use_cuda_graphs=True, feed_only=True)
+    assert all(isinstance(stage, partial) for stage in step.sample_stages + step.feed_stages)  # the eager stages
+    assert "running the token loop eagerly" in caplog.text
     eager_state, eager_solve, _ = token_step_parts(tiny_pipeline)
-    eager = TokenStep(eager_state, eager_solve, use_cuda_graph=False, feed_only=True)
+    eager = TokenStep(eager_state, eager_solve, use_cuda_graphs=False, feed_only=True)
     for solver in (solve, eager_solve):
         solver.load_noise(torch.randn((inputs.noise.chunk_tokens, inputs.noise.draws, inputs.batch,
                                        inputs.noise.dim), generator=torch.Generator().manual_seed(1)))
@@ -298,7 +300,7 @@ def test_cli_refuses_an_apple_gpu_that_is_not_there(capsys, tmp_path: Path) -> N
         pytest.skip("this machine has an Apple GPU")
     message = cli_error(capsys, tmp_path, "--prompt", "a fox", "--device", "mps")
     assert message.startswith("error: device mps (an Apple GPU) was asked for but MPS is not available here")
-    assert message.endswith("; use --device cpu")
+    assert message.endswith("; run on the CPU instead (device cpu)")
 
 
 def test_a_gpu_packed_int4_layer_on_the_cpu_is_refused() -> None:

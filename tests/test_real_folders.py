@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from goldens import TINY_MODEL, GoldenCase, assert_matches_golden, golden_cases, settings_for
-from model_folders import add_tensors, copy_model, edit_config, edit_vae_config, use_slow_tokenizer_files
+from model_folders import add_tensors, copy_model, edit_config, edit_vae_config, load_on, use_slow_tokenizer_files
 from nodes_pack import load_pack
 from safetensors.torch import load_file, save_file
 
@@ -23,7 +23,6 @@ from nextstep_runtime import (
     NextStepError,
     NextStepPipeline,
     images_to_unit,
-    load_model,
     load_rgb,
     load_tokenizer,
     load_vae,
@@ -148,7 +147,7 @@ def test_folder_without_tokenizer_files_names_what_is_missing(model_copy: Path) 
 
 def test_unknown_tensors_are_named_in_one_warning_and_skipped(variants, caplog) -> None:
     with caplog.at_level(logging.WARNING):
-        model = load_model(variants["extra-tensors"], torch.float32, "cpu")
+        model = load_on(variants["extra-tensors"])
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
     assert "skipped 3 unknown tensor(s)" in warnings[0]
@@ -165,7 +164,7 @@ def test_memory_planner_accepts_what_the_loader_skips(variants) -> None:
 def test_many_unknown_tensors_are_summarised(model_copy: Path, caplog) -> None:
     add_tensors(model_copy, {f"extra.{i}": torch.zeros(1) for i in range(20)})
     with caplog.at_level(logging.WARNING):
-        load_model(model_copy, torch.float32, "cpu")
+        load_on(model_copy)
     (message,) = [record.getMessage() for record in caplog.records if "unknown tensor" in record.getMessage()]
     assert "skipped 20 unknown tensor(s)" in message and message.endswith("and 12 more")
 
@@ -175,7 +174,7 @@ def test_missing_tensor_is_an_error_naming_it(model_copy: Path) -> None:
     del tensors["layers.1.mlp.up_proj.weight"]
     save_file(tensors, model_copy / "model.safetensors")
     with pytest.raises(NextStepError, match=r"missing tensors: layers\.1\.mlp\.up_proj\.weight"):
-        load_model(model_copy, torch.float32, "cpu")
+        load_on(model_copy)
 
 
 # --- use_gen_pos_embed ------------------------------------------------------------------------------------------
@@ -266,14 +265,14 @@ def test_image_beyond_the_position_table_is_an_error(model_copy: Path) -> None:
 def test_without_base_image_grid_size_the_official_table_applies(model_copy: Path) -> None:
     """Stored in the checkpoint (the fixture's, from the official code) or, without it, computed: 32 x 32."""
     edit_config(model_copy, use_gen_pos_embed=True)
-    stored = load_model(model_copy, torch.float32, "cpu").gen_pos_embed
+    stored = load_on(model_copy).gen_pos_embed
     tensors = load_file(model_copy / "model.safetensors")
     del tensors["gen_pos_embed"]
     save_file(tensors, model_copy / "model.safetensors")
-    computed = load_model(model_copy, torch.float32, "cpu").gen_pos_embed
+    computed = load_on(model_copy).gen_pos_embed
     assert stored.shape == computed.shape == (32 * 32, 64)
     torch.testing.assert_close(stored, computed, atol=1e-6, rtol=0)
-    assert load_model(TINY_MODEL, torch.float32, "cpu").gen_pos_embed is None
+    assert load_on(TINY_MODEL).gen_pos_embed is None
 
 
 # --- fields the runtime does not implement ------------------------------------------------------------------------

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from goldens import TINY_MODEL, golden_cases, settings_for
-from model_folders import MEMORY_PROBE, rewrite_weights, write_sharded_fp32_model
+from model_folders import MEMORY_PROBE, load_on, rewrite_weights, write_sharded_fp32_model
 from safetensors import safe_open
 
-from nextstep_runtime import NextStepError, NextStepPipeline, load_model
+from nextstep_runtime import NextStepError, NextStepPipeline
 from nextstep_runtime.cli.main import main
 from nextstep_runtime.weights.model_folder import WEIGHTS_FORMAT_KEY
 from nextstep_runtime.weights.repack import convert_folder
@@ -37,9 +37,9 @@ def run_probe(*args: str) -> dict:
 def test_repacked_folder_gives_the_tokens_of_the_mode_applied_while_loading(weights: str, tmp_path: Path) -> None:
     destination = tmp_path / f"tiny-{weights}"
     assert main(["convert", str(TINY_MODEL), str(destination), "--weights", weights]) == 0
-    mode = {"fp8": weights == "fp8", "int4": weights == "int4"}
-    on_the_fly = NextStepPipeline.from_pretrained(TINY_MODEL, device="cpu", dtype="bfloat16", **mode)
-    repacked = NextStepPipeline.from_pretrained(destination, device="cpu", dtype="bfloat16", **mode)
+    memory = "full" if weights == "bf16" else weights
+    on_the_fly = NextStepPipeline.from_pretrained(TINY_MODEL, device="cpu", dtype="bfloat16", memory=memory)
+    repacked = NextStepPipeline.from_pretrained(destination, device="cpu", dtype="bfloat16", memory=memory)
     a = on_the_fly.generate(CASE.params["caption"], settings_for(CASE))
     b = repacked.generate(CASE.params["caption"], settings_for(CASE))
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.images, b.images)
@@ -64,8 +64,8 @@ def test_convert_writes_shards_copies_tokenizer_and_vae_but_never_code(model_cop
     assert not list(destination.rglob("*.py"))
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "vae/config.json"):
         assert (destination / name).read_bytes() == (model_copy / name).read_bytes(), name
-    reference = load_model(TINY_MODEL, torch.bfloat16, "cpu", int4=True).state_dict()
-    loaded = load_model(destination, torch.bfloat16, "cpu", int4=True).state_dict()
+    reference = load_on(TINY_MODEL, torch.bfloat16, "int4").state_dict()
+    loaded = load_on(destination, torch.bfloat16, "int4").state_dict()
     assert reference.keys() == loaded.keys() and all(torch.equal(reference[k], loaded[k]) for k in reference)
 
 
@@ -73,9 +73,9 @@ def test_repacked_folder_refuses_another_weight_mode_and_reconversion(tmp_path: 
     destination = tmp_path / "tiny-fp8"
     convert_folder(TINY_MODEL, destination, "fp8")
     with pytest.raises(NextStepError, match=r"holds fp8 weights \(repacked\); load it with fp8 weights"):
-        load_model(destination, torch.bfloat16, "cpu")
+        load_on(destination, torch.bfloat16)
     with pytest.raises(NextStepError, match=r"holds fp8 weights \(repacked\); load it with fp8 weights"):
-        load_model(destination, torch.bfloat16, "cpu", int4=True)
+        load_on(destination, torch.bfloat16, "int4")
     with pytest.raises(NextStepError, match=r"already repacked \(fp8\); convert the original"):
         convert_folder(destination, tmp_path / "again", "int4")
     with pytest.raises(NextStepError, match="exists and is not empty"):
@@ -96,8 +96,8 @@ def test_bf16_shards_convert_like_the_float32_release(model_copy: Path, tmp_path
     cast to bf16 would."""
     rewrite_weights(model_copy, shards=2, dtype=torch.bfloat16)
     convert_folder(model_copy, tmp_path / "from-bf16", "int4")
-    reference = load_model(model_copy, torch.bfloat16, "cpu", int4=True).state_dict()
-    loaded = load_model(tmp_path / "from-bf16", torch.bfloat16, "cpu", int4=True).state_dict()
+    reference = load_on(model_copy, torch.bfloat16, "int4").state_dict()
+    loaded = load_on(tmp_path / "from-bf16", torch.bfloat16, "int4").state_dict()
     assert all(torch.equal(reference[k], loaded[k]) for k in reference)
 
 

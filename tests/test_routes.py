@@ -14,9 +14,19 @@ import time
 import pytest
 import torch
 from goldens import TINY_MODEL
+from model_folders import load_on
 from nodes_pack import MODEL_NAME, install_fixture_models, load_pack
 
-from nextstep_runtime import NextStepError, device_memory, load_model
+from nextstep_runtime import (
+    DeviceTraits,
+    Job,
+    ModelFolder,
+    ModelFootprint,
+    NextStepError,
+    WeightMode,
+    device_memory,
+    plan_mode,
+)
 from nextstep_runtime.presets import presets_as_json
 
 routes = importlib.import_module(f"{load_pack().__name__}.nodes.routes")
@@ -29,7 +39,7 @@ def models_dir(tmp_path_factory):
 
 def kept_weight_bytes(dtype: torch.dtype) -> int:
     """Bytes of every tensor the runtime keeps of the fixture model loaded in `dtype`."""
-    model = load_model(TINY_MODEL, dtype, "cpu")
+    model = load_on(TINY_MODEL, dtype)
     return sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
 
 
@@ -41,30 +51,31 @@ def test_presets_route_serves_the_table():
 def test_plan_route_weights_are_the_fixture_model_in_that_dtype(dtype):
     status, plan = routes.plan_response({"model": MODEL_NAME, "dtype": dtype, "width": "64", "height": "64"})
     assert status == 200, plan
-    assert plan["weights_gpu_bytes"] == kept_weight_bytes(getattr(torch, dtype))
+    [device] = plan["devices"]
+    assert device["device"] == "cpu" and device["weights_bytes"] == kept_weight_bytes(getattr(torch, dtype))
     assert plan["weights_host_bytes"] == 0
     free, total = device_memory(torch.device("cpu"))
-    assert plan["gpu_total_bytes"] == total and plan["fits"] is True and plan["advice"].startswith("fits")
+    assert 0 < device["free_bytes"] <= total and plan["fits"] is True and plan["advice"].startswith("fits")
 
 
 def test_plan_route_streams_layers_and_turns_on_fp8_as_asked():
     status, plan = routes.plan_response({"model": MODEL_NAME, "dtype": "bfloat16", "fp8": "true", "gpu_layers": "1"})
     assert status == 200, plan
-    assert plan["mode"] == {"dtype": "bfloat16", "fp8": True, "gpu_layers": 1, "int4": False}
+    assert plan["mode"] == {"storage": "fp8", "gpu_layers": 1} and plan["loads_as"] == "bfloat16, fp8, gpu_layers 1"
     assert plan["weights_host_bytes"] > 0
 
 
-@pytest.mark.parametrize("memory,fp8,int4", [("fp8", True, False), ("int4", False, True), ("auto", False, False),
-                                              ("full", False, False)])
-def test_plan_route_plans_the_mode_the_loader_would_load(memory, fp8, int4):
+@pytest.mark.parametrize("memory,storage", [("fp8", "fp8"), ("int4", "int4"), ("auto", "full"), ("full", "full")])
+def test_plan_route_plans_the_mode_the_loader_would_load(memory, storage):
     # the loader's memory widget, resolved as loading resolves it: on this CPU server auto loads the full dtype
     status, plan = routes.plan_response({"model": MODEL_NAME, "dtype": "bfloat16", "memory": memory})
     assert status == 200, plan
-    assert plan["mode"] == {"dtype": "bfloat16", "fp8": fp8, "gpu_layers": None, "int4": int4}
+    assert plan["mode"] == {"storage": storage, "gpu_layers": None}
     assert plan["loads_as"] == ", ".join(["bfloat16"] + [memory] * (memory in ("fp8", "int4")))
     assert plan["memory_choice"] is None
     full = routes.plan_response({"model": MODEL_NAME, "dtype": "bfloat16", "memory": "full"})[1]
-    assert (plan["weights_gpu_bytes"] < full["weights_gpu_bytes"]) == (memory in ("fp8", "int4"))
+    weights = plan["devices"][0]["weights_bytes"]
+    assert (weights < full["devices"][0]["weights_bytes"]) == (memory in ("fp8", "int4"))
 
 
 def test_plan_route_refuses_widget_values_the_loader_refuses():
@@ -99,11 +110,12 @@ def test_plan_route_plans_the_loaders_split():
     """A `device` list splits the plan as the loader splits the model: the bytes on each device."""
     status, plan = routes.plan_response({"model": MODEL_NAME, "dtype": "float32", "device": "cpu,cpu"})
     assert status == 200, plan
-    assert plan["placement"] == "cpu:0-0,cpu:1-1" and [d["device"] for d in plan["devices"]] == ["cpu", "cpu"]
-    whole = kept_weight_bytes(torch.float32)
-    assert sum(d["weights_bytes"] for d in plan["devices"]) == whole and plan["loads_as"] == "float32"
+    assert plan["placement"] == "cpu:0-0,cpu:1-1" and [d["device"] for d in plan["devices"]] == ["cpu"]
+    [device] = plan["devices"]  # both ranges on the one CPU: its bytes are theirs together, its memory counted once
+    assert device["layers"] == "0-0,1-1" and device["weights_bytes"] == kept_weight_bytes(torch.float32)
+    assert plan["loads_as"] == "float32"
     status, error = routes.plan_response({"model": MODEL_NAME, "device": "cpu:0-0,cpu:2-2"})
-    assert status == 400 and "do not cover the decoder layers in order" in error["error"]
+    assert status == 400 and "do not cover the model's 2 decoder layers (0-1) in order" in error["error"]
 
 
 @pytest.mark.parametrize("query,message", [
@@ -135,7 +147,7 @@ def test_plan_route_of_a_repacked_int4_folder_refuses_what_loading_refuses(int4_
     assert status == 400 and "holds int4 weights (repacked); load it with int4 weights" in answer["error"], answer
     for memory in ("int4", "auto"):
         status, plan = routes.plan_response({"model": int4_folder, "memory": memory})
-        assert status == 200 and plan["mode"]["int4"] is True, plan
+        assert status == 200 and plan["mode"]["storage"] == "int4", plan
 
 
 @pytest.mark.parametrize("changes,message", [
@@ -175,3 +187,31 @@ def test_plan_route_says_when_the_vae_config_was_assumed(models_dir):
     assert plan["vae_config_assumed"].startswith(f"{folder / 'vae' / 'config.json'} is missing, so the released VAE's "
                                                  f"config was assumed: ch 128, ch_mult [1, 2, 4, 4]")
     assert routes.plan_response({"model": MODEL_NAME})[1]["vae_config_assumed"] is None
+
+
+def test_the_panel_plans_what_the_loader_loads_for_the_same_free_memory(monkeypatch):
+    """Issue 24, fault 6: the plan route checked one device against its raw free memory while the loader's `auto`
+    planned against ComfyUI's budget, so the panel's advice could contradict its own "loads as" line. Both ask the
+    host's one budget now: on an emulated Ampere GPU, for budgets on each side of every mode's peak, the panel shows
+    the mode, placement and verdict the loader chooses."""
+    loaders = importlib.import_module(f"{load_pack().__name__}.nodes.loaders")
+    host = routes.host
+    gpu = torch.device("cuda:0")
+    monkeypatch.setattr(host, "load_device", lambda: gpu)
+    monkeypatch.setattr(host, "vae_devices", lambda: (gpu, torch.device("cpu")))
+    monkeypatch.setattr(DeviceTraits, "of", classmethod(lambda cls, device: DeviceTraits("cuda", (8, 6))))
+    folder = ModelFolder.open(TINY_MODEL)
+    targets = loaders.loader_targets("default", "auto")
+    peaks = sorted(plan_mode(ModelFootprint.from_folder(folder), WeightMode(storage), Job(), targets).devices[0]
+                   .peak_bytes for storage in ("full", "fp8", "int4"))
+    chosen = set()
+    for budget in (peaks[0] - 1, peaks[0], peaks[1], peaks[2] - 1, peaks[2] + 1):
+        monkeypatch.setattr(host, "memory_budget", lambda device, budget=budget: budget)
+        status, panel = routes.plan_response({"model": MODEL_NAME})
+        plan, choice = loaders.loader_plan(folder, "auto", "auto", False, -1)
+        assert status == 200 and panel["memory_choice"] == choice, (budget, panel)
+        assert (panel["loads_as"], panel["placement"], panel["fits"]) == (plan.loads_as, plan.placement.describe(),
+                                                                         plan.fits)
+        assert panel["advice"].startswith("fits") == bool(plan.fits)
+        chosen.add(plan.loads_as)
+    assert len(chosen) >= 3  # the budgets reach several modes

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,26 +16,31 @@ from cli_runs import run_cli
 from goldens import TINY_MODEL, GoldenCase, assert_matches_golden, golden_cases, settings_for
 from model_configs import NEXTSTEP_14B
 from model_folders import deepen
+from planning import gpus
 from safetensors.torch import load_file
 
 from nextstep_runtime import (
     GB,
+    DeviceList,
     GenerationSettings,
     Job,
     ModelFootprint,
     NextStepError,
     NextStepPipeline,
+    Placement,
+    Targets,
     WeightMode,
     images_to_unit,
     load_model,
     load_rgb,
+    plan_load,
+    plan_mode,
     to_uint8,
 )
 from nextstep_runtime.cli.main import main
+from nextstep_runtime.cli.plan import format_plan
 from nextstep_runtime.memory.estimate import kv_cache_bytes
-from nextstep_runtime.memory.footprint import range_weight_bytes, weight_bytes
-from nextstep_runtime.memory.split import device_shares, plan_split
-from nextstep_runtime.model.placement import DeviceList, Placement
+from nextstep_runtime.memory.footprint import placed_weight_bytes
 from nextstep_runtime.weights.offload import streamers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +53,7 @@ def split_pipeline() -> NextStepPipeline:
 
 def test_two_cpu_entries_split_the_layers(split_pipeline) -> None:
     model = split_pipeline.model
-    assert model.placement.describe() == "cpu:0-0,cpu:1-1" and model.placement.is_split
+    assert model.placement.describe() == "cpu:0-0,cpu:1-1" and len(model.placement.ranges) == 2
     cache = model.new_cache(2, 10)
     assert len(cache.keys) == len(cache.values) == 2  # one KV tensor per range, on its range's device
     assert [keys.shape[0] for keys in cache.keys] == [1, 1]
@@ -72,7 +78,7 @@ def test_cli_split_reproduces_golden(case: GoldenCase, tmp_path: Path) -> None:
     result = run_cli("--model", str(TINY_MODEL), "--devices", "cpu,cpu", "--dtype", "float32",
                      "--out", str(tmp_path / "out.png"), "--save-tensors", str(tensors), *case.cli_args())
     assert result.returncode == 0, result.stderr
-    assert "split: layers cpu:0-0,cpu:1-1" in result.stderr
+    assert "loading tiny-nextstep as float32, layers cpu:0-0,cpu:1-1" in result.stderr
     saved = load_file(tensors)
     assert_matches_golden(case, {key: saved[key] for key in ("tokens", "latents", "images", "images_uint8")})
 
@@ -82,120 +88,180 @@ def test_explicit_ranges_with_streaming_and_int4_match_the_single_device_run(mod
     the same mode on one device (the split only moves where layers run)."""
     deepen(model_copy, 5)
     settings = GenerationSettings(width=32, height=32, steps=3, seed=4)
-    single = NextStepPipeline.from_pretrained(model_copy, device="cpu", dtype="float32", int4=True, resident_layers=3)
-    split = NextStepPipeline.from_pretrained(model_copy, devices="cpu:0-1,cpu:2-4", dtype="float32", int4=True,
-                                             resident_layers=3)
+    single = NextStepPipeline.from_pretrained(model_copy, device="cpu", dtype="float32", memory="int4", gpu_layers=3)
+    split = NextStepPipeline.from_pretrained(model_copy, devices="cpu:0-1,cpu:2-4", dtype="float32", memory="int4",
+                                             gpu_layers=3)
     assert split.model.placement.describe() == "cpu:0-1,cpu:2-4" and len(streamers(split.model)) == 1
     expected = single.sample("a red cube", settings).tokens
     assert torch.equal(split.sample("a red cube", settings).tokens, expected)
 
 
-@pytest.mark.parametrize("weights,resident", [("bf16", None), ("fp8", None), ("int4", None), ("bf16", 3),
+@pytest.mark.parametrize("weights,resident", [("full", None), ("fp8", None), ("int4", None), ("full", 3),
                                               ("fp8", 4)])
 def test_split_weights_equal_what_the_loader_places(model_copy, weights: str, resident: int | None) -> None:
     """Per range: the planner's bytes are the loaded tensors of its layers, plus the embedding and image-in projector
     on the first device, and the other parts and the streaming slots on the last."""
     deepen(model_copy, 5)
-    placement = Placement.from_counts([torch.device("cpu")] * 2, [2, 3])
-    fp8, int4 = weights == "fp8", weights == "int4"
-    model = load_model(model_copy, torch.bfloat16, "cpu", fp8=fp8, int4=int4, resident_layers=resident,
-                       placement=placement)
+    placement = Placement.from_counts([(torch.device("cpu"), torch.bfloat16)] * 2, [2, 3])
+    mode = WeightMode(weights, resident)
+    model = load_model(model_copy, mode, placement)
     slots = sum(buffer.nbytes for streamer in streamers(model) for buffer in streamer.slot_buffers)
     first = sum(t.nbytes for part in (model.embed_tokens, model.image_in_projector, model.layers[:2])
                 for t in part.state_dict().values())
     last = sum(t.nbytes for t in model.state_dict().values()) - first + slots
-    mode = WeightMode(torch.bfloat16, fp8, resident, int4)
     footprint = ModelFootprint.from_folder(model_copy)
-    on_device, host = range_weight_bytes(footprint, mode, [2, 3])
+    on_device, host = placed_weight_bytes(footprint, mode, placement)
     assert on_device == [first, last]
-    assert host == weight_bytes(footprint, mode).host and sum(on_device) == weight_bytes(footprint, mode).gpu
+    [whole], whole_host = placed_weight_bytes(footprint, mode, Placement.single("cpu", torch.bfloat16, 5))
+    assert host == whole_host and sum(on_device) == whole
 
 
-def _layer_bytes(mode: WeightMode) -> int:
-    """One NextStep-14B decoder layer by hand: q/k/v with bias, o, the SwiGLU MLP (fp8: 1 byte per weight and a
-    float32 scale per output channel), two norms."""
+def _layer_bytes(storage: str) -> int:
+    """One NextStep-14B decoder layer by hand in bfloat16: q/k/v with bias, o, the SwiGLU MLP (fp8: 1 byte per weight
+    and a float32 scale per output channel), two norms."""
     c = NEXTSTEP_14B
     kv_width, q_width = c.num_key_value_heads * c.head_dim, c.num_attention_heads * c.head_dim
     linears = c.hidden_size * (q_width + 2 * kv_width) + q_width * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
     out_channels = q_width + 2 * kv_width + 2 * c.hidden_size + 2 * c.intermediate_size
     other = q_width + 2 * kv_width + 2 * c.hidden_size  # biases and norms
-    size = mode.dtype.itemsize
-    return linears + 4 * out_channels + other * size if mode.fp8 else (linears + other) * size
+    return linears + 4 * out_channels + other * 2 if storage == "fp8" else (linears + other) * 2
 
 
-@pytest.mark.parametrize("gpu_gb,fp8", [(24, False), (16, True), (24, True)])
-def test_nextstep_14b_split_figures_are_exact(gpu_gb: int, fp8: bool) -> None:
+def first_last(share) -> tuple[int, int]:
+    first, last = share.layers.split("-")
+    return int(first), int(last)
+
+
+FOOTPRINT_14B = ModelFootprint.from_config(NEXTSTEP_14B)
+JOB = Job(GenerationSettings(width=512, height=512, cfg=7.5), prompt_tokens=100)
+
+
+@pytest.mark.parametrize("gpu_gb,storage", [(24, "full"), (16, "fp8"), (24, "fp8")])
+def test_nextstep_14b_split_figures_are_exact(gpu_gb: int, storage: str) -> None:
     c = NEXTSTEP_14B
-    footprint = ModelFootprint.from_config(c)
-    mode = WeightMode(torch.bfloat16, fp8=fp8)
-    job = Job(GenerationSettings(width=512, height=512, cfg=7.5), prompt_tokens=100)
-    plan = plan_split(footprint, mode, job, DeviceList.parse("cuda:0,cuda:1"), [gpu_gb * GB] * 2)
+    plan = plan_mode(FOOTPRINT_14B, WeightMode(storage), JOB, gpus(gpu_gb, gpu_gb))
     first, last = plan.devices
     assert plan.fits and first.fits and last.fits
-    assert (first.first_layer, last.last_layer, first.last_layer + 1) == (0, 47, last.first_layer)
-    counts = [first.last_layer + 1, 48 - last.first_layer]
+    (start, end), (next_start, final) = first_last(first), first_last(last)
+    assert (start, final, end + 1) == (0, 47, next_start)
+    counts = [end + 1, 48 - next_start]
     inputs = 2 * (c.vocab_size * c.hidden_size + (c.token_dim + 1) * c.hidden_size)
-    assert first.weights_bytes == inputs + counts[0] * _layer_bytes(mode)
-    whole = weight_bytes(footprint, mode).gpu
+    assert first.weights_bytes == inputs + counts[0] * _layer_bytes(storage)
+    [whole], _ = placed_weight_bytes(FOOTPRINT_14B, WeightMode(storage), Placement.single("cuda:0", torch.bfloat16, 48))
     assert first.weights_bytes + last.weights_bytes == whole
-    assert last.weights_bytes == whole - inputs - 48 * _layer_bytes(mode) + counts[1] * _layer_bytes(mode)
+    assert last.weights_bytes == whole - inputs - 48 * _layer_bytes(storage) + counts[1] * _layer_bytes(storage)
     per_layer_kv = 2 * 2 * 8 * 1123 * 128 * 2  # k and v, 2 rows, 8 kv heads, 100 + 1024 - 1 positions, 128 dims
     assert [first.kv_cache_bytes, last.kv_cache_bytes] == [n * per_layer_kv for n in counts]
-    assert first.kv_cache_bytes + last.kv_cache_bytes == kv_cache_bytes(c, torch.bfloat16, job)
-    assert first.vae_bytes == 0 and last.vae_bytes == footprint.vae_bytes(torch.bfloat16)
-    assert plan.advice == (f"fits: split over cuda:0 and cuda:1: {first.peak_bytes / GB:.1f} GB + "
-                           f"{last.peak_bytes / GB:.1f} GB ({plan.placement.describe()})")
-    assert abs(first.peak_bytes - last.peak_bytes) < 2 * (_layer_bytes(mode) + per_layer_kv)  # balanced
+    assert first.kv_cache_bytes + last.kv_cache_bytes == kv_cache_bytes(c, torch.bfloat16, JOB)
+    assert first.vae_bytes == 0 and last.vae_bytes == FOOTPRINT_14B.vae_bytes(torch.bfloat16)
+    assert plan.advice == (f"fits: needs {first.peak_bytes / GB:.1f} GB + {last.peak_bytes / GB:.1f} GB, "
+                           f"{gpu_gb:.1f} GB + {gpu_gb:.1f} GB free ({plan.placement.describe()})")
+    assert abs(first.peak_bytes - last.peak_bytes) < 2 * (_layer_bytes(storage) + per_layer_kv)  # balanced
+
+
+def test_the_layers_a_device_holds_are_sized_by_a_layers_own_bytes() -> None:
+    """Issue 24: the per-layer cost of the ranges' sizing counted the embeddings, the head and the flow head into
+    every layer (5-7% high on the 14B model), so a device got fewer layers than it holds. With streamed layers the
+    first device is filled as full as it holds: given room for exactly 20 layers besides its fixed parts, it gets 20,
+    and the loader's bytes for that placement (the planner's) fit it."""
+    mode = WeightMode("int4", gpu_layers=47)
+    one, two = (plan_mode(FOOTPRINT_14B, mode, JOB, gpus(None, None, devices=f"cuda:0:0-{n - 1},cuda:1:{n}-47"))
+                .devices[0].peak_bytes for n in (1, 2))
+    room = (one + 19 * (two - one) + 10**6) / GB  # one layer placed, 19 more, and a megabyte
+    plan = plan_mode(FOOTPRINT_14B, mode, JOB, gpus(room, 80))
+    assert plan.placement.ranges[0].count == 20 and plan.devices[0].fits
+    assert plan.devices[0].peak_bytes > room * GB - (two - one)  # no layer's room left over
 
 
 def test_a_split_that_does_not_fit_advises_the_cheapest_mode() -> None:
-    footprint = ModelFootprint.from_config(NEXTSTEP_14B)
-    devices = DeviceList.parse("cuda:0,cuda:1")
-    bf16 = WeightMode(torch.bfloat16)
-    tight = plan_split(footprint, bf16, Job(), devices, [12 * GB, 12 * GB])
+    bf16 = WeightMode()
+    tight = plan_mode(FOOTPRINT_14B, bf16, Job(), gpus(12, 12))
     assert tight.fits is False and tight.advice.endswith(": set memory to fp8")
-    assert plan_split(footprint, tight.suggested_mode, Job(), devices, [12 * GB, 12 * GB]).fits
-    small = plan_split(footprint, bf16, Job(), devices, [4 * GB, 4 * GB])
+    assert "(cuda:0, cuda:1 too small)" in tight.advice
+    assert plan_mode(FOOTPRINT_14B, tight.suggested_mode, Job(), gpus(12, 12)).fits
+    small = plan_mode(FOOTPRINT_14B, bf16, Job(), gpus(4, 4))
     layers = small.suggested_mode.gpu_layers
-    assert small.suggested_mode.int4 and f"gpu_layers {layers}" in small.advice
-    assert plan_split(footprint, small.suggested_mode, Job(), devices, [4 * GB, 4 * GB]).fits
-    lopsided = plan_split(footprint, bf16, Job(), DeviceList.parse("cuda:0:0-9,cuda:1:10-47"), [16 * GB, 16 * GB])
+    assert small.suggested_mode.storage == "int4" and f"gpu_layers {layers}" in small.advice
+    assert plan_mode(FOOTPRINT_14B, small.suggested_mode, Job(), gpus(4, 4)).fits
+    lopsided = plan_mode(FOOTPRINT_14B, bf16, Job(), gpus(16, 16, devices="cuda:0:0-9,cuda:1:10-47"))
     assert lopsided.fits is False and "use the ranges cuda:0:0-23,cuda:1:24-47" in lopsided.advice
 
 
-@pytest.mark.parametrize("sizes,expected", [((24, 24), WeightMode(torch.bfloat16)),
-                                            ((12, 12), WeightMode(torch.bfloat16, fp8=True)),
-                                            ((8, 8), WeightMode(torch.bfloat16, int4=True))])
+@pytest.mark.parametrize("sizes,expected", [((24, 24), WeightMode()), ((12, 12), WeightMode("fp8")),
+                                            ((8, 8), WeightMode("int4"))])
 def test_memory_auto_over_two_gpus_is_the_fastest_mode_whose_split_fits(sizes, expected) -> None:
-    from nextstep_runtime.devices import PLANNED_GPU
-    from nextstep_runtime.memory.split import choose_split_mode
+    plan, choice = plan_load(FOOTPRINT_14B, "auto", None, Job(), gpus(*sizes))
+    assert plan.mode == expected and plan.fits
+    assert choice.startswith(f"memory auto: {plan.loads_as} (needs ") and \
+        choice.endswith(f"free for 512x512, layers {plan.placement.describe()})")
 
-    footprint = ModelFootprint.from_config(NEXTSTEP_14B)
-    free = [size * GB for size in sizes]
-    mode, plan = choose_split_mode(footprint, Job(), DeviceList.parse("cuda:0,cuda:1"), free, [PLANNED_GPU] * 2,
-                                   torch.bfloat16)
-    assert mode == expected and plan.fits and plan.mode == mode
+
+def test_memory_auto_honours_the_ranges_given() -> None:
+    """Issue 24, fault 1: `memory auto` sized its own ranges to decide, then loaded the user's: on cuda:0:0-39 and
+    cuda:1:40-47 with 20 + 40 GB free it chose bfloat16 (24.7 GB on the 20 GB card, fits=False, "trying anyway"),
+    though fp8 on those ranges fits. It plans the ranges given."""
+    targets = gpus(20, 40, devices="cuda:0:0-39,cuda:1:40-47")
+    plan, choice = plan_load(FOOTPRINT_14B, "auto", None, Job(), targets)
+    assert plan.mode == WeightMode("fp8") and plan.fits and plan.placement.describe() == "cuda:0:0-39,cuda:1:40-47"
+    assert "trying anyway" not in choice
+    bf16 = plan_mode(FOOTPRINT_14B, WeightMode(), Job(), targets)
+    assert bf16.fits is False and bf16.devices[0].peak_bytes > 20 * GB
+
+
+def test_a_gpu_listed_twice_counts_its_memory_once() -> None:
+    """Issue 24, fault 2: `cuda,cuda:0` and `cuda:0,cuda:0` counted one GPU's free memory twice. `cuda` is the
+    indexed current GPU where it is parsed, and two ranges on one GPU share its memory: one share, their sum."""
+    assert DeviceList.parse("cuda,cuda:0").devices == (torch.device("cuda:0"),) * 2
+    twice = plan_mode(FOOTPRINT_14B, WeightMode(), Job(), gpus(24, 24, devices="cuda,cuda:0"))
+    [share] = twice.devices
+    once = plan_mode(FOOTPRINT_14B, WeightMode(), Job(), gpus(24))
+    assert share.device == "cuda:0" and share.free_bytes == 24 * GB and share.layers.count(",") == 1
+    assert share.weights_bytes == once.devices[0].weights_bytes and twice.fits is False  # 29 GB on one 24 GB card
+    assert plan_load(FOOTPRINT_14B, "auto", None, Job(), gpus(24, 24, devices="cuda:0,cuda:0"))[0].mode == \
+        plan_load(FOOTPRINT_14B, "auto", None, Job(), gpus(24))[0].mode == WeightMode("fp8")
+
+
+@pytest.mark.parametrize("sizes,gpu_layers", [((100_000, 0.001), None), ((100_000, 100_000), 7),
+                                              ((0.001, 0.001), None), ((50_000, 3, 100_000), 5)])
+def test_the_split_planner_answers_at_once_whatever_the_sizes(model_copy, sizes, gpu_layers) -> None:
+    """Issue 29, item 1: sizing counted a layer count down one by one from about 10^9 (a 100 TB GPU): 96 s and more
+    for an 8-layer model. The counts are bounded by the model's layers first."""
+    deepen(model_copy, 8)
+    footprint = ModelFootprint.from_folder(model_copy)
+    start = time.monotonic()
+    for memory in ("auto", "int4"):
+        plan, _ = plan_load(footprint, memory, gpu_layers, Job(), gpus(*sizes))
+        assert plan.placement.layers == 8
+    assert time.monotonic() - start < 5
 
 
 def test_plan_shares_follow_explicit_ranges() -> None:
-    footprint = ModelFootprint.from_config(NEXTSTEP_14B)
-    placement = DeviceList.parse("cuda:0:0-9,cuda:1:10-47").placement
-    shares, host = device_shares(footprint, WeightMode(torch.bfloat16), Job(), placement, [None, None])
-    assert [(s.first_layer, s.last_layer) for s in shares] == [(0, 9), (10, 47)] and host == 0
-    assert shares[0].fits is None
+    plan = plan_mode(FOOTPRINT_14B, WeightMode(), Job(), gpus(None, None, devices="cuda:0:0-9,cuda:1:10-47"))
+    assert [share.layers for share in plan.devices] == ["0-9", "10-47"] and plan.weights_host_bytes == 0
+    assert plan.devices[0].fits is None and plan.fits is None
 
 
 @pytest.mark.parametrize("devices,message", [
     ("cpu,tpu", "unknown device 'tpu' in the device list"),
-    ("cpu:0-0", "cover layers 0-0 but the model has 2 decoder layers"),
-    ("cpu:0-0,cpu:2-2", "do not cover the decoder layers in order"),
+    ("cpu:0-0", "do not cover the model's 2 decoder layers .0-1. in order"),
+    ("cpu:0-0,cpu:2-2", "do not cover the model's 2 decoder layers .0-1. in order"),
+    ("cpu:1-1,cpu:0-0", "do not cover the model's 2 decoder layers .0-1. in order.*e.g. cuda:0:0-0,cuda:1:1-1"),
     ("cpu,cpu,cpu", "3 devices for 2 decoder layers: each device needs at least one layer; list at most 2 devices"),
     ("cpu:0-0,cpu", "gives layer ranges for some devices only"),
+    ("cpu:-1-0,cpu:1-1", "the layer number -1 in 'cpu:-1-0' is negative"),
+    ("cpu:0-" + "9" * 5000 + ",cpu:1-1", "is far beyond any model's layers"),
     ("cpu,,cpu", "has an empty entry"),
+    (["cpu", 0], "a device list is a text such as"),
+    ({"cpu": 1}, "a device list is a text such as"),
 ])
-def test_refused_device_lists_name_the_fix(devices: str, message: str) -> None:
+def test_refused_device_lists_name_the_fix(devices, message: str) -> None:
     with pytest.raises(NextStepError, match=message):
         NextStepPipeline.from_pretrained(TINY_MODEL, devices=devices, dtype="float32")
+
+
+def test_device_lists_of_torch_devices_are_taken() -> None:
+    pipe = NextStepPipeline.from_pretrained(TINY_MODEL, devices=[torch.device("cpu")] * 2, dtype="float32")
+    assert pipe.model.placement.describe() == "cpu:0-0,cpu:1-1"
 
 
 def test_refused_setups_are_one_cli_error_line(capsys, tmp_path: Path) -> None:
@@ -224,30 +290,27 @@ def test_cli_plan_devices_reports_exact_bytes_per_device() -> None:
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     footprint = ModelFootprint.from_folder(TINY_MODEL)
-    expected = plan_split(footprint, WeightMode(torch.bfloat16), Job(), DeviceList.parse("cuda:0,cuda:1"),
-                          [24 * GB, 16 * GB])
-    assert data == json.loads(json.dumps(expected.to_dict()))
+    targets = Targets.planned(DeviceList.parse("cuda:0,cuda:1"), "auto", [24 * GB, 16 * GB])
+    expected, choice = plan_load(footprint, "auto", None, Job(), targets)
+    assert data == json.loads(json.dumps({**expected.to_dict(), "memory_choice": choice}))
     assert [share["free_bytes"] for share in data["devices"]] == [24 * GB, 16 * GB]
     table = run_plan("--devices", "cuda:0:0-0,cuda:1:1-1", "--gpu-memory", "24,24")
-    assert table.returncode == 0 and "decoder layers" in table.stdout and "advice: fits: split over cuda:0 and " \
-        "cuda:1" in table.stdout
+    assert table.returncode == 0 and "decoder layers" in table.stdout
+    assert "advice: fits: needs " in table.stdout and "(cuda:0:0-0,cuda:1:1-1)" in table.stdout
     if not torch.cuda.is_available():
         absent = run_plan("--devices", "cuda:0,cuda:1")
         assert absent.returncode == 2 and absent.stderr.strip().endswith("give their sizes: --gpu-memory 24,24")
     wrong = run_plan("--devices", "cuda:0,cuda:1", "--gpu-memory", "24")
-    assert wrong.returncode == 2 and wrong.stderr.strip() == ("error: --gpu-memory gives 1 sizes for 2 devices; give "
-                                                              "one size per device, e.g. 24,24")
+    assert wrong.returncode == 2 and wrong.stderr.strip() == ("error: 1 GPU sizes for 2 devices; give one size per "
+                                                              "device, e.g. 24,24")
 
 
 def test_documented_split_example_is_the_planners_output() -> None:
-    """docs/multi-gpu.md shows `plan --devices cuda:0,cuda:1 --gpu-memory 16,16` for the 14B model."""
-    from nextstep_runtime.cli.plan import format_split_plan
-
+    """docs/multi-gpu.md shows `plan --devices cuda:0,cuda:1 --gpu-memory 16,16 --memory full` for the 14B model."""
     page = (REPO / "docs" / "multi-gpu.md").read_text(encoding="utf-8")
-    shown = page.split("```\nmode: ", 1)[1].split("```", 1)[0]
-    plan = plan_split(ModelFootprint.from_config(NEXTSTEP_14B), WeightMode(torch.bfloat16), Job(),
-                      DeviceList.parse("cuda:0,cuda:1"), [16 * GB, 16 * GB])
-    assert "mode: " + shown == format_split_plan(plan) + "\n"
+    shown = page.split("```\nloads as: ", 1)[1].split("```", 1)[0]
+    plan = plan_mode(FOOTPRINT_14B, WeightMode(), Job(), gpus(16, 16))
+    assert "loads as: " + shown == format_plan(plan) + "\n"
 
 
 class Cancelled(Exception):

@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 from goldens import TINY_MODEL, golden_cases, settings_for
-from model_folders import deepen
+from model_folders import deepen, load_on
 from reference_quantization import dequantize_grouped
 
-from nextstep_runtime import NextStepPipeline, load_model, release_streaming_slots, released_slot_bytes
+from nextstep_runtime import NextStepPipeline, WeightMode, release_streaming_slots, released_slot_bytes
 from nextstep_runtime.weights.fp8 import FP8_DTYPE, FP8Linear, quantize_per_channel
 from nextstep_runtime.weights.int4 import Int4Linear, pack_for_device, quantize_grouped
 from nextstep_runtime.weights.offload import StreamedLayer, streamers
@@ -41,7 +41,7 @@ def test_quantize_per_channel_round_trip() -> None:
 
 
 def test_fp8_model_stores_decoder_linears_in_fp8_and_stays_close_to_bf16(bf16_result) -> None:
-    pipe = NextStepPipeline.from_pretrained(TINY_MODEL, device="cpu", dtype="bfloat16", fp8=True)
+    pipe = NextStepPipeline.from_pretrained(TINY_MODEL, device="cpu", dtype="bfloat16", memory="fp8")
     fp8_layers = [m for m in pipe.model.layers.modules() if isinstance(m, FP8Linear)]
     assert len(fp8_layers) == 7 * pipe.model.config.num_hidden_layers
     assert all(m.weight.dtype == FP8_DTYPE for m in fp8_layers)
@@ -70,7 +70,7 @@ def test_quantize_grouped_round_trip_and_cpu_kernel() -> None:
 
 
 def test_int4_model_packs_decoder_linears_and_stays_close_to_bf16(bf16_result) -> None:
-    pipe = NextStepPipeline.from_pretrained(TINY_MODEL, device="cpu", dtype="bfloat16", int4=True)
+    pipe = NextStepPipeline.from_pretrained(TINY_MODEL, device="cpu", dtype="bfloat16", memory="int4")
     int4_layers = [m for m in pipe.model.layers.modules() if isinstance(m, Int4Linear)]
     assert len(int4_layers) == 7 * pipe.model.config.num_hidden_layers
     assert all(m.weight.dtype == torch.uint8 and m.weight.numel() * 2 == m.in_features * m.out_features
@@ -84,26 +84,26 @@ def test_int4_model_packs_decoder_linears_and_stays_close_to_bf16(bf16_result) -
 
 def test_int4_in_float32_on_cpu_matches_bf16_int4() -> None:
     """The CPU kernel also runs in float32 (the CPU default dtype); same weights, so close to the bf16 run."""
-    bf16 = generate(NextStepPipeline.from_pretrained(TINY_MODEL, device="cpu", dtype="bfloat16", int4=True))
-    fp32 = generate(NextStepPipeline.from_pretrained(TINY_MODEL, device="cpu", dtype="float32", int4=True))
+    bf16 = generate(NextStepPipeline.from_pretrained(TINY_MODEL, device="cpu", dtype="bfloat16", memory="int4"))
+    fp32 = generate(NextStepPipeline.from_pretrained(TINY_MODEL, device="cpu", dtype="float32", memory="int4"))
     assert (fp32.tokens - bf16.tokens).abs().max() < 0.1
 
 
-def test_fp8_and_int4_together_are_refused() -> None:
+def test_an_unknown_storage_is_refused() -> None:
     from nextstep_runtime import NextStepError
 
-    with pytest.raises(NextStepError, match="choose fp8 or int4 weights, not both"):
-        load_model(TINY_MODEL, torch.bfloat16, "cpu", fp8=True, int4=True)
+    with pytest.raises(NextStepError, match="unknown weight storage 'int8'; choose full, fp8, int4"):
+        WeightMode("int8")
 
 
 @pytest.mark.parametrize("weights,resident", [("bf16", 1), ("fp8", 1), ("bf16", 2), ("fp8", 4), ("int4", 1),
                                               ("int4", 2)])
 def test_streamed_layers_give_the_same_tokens_as_resident_ones(weights: str, resident: int, model_copy) -> None:
     deepen(model_copy, 5)  # 4, 3 or 1 streamed layers rotating through the 2 slots (odd counts wrap onto slot 0)
-    mode = {"fp8": weights == "fp8", "int4": weights == "int4"}
-    resident_model = NextStepPipeline.from_pretrained(model_copy, device="cpu", dtype="bfloat16", **mode)
-    streamed = NextStepPipeline.from_pretrained(model_copy, device="cpu", dtype="bfloat16", **mode,
-                                                resident_layers=resident)
+    memory = "full" if weights == "bf16" else weights
+    resident_model = NextStepPipeline.from_pretrained(model_copy, device="cpu", dtype="bfloat16", memory=memory)
+    streamed = NextStepPipeline.from_pretrained(model_copy, device="cpu", dtype="bfloat16", memory=memory,
+                                                gpu_layers=resident)
     assert not any(isinstance(layer, StreamedLayer) for layer in streamed.model.layers[:resident])
     assert all(isinstance(layer, StreamedLayer) for layer in streamed.model.layers[resident:])
     a, b = generate(resident_model), generate(streamed)
@@ -120,5 +120,5 @@ def test_streamed_layers_give_the_same_tokens_as_resident_ones(weights: str, res
 def test_resident_layers_out_of_range() -> None:
     from nextstep_runtime import NextStepError
 
-    with pytest.raises(NextStepError, match=r"layers kept on the GPU must be between 0 and 2 \(got 3\)"):
-        load_model(TINY_MODEL, torch.float32, "cpu", resident_layers=3)
+    with pytest.raises(NextStepError, match=r"gpu_layers must be between 0 and 2 \(got 3\)"):
+        load_on(TINY_MODEL, gpu_layers=3)
