@@ -131,13 +131,15 @@ def loader_targets(device: str, dtype: str) -> Targets:
 
 
 def loader_plan(folder: ModelFolder, dtype: str, memory: str, fp8: bool, gpu_layers: int,
-                device: str = DEFAULT_DEVICE, job: Job | None = None) -> tuple[Plan, str | None]:
+                device: str = DEFAULT_DEVICE, job: Job | None = None,
+                footprint: ModelFootprint | None = None) -> tuple[Plan, str | None]:
     """The plan NextStep Model Loader loads `folder` with for these widget values (memory/planner.plan_load: the
     weight mode, and the placement on its devices, planned for one 512x512 image against ComfyUI's memory budget on
     each device), and the line that explains an `auto` choice. With `job` (the panel's: the sampler the loader feeds),
-    that same load planned for `job`. The plan route asks this, so the panel shows what loading will do."""
+    that same load planned for `job`. The plan route asks this (with the folder's `footprint` it has read), so the
+    panel shows what loading will do."""
     targets = loader_targets(device, dtype)
-    footprint = ModelFootprint.from_folder(folder)
+    footprint = footprint or ModelFootprint.from_folder(folder)
     layers = None if gpu_layers == ALL_LAYERS else gpu_layers
     plan, choice = plan_load(footprint, memory_setting(memory, fp8), layers, Job(), targets, str(folder.path))
     if job is not None:

@@ -104,7 +104,7 @@ def plan_response(query: dict[str, str]) -> Response:
     try:
         plan, choice = loader_plan(folder, values.get("dtype", "auto"), values.get("memory", "auto"),
                                    values.get("fp8", False), values.get("gpu_layers", ALL_LAYERS),
-                                   values.get("device", DEFAULT_DEVICE), job)
+                                   values.get("device", DEFAULT_DEVICE), job, footprint)
     except NextStepError as exc:  # widget values the loader refuses too (fp8 on with memory int4, a mode the folder
         return 400, {"error": str(exc)}  # or this device cannot load in, a device list it refuses)
     return 200, {**plan.to_dict(), "memory_choice": choice, "vae_config_assumed": footprint.vae_config_assumed}

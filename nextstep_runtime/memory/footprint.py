@@ -15,7 +15,7 @@ import torch
 
 from ..config import ModelConfig, VAEConfig
 from ..errors import NextStepError
-from ..model.network import NextStepModel
+from ..model.network import checkpoint_shapes
 from ..model.placement import INPUT_PARTS, Placement
 from ..model.vae import vae_parameter_count
 from ..weights.checkpoint import IGNORED_KEYS, shape_error
@@ -75,11 +75,9 @@ class ModelFootprint:
     @classmethod
     def from_config(cls, config: ModelConfig, vae_parameters: int | None = None,
                     vae_config: VAEConfig = VAEConfig()) -> "ModelFootprint":
-        """The shapes a checkpoint of this config holds (the network built on the meta device); the VAE's
-        parameter count from `vae_config` unless given."""
-        with torch.device("meta"):
-            model = NextStepModel(config)
-        shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+        """The shapes a checkpoint of this config holds (network.checkpoint_shapes); the VAE's parameter count from
+        `vae_config` unless given."""
+        shapes = checkpoint_shapes(config)
         if vae_parameters is None:
             vae_parameters = vae_parameter_count(vae_config)
         return cls(config, shapes, vae_parameters, vae_config)

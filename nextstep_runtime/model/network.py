@@ -10,6 +10,8 @@ runs in. The decoder runs range by range (`run_range`), so a token's work can be
 
 from __future__ import annotations
 
+import functools
+from dataclasses import replace
 from itertools import islice
 
 import torch
@@ -112,3 +114,20 @@ class NextStepModel(nn.Module):
         if position_offset is not None:
             hidden = hidden + position_offset
         return self.image_out_projector(hidden)
+
+
+@functools.lru_cache(maxsize=8)
+def checkpoint_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor the network of `config` holds, by name: the network built on the meta device with
+    one decoder layer, whose shapes every layer has (building all 48, or a deep model's 512, takes seconds of Python
+    for a planner that answers a web page)."""
+    with torch.device("meta"):
+        model = NextStepModel(replace(config, num_hidden_layers=1))
+    shapes = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("layers.0."):
+            shapes.update({f"layers.{index}.{name[9:]}": tuple(tensor.shape)
+                           for index in range(config.num_hidden_layers)})
+        else:
+            shapes[name] = tuple(tensor.shape)
+    return shapes
