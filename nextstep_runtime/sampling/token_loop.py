@@ -13,6 +13,7 @@ time), and on CUDA each stage is captured once as a graph and replayed (cuda_gra
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
@@ -35,44 +36,60 @@ TokenCallback = Callable[[int, int, torch.Tensor], None]
 Raising from it (e.g. on a user's cancel) stops generation; nothing is kept alive afterwards."""
 
 
+@dataclass
+class StepBuffers:
+    """The fixed buffers a token step's stages read: the fed token on the first range's device, each range's
+    position, the token index on the run device, and the input of each stage after the first."""
+
+    token_in: torch.Tensor
+    positions: list[torch.Tensor]
+    index: torch.Tensor
+    handoff: list[torch.Tensor]
+
+
+def _stage(state: DecodeState, head: GuidedHead, buffers: StepBuffers, index: int, solve: bool) -> torch.Tensor:
+    """Stage `index` of a token step: range `index` (the first also embeds the fed token; the last also reads the
+    condition and, when `solve`, runs the flow head). A function of its inputs, not a method, so the stages a
+    TokenStep holds do not refer back to it: a finished run's KV cache is freed at once, not by the garbage
+    collector."""
+    if index == 0:
+        x = state.model.embed_image_token(buffers.token_in.repeat(state.groups, 1))
+    else:
+        x = buffers.handoff[index - 1]
+    x = state.feed_range(index, x, buffers.positions[index])
+    if index < len(buffers.positions) - 1:
+        return x
+    condition = state.condition(x, buffers.positions[index])
+    return head(buffers.index, condition) if solve else condition
+
+
 class TokenStep:
     """One image token after the first: its predecessor fed through every range of layers, then the flow head
-    solving it (for a kept token, the feed alone). Stage `i` runs range `i` (the first also embeds the fed token; the
-    last also reads the condition and solves); the hidden states are copied from each stage's output into the next
-    stage's input buffer."""
+    solving it (for a kept token, the feed alone). Stage `i` runs range `i` (`_stage`); the hidden states are
+    copied from each stage's output into the next stage's input buffer."""
 
     def __init__(self, state: DecodeState, head: GuidedHead, use_cuda_graphs: bool, feed_only: bool) -> None:
         placement = state.model.placement
-        self.state, self.head = state, head
-        self.token_in = torch.zeros((head.batch, head.dim), dtype=torch.float32, device=placement.input_device)
-        self.positions = [torch.zeros(1, dtype=torch.long, device=r.device) for r in placement.ranges]
-        self.index = torch.zeros(1, dtype=torch.long, device=placement.run_device)
+        self.state = state
         hidden = state.model.config.hidden_size
-        self.handoff = [torch.zeros((state.row_count, 1, hidden), dtype=r.dtype, device=r.device)
-                        for r in placement.ranges[1:]]
-        """The input buffer of each stage after the first."""
+        self.buffers = StepBuffers(
+            token_in=torch.zeros((head.batch, head.dim), dtype=torch.float32, device=placement.input_device),
+            positions=[torch.zeros(1, dtype=torch.long, device=r.device) for r in placement.ranges],
+            index=torch.zeros(1, dtype=torch.long, device=placement.run_device),
+            handoff=[torch.zeros((state.row_count, 1, hidden), dtype=r.dtype, device=r.device)
+                     for r in placement.ranges[1:]])
         last = len(placement.ranges) - 1
-        self.sample_stages: list[Replay] = [partial(self._stage, index, True) for index in range(last + 1)]
-        self.feed_stages: list[Replay] = [*self.sample_stages[:-1], partial(self._stage, last, False)]
+        self.sample_stages: list[Replay] = [partial(_stage, state, head, self.buffers, index, True)
+                                            for index in range(last + 1)]
+        self.feed_stages: list[Replay] = [*self.sample_stages[:-1],
+                                          partial(_stage, state, head, self.buffers, last, False)]
         if use_cuda_graphs:
             graphs = Fallback("CUDA graph capture failed", "running the token loop eagerly", is_unsupported)
-            graphs.run(lambda: self._capture(feed_only), lambda: None)
-
-    def _stage(self, index: int, solve: bool) -> torch.Tensor:
-        state = self.state
-        if index == 0:
-            x = state.model.embed_image_token(self.token_in.repeat(state.groups, 1))
-        else:
-            x = self.handoff[index - 1]
-        x = state.feed_range(index, x, self.positions[index])
-        if index < len(self.positions) - 1:
-            return x
-        condition = state.condition(x, self.positions[index])
-        return self.head(self.index, condition) if solve else condition
+            graphs.run(partial(self._capture, feed_only), lambda: None)
 
     def _capture(self, feed_only: bool) -> None:
         """Replace the stages by their CUDA graphs (the feed-only last stage too where kept tokens need it)."""
-        for position in self.positions:  # warm-up writes the first token's slot; the real step rewrites it
+        for position in self.buffers.positions:  # warm-up writes the first token's slot; the real step rewrites it
             position.fill_(self.state.prefill_len)
         devices = [r.device for r in self.state.model.placement.ranges]
         sample = [capture(device, stage) for device, stage in zip(devices, self.sample_stages)]
@@ -80,11 +97,12 @@ class TokenStep:
         self.sample_stages, self.feed_stages = sample, feed
 
     def _run(self, stages: list[Replay], previous: torch.Tensor, index: int) -> torch.Tensor:
-        self.token_in.copy_(previous)
-        for position in self.positions:
+        buffers = self.buffers
+        buffers.token_in.copy_(previous)
+        for position in buffers.positions:
             position.fill_(self.state.prefill_len + index - 1)
-        self.index.fill_(index)
-        for stage, handoff in zip(stages, self.handoff):
+        buffers.index.fill_(index)
+        for stage, handoff in zip(stages, buffers.handoff):
             handoff.copy_(stage())
         return stages[-1]()
 
