@@ -57,10 +57,10 @@ class ResBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
 
-    def modulation(self, y: torch.Tensor) -> torch.Tensor:
-        """[3, ..., W]: shift, 1 + scale, gate for conditions y [..., W]."""
+    def modulation(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """shift, 1 + scale, gate [..., W] for conditions y [..., W]."""
         shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
-        return torch.stack((shift, 1 + scale, gate))
+        return shift, 1 + scale, gate
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor, scale_plus_one: torch.Tensor, gate: torch.Tensor,
                 linear: Linear = apply_linear) -> torch.Tensor:
@@ -75,10 +75,10 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(width, out_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
-    def modulation(self, y: torch.Tensor) -> torch.Tensor:
-        """[2, ..., W]: shift, 1 + scale."""
+    def modulation(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """shift, 1 + scale [..., W]."""
         shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
-        return torch.stack((shift, 1 + scale))
+        return shift, 1 + scale
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor, scale_plus_one: torch.Tensor,
                 linear: Linear = apply_linear) -> torch.Tensor:
@@ -102,19 +102,26 @@ class FlowNet(nn.Module):
         self.res_blocks = nn.ModuleList(ResBlock(width) for _ in range(depth))
         self.final_layer = FinalLayer(width, token_dim)
 
-    def modulations(self, time_embeddings: torch.Tensor, condition: torch.Tensor) -> list[torch.Tensor]:
-        """Per block [3, S, R, W] (final layer [2, S, R, W]) for S step embeddings and R condition rows."""
+    def modulations(self, time_embeddings: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """[S, 3 depth + 2, R, W] for S step embeddings and R condition rows: per step, each block's shift,
+        1 + scale and gate, then the final layer's shift and 1 + scale. Step-major, so a step's modulations are
+        one contiguous slice, read with one gather per step (not one per block)."""
         y = time_embeddings[:, None] + self.cond_embed(condition)[None]
-        return [block.modulation(y) for block in self.res_blocks] + [self.final_layer.modulation(y)]
+        parts = [part for layer in (*self.res_blocks, self.final_layer) for part in layer.modulation(y)]
+        return torch.stack(parts, dim=1)
 
-    def velocity(self, x: torch.Tensor, modulations: list[torch.Tensor], step: torch.Tensor,
+    def velocity(self, tokens: torch.Tensor, modulations: torch.Tensor, step: torch.Tensor,
                  linear: Linear = apply_linear) -> torch.Tensor:
-        """Velocity of tokens x [R, token_dim] at solver step `step` ([1] long: a tensor, so one compiled
-        graph serves every step)."""
-        h = linear(x, self.input_proj)
-        for block, modulation in zip(self.res_blocks, modulations):
-            h = block(h, *modulation.index_select(1, step)[:, 0], linear)
-        return self.final_layer(h, *modulations[-1].index_select(1, step)[:, 0], linear)
+        """Velocity at solver step `step` ([1] long: a tensor, so one compiled graph serves every step) for the
+        R modulation rows: tokens [B, token_dim] are projected once and shared by the R / B guidance rows."""
+        h = linear(tokens, self.input_proj)
+        groups = modulations.shape[2] // tokens.shape[0]
+        if groups > 1:
+            h = torch.cat([h] * groups)
+        parts = modulations.index_select(0, step)[0].unbind(0)
+        for index, block in enumerate(self.res_blocks):
+            h = block(h, *parts[3 * index: 3 * index + 3], linear)
+        return self.final_layer(h, *parts[-2:], linear)
 
 
 class FlowHead(nn.Module):

@@ -52,7 +52,7 @@ fused reductions (`reduction_linear`); above it a BLAS matmul is faster again (m
 faster at 2 rows, even at 8, 1.6x slower at 16)."""
 
 
-def solver_step(head: FlowNet, x: torch.Tensor, modulations: list[torch.Tensor], step: torch.Tensor,
+def solver_step(head: FlowNet, x: torch.Tensor, modulations: torch.Tensor, step: torch.Tensor,
                 weights: torch.Tensor, noise: torch.Tensor | None, keep: torch.Tensor,
                 linear: Linear = apply_linear) -> torch.Tensor:
     """One solver step of a token with guidance: x' = (a x + c n) + sum_g W_g v_g.
@@ -62,8 +62,8 @@ def solver_step(head: FlowNet, x: torch.Tensor, modulations: list[torch.Tensor],
     `keep` [S] the coefficients a. The guidance sum is elementwise in float32 (a matmul could run in TF32).
     """
     groups = weights.shape[1]
-    rows = x.view(-1, head.input_proj.in_features).to(head.input_proj.weight.dtype).repeat(groups, 1)
-    velocity = head.velocity(rows, modulations, step, linear).float().view(groups, -1)
+    tokens = x.view(-1, head.input_proj.in_features).to(head.input_proj.weight.dtype)
+    velocity = head.velocity(tokens, modulations, step, linear).float().view(groups, -1)
     base = x if noise is None else noise.index_select(0, step) + keep.index_select(0, step) * x
     return base + (weights.index_select(0, step)[0] * velocity).sum(0, keepdim=True)
 
@@ -179,7 +179,7 @@ class SolverSteps:
         """Whether the compiled functions are in use (False after a failure fell back to eager)."""
         return self.compiled is not None and self.compiled.fallback.failure is None
 
-    def modulations(self, head: FlowNet, time_embeddings: torch.Tensor, condition: torch.Tensor) -> list[torch.Tensor]:
+    def modulations(self, head: FlowNet, time_embeddings: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         args = (head, time_embeddings, condition)
         if not self.active:
             return FlowNet.modulations(*args)
@@ -187,15 +187,15 @@ class SolverSteps:
                condition.dtype, condition.device)
         return self.compiled.call(key, lambda: self.compiled.modulations(*args), lambda: FlowNet.modulations(*args))
 
-    def step(self, head: FlowNet, x: torch.Tensor, modulations: list[torch.Tensor], step: torch.Tensor,
+    def step(self, head: FlowNet, x: torch.Tensor, modulations: torch.Tensor, step: torch.Tensor,
              weights: torch.Tensor, noise: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
         args = (head, x, modulations, step, weights, noise, keep)
         if not self.active:
             return solver_step(*args)
         batch, groups = x.numel() // head.input_proj.in_features, weights.shape[1]
         reduce = x.device.type == "cpu" and batch * groups <= REDUCTION_ROWS
-        key = ("step", len(modulations), batch, groups, weights.shape[0], noise is None, x.device,
-               modulations[0].dtype)
+        key = ("step", modulations.shape[1], batch, groups, weights.shape[0], noise is None, x.device,
+               modulations.dtype)
         linear = reduction_linear if reduce else apply_linear
         return self.compiled.call(key, lambda: self.compiled.step(*args, linear), lambda: solver_step(*args))
 
