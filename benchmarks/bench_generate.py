@@ -1,18 +1,25 @@
 """End-to-end generation benchmark on a random-weight model of a named size; prints one JSON object.
 
     python benchmarks/bench_generate.py --preset small --height 128 --width 128 --steps 28 --cfg 7.5 \\
-        --sampler sde --threads 1 --repeat 5 \\
+        --sampler sde --repeat 5 \\
         --compare-official ~/NextStep-1 --official-python ~/nextstep-official/bin/python
 
+On 1 CPU thread unless --threads says otherwise: on a small shared machine any second process slows
+multi-threaded math several-fold (OpenMP threads wait for each other), one thread far less; the report
+gives the thread count and the load average it ran under. Every timed figure comes with its spread.
+
 seconds_per_image: median over --repeat runs after one warm-up, prompt to decoded image (loading
-excluded), divided by the batch, with the flow head compiled (torch.compile; --no-compile: eager).
+excluded), divided by the batch, with the flow head compiled (torch.compile; --no-compile: eager);
+seconds_per_image_spread: [min, median, max] of those runs (likewise for the eager and official runs).
 compile_seconds: the warm-up's extra time over a compiled run (compiling every graph of this shape).
 eager_seconds_per_image: the same runs with the head uncompiled, interleaved with the compiled ones (and
 with the official pipeline's), so a busy machine slows all of them alike. The component figures are timed
-separately on the same inputs: prefill_ms (prompt rows through the decoder), ms_per_token_backbone (one
-image token through the decoder), ms_per_token_head / ms_per_token_head_eager (one token's solver steps
-with guidance), vae_decode_ms. head_ops_per_token / head_ops_per_token_eager: operations one token's head
-work dispatches (profiler: aten operators not inside another one, plus each fused CPU kernel; on CUDA, GPU
+separately on the same inputs, each as [min, median, max]: prefill_ms (prompt rows through the decoder),
+ms_per_token_backbone (one image token through the decoder), ms_per_token_head / ms_per_token_head_eager
+(one token's solver steps with guidance), vae_decode_ms. ms_per_token_backbone_bound / ms_per_token_head_bound:
+the least those can take on this machine (bounds.py: operations and memory traffic against the machine's
+rates measured in the same process, machine_rates). head_ops_per_token / head_ops_per_token_eager: operations
+one token's head work dispatches (profiler: aten operators not inside another one, plus each fused CPU kernel; on CUDA, GPU
 kernels); head_profiler_events_per_token(_eager): every profiler event (internal calls and wrappers too).
 
 --compare-official PATH: a checkout of github stepfun-ai/NextStep-1 (the 2025 pipeline,
@@ -45,6 +52,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).parent)]
 
+from bounds import bounds, spread  # noqa: E402
 from official_layout import save_official_layout  # noqa: E402
 from presets import PRESETS, VAE_PRESETS, random_model, random_vae  # noqa: E402
 
@@ -86,8 +94,9 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def _median_ms(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
-    return 1000 * statistics.median(timed(fn, device) for _ in range(repeat))
+def _spread_ms(fn: Callable[[], object], device: torch.device, repeat: int) -> list[float]:
+    """[min, median, max] milliseconds of `repeat` calls."""
+    return spread([timed(fn, device) for _ in range(repeat)], 1000)
 
 
 def _profiled_ops(fn: Callable[[], object], device: torch.device) -> tuple[int, int]:
@@ -119,22 +128,25 @@ def _profiled_ops(fn: Callable[[], object], device: torch.device) -> tuple[int, 
 
 
 @torch.inference_mode()
-def _component_figures(pipe: NextStepPipeline, inputs, device: torch.device, repeat: int) -> dict[str, float]:
+def _component_figures(pipe: NextStepPipeline, inputs, device: torch.device, repeat: int) -> dict:
     """Prefill, one token's head work (compiled and eager: time and profiler events), one token through the
-    decoder at mid-image; median milliseconds."""
+    decoder at mid-image; [min, median, max] milliseconds."""
     total = inputs.grid[0] * inputs.grid[1]
     state = DecodeState(pipe.model, inputs.rows, total, pipe.attention)
-    figures = {"prefill_ms": _median_ms(lambda: state.prefill(inputs.rows, None), device, repeat)}
+    figures = {"prefill_ms": _spread_ms(lambda: state.prefill(inputs.rows, None), device, repeat)}
     condition = state.prefill(inputs.rows, None)
     first = torch.zeros(1, dtype=torch.long, device=device)
     for suffix, compile in (("", pipe.compile), ("_eager", False)):
         head = GuidedHead(pipe.model, inputs, compile)
         token = head(first, condition)
-        figures[f"ms_per_token_head{suffix}"] = _median_ms(lambda: head(first, condition), device, max(repeat, 5))
+        figures[f"ms_per_token_head{suffix}"] = _spread_ms(lambda: head(first, condition), device, max(repeat, 5))
         ops, events = _profiled_ops(lambda: head(first, condition), device)
         figures[f"head_ops_per_token{suffix}"], figures[f"head_profiler_events_per_token{suffix}"] = ops, events
     step = TokenStep(state, head, use_cuda_graphs=False, feed_only=True)
-    figures["ms_per_token_backbone"] = _median_ms(lambda: step.feed(token, total // 2), device, max(repeat, 5))
+    figures["ms_per_token_backbone"] = _spread_ms(lambda: step.feed(token, total // 2), device, max(repeat, 5))
+    if device.type == "cpu":
+        figures.update(bounds(pipe.model, state.row_count, inputs.batch, len(inputs.plan.a),
+                              state.prefill_len + total - 1))
     return figures
 
 
@@ -216,7 +228,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--fp8", action="store_true", help="decoder linear weights stored as float8 e4m3fn")
     weights.add_argument("--int4", action="store_true", help="decoder linear weights stored as grouped 4-bit")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: figures that a busy machine cannot distort much)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--keep-fraction", type=float,
                         help="also time a run keeping this fraction of the token rows (e.g. 0.5) against a full run")
@@ -234,8 +247,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # compile progress on stderr
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     torch._inductor.config.cpp.enable_kernel_profile = True  # fused CPU kernels visible to the op count
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, DeviceTraits.of(device))
@@ -269,6 +281,8 @@ def main(argv: list[str] | None = None) -> dict:
         if official:
             official.close()
     per_image = {name: statistics.median(times) / args.batch for name, times in runs.items() if times}
+    spread_names = {"seconds_per_image": "compiled" if args.compile else "eager",
+                    "eager_seconds_per_image": "eager", "official_seconds_per_image": "official"}
     seconds = per_image["compiled" if args.compile else "eager"]
 
     inputs = pipe.prepare(CAPTION, settings, negative=NEGATIVE)
@@ -278,17 +292,18 @@ def main(argv: list[str] | None = None) -> dict:
         sample_s = statistics.median(timed(lambda: pipe.sample(CAPTION, settings, negative=NEGATIVE), device)
                                      for _ in range(args.repeat))
         latents = pipe.sample(CAPTION, settings, negative=NEGATIVE).latents
-        vae_ms = _median_ms(lambda: pipe.decode(latents), device, args.repeat)
+        vae_ms = _spread_ms(lambda: pipe.decode(latents), device, args.repeat)
 
     report = {
         "seconds_per_image": round(seconds, 4),
         "eager_seconds_per_image": round(per_image["eager"], 4),
         "compile_speedup": round(per_image["eager"] / seconds, 3),
         "compile_seconds": round(max(warmup_s - seconds * args.batch, 0.0), 2) if args.compile else None,
+        **{f"{key}_spread": spread(runs[name], 1 / args.batch) for key, name in spread_names.items() if runs[name]},
         "runs_seconds": {name: [round(t, 3) for t in times] for name, times in runs.items() if times},
         "ms_per_token": round(1000 * sample_s / total, 3),
-        **{name: round(value, 3) for name, value in figures.items()},
-        "vae_decode_ms": round(vae_ms, 3),
+        **figures,
+        "vae_decode_ms": vae_ms,
         "tokens_per_s": round(total * args.batch / sample_s, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_vram_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None,

@@ -1,13 +1,14 @@
 """bf16 vs fp8 vs 4-bit decoder weights on a random-weight model of a named size; prints one JSON object.
 
     python benchmarks/bench_weight_modes.py --preset small --height 128 --width 128 --steps 28 --cfg 1 \\
-        --threads 2 --repeat 3
+        --repeat 3
 
 The models are filled from the same random weights (seeded), the quantised ones through the loader's own
 per-tensor conversion, and generate the same prompt and seed. Modes: float32 (the yardstick: how far bf16
 itself is from it), bf16, fp8, int4. Per mode: seconds_per_image (median of
 --repeat runs after one warm-up, the modes interleaved so a busy machine slows all alike; flow head uncompiled
-unless --compile, so the decoder's share is what differs), the decoder's linear weight bytes, and the
+unless --compile, so the decoder's share is what differs; 1 CPU thread unless --threads) with its spread
+[min, median, max], the decoder's linear weight bytes, and the
 difference from bf16: the decoder output for the prompt (relative L2, before the flow head can damp or
 amplify it), max and mean absolute token difference, mean absolute image difference (images in
 [-1, 1], as the pipeline returns them; the same measures tests/test_weight_modes.py asserts on the tiny
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -28,6 +30,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).parent)]
 
 from bench_generate import CAPTION, TOKENIZER, timed  # noqa: E402
+from bounds import spread  # noqa: E402
 from presets import PRESETS, random_model, random_vae  # noqa: E402
 
 from nextstep_runtime import (  # noqa: E402
@@ -72,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--cfg", type=float, default=1.0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, as bench_generate.py)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="compile the flow head (torch.compile)")
     return parser.parse_args(argv)
@@ -82,8 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     vae = random_vae(args.preset, torch.bfloat16, device)
     tokenizer = load_tokenizer(TOKENIZER)
@@ -104,13 +106,13 @@ def main(argv: list[str] | None = None) -> dict:
     report = {}
     for name, pipe in pipes.items():
         seconds = statistics.median(times[name])
-        report[name] = {"seconds_per_image": round(seconds, 3),
+        report[name] = {"seconds_per_image": round(seconds, 3), "seconds_per_image_spread": spread(times[name]),
                         "speed_vs_bf16": round(statistics.median(times["bf16"]) / seconds, 3),
                         "decoder_linear_mb": round(decoder_linear_bytes(pipe) / 2**20, 2),
                         "condition_relative_diff": round(((conditions[name] - conditions["bf16"]).norm()
                                                           / conditions["bf16"].norm()).item(), 4),
                         **closeness(results[name], results["bf16"])}
-    report["args"] = {**vars(args), "threads": torch.get_num_threads()}
+    report["args"] = {**vars(args), "threads": torch.get_num_threads(), "load_average": os.getloadavg()}
     return report
 
 
