@@ -86,11 +86,11 @@ class NextStepModelLoader:
                                                              "own format."}),
                 "compile": ("BOOLEAN", {"default": compile_default(DeviceTraits.of(host.load_device())),
                                         "tooltip": "Compile the flow head with torch.compile into fused kernels "
-                                                   "(faster sampling). Paid once per image shape, at the first "
-                                                   "run: seconds on a GPU, a minute or more on a CPU. Without a "
-                                                   "working compiler (common on Windows) it logs one warning and "
-                                                   "runs uncompiled. Off by default on Macs (torch.compile's Apple "
-                                                   "GPU backend is a prototype)."}),
+                                                   "(faster sampling on NVIDIA GPUs). Paid once per image shape, at "
+                                                   "the first run: seconds on a GPU. Without a working compiler "
+                                                   "(common on Windows) it logs one warning and runs uncompiled. "
+                                                   "On by default on NVIDIA GPUs only: on the CPU it is no faster, "
+                                                   "and torch.compile's Apple GPU backend is a prototype."}),
                 "device": ("STRING", {"default": DEFAULT_DEVICE,
                                       "tooltip": "Where the model runs. default: ComfyUI's device. cuda:1: that GPU. "
                                                  "Several, to split the decoder's layers over them (docs/multi-gpu."

@@ -109,18 +109,21 @@ def test_loader_panel_shows_the_install_warnings_of_its_chosen_settings(page):
 
 def test_loader_panel_warns_that_compile_is_unavailable_without_a_compiler(browser, tmp_path):
     """A server whose C++ compiler is missing (CXX pointing nowhere, compiling not turned off): the loader, compile
-    on (the CPU's default), says compile is unavailable and runs uncompiled; compile off, no warning."""
+    off (the CPU's default) says nothing of it; compile on, it says compile is unavailable and runs uncompiled."""
     broken = {"CXX": "/nowhere/g++", "TORCH_COMPILE_DISABLE": None}
     with running_comfyui(tmp_path, env=broken) as server:
         page = open_page(browser, server, "canvas")
         (loader,) = page.new_graph(["NextStepModelLoader"])
+        assert page.widgets(loader)["compile"] is False
+        page.page.wait_for_function("id => /^fits/.test(app.graph.getNodeById(id).widgets"
+                                    ".find(w => w.name === 'nextstep_plan').element.innerText)", arg=loader)
+        assert "compile unavailable" not in page.panel(loader, "nextstep_plan")
+        page.js("id => { const widget = app.graph.getNodeById(id).widgets.find(w => w.name === 'compile'); "
+                "widget.value = true; widget.callback(true); }", loader)
         page.page.wait_for_function("id => app.graph.getNodeById(id).widgets.find(w => w.name === 'nextstep_plan')"
                                     ".element.innerText.includes('compile unavailable: no C++ compiler')", arg=loader)
         assert "; running uncompiled" in page.panel(loader, "nextstep_plan")
         page.screenshot("compile-warning")
-        page.js("id => { const widget = app.graph.getNodeById(id).widgets.find(w => w.name === 'compile'); "
-                "widget.value = false; widget.callback(false); }", loader)
-        assert "compile unavailable" not in page.panel(loader, "nextstep_plan")
         page.page.close()
 
 

@@ -111,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep only N decoder layers on the GPU and stream the rest from RAM (default: all, or "
                           "as --memory auto decides)")
     gen.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                     help="compile the flow head with torch.compile (default: on, except on an Apple GPU; compiling "
-                          "takes a minute or more per image shape on a CPU; without a C++ compiler it falls back "
+                     help="compile the flow head with torch.compile (default: on NVIDIA GPUs only; on a CPU it is "
+                          "no faster and takes a minute or more per image shape; without a compiler it falls back "
                           "anyway)")
     gen.add_argument("--out", required=True, help="output PNG; a batch writes OUT_0.png, OUT_1.png, ...")
     gen.add_argument("--save-tensors", help="also write tokens, latents and images to this .safetensors file")

@@ -7,28 +7,12 @@ step grid, `cond_embed` once per token, then `velocity` per step.
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 SINUSOID_DIM = 256
-
-Linear = Callable[[torch.Tensor, nn.Linear], torch.Tensor]
-"""How the per-step MLPs apply a linear layer: `apply_linear` (the layer's own matmul), or the compiled step's
-`reduction_linear`."""
-
-
-def apply_linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    return layer(x)
-
-
-def reduction_linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """x W^T + b written as a broadcast multiply and a sum, for torch.compile on the CPU: inductor turns it into
-    one vectorised loop fused with the operations around it, where a matmul would be an opaque library call.
-    For the head's few rows (guidance rows x batch) a BLAS matmul is far from memory speed; this loop is not."""
-    return (x[:, None, :] * layer.weight[None]).sum(-1) + layer.bias
 
 
 def sinusoidal_embedding(t: torch.Tensor) -> torch.Tensor:
@@ -62,10 +46,10 @@ class ResBlock(nn.Module):
         shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
         return shift, 1 + scale, gate
 
-    def forward(self, x: torch.Tensor, shift: torch.Tensor, scale_plus_one: torch.Tensor, gate: torch.Tensor,
-                linear: Linear = apply_linear) -> torch.Tensor:
-        hidden = linear(torch.addcmul(shift, self.in_ln(x), scale_plus_one), self.mlp[0])
-        return torch.addcmul(x, gate, linear(F.silu(hidden), self.mlp[2]))
+    def forward(self, x: torch.Tensor, shift: torch.Tensor, scale_plus_one: torch.Tensor,
+                gate: torch.Tensor) -> torch.Tensor:
+        hidden = self.mlp[0](torch.addcmul(shift, self.in_ln(x), scale_plus_one))
+        return torch.addcmul(x, gate, self.mlp[2](F.silu(hidden)))
 
 
 class FinalLayer(nn.Module):
@@ -80,9 +64,8 @@ class FinalLayer(nn.Module):
         shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
         return shift, 1 + scale
 
-    def forward(self, x: torch.Tensor, shift: torch.Tensor, scale_plus_one: torch.Tensor,
-                linear: Linear = apply_linear) -> torch.Tensor:
-        return linear(torch.addcmul(shift, self.norm_final(x), scale_plus_one), self.linear)
+    def forward(self, x: torch.Tensor, shift: torch.Tensor, scale_plus_one: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.addcmul(shift, self.norm_final(x), scale_plus_one))
 
 
 class FlowNet(nn.Module):
@@ -110,18 +93,17 @@ class FlowNet(nn.Module):
         parts = [part for layer in (*self.res_blocks, self.final_layer) for part in layer.modulation(y)]
         return torch.stack(parts, dim=1)
 
-    def velocity(self, tokens: torch.Tensor, modulations: torch.Tensor, step: torch.Tensor,
-                 linear: Linear = apply_linear) -> torch.Tensor:
+    def velocity(self, tokens: torch.Tensor, modulations: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         """Velocity at solver step `step` ([1] long: a tensor, so one compiled graph serves every step) for the
         R modulation rows: tokens [B, token_dim] are projected once and shared by the R / B guidance rows."""
-        h = linear(tokens, self.input_proj)
+        h = self.input_proj(tokens)
         groups = modulations.shape[2] // tokens.shape[0]
         if groups > 1:
             h = torch.cat([h] * groups)
         parts = modulations.index_select(0, step)[0].unbind(0)
         for index, block in enumerate(self.res_blocks):
-            h = block(h, *parts[3 * index: 3 * index + 3], linear)
-        return self.final_layer(h, *parts[-2:], linear)
+            h = block(h, *parts[3 * index: 3 * index + 3])
+        return self.final_layer(h, *parts[-2:])
 
 
 class FlowHead(nn.Module):

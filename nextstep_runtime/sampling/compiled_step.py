@@ -1,21 +1,18 @@
-"""The flow head's per-token work as fused kernels: `torch.compile` (inductor) of the solver step.
+"""The flow head's per-token work as fused kernels: `torch.compile` (inductor) of the solver step, on CUDA GPUs.
 
 Why: per token the head runs S solver steps x depth blocks on a handful of rows, thousands of tiny
-operations (layer norms, modulations, activations, the guidance sum) between a few small matmuls. On the
-CPU, with few rows (`REDUCTION_ROWS`), the step's linears are written as multiply-and-sum reductions, so
-inductor fuses the whole solver step (every block's linears, norms, modulations and activations, the
-guidance sum and the solver update) into one C++ kernel: one call per step where eager dispatches about 75
-operations, and faster too, since a BLAS matmul on two rows runs far below memory speed. With more rows,
-and on CUDA, the linears stay matmuls and inductor fuses the elementwise work around them; on CUDA the
-existing graph capture then replays those kernels.
+operations (layer norms, modulations, activations, the guidance sum) between a few small matmuls. On CUDA inductor
+fuses the elementwise work around the matmuls, and the existing graph capture then replays those kernels. On the CPU
+it does not pay: on one thread the compiled head was no faster than the eager one (benchmarks/bench_generate.py,
+`small` preset: 37.0 against 35.2 ms per token; fusing the linears into reductions as well changed nothing), for a
+compile of half a minute and more at the first run, so compiling is off there by default (devices.compile_default).
 
 One step function serves every step of every token: the step index is a [1] long tensor, so one graph
 is compiled for the first shape (batch, guidance rows, steps) and reused; the adaLN modulations of a token
 are a second small graph. A second shape makes torch compile a dynamic-shape graph that then serves every
-later shape too, so a session compiles each function at most twice per dtype and device (plus once more
-when a batch crosses `REDUCTION_ROWS`). Compiling the S steps unrolled into one graph was tried and
-rejected: its compile time grows with S and exceeded 13 minutes on two busy CPU cores (one step compiled
-in 20-80 s there).
+later shape too, so a session compiles each function at most twice per dtype and device. Compiling the S steps
+unrolled into one graph was tried and rejected: its compile time grows with S and exceeded 13 minutes on two busy
+CPU cores (one step compiled in 20-80 s there).
 
 Inductor compiles lazily, at the first call of a new shape: that call logs a progress line and pays the
 compile time (the disk cache of inductor makes later processes faster). What can be known before is checked up
@@ -36,7 +33,7 @@ import torch
 
 from ..devices import compile_version_refusal, resolve_device
 from ..failures import is_out_of_memory
-from ..model.flow_head import FlowNet, Linear, apply_linear, reduction_linear
+from ..model.flow_head import FlowNet
 from .fallback import Fallback, first_line
 
 log = logging.getLogger(__name__)
@@ -46,15 +43,8 @@ RECOMPILE_LIMIT = 64
 session that changes batch, guidance rows and step counts)."""
 
 
-REDUCTION_ROWS = 8
-"""Up to this many head rows (guidance rows x batch), the compiled CPU step computes the head's linears as
-fused reductions (`reduction_linear`); above it a BLAS matmul is faster again (measured on a 2-core CPU: 1.6x
-faster at 2 rows, even at 8, 1.6x slower at 16)."""
-
-
 def solver_step(head: FlowNet, x: torch.Tensor, modulations: torch.Tensor, step: torch.Tensor,
-                weights: torch.Tensor, noise: torch.Tensor | None, keep: torch.Tensor,
-                linear: Linear = apply_linear) -> torch.Tensor:
+                weights: torch.Tensor, noise: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
     """One solver step of a token with guidance: x' = (a x + c n) + sum_g W_g v_g.
 
     x [1, B*D] float32; `step` [1] long; `weights` [S, G, 1] the step's velocity coefficient times each of
@@ -63,7 +53,7 @@ def solver_step(head: FlowNet, x: torch.Tensor, modulations: torch.Tensor, step:
     """
     groups = weights.shape[1]
     tokens = x.view(-1, head.input_proj.in_features).to(head.input_proj.weight.dtype)
-    velocity = head.velocity(tokens, modulations, step, linear).float().view(groups, -1)
+    velocity = head.velocity(tokens, modulations, step).float().view(groups, -1)
     base = x if noise is None else noise.index_select(0, step) + keep.index_select(0, step) * x
     return base + (weights.index_select(0, step)[0] * velocity).sum(0, keepdim=True)
 
@@ -193,11 +183,9 @@ class SolverSteps:
         if not self.active:
             return solver_step(*args)
         batch, groups = x.numel() // head.input_proj.in_features, weights.shape[1]
-        reduce = x.device.type == "cpu" and batch * groups <= REDUCTION_ROWS
         key = ("step", modulations.shape[1], batch, groups, weights.shape[0], noise is None, x.device,
                modulations.dtype)
-        linear = reduction_linear if reduce else apply_linear
-        return self.compiled.call(key, lambda: self.compiled.step(*args, linear), lambda: solver_step(*args))
+        return self.compiled.call(key, lambda: self.compiled.step(*args), lambda: solver_step(*args))
 
 
 def _describe(key: tuple) -> str:
