@@ -193,6 +193,32 @@ def auto_dtype(traits: DeviceTraits) -> torch.dtype:
     return torch.float32
 
 
+def residual_dtype(compute: torch.dtype) -> torch.dtype:
+    """The dtype of the decoder's residual stream (the hidden states between layers, which the norms read) beside
+    matmuls in `compute`: float32 when they run in float16, else the same. Qwen2-class models carry activations of
+    several 10^4 in a few channels of the residual stream (trained in bfloat16, whose range is float32's); in float16
+    (largest value 65504) their sum overflows to inf and every later token is NaN. llama.cpp keeps every activation
+    between its float16 matmuls in float32 the same way, and flash-attn / Mamba offer `residual_in_fp32` for the same
+    reason; Qwen's maintainers advise bfloat16 or float32 for their float16 NaN reports (QwenLM/Qwen2 issues 721,
+    826). Each norm hands its attention or MLP an input in `compute` (normalised values are small), so the weights and
+    the matmuls stay float16: the cost is the float32 hidden states and two casts per layer."""
+    return torch.float32 if compute == torch.float16 else compute
+
+
+BF16_DEVICES = "an NVIDIA GPU of the Ampere generation or newer, or a Mac on macOS 14 or newer"
+"""Where bfloat16 is native (bf16_native), as a user reads it."""
+
+
+def float16_overflow_fix(float32_fits: bool | None) -> str:
+    """What to do when a float16 run overflows even with the float32 residual stream: float32 where the planner says
+    the model fits the devices in it (`float32_fits`; None: unknown), else a device that computes in bfloat16."""
+    if float32_fits is False:
+        return (f"float32 does not fit these devices: run on one that computes in bfloat16 ({BF16_DEVICES}) or on "
+                f"the CPU")
+    fits = "which fits these devices" if float32_fits else "if it fits (`plan --dtype float32` tells)"
+    return f"load the model with dtype float32, {fits}, or run on a device that computes in bfloat16 ({BF16_DEVICES})"
+
+
 def vae_dtype(compute: torch.dtype) -> torch.dtype:
     """The VAE's dtype beside a model computing in `compute`: the same, except float16, which this VAE family
     overflows in (its activations pass 65504, so images come out NaN/black; ComfyUI never runs it in float16

@@ -88,6 +88,7 @@ def load_nextstep_model(folder: ModelFolder, plan: Plan) -> LoadedModel:
     if loaded is None:
         host.make_room({torch.device(share.device): share.weights_bytes for share in plan.devices})
         model = load_model(folder, plan.mode, plan.placement, pin=host.host_memory_pinning())
+        model.float32_fits = plan.float32_fits
         pipeline = NextStepPipeline(model, load_tokenizer(folder), folder.vae.normalization,
                                     free_memory=host.free_memory)
         registration = host.register_model(model.parts_by_device(), host.offload_device(), folder.path.name,

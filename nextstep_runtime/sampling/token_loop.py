@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from ..devices import residual_dtype
 from ..failures import is_unsupported
 from ..model.attention import FlashAttention
 from ..model.network import NextStepModel
@@ -48,7 +49,7 @@ class TokenStep:
         self.positions = [torch.zeros(1, dtype=torch.long, device=r.device) for r in placement.ranges]
         self.index = torch.zeros(1, dtype=torch.long, device=placement.run_device)
         hidden = state.model.config.hidden_size
-        self.handoff = [torch.zeros((state.row_count, 1, hidden), dtype=r.dtype, device=r.device)
+        self.handoff = [torch.zeros((state.row_count, 1, hidden), dtype=residual_dtype(r.dtype), device=r.device)
                         for r in placement.ranges[1:]]
         """The input buffer of each stage after the first."""
         last = len(placement.ranges) - 1
