@@ -30,6 +30,9 @@ def version_tuple(text: str) -> tuple[int, ...]:
 
 TORCH_VERSION = version_tuple(torch.__version__)[:2]
 """The running torch's (major, minor)."""
+CUDA_BUILD = version_tuple(torch.version.cuda or "")[:2] or None
+"""The CUDA version the running torch was built for (major, minor), e.g. (11, 8) for a `+cu118` wheel; None for a
+torch without CUDA."""
 
 BF16_CUDA_CAPABILITY = (8, 0)
 """bfloat16 tensor cores arrived with Ampere; older GPUs (Pascal, Volta, Turing) only emulate bfloat16, slowly, so
@@ -44,10 +47,15 @@ FP8_MATMUL_CAPABILITY = (8, 9)
 """`torch._scaled_mm` (the fused fp8 matmul) needs fp8 tensor cores: Ada (8.9) or Hopper (9.0) and newer."""
 FLASH_ATTN_CAPABILITY = (8, 0)
 """flash-attn 2 runs on Ampere or newer only; it refuses older GPUs at the first call."""
-INT4_TORCH = {"cuda": (2, 5), "cpu": (2, 6), "mps": (2, 14)}
-"""The first torch whose int4 kernels take the nibbles this runtime packs on each device type: the CUDA kernel
-takes [N, K/2] uint8 from 2.5, the CPU one (`_weight_int4pack_mm_for_cpu`) exists from 2.6, and the Apple GPU
-kernels with the same 4-D packed layout as CUDA's come with 2.14."""
+INT4_TORCH = {"cuda": (2, 5), "cpu": (2, 6), "mps": (2, 5)}
+"""The first torch whose int4 kernels take the nibbles this runtime packs on each device type:
+`_convert_weight_to_int4pack` takes [N, K/2] uint8 on CUDA and Apple GPUs from 2.5 (pytorch/pytorch PR 129940, July 2024, which moved every device
+to that input; the MPS packing kernel itself came a month earlier, PR 128965), and the CPU's own pair
+(`_convert_weight_to_int4pack_for_cpu`, `_weight_int4pack_mm_for_cpu`) exists from 2.6. The Apple GPU's packed tensor
+has CUDA's 4-D shape, but holds the bytes row-major with the two nibbles of each swapped, not CUDA's tiling."""
+INT4_CUDA_BUILD = (12, 0)
+"""torch compiles its CUDA int4 kernel (`_weight_int4pack_mm`, aten/src/ATen/native/cuda/int4mm.cu) only for CUDA 12
+or newer; a torch built for CUDA 11.8 raises "not available for build" at the first 4-bit matmul."""
 COMPILE_TORCH = (2, 7)
 """torch.compile of the flow head sets `recompile_limit` and `accumulated_recompile_limit`, dynamo settings that
 older torch names differently."""
@@ -66,6 +74,8 @@ class DeviceTraits:
     """The macOS version under an Apple GPU; None elsewhere."""
     torch_version: tuple[int, ...] = TORCH_VERSION
     """The torch whose kernels run there (major, minor)."""
+    cuda_build: tuple[int, ...] | None = CUDA_BUILD
+    """The CUDA version that torch was built for (CUDA_BUILD); None: not a CUDA build."""
 
     @classmethod
     def of(cls, device: torch.device | str) -> "DeviceTraits":
@@ -259,7 +269,8 @@ def fp8_matmul_fused(traits: DeviceTraits) -> bool:
 
 def int4_refusal(traits: DeviceTraits, dtype: torch.dtype) -> str | None:
     """Why 4-bit weights cannot run here, or None: the torch version must have the device's kernel (INT4_TORCH); the
-    CPU and Apple GPU kernels take float32, bf16 and fp16; the CUDA one needs bfloat16 and compute capability 8.0+."""
+    CPU and Apple GPU kernels take float32, bf16 and fp16; the CUDA one needs a torch built for CUDA 12+
+    (INT4_CUDA_BUILD), bfloat16 and compute capability 8.0+."""
     if traits.type not in INT4_TORCH:
         return f"4-bit weights run on the CPU, CUDA GPUs and Apple GPUs, not on {traits.type}"
     needed = INT4_TORCH[traits.type]
@@ -267,6 +278,11 @@ def int4_refusal(traits: DeviceTraits, dtype: torch.dtype) -> str | None:
         return (f"4-bit weights on {traits.describe()} need torch {_torch_text(needed)} or newer (this is torch "
                 f"{_torch_text(traits.torch_version)}); upgrade torch, or load the model in full or fp8")
     if traits.type == "cuda":
+        if traits.cuda_build is not None and traits.cuda_build < INT4_CUDA_BUILD:
+            return (f"4-bit weights on CUDA need a torch built for CUDA 12 or newer (this torch "
+                    f"{_torch_text(traits.torch_version)} is built for CUDA {_torch_text(traits.cuda_build)}, whose "
+                    f"builds leave torch's int4 kernel out); use memory fp8, stream layers (gpu_layers), or install a "
+                    f"CUDA 12 build of torch (e.g. the cu121 or cu124 wheels)")
         if traits.capability_below(INT4_CUDA_CAPABILITY):
             return (f"4-bit weights on CUDA need a GPU of compute capability 8.0+ (Ampere or newer); this is "
                     f"{traits.describe()}")

@@ -295,6 +295,25 @@ def test_host_memory_with_comfyuis_psutil(tmp_path: Path) -> None:
     assert total == psutil_total and 0 < available <= total
 
 
+@pytest.mark.parametrize("recommended", [True, False], ids=["torch-2.5+", "torch-2.4"])
+def test_apple_gpu_memory_with_and_without_torchs_recommended_figure(recommended: bool, monkeypatch) -> None:
+    """A Mac: Metal's recommended working set where torch has `torch.mps.recommended_max_memory` (2.5+), else two
+    thirds of the RAM (torch 2.4 has no such function: it raised AttributeError in the planner)."""
+    ram = 48 * 2**30
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 2 * 2**30)
+    monkeypatch.setattr(torch.mps, "current_allocated_memory", lambda: 2**30)
+    monkeypatch.setattr(devices_module, "host_memory", lambda: (20 * 2**30, ram))
+    monkeypatch.setattr("nextstep_runtime.memory.device_memory.host_memory", devices_module.host_memory)
+    if recommended:
+        monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 36 * 2**30, raising=False)
+    else:
+        monkeypatch.delattr(torch.mps, "recommended_max_memory", raising=False)
+    total = 36 * 2**30 if recommended else 32 * 2**30
+    assert device_memory(torch.device("mps")) == (total - 2 * 2**30, total)
+    assert free_memory(torch.device("mps")) == total - 2**30
+
+
 def test_cli_refuses_an_apple_gpu_that_is_not_there(capsys, tmp_path: Path) -> None:
     if torch.backends.mps.is_available():
         pytest.skip("this machine has an Apple GPU")
