@@ -10,6 +10,7 @@ no model registry, progress display, cancel button or web server to serve.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -128,9 +129,23 @@ def vae_devices() -> tuple[torch.device, torch.device]:
 
 
 def vae_dtype(device: torch.device) -> torch.dtype:
-    """ComfyUI's VAE precision choice (honours --fp32-vae etc.); float16 is excluded since this VAE
-    family overflows in it. float32 outside ComfyUI."""
-    return model_management.vae_dtype(device, [torch.bfloat16, torch.float32]) if IN_COMFYUI else torch.float32
+    """ComfyUI's VAE precision choice for `device`: --bf16-vae and --fp32-vae as given, else bfloat16 where ComfyUI
+    would use it and float32 elsewhere. Never float16, which this VAE family overflows in (black images): under
+    --fp16-vae the VAE runs in bfloat16 where ComfyUI would use bfloat16 on that device, else float32, and the log says
+    why once. float32 outside ComfyUI."""
+    if not IN_COMFYUI:
+        return torch.float32
+    if comfy_args.fp16_vae:
+        return _instead_of_fp16_vae(device)
+    return model_management.vae_dtype(device, [torch.bfloat16, torch.float32])
+
+
+@functools.cache
+def _instead_of_fp16_vae(device: torch.device) -> torch.dtype:
+    dtype = torch.bfloat16 if model_management.should_use_bf16(device) else torch.float32
+    log.warning("NextStep: --fp16-vae is set, but the NextStep VAE overflows in float16 (black images); it runs in "
+                "%s on %s instead", str(dtype).removeprefix("torch."), device)
+    return dtype
 
 
 def make_room(needs: dict[torch.device, int]) -> None:
