@@ -65,6 +65,21 @@ class _Managed(nn.Module):
         self.device = device
 
 
+if IN_COMFYUI:
+    class _Patcher(comfy.model_patcher.ModelPatcher):
+        """ComfyUI's patcher for a NextStep part, told of partial unloads too: ComfyUI frees memory for another model
+        by `partially_unload` where that suffices (model_management's `model_unload(memory_to_free)`, and
+        `partially_load` asked for less), which moves some weights off and sends no detach event, so the part's
+        streaming slots (memory ComfyUI does not see) would stay. `on_unload` runs on every unload path: here, and on
+        detach (register_model)."""
+
+        on_unload: Callable[[], int | None] | None = None
+
+        def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+            released = (self.on_unload() or 0) if self.on_unload is not None else 0
+            return released + super().partially_unload(device_to, memory_to_free, force_patch_weights)
+
+
 RouteHandler = Callable[[dict[str, str]], tuple[int, dict]]
 """Takes the query parameters, returns (HTTP status, JSON body)."""
 ProgressSink = Callable[[int, int, "Image.Image | None"], None]
@@ -157,31 +172,34 @@ def make_room(needs: dict[torch.device, int]) -> None:
 
 
 def register_model(parts: list[tuple[torch.device, list[nn.Module]]], wait_device: torch.device, name: str,
-                   in_place: bool, on_detach: Callable[[], None] | None = None) -> list | None:
+                   in_place: bool, on_unload: Callable[[], int | None] | None = None) -> list | None:
     """Put a model under ComfyUI's model management, each device's part (`parts`: its device and modules) as a
     model of its own on that device, so "Unload models" and other models' needs move every part off its GPU and
     `prepare_model` brings every part back. `in_place`: the parts are on their devices already (entered in the
-    registry now, as ComfyUI's direct-to-GPU loads are), else they wait on `wait_device`. `on_detach` runs when the
-    last part is unloaded. Returns the handles `prepare_model` takes; None outside ComfyUI."""
+    registry now, as ComfyUI's direct-to-GPU loads are), else they wait on `wait_device`. `on_unload` runs when the
+    last part is unloaded, wholly (ComfyUI's detach) or partly (_Patcher), and returns the bytes it freed (or None).
+    Returns the handles `prepare_model` takes; None outside ComfyUI."""
     if not IN_COMFYUI:
         return None
     managed = type(name, (_Managed,), {})  # ComfyUI's log names a model by its class: "Requested to load <name>"
-    patchers = [comfy.model_patcher.ModelPatcher(managed(nn.ModuleList(modules), device if in_place else wait_device),
-                                                 load_device=device, offload_device=wait_device)
+    patchers = [_Patcher(managed(nn.ModuleList(modules), device if in_place else wait_device), load_device=device,
+                         offload_device=wait_device)
                 for device, modules in parts]
-    if on_detach is not None:
+    if on_unload is not None:
+        patchers[-1].on_unload = on_unload
         patchers[-1].add_callback(comfy.patcher_extension.CallbacksMP.ON_DETACH,
-                                  lambda detached, unpatch_all: on_detach())
+                                  lambda detached, unpatch_all: on_unload())
     if in_place:
         prepare_model(patchers, {})
     return patchers
 
 
-def release_streaming_slots_of(model: nn.Module) -> None:
-    """Free a detached model's streaming slots (registered nowhere ComfyUI sees) and say so."""
+def release_streaming_slots_of(model: nn.Module) -> int:
+    """Free an unloaded model's streaming slots (registered nowhere ComfyUI sees) and say so; returns the bytes freed."""
     freed = release_streaming_slots(model)
     if freed:
         log.info("NextStep: freed the streaming slots of the unloaded model (%.0f MB)", freed / 2**20)
+    return freed
 
 
 def prepare_model(handles: list | None, memory_required: dict[torch.device, int]) -> None:

@@ -92,7 +92,7 @@ def load_nextstep_model(folder: ModelFolder, plan: Plan) -> LoadedModel:
         pipeline = NextStepPipeline(model, load_tokenizer(folder), folder.vae.normalization,
                                     free_memory=host.free_memory)
         registration = host.register_model(model.parts_by_device(), host.offload_device(), folder.path.name,
-                                           in_place=True, on_detach=lambda: host.release_streaming_slots_of(model))
+                                           in_place=True, on_unload=lambda: host.release_streaming_slots_of(model))
         loaded = _models[key] = LoadedModel(folder, pipeline, registration)
     return loaded
 
