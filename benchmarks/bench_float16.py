@@ -1,6 +1,6 @@
 """What the float32 residual stream costs a float16 run (devices.residual_dtype); prints one JSON object.
 
-    python benchmarks/bench_float16.py --preset small --height 128 --width 128 --steps 28 --threads 1 --repeat 5
+    python benchmarks/bench_float16.py --preset small --height 128 --width 128 --steps 28 --threads 1 --repeat 7
 
 Time: one random-weight float16 model (benchmarks/presets.py) generates the same prompt and seed as the runtime runs
 it (residual stream in float32) and as a plain float16 decoder would (residual stream in float16: the rule swapped
