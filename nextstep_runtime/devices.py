@@ -49,10 +49,11 @@ FLASH_ATTN_CAPABILITY = (8, 0)
 """flash-attn 2 runs on Ampere or newer only; it refuses older GPUs at the first call."""
 INT4_TORCH = {"cuda": (2, 5), "cpu": (2, 6), "mps": (2, 5)}
 """The first torch whose int4 kernels take the nibbles this runtime packs on each device type:
-`_convert_weight_to_int4pack` takes [N, K/2] uint8 on CUDA and Apple GPUs from 2.5 (pytorch/pytorch PR 129940, July 2024, which moved every device
-to that input; the MPS packing kernel itself came a month earlier, PR 128965), and the CPU's own pair
-(`_convert_weight_to_int4pack_for_cpu`, `_weight_int4pack_mm_for_cpu`) exists from 2.6. The Apple GPU's packed tensor
-has CUDA's 4-D shape, but holds the bytes row-major with the two nibbles of each swapped, not CUDA's tiling."""
+`_convert_weight_to_int4pack` takes [N, K/2] uint8 on CUDA and Apple GPUs from 2.5 (pytorch/pytorch PR 129940, July
+2024, which moved every device to that input; the MPS packing kernel itself came a month earlier, PR 128965), and the
+CPU's own pair (`_convert_weight_to_int4pack_for_cpu`, `_weight_int4pack_mm_for_cpu`) exists from 2.6. The Apple GPU's
+packed tensor has CUDA's 4-D shape, but holds the bytes row-major with the two nibbles of each swapped, not CUDA's
+tiling."""
 INT4_CUDA_BUILD = (12, 0)
 """torch compiles its CUDA int4 kernel (`_weight_int4pack_mm`, aten/src/ATen/native/cuda/int4mm.cu) only for CUDA 12
 or newer; a torch built for CUDA 11.8 raises "not available for build" at the first 4-bit matmul."""
