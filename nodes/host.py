@@ -195,7 +195,8 @@ def register_model(parts: list[tuple[torch.device, list[nn.Module]]], wait_devic
 
 
 def release_streaming_slots_of(model: nn.Module) -> int:
-    """Free an unloaded model's streaming slots (registered nowhere ComfyUI sees) and say so; returns the bytes freed."""
+    """Free an unloaded model's streaming slots (registered nowhere ComfyUI sees) and say so; returns the bytes
+    freed."""
     freed = release_streaming_slots(model)
     if freed:
         log.info("NextStep: freed the streaming slots of the unloaded model (%.0f MB)", freed / 2**20)

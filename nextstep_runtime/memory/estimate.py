@@ -58,9 +58,8 @@ def layer_work_bytes(config: ModelConfig, dtype: torch.dtype, job: Job) -> int:
 
     - prefill of the prompt, one layer at a time: the embeddings, residual stream and normed input
       (3 x rows x P x hidden; the residual stream in devices.residual_dtype, float32 beside float16), then the
-      larger of attention (q, K/V repeated to every head, output, and the
-      rows x heads x P x P score matrix of SDPA's math backend, an upper bound: CUDA's fused kernels need
-      none) and the MLP (gate, up and their product, 3 x rows x P x intermediate); rotary tables and the
+      larger of attention (q, K/V repeated to every head, output, and the rows x heads x P x P score matrix of
+      SDPA's math backend, an upper bound: CUDA's fused kernels need none) and the MLP (gate, up and their product, 3 x rows x P x intermediate); rotary tables and the
       padding mask;
     - one decode step's activations, the key-valid mask and slot indices (each device keeps its own);
     - WORKSPACE_ALLOWANCE.

@@ -99,8 +99,8 @@ class NextStepModel(nn.Module):
                   flash: FlashAttention | None) -> torch.Tensor:
         """Range `index`'s decoder layers over hidden states `x` [rows, seq, hidden] at `positions` [rows, seq],
         handed over to the range's device and residual dtype (devices.residual_dtype: float32 on float16 ranges),
-        writing their keys and values to the cache (as the prefix, or at
-        `cache_position` for one image token); `mask` None: causal."""
+        writing their keys and values to the cache (as the prefix, or at `cache_position` for one image token); `mask`
+        None: causal."""
         layer_range = self.placement.ranges[index]
         device = layer_range.device
         x = x.to(device, residual_dtype(layer_range.dtype))
