@@ -30,6 +30,9 @@ def version_tuple(text: str) -> tuple[int, ...]:
 
 TORCH_VERSION = version_tuple(torch.__version__)[:2]
 """The running torch's (major, minor)."""
+CUDA_BUILD = version_tuple(torch.version.cuda or "")[:2] or None
+"""The CUDA version the running torch was built for (major, minor), e.g. (11, 8) for a `+cu118` wheel; None for a
+torch without CUDA."""
 
 BF16_CUDA_CAPABILITY = (8, 0)
 """bfloat16 tensor cores arrived with Ampere; older GPUs (Pascal, Volta, Turing) only emulate bfloat16, slowly, so
@@ -44,10 +47,16 @@ FP8_MATMUL_CAPABILITY = (8, 9)
 """`torch._scaled_mm` (the fused fp8 matmul) needs fp8 tensor cores: Ada (8.9) or Hopper (9.0) and newer."""
 FLASH_ATTN_CAPABILITY = (8, 0)
 """flash-attn 2 runs on Ampere or newer only; it refuses older GPUs at the first call."""
-INT4_TORCH = {"cuda": (2, 5), "cpu": (2, 6), "mps": (2, 14)}
-"""The first torch whose int4 kernels take the nibbles this runtime packs on each device type: the CUDA kernel
-takes [N, K/2] uint8 from 2.5, the CPU one (`_weight_int4pack_mm_for_cpu`) exists from 2.6, and the Apple GPU
-kernels with the same 4-D packed layout as CUDA's come with 2.14."""
+INT4_TORCH = {"cuda": (2, 5), "cpu": (2, 6), "mps": (2, 5)}
+"""The first torch whose int4 kernels take the nibbles this runtime packs on each device type:
+`_convert_weight_to_int4pack` takes [N, K/2] uint8 on CUDA and Apple GPUs from 2.5 (pytorch/pytorch PR 129940, July
+2024, which moved every device to that input; the MPS packing kernel itself came a month earlier, PR 128965), and the
+CPU's own pair (`_convert_weight_to_int4pack_for_cpu`, `_weight_int4pack_mm_for_cpu`) exists from 2.6. The Apple GPU's
+packed tensor has CUDA's 4-D shape, but holds the bytes row-major with the two nibbles of each swapped, not CUDA's
+tiling."""
+INT4_CUDA_BUILD = (12, 0)
+"""torch compiles its CUDA int4 kernel (`_weight_int4pack_mm`, aten/src/ATen/native/cuda/int4mm.cu) only for CUDA 12
+or newer; a torch built for CUDA 11.8 raises "not available for build" at the first 4-bit matmul."""
 COMPILE_TORCH = (2, 7)
 """torch.compile of the flow head sets `recompile_limit` and `accumulated_recompile_limit`, dynamo settings that
 older torch names differently."""
@@ -66,6 +75,8 @@ class DeviceTraits:
     """The macOS version under an Apple GPU; None elsewhere."""
     torch_version: tuple[int, ...] = TORCH_VERSION
     """The torch whose kernels run there (major, minor)."""
+    cuda_build: tuple[int, ...] | None = CUDA_BUILD
+    """The CUDA version that torch was built for (CUDA_BUILD); None: not a CUDA build."""
 
     @classmethod
     def of(cls, device: torch.device | str) -> "DeviceTraits":
@@ -193,6 +204,32 @@ def auto_dtype(traits: DeviceTraits) -> torch.dtype:
     return torch.float32
 
 
+def residual_dtype(compute: torch.dtype) -> torch.dtype:
+    """The dtype of the decoder's residual stream (the hidden states between layers, which the norms read) beside
+    matmuls in `compute`: float32 when they run in float16, else the same. Qwen2-class models carry activations of
+    several 10^4 in a few channels of the residual stream (trained in bfloat16, whose range is float32's); in float16
+    (largest value 65504) their sum overflows to inf and every later token is NaN. llama.cpp keeps every activation
+    between its float16 matmuls in float32 the same way, and flash-attn / Mamba offer `residual_in_fp32` for the same
+    reason; Qwen's maintainers advise bfloat16 or float32 for their float16 NaN reports (QwenLM/Qwen2 issues 721,
+    826). Each norm hands its attention or MLP an input in `compute` (normalised values are small), so the weights and
+    the matmuls stay float16: the cost is the float32 hidden states and two casts per layer."""
+    return torch.float32 if compute == torch.float16 else compute
+
+
+BF16_DEVICES = "an NVIDIA GPU of the Ampere generation or newer, or a Mac on macOS 14 or newer"
+"""Where bfloat16 is native (bf16_native), as a user reads it."""
+
+
+def float16_overflow_fix(float32_fits: bool | None) -> str:
+    """What to do when a float16 run overflows even with the float32 residual stream: float32 where the planner says
+    the model fits the devices in it (`float32_fits`; None: unknown), else a device that computes in bfloat16."""
+    if float32_fits is False:
+        return (f"float32 does not fit these devices: run on one that computes in bfloat16 ({BF16_DEVICES}) or on "
+                f"the CPU")
+    fits = "which fits these devices" if float32_fits else "if it fits (`plan --dtype float32` tells)"
+    return f"load the model with dtype float32, {fits}, or run on a device that computes in bfloat16 ({BF16_DEVICES})"
+
+
 def vae_dtype(compute: torch.dtype) -> torch.dtype:
     """The VAE's dtype beside a model computing in `compute`: the same, except float16, which this VAE family
     overflows in (its activations pass 65504, so images come out NaN/black; ComfyUI never runs it in float16
@@ -233,7 +270,8 @@ def fp8_matmul_fused(traits: DeviceTraits) -> bool:
 
 def int4_refusal(traits: DeviceTraits, dtype: torch.dtype) -> str | None:
     """Why 4-bit weights cannot run here, or None: the torch version must have the device's kernel (INT4_TORCH); the
-    CPU and Apple GPU kernels take float32, bf16 and fp16; the CUDA one needs bfloat16 and compute capability 8.0+."""
+    CPU and Apple GPU kernels take float32, bf16 and fp16; the CUDA one needs a torch built for CUDA 12+
+    (INT4_CUDA_BUILD), bfloat16 and compute capability 8.0+."""
     if traits.type not in INT4_TORCH:
         return f"4-bit weights run on the CPU, CUDA GPUs and Apple GPUs, not on {traits.type}"
     needed = INT4_TORCH[traits.type]
@@ -241,6 +279,11 @@ def int4_refusal(traits: DeviceTraits, dtype: torch.dtype) -> str | None:
         return (f"4-bit weights on {traits.describe()} need torch {_torch_text(needed)} or newer (this is torch "
                 f"{_torch_text(traits.torch_version)}); upgrade torch, or load the model in full or fp8")
     if traits.type == "cuda":
+        if traits.cuda_build is not None and traits.cuda_build < INT4_CUDA_BUILD:
+            return (f"4-bit weights on CUDA need a torch built for CUDA 12 or newer (this torch "
+                    f"{_torch_text(traits.torch_version)} is built for CUDA {_torch_text(traits.cuda_build)}, whose "
+                    f"builds leave torch's int4 kernel out); use memory fp8, stream layers (gpu_layers), or install a "
+                    f"CUDA 12 build of torch (e.g. the cu121 or cu124 wheels)")
         if traits.capability_below(INT4_CUDA_CAPABILITY):
             return (f"4-bit weights on CUDA need a GPU of compute capability 8.0+ (Ampere or newer); this is "
                     f"{traits.describe()}")

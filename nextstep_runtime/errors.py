@@ -7,3 +7,8 @@ parameter at fault and, where there is one, the fix.
 
 class NextStepError(ValueError):
     """Bad input, a missing or corrupt file, or a model/VAE mismatch."""
+
+
+class NonFiniteResult(NextStepError):
+    """A computation gave NaN or infinite values (an overflow in half precision, or broken weights): stopped as soon
+    as it is seen, naming the fix, rather than returning a black image as a success."""

@@ -102,6 +102,7 @@ class NextStepPipeline:
         layers = f", layers {placement.split}" if placement.split else ""
         log.info("NextStep: %s", choice or f"loading {folder.path.name} as {plan.loads_as}{layers}")
         model = load_model(folder, plan.mode, placement)
+        model.float32_fits = plan.float32_fits
         vae_files = folder.vae if vae is None else VAEFiles.locate(vae)
         vae_model = load_vae(vae_files, vae_dtype(placement.run_dtype), placement.run_device)
         if compile is None:

@@ -10,6 +10,7 @@ no model registry, progress display, cancel button or web server to serve.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -62,6 +63,21 @@ class _Managed(nn.Module):
         super().__init__()
         self.module = module
         self.device = device
+
+
+if IN_COMFYUI:
+    class _Patcher(comfy.model_patcher.ModelPatcher):
+        """ComfyUI's patcher for a NextStep part, told of partial unloads too: ComfyUI frees memory for another model
+        by `partially_unload` where that suffices (model_management's `model_unload(memory_to_free)`, and
+        `partially_load` asked for less), which moves some weights off and sends no detach event, so the part's
+        streaming slots (memory ComfyUI does not see) would stay. `on_unload` runs on every unload path: here, and on
+        detach (register_model)."""
+
+        on_unload: Callable[[], int | None] | None = None
+
+        def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+            released = (self.on_unload() or 0) if self.on_unload is not None else 0
+            return released + super().partially_unload(device_to, memory_to_free, force_patch_weights)
 
 
 RouteHandler = Callable[[dict[str, str]], tuple[int, dict]]
@@ -128,9 +144,23 @@ def vae_devices() -> tuple[torch.device, torch.device]:
 
 
 def vae_dtype(device: torch.device) -> torch.dtype:
-    """ComfyUI's VAE precision choice (honours --fp32-vae etc.); float16 is excluded since this VAE
-    family overflows in it. float32 outside ComfyUI."""
-    return model_management.vae_dtype(device, [torch.bfloat16, torch.float32]) if IN_COMFYUI else torch.float32
+    """ComfyUI's VAE precision choice for `device`: --bf16-vae and --fp32-vae as given, else bfloat16 where ComfyUI
+    would use it and float32 elsewhere. Never float16, which this VAE family overflows in (black images): under
+    --fp16-vae the VAE runs in bfloat16 where ComfyUI would use bfloat16 on that device, else float32, and the log says
+    why once. float32 outside ComfyUI."""
+    if not IN_COMFYUI:
+        return torch.float32
+    if comfy_args.fp16_vae:
+        return _instead_of_fp16_vae(device)
+    return model_management.vae_dtype(device, [torch.bfloat16, torch.float32])
+
+
+@functools.cache
+def _instead_of_fp16_vae(device: torch.device) -> torch.dtype:
+    dtype = torch.bfloat16 if model_management.should_use_bf16(device) else torch.float32
+    log.warning("NextStep: --fp16-vae is set, but the NextStep VAE overflows in float16 (black images); it runs in "
+                "%s on %s instead", str(dtype).removeprefix("torch."), device)
+    return dtype
 
 
 def make_room(needs: dict[torch.device, int]) -> None:
@@ -142,31 +172,35 @@ def make_room(needs: dict[torch.device, int]) -> None:
 
 
 def register_model(parts: list[tuple[torch.device, list[nn.Module]]], wait_device: torch.device, name: str,
-                   in_place: bool, on_detach: Callable[[], None] | None = None) -> list | None:
+                   in_place: bool, on_unload: Callable[[], int | None] | None = None) -> list | None:
     """Put a model under ComfyUI's model management, each device's part (`parts`: its device and modules) as a
     model of its own on that device, so "Unload models" and other models' needs move every part off its GPU and
     `prepare_model` brings every part back. `in_place`: the parts are on their devices already (entered in the
-    registry now, as ComfyUI's direct-to-GPU loads are), else they wait on `wait_device`. `on_detach` runs when the
-    last part is unloaded. Returns the handles `prepare_model` takes; None outside ComfyUI."""
+    registry now, as ComfyUI's direct-to-GPU loads are), else they wait on `wait_device`. `on_unload` runs when the
+    last part is unloaded, wholly (ComfyUI's detach) or partly (_Patcher), and returns the bytes it freed (or None).
+    Returns the handles `prepare_model` takes; None outside ComfyUI."""
     if not IN_COMFYUI:
         return None
     managed = type(name, (_Managed,), {})  # ComfyUI's log names a model by its class: "Requested to load <name>"
-    patchers = [comfy.model_patcher.ModelPatcher(managed(nn.ModuleList(modules), device if in_place else wait_device),
-                                                 load_device=device, offload_device=wait_device)
+    patchers = [_Patcher(managed(nn.ModuleList(modules), device if in_place else wait_device), load_device=device,
+                         offload_device=wait_device)
                 for device, modules in parts]
-    if on_detach is not None:
+    if on_unload is not None:
+        patchers[-1].on_unload = on_unload
         patchers[-1].add_callback(comfy.patcher_extension.CallbacksMP.ON_DETACH,
-                                  lambda detached, unpatch_all: on_detach())
+                                  lambda detached, unpatch_all: on_unload())
     if in_place:
         prepare_model(patchers, {})
     return patchers
 
 
-def release_streaming_slots_of(model: nn.Module) -> None:
-    """Free a detached model's streaming slots (registered nowhere ComfyUI sees) and say so."""
+def release_streaming_slots_of(model: nn.Module) -> int:
+    """Free an unloaded model's streaming slots (registered nowhere ComfyUI sees) and say so; returns the bytes
+    freed."""
     freed = release_streaming_slots(model)
     if freed:
         log.info("NextStep: freed the streaming slots of the unloaded model (%.0f MB)", freed / 2**20)
+    return freed
 
 
 def prepare_model(handles: list | None, memory_required: dict[torch.device, int]) -> None:

@@ -88,10 +88,11 @@ def load_nextstep_model(folder: ModelFolder, plan: Plan) -> LoadedModel:
     if loaded is None:
         host.make_room({torch.device(share.device): share.weights_bytes for share in plan.devices})
         model = load_model(folder, plan.mode, plan.placement, pin=host.host_memory_pinning())
+        model.float32_fits = plan.float32_fits
         pipeline = NextStepPipeline(model, load_tokenizer(folder), folder.vae.normalization,
                                     free_memory=host.free_memory)
         registration = host.register_model(model.parts_by_device(), host.offload_device(), folder.path.name,
-                                           in_place=True, on_detach=lambda: host.release_streaming_slots_of(model))
+                                           in_place=True, on_unload=lambda: host.release_streaming_slots_of(model))
         loaded = _models[key] = LoadedModel(folder, pipeline, registration)
     return loaded
 

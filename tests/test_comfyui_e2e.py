@@ -77,6 +77,19 @@ def test_text_to_image_workflow_reproduces_the_golden(comfy):
     assert_close_uint8(saved, golden_pixels("official_t2i_sde"))
 
 
+def test_under_fp16_vae_the_image_equals_the_default_runs(comfy, tmp_path):
+    """ComfyUI's --fp16-vae would run this VAE in float16, where it overflows: the pack runs it in a dtype that
+    works (float32 on this CPU server, as by default) and says why, once."""
+    case = CASES["official_t2i_sde"].params
+    default = comfy.run(workflow("nextstep_1.1_text_to_image", case, "e2e/default_vae"))
+    with running_comfyui(tmp_path, args=["--fp16-vae"]) as fp16_vae:
+        saved = fp16_vae.run(workflow("nextstep_1.1_text_to_image", case, "e2e/fp16_vae"))
+        log = fp16_vae.log.read_text()
+    assert np.array_equal(saved, default)
+    assert log.count("--fp16-vae is set, but the NextStep VAE overflows in float16 (black images); it runs in "
+                     "float32 on cpu instead") == 1
+
+
 def test_edit_workflow_reproduces_the_golden(comfy):
     case = CASES["official_edit_sde"].params
     saved = comfy.run(workflow("nextstep_1_large_edit", case, "e2e/edit"))

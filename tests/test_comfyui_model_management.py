@@ -59,7 +59,7 @@ def registered(device, name="NextStep-1.1"):
     # enters one (without moving its weights: there is no GPU here)
     detached = []
     [handle] = host.register_model([(device, [torch.nn.Linear(4, 4)])], torch.device("cpu"), name, in_place=False,
-                                   on_detach=lambda: detached.append(True))
+                                   on_unload=lambda: detached.append(True))
     loaded = mm.LoadedModel(handle)
     loaded.real_model = weakref.ref(handle.model)
     loaded.model_finalizer = weakref.finalize(handle.model, lambda: None)
@@ -140,3 +140,37 @@ def test_the_vae_is_planned_on_the_device_it_runs_on() -> None:
     assert model.vae_bytes == 0 and vae.vae_bytes > 0 and vae.weights_bytes == 0 and vae.layers == ""
     assert vae.job_bytes > 10**9  # decoding one 512x512 image
     assert plan.placement.describe() == "cuda:1:0-47" and vae.free_bytes == 24 * GB and plan.fits
+
+
+def test_comfyuis_partial_unload_releases_a_streamed_models_slots() -> None:
+    """ComfyUI frees memory for another model by unloading part of a loaded one where that suffices (model_unload
+    with memory_to_free, as free_memory calls it with smart memory on): no detach event comes, so the streamed
+    model's slots (memory ComfyUI does not see) stayed. They are released on that path too, and counted as freed;
+    the model stays registered (partly unloaded), and its next run makes them again."""
+    answer = run_in_comfyui(f"""
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from model_folders import load_on
+from nextstep_runtime import GenerationSettings, NextStepPipeline, load_tokenizer, released_slot_bytes
+from nextstep_runtime.weights.model_folder import ModelFolder
+folder = ModelFolder.open({str(ROOT / "tests" / "fixtures" / "tiny-nextstep")!r})
+model = load_on(folder, gpu_layers=1)
+pipe = NextStepPipeline(model, load_tokenizer(folder), folder.vae.normalization)
+settings = GenerationSettings(width=32, height=32, steps=2, cfg=1.0)
+pipe.sample("a fox", settings)
+slots_before = released_slot_bytes(model)
+detached = []
+[handle] = host.register_model(model.parts_by_device(), torch.device("cpu"), "NextStep-1.1", in_place=True,
+                               on_unload=lambda: detached.append(True) or host.release_streaming_slots_of(model))
+loaded = next(entry for entry in mm.current_loaded_models if entry.model is handle)
+weights = loaded.model.loaded_size()
+whole = loaded.model_unload(memory_to_free=1)
+slots_after = released_slot_bytes(model)
+pipe.sample("a fox", settings)
+print(json.dumps({{"before": slots_before, "after": slots_after, "again": released_slot_bytes(model),
+                  "whole": whole, "detached": len(detached), "weights": weights,
+                  "still_loaded": loaded in mm.current_loaded_models}}))
+""")
+    assert answer["before"] == 0 and answer["weights"] > 0  # slots in place before the unload
+    assert answer["after"] > 0  # released by the partial unload
+    assert answer["whole"] is False and answer["still_loaded"] and answer["detached"] == 1
+    assert answer["again"] == 0  # the next run made them again

@@ -3,6 +3,7 @@ when no C++ compiler works (the rest of the suite runs eagerly, see conftest.py)
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from goldens import TINY_MODEL, GoldenCase, assert_matches_golden, golden_cases,
 from safetensors.torch import load_file
 
 from nextstep_runtime import NextStepPipeline, images_to_unit, load_rgb, to_uint8
+from nextstep_runtime.model.flow_head import FlowNet
 from nextstep_runtime.sampling import compiled_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,3 +92,29 @@ def test_compiled_head_with_many_rows_equals_eager(compiled_pipeline, tiny_pipel
     compiled = compiled_pipeline.generate(p["caption"], settings, negative=p["negative_prompt"])
     assert any(key[0] == "step" and key[2] == 5 for key in compiled_step._shared().shapes)
     torch.testing.assert_close(compiled.tokens, eager.tokens, rtol=0, atol=1e-3)
+
+
+def test_a_failing_recompile_of_a_compiled_key_falls_back_with_one_warning(monkeypatch, caplog) -> None:
+    """Two flow heads of the same depth but another width share a shape key: the second makes dynamo recompile
+    the modulations. That recompile hits the recompile limit (lowered to 1 here, as a host or a long session may
+    have it) and, the graph being fullgraph, fails: the call falls back to eager with one warning, and so do later
+    ones, with the same results."""
+    monkeypatch.setattr(compiled_step, "_compiled", None)
+    torch.manual_seed(0)
+    condition = torch.randn(2, 64)
+    heads = {width: FlowNet(16, 64, width, 2).eval() for width in (48, 32)}
+    times = {width: torch.randn(4, width) for width in heads}
+    steps = compiled_step.SolverSteps(True, torch.device("cpu"))
+    keys = []
+    with torch.inference_mode(), caplog.at_level(logging.WARNING):
+        first = steps.modulations(heads[48], times[48], condition)
+        keys.append(set(compiled_step._shared().shapes))
+        with torch._dynamo.config.patch(recompile_limit=1):
+            for _ in range(2):
+                second = steps.modulations(heads[32], times[32], condition)
+    assert len(keys[0]) == 1 and compiled_step._shared().shapes == keys[0]  # the same key: a recompile, not a shape
+    assert "FailOnRecompileLimitHit" in compiled_step.compile_failure() and not steps.active
+    assert caplog.text.count(FALLBACK_WARNING) == 1
+    for got, width in ((first, 48), (second, 32)):
+        expected = FlowNet.modulations(heads[width], times[width], condition)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, expected))

@@ -46,9 +46,11 @@ from nextstep_runtime.weights.modes import FLOAT_WEIGHTS, loadable_modes, mode_r
 from nextstep_runtime.weights.offload import pinned_memory_cap
 
 PASCAL, TURING, AMPERE, ADA = (DeviceTraits("cuda", capability) for capability in ((6, 1), (7, 5), (8, 0), (8, 9)))
-OLD_MAC = DeviceTraits("mps", macos=(13, 6), torch_version=(2, 14))
-NEW_MAC = DeviceTraits("mps", macos=(14, 5), torch_version=(2, 14))
-NEW_MAC_OLD_TORCH = DeviceTraits("mps", macos=(15, 1), torch_version=(2, 13))
+OLD_MAC = DeviceTraits("mps", macos=(13, 6), torch_version=(2, 5))
+NEW_MAC = DeviceTraits("mps", macos=(14, 5), torch_version=(2, 5))
+NEW_MAC_OLD_TORCH = DeviceTraits("mps", macos=(15, 1), torch_version=(2, 4))
+ADA_CUDA_11_8 = DeviceTraits("cuda", (8, 9), torch_version=(2, 7), cuda_build=(11, 8))
+"""torch 2.7+cu118, still common on Windows: its wheels leave the CUDA int4 kernel out."""
 CPU = DeviceTraits("cpu", torch_version=(2, 13))
 FOOTPRINT = ModelFootprint.from_config(NEXTSTEP_14B)
 
@@ -86,8 +88,10 @@ def test_a_float16_model_decodes_with_a_float32_vae() -> None:
     (CPU, torch.float32, ["full", "fp8", "int4"]),
     (DeviceTraits("cpu", torch_version=(2, 5)), torch.float32, ["full", "fp8"]),
     (DeviceTraits("cuda", (8, 9), torch_version=(2, 4)), torch.bfloat16, ["full", "fp8"]),
-], ids=["cuda-6.1", "cuda-7.5", "cuda-8.0", "cuda-8.9", "macos-13", "macos-14", "macos-torch-2.13", "cpu",
-        "cpu-torch-2.5", "cuda-torch-2.4"])
+    (ADA_CUDA_11_8, torch.bfloat16, ["full", "fp8"]),
+    (DeviceTraits("cuda", (8, 9), torch_version=(2, 7), cuda_build=(12, 8)), torch.bfloat16, ["full", "fp8", "int4"]),
+], ids=["cuda-6.1", "cuda-7.5", "cuda-8.0", "cuda-8.9", "macos-13", "macos-14", "macos-torch-2.4", "cpu",
+        "cpu-torch-2.5", "cuda-torch-2.4", "cuda-11.8-build", "cuda-12.8-build"])
 def test_weight_modes_by_device(traits: DeviceTraits, dtype: torch.dtype, expected: list[str]) -> None:
     """fp8 nowhere on Macs, int4 where the torch and the device have its kernel; layer streaming only where the GPU
     has memory of its own."""
@@ -98,7 +102,11 @@ def test_weight_modes_by_device(traits: DeviceTraits, dtype: torch.dtype, expect
 
 def test_refusals_say_why() -> None:
     assert "MPS has no float8 type" in mode_refusal(WeightMode("fp8"), FLOAT_WEIGHTS, NEW_MAC, torch.bfloat16)
-    assert "need torch 2.14 or newer (this is torch 2.13)" in int4_refusal(NEW_MAC_OLD_TORCH, torch.bfloat16)
+    assert "need torch 2.5 or newer (this is torch 2.4)" in int4_refusal(NEW_MAC_OLD_TORCH, torch.bfloat16)
+    assert int4_refusal(DeviceTraits("mps", macos=(14, 5), torch_version=(2, 5)), torch.bfloat16) is None
+    cuda_11_8 = int4_refusal(ADA_CUDA_11_8, torch.bfloat16)
+    assert "need a torch built for CUDA 12 or newer (this torch 2.7 is built for CUDA 11.8" in cuda_11_8
+    assert "memory fp8" in cuda_11_8 and "gpu_layers" in cuda_11_8 and "CUDA 12 build of torch" in cuda_11_8
     old_cpu, old_cuda = DeviceTraits("cpu", torch_version=(2, 5)), DeviceTraits("cuda", (9, 0), torch_version=(2, 4))
     assert "need torch 2.6 or newer (this is torch 2.5)" in int4_refusal(old_cpu, torch.float32)
     assert "need torch 2.5 or newer" in int4_refusal(old_cuda, torch.bfloat16)
@@ -107,6 +115,17 @@ def test_refusals_say_why() -> None:
                                                           torch.bfloat16)
     assert "needs torch 2.7 or newer (this is torch 2.6)" in compile_version_refusal((2, 6))
     assert compile_version_refusal((2, 7)) is None and compile_version_refusal((3, 0)) is None
+
+
+def test_memory_auto_never_picks_int4_on_a_cuda_11_8_torch() -> None:
+    """NextStep-14B on a 12 GB Ada GPU: int4 would be the mode that fits; a torch built for CUDA 11.8 has no int4
+    kernel, so `auto` streams fp8 layers instead, and `memory int4` is refused naming the fixes."""
+    plan, _ = plan_load(FOOTPRINT, "auto", None, Job(), gpus(12))
+    assert plan.mode.storage == "int4"
+    plan, _ = plan_load(FOOTPRINT, "auto", None, Job(), gpus(12, traits=ADA_CUDA_11_8))
+    assert plan.mode.storage == "fp8" and plan.mode.gpu_layers is not None
+    with pytest.raises(NextStepError, match="need a torch built for CUDA 12 or newer"):
+        plan_load(FOOTPRINT, "int4", None, Job(), gpus(12, traits=ADA_CUDA_11_8))
 
 
 def test_fp8_on_a_mac_is_refused_before_any_weight_moves() -> None:

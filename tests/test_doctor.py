@@ -24,7 +24,7 @@ from model_folders import write_hf_cache
 from nodes_pack import MODEL_NAME, install_fixture_models, load_pack
 
 from nextstep_runtime.devices import DeviceTraits, host_memory
-from nextstep_runtime.doctor import render_text
+from nextstep_runtime.doctor import environment, render_text
 from nextstep_runtime.doctor.environment import kernels_report
 from nextstep_runtime.doctor.warnings import setting_warnings
 from nextstep_runtime.model.attention import NOT_INSTALLED
@@ -156,7 +156,7 @@ def test_broken_compiler_and_flash_attn_are_reported_not_raised(compiler: str, f
 
 
 TURING, ADA = DeviceTraits("cuda", (7, 5)), DeviceTraits("cuda", (8, 9))
-MACOS_13 = DeviceTraits("mps", macos=(13, 6), torch_version=(2, 13))
+MACOS_13 = DeviceTraits("mps", macos=(13, 6), torch_version=(2, 4))
 
 
 @pytest.mark.parametrize("traits,warnings", [
@@ -169,8 +169,8 @@ MACOS_13 = DeviceTraits("mps", macos=(13, 6), torch_version=(2, 13))
                               "memory int4 or full",
                 "fp8": "fp8 unavailable: fp8 weights do not run on Apple GPUs (MPS has no float8 type); use memory "
                        "int4 or full",
-                "memory:int4": "int4 unavailable: 4-bit weights on an Apple GPU (MPS) need torch 2.14 or newer (this "
-                               "is torch 2.13); upgrade torch, or load the model in full or fp8",
+                "memory:int4": "int4 unavailable: 4-bit weights on an Apple GPU (MPS) need torch 2.5 or newer (this "
+                               "is torch 2.4); upgrade torch, or load the model in full or fp8",
                 "dtype:bfloat16": "bfloat16 is emulated (slow) on an Apple GPU (MPS); use dtype auto (float16)"}),
 ])
 def test_loader_warnings_on_devices_this_machine_is_not(traits: DeviceTraits, warnings: dict) -> None:
@@ -180,6 +180,20 @@ def test_loader_warnings_on_devices_this_machine_is_not(traits: DeviceTraits, wa
                    "compile": {"works": True, "problem": None, "seconds": 1.0, "turned_off": False},
                    "attention": {"backends": {"auto": {"runs": "sdpa", "warning": None}}}}
     assert {warning["setting"]: warning["text"] for warning in setting_warnings(environment)} == warnings
+
+
+@pytest.mark.parametrize("traits", [TURING, MACOS_13], ids=["cuda-7.5", "macos-13"])
+def test_doctor_says_what_the_pack_does_on_a_float16_device(traits: DeviceTraits, doctor_json) -> None:
+    """This machine's doctor report with a float16 GPU or Mac in its device list."""
+    kernels = kernels_report(traits)
+    assert kernels["auto_dtype"] == "float16"
+    assert kernels["float16"].startswith("float16 matmuls, with the decoder's residual stream and norm inputs in "
+                                         "float32") and "the VAE in float32" in kernels["float16"]
+    device = {"device": "cuda:0", "name": "a GPU", "memory_free_bytes": None, "memory_total_bytes": None, **kernels}
+    text = render_text({**doctor_json[0], "devices": [device]})
+    assert f"    float16: {kernels['float16']}" in text.splitlines()
+    assert "float16:" not in render_text(doctor_json[0])  # this machine's CPU computes in float32
+    assert kernels_report(ADA)["float16"] is None
 
 
 def test_fp8_kernel_by_gpu() -> None:
@@ -233,6 +247,18 @@ def test_route_warnings_only_are_the_whole_reports_warnings() -> None:
     for device in ("default", "cpu,cpu"):
         status, report = routes.doctor_response({"device": device})
         assert routes.doctor_response({"device": device, "warnings_only": "1"}) == (200, {"warnings": report["warnings"]})
+
+
+def test_the_panels_warnings_measure_the_device_once_per_process(monkeypatch) -> None:
+    """The Model Loader's panel asks at every page load: the run device is measured (flash-attn's kernel run, the
+    GPU's memory read) at the first ask only, and the answer reused."""
+    monkeypatch.setattr(environment, "_measured_run_devices", {})
+    measured = []
+    real = environment.run_device_report
+    monkeypatch.setattr(environment, "run_device_report", lambda device: measured.append(device) or real(device))
+    answers = [routes.doctor_response({"device": "cpu", "warnings_only": "1"}) for _ in range(2)]
+    assert answers[0] == answers[1] and answers[0][0] == 200
+    assert measured == [torch.device("cpu")]
 
 
 @pytest.mark.parametrize("query,message", [

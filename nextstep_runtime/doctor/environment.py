@@ -14,7 +14,16 @@ from pathlib import Path
 
 import torch
 
-from ..devices import DeviceTraits, auto_dtype, bf16_native, fp8_matmul_fused, fp8_refusal, int4_refusal
+from ..devices import (
+    DeviceTraits,
+    auto_dtype,
+    bf16_native,
+    fp8_matmul_fused,
+    fp8_refusal,
+    int4_refusal,
+    residual_dtype,
+    vae_dtype,
+)
 from ..errors import NextStepError
 from ..memory.device_memory import device_memory
 from ..model.attention import BACKENDS, attention_choice, flash_attn_difference, flash_attn_problem
@@ -46,15 +55,26 @@ def visible_devices() -> list[torch.device]:
     return devices
 
 
+def float16_handling(compute: torch.dtype) -> str | None:
+    """What the runtime does where `auto` computes in float16 (devices.residual_dtype, vae_dtype), for the doctor to
+    say; None for other dtypes."""
+    if compute != torch.float16:
+        return None
+    return (f"float16 matmuls, with the decoder's residual stream and norm inputs in "
+            f"{_dtype_name(residual_dtype(compute))} (Qwen2-class activations overflow float16), the VAE in "
+            f"{_dtype_name(vae_dtype(compute))}; a prompt that still overflows stops after its prefill, naming the fix")
+
+
 def kernels_report(traits: DeviceTraits) -> dict:
-    """What the device rules say of a device: the dtype `auto` computes in, native bfloat16, and which weight
-    formats have kernels there (and why not)."""
+    """What the device rules say of a device: the dtype `auto` computes in (and what the runtime does about float16),
+    native bfloat16, and which weight formats have kernels there (and why not)."""
     fp8_problem = fp8_refusal(traits)
     int4_problem = int4_refusal(traits, torch.bfloat16)  # the dtype every int4 kernel takes
     return {
         "description": traits.describe(),
         "capability": None if traits.capability is None else ".".join(map(str, traits.capability)),
         "auto_dtype": _dtype_name(auto_dtype(traits)), "bf16_native": bf16_native(traits),
+        "float16": float16_handling(auto_dtype(traits)),
         "fp8": {"works": fp8_problem is None, "problem": fp8_problem,
                 "kernel": None if fp8_problem else "fused fp8 matmul" if fp8_matmul_fused(traits)
                 else "dequantised to the compute dtype per layer (saves memory, not time)"},
@@ -189,6 +209,21 @@ def run_device_report(device: torch.device) -> dict:
     device = _indexed(device)
     return {"run_device": device_report(device, device), "attention": attention_report(device),
             "compile": {"device": device.type, **compile_report(device)}}
+
+
+_measured_run_devices: dict[torch.device, dict] = {}
+"""run_device_report per device, measured once per process for the Model Loader's panel (measured_run_device)."""
+
+
+def measured_run_device(device: torch.device) -> dict:
+    """run_device_report of `device`, measured at the first call in this process and reused: the Model Loader's panel
+    asks at every page load, and measuring runs a flash-attn kernel and reads the GPU's memory (host syncs on a GPU
+    that may be generating), while what the warnings say (kernels, whether flash-attn and compiling work) does not
+    change while a process runs."""
+    device = _indexed(device)
+    if device not in _measured_run_devices:
+        _measured_run_devices[device] = run_device_report(device)
+    return _measured_run_devices[device]
 
 
 def environment_report(device: torch.device, model_roots: list[Path] | None = None) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .environment import environment_report, run_device_report
+from .environment import environment_report, measured_run_device
 from .self_check import self_check
 from .warnings import setting_warnings
 
@@ -27,5 +27,5 @@ def doctor_report(device: torch.device, model_roots: list[Path] | None = None, c
 def loader_warnings(device: torch.device) -> list[dict]:
     """The warnings of `doctor_report` for models run on `device` alone (warnings.setting_warnings), from the reports
     they are read from only: what the Model Loader's panel asks for at every page load, without listing model
-    folders, the Hugging Face cache or other devices."""
-    return setting_warnings(run_device_report(device))
+    folders, the Hugging Face cache or other devices; measured once per process (measured_run_device)."""
+    return setting_warnings(measured_run_device(device))

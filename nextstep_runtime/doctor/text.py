@@ -29,6 +29,7 @@ def _device(device: dict) -> list[str]:
     return [f"  {device['device']}: {device['name']}{capability}",
             f"    memory {_bytes(device['memory_free_bytes'])} free of {_bytes(device['memory_total_bytes'])}",
             f"    dtype auto: {device['auto_dtype']}; bfloat16 native: {'yes' if device['bf16_native'] else 'no'}",
+            *([f"    float16: {device['float16']}"] if device["float16"] else []),
             f"    fp8 weights: {fp8}", f"    int4 weights: {_yes(device['int4']['works'], device['int4']['problem'])}"]
 
 

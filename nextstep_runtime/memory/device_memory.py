@@ -8,6 +8,20 @@ import torch
 
 from ..devices import host_memory
 
+MPS_SHARE_WITHOUT_TORCH_FIGURE = 2 / 3
+"""The share of the Mac's RAM taken as the Apple GPU's where torch cannot give Metal's figure (before torch 2.5, which
+added `torch.mps.recommended_max_memory`): Metal's recommended working set is two thirds to three quarters of the
+RAM, and the lower share keeps a plan from promising the GPU more than Metal lets it use."""
+
+
+def apple_gpu_total() -> int | None:
+    """Bytes an Apple GPU may use: Metal's recommended working set where torch reads it, else the RAM's share above."""
+    recommended = getattr(torch.mps, "recommended_max_memory", None)
+    if recommended is not None:
+        return int(recommended())
+    host = host_memory()
+    return None if host is None else int(host[1] * MPS_SHARE_WITHOUT_TORCH_FIGURE)
+
 
 def device_memory(device: torch.device) -> tuple[int, int] | None:
     """(free, total) bytes of a CUDA device; of the share of the Mac's memory Metal lets an Apple GPU use (its
@@ -21,7 +35,9 @@ def device_memory(device: torch.device) -> tuple[int, int] | None:
     if device.type == "mps":
         if not torch.backends.mps.is_available():
             return None
-        total = int(torch.mps.recommended_max_memory())
+        total = apple_gpu_total()
+        if total is None:
+            return None
         return max(0, total - int(torch.mps.driver_allocated_memory())), total
     if device.type == "cpu":
         return host_memory()

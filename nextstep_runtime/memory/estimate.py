@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ModelConfig, VAEConfig
+from ..devices import residual_dtype
 from ..model.placement import Placement
 from ..sampling.noise import NoiseSpec
 from ..sampling.prompt import guidance_groups
@@ -56,23 +57,25 @@ def layer_work_bytes(config: ModelConfig, dtype: torch.dtype, job: Job) -> int:
     """An estimate of what the token loop allocates besides the KV cache on every device that runs decoder layers:
 
     - prefill of the prompt, one layer at a time: the embeddings, residual stream and normed input
-      (3 x rows x P x hidden), then the larger of attention (q, K/V repeated to every head, output, and the
-      rows x heads x P x P score matrix of SDPA's math backend, an upper bound: CUDA's fused kernels need
-      none) and the MLP (gate, up and their product, 3 x rows x P x intermediate); rotary tables and the
+      (3 x rows x P x hidden; the residual stream in devices.residual_dtype, float32 beside float16), then the
+      larger of attention (q, K/V repeated to every head, output, and the rows x heads x P x P score matrix of
+      SDPA's math backend, an upper bound: CUDA's fused kernels need none) and the MLP (gate, up and their product, 3 x rows x P x intermediate); rotary tables and the
       padding mask;
     - one decode step's activations, the key-valid mask and slot indices (each device keeps its own);
     - WORKSPACE_ALLOWANCE.
     """
-    c, size = config, dtype.itemsize
+    c, size, residual = config, dtype.itemsize, residual_dtype(dtype).itemsize
     rows, capacity = _rows_and_capacity(config, job)
     prompt = job.prompt_length(config)
     heads_width = c.num_attention_heads * c.head_dim
     attention = rows * prompt * (3 * heads_width + 2 * heads_width) + rows * c.num_attention_heads * prompt * prompt
     mlp = 3 * rows * prompt * c.intermediate_size
-    prefill = (3 * rows * prompt * c.hidden_size + max(attention, mlp) + 2 * rows * prompt * c.head_dim) * size
+    prefill = (2 * rows * prompt * c.hidden_size + max(attention, mlp) + 2 * rows * prompt * c.head_dim) * size
+    prefill += rows * prompt * c.hidden_size * residual
     prefill += rows * prompt * prompt  # boolean padding mask
     masks = rows * capacity + capacity * 8
-    step = rows * (4 * c.hidden_size + 3 * c.intermediate_size + c.num_attention_heads * capacity) * size
+    step = rows * ((3 * c.hidden_size + 3 * c.intermediate_size + c.num_attention_heads * capacity) * size
+                   + c.hidden_size * residual)
     return prefill + masks + step + WORKSPACE_ALLOWANCE
 
 

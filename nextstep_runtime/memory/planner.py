@@ -153,6 +153,9 @@ class Plan:
     advice: str
     suggested_mode: WeightMode | None = None
     """The cheapest mode that fits when the asked one does not (None when it fits or nothing does)."""
+    float32_fits: bool | None = None
+    """Where a device computes in float16: whether this mode fits every device in float32, the fix a float16 overflow
+    names (devices.float16_overflow_fix); None elsewhere, or when free memory is unknown."""
 
     @property
     def loads_as(self) -> str:
@@ -327,7 +330,21 @@ def plan_mode(footprint: ModelFootprint, mode: WeightMode, job: Job, targets: Ta
     targets.check_loadable(mode, footprint, folder)
     placement, shares, host = _plan(footprint, mode, job, targets)
     advice, suggested = _advise(footprint, mode, job, targets, placement, shares)
-    return Plan(mode, placement, tuple(shares), host, _fits(shares), advice, suggested)
+    return Plan(mode, placement, tuple(shares), host, _fits(shares), advice, suggested,
+                _float32_fits(footprint, mode, job, targets))
+
+
+def _float32_fits(footprint: ModelFootprint, mode: WeightMode, job: Job, targets: Targets) -> bool | None:
+    """Where some device computes in float16, whether `mode` would fit every device computing in float32; else None."""
+    if all(target.dtype != torch.float16 for target in targets.entries):
+        return None
+    wide = replace(targets, entries=tuple(replace(target, dtype=torch.float32) for target in targets.entries))
+    try:
+        wide.check_loadable(mode, footprint)
+        _, shares, _ = _plan(footprint, mode, job, wide)
+    except NextStepError:  # a mode float32 cannot load in
+        return False
+    return _fits(shares)
 
 
 def plan_load(footprint: ModelFootprint, memory: str, gpu_layers: int | None, job: Job, targets: Targets,

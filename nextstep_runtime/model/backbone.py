@@ -11,17 +11,19 @@ from .attention import FlashAttention, attend
 
 
 class RMSNorm(nn.Module):
-    """Qwen2 RMSNorm: statistics in float32 whatever the compute dtype, as the official model does."""
+    """Qwen2 RMSNorm: statistics in float32 whatever the compute dtype, as the official model does; the result is
+    cast to `dtype` (default: the input's) before the weight scales it, so a float32 residual stream
+    (devices.residual_dtype) is normalised into the float16 its matmuls take."""
 
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * x32.to(dtype or x.dtype)
 
 
 def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,9 +140,13 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
                 position: torch.Tensor | None, mask: torch.Tensor | None,
                 flash: FlashAttention | None = None) -> torch.Tensor:
-        """`flash`: flash-attn's kernel where its range runs it (attention.attention_kernels), else None: SDPA."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, position, mask, flash)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        """`x`: the residual stream, in devices.residual_dtype of the compute dtype (float32 beside float16 matmuls);
+        the attention and the MLP compute in the dtype of the rotary tables `cos`/`sin`, the compute dtype, which
+        the norms hand them. `flash`: flash-attn's kernel where its range runs it (attention.attention_kernels), else
+        None: SDPA."""
+        compute = cos.dtype
+        x = x + self.self_attn(self.input_layernorm(x, compute), cos, sin, cache, position, mask, flash)
+        return x + self.mlp(self.post_attention_layernorm(x, compute))
 
 
 def prefix_attention_mask(key_valid: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..devices import residual_dtype
 from ..errors import NextStepError
 from .attention import FlashAttention
 from .backbone import DecoderLayer, KVCache, RMSNorm, rotary_tables
@@ -39,6 +40,9 @@ class NextStepModel(nn.Module):
         self.register_buffer("gen_pos_embed", None, persistent=False)
         self.placement: Placement | None = None
         """Where each range of layers runs and in which dtype (set by the loader, fixed from then on)."""
+        self.float32_fits: bool | None = None
+        """Whether the planner found this load fits its devices in float32 (None: unknown, or no range computes in
+        float16): the fix a float16 overflow names (devices.float16_overflow_fix)."""
 
     @property
     def dtype(self) -> torch.dtype:
@@ -94,12 +98,13 @@ class NextStepModel(nn.Module):
                   mask: torch.Tensor | None, cache_position: torch.Tensor | None,
                   flash: FlashAttention | None) -> torch.Tensor:
         """Range `index`'s decoder layers over hidden states `x` [rows, seq, hidden] at `positions` [rows, seq],
-        handed over to the range's device and dtype, writing their keys and values to the cache (as the prefix, or at
-        `cache_position` for one image token); `mask` None: causal."""
+        handed over to the range's device and residual dtype (devices.residual_dtype: float32 on float16 ranges),
+        writing their keys and values to the cache (as the prefix, or at `cache_position` for one image token); `mask`
+        None: causal."""
         layer_range = self.placement.ranges[index]
         device = layer_range.device
-        x = x.to(device, layer_range.dtype)
-        cos, sin = rotary_tables(positions.to(device), self.config.head_dim, self.config.rope_theta, x.dtype)
+        x = x.to(device, residual_dtype(layer_range.dtype))
+        cos, sin = rotary_tables(positions.to(device), self.config.head_dim, self.config.rope_theta, layer_range.dtype)
         mask = None if mask is None else mask.to(device)
         cache_position = None if cache_position is None else cache_position.to(device)
         for layer in islice(self.layers, layer_range.start, layer_range.stop):
@@ -109,8 +114,9 @@ class NextStepModel(nn.Module):
     def condition(self, hidden: torch.Tensor, position_offset: torch.Tensor | None = None) -> torch.Tensor:
         """The image condition of the last position's hidden states [rows, hidden]:
         `image_out_projector(norm(hidden) + position_offset)` (the offset: the next image token's `gen_pos_embed`
-        row, for models that use one)."""
-        hidden = self.norm(hidden.to(self.placement.run_device, self.placement.run_dtype))
+        row, for models that use one). The norm reads the hidden states in their residual dtype (a float32 stream
+        would overflow if cast to float16 first)."""
+        hidden = self.norm(hidden.to(self.placement.run_device), self.placement.run_dtype)
         if position_offset is not None:
             hidden = hidden + position_offset
         return self.image_out_projector(hidden)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from ..devices import float16_overflow_fix
+from ..errors import NonFiniteResult
 from ..model.attention import FlashAttention
 from ..model.backbone import prefix_attention_mask
 from ..model.network import NextStepModel
@@ -34,7 +36,8 @@ class DecodeState:
 
     def prefill(self, rows: PromptRows, image_tokens: torch.Tensor | None) -> torch.Tensor:
         """Run the prompt rows through every range into the cache; returns the condition of the first image token
-        [R, hidden]."""
+        [R, hidden]. Hidden states that overflowed (float16) stop the run here, before the image's tokens are
+        sampled from them."""
         model, length = self.model, self.prefill_len
         x = model.embed_prompt(rows.input_ids, image_tokens)
         positions = torch.arange(length).expand(self.row_count, -1)
@@ -42,6 +45,7 @@ class DecodeState:
             valid = self.key_valid[layer_range.device][:, :length]
             mask = prefix_attention_mask(valid) if self.padded else None
             x = model.run_range(index, x, positions, self.cache, mask, None, self.kernels[index])
+        check_prefill_finite(model, x)
         return model.condition(x[:, -1], None if self.offsets is None else self.offsets[:1])
 
     def feed_range(self, index: int, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
@@ -57,3 +61,17 @@ class DecodeState:
         range's output; its index `position - prefill_len + 1` is computed on the device for graph replay."""
         offset = None if self.offsets is None else self.offsets.index_select(0, position - (self.prefill_len - 1))
         return self.model.condition(x[:, -1], offset)
+
+
+def check_prefill_finite(model: NextStepModel, hidden: torch.Tensor) -> None:
+    """Refuse the prompt's hidden states [R, P, hidden] when they hold NaN or inf (one host sync per call): in float16
+    the decoder can overflow despite its float32 residual stream, and every image token would then be NaN, found only
+    by the latents check after the whole loop. The error names the fix: float32 where the planner says it fits, else a
+    device that computes in bfloat16."""
+    if bool(torch.isfinite(hidden).all()):
+        return
+    dtypes = model.placement.describe_dtypes()
+    float16 = any(layer_range.dtype == torch.float16 for layer_range in model.placement.ranges)
+    fix = float16_overflow_fix(model.float32_fits) if float16 else "the model's weights are likely broken"
+    raise NonFiniteResult(f"the decoder's hidden states overflowed to NaN or inf in the prompt's prefill (computing in "
+                          f"{dtypes}), so every image token would be NaN; {fix}")

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from ..devices import residual_dtype
 from ..failures import is_unsupported
 from ..model.attention import FlashAttention
 from ..model.network import NextStepModel
@@ -76,7 +77,7 @@ class TokenStep:
             token_in=torch.zeros((head.batch, head.dim), dtype=torch.float32, device=placement.input_device),
             positions=[torch.zeros(1, dtype=torch.long, device=r.device) for r in placement.ranges],
             index=torch.zeros(1, dtype=torch.long, device=placement.run_device),
-            handoff=[torch.zeros((state.row_count, 1, hidden), dtype=r.dtype, device=r.device)
+            handoff=[torch.zeros((state.row_count, 1, hidden), dtype=residual_dtype(r.dtype), device=r.device)
                      for r in placement.ranges[1:]])
         last = len(placement.ranges) - 1
         self.sample_stages: list[Replay] = [partial(_stage, state, head, self.buffers, index, True)

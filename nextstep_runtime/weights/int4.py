@@ -70,7 +70,10 @@ def unpack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
 
 
 GPU_TILED = ("cuda", "mps")
-"""Device types whose int4 kernel (`_weight_int4pack_mm`) reads the 4-D tiling of `_convert_weight_to_int4pack`."""
+"""Device types whose int4 kernel (`_weight_int4pack_mm`) reads the 4-D tensor `_convert_weight_to_int4pack` makes on
+that device: CUDA's tensor-core tiling, or on Apple GPUs a tensor of the same 4-D shape holding the [N, K/2] bytes
+row-major with each byte's two nibbles swapped, not CUDA's tiling. Either way the packed tensor is only meaningful
+on the device type it was made on."""
 
 
 def pack_for_device(nibbles: torch.Tensor, device: torch.device) -> torch.Tensor:
