@@ -30,6 +30,16 @@ NATIVE = {
     "SetLatentNoiseMask": (["samples", "mask"], [], ["LATENT"]),
     "PreviewImage": (["images"], [], []),
     "Note": ([], ["text"], []),
+    "CheckpointLoaderSimple": ([], ["ckpt_name"], ["MODEL", "CLIP", "VAE"]),
+    "ControlNetLoader": ([], ["control_net_name"], ["CONTROL_NET"]),
+    "CLIPTextEncode": (["clip"], ["text"], ["CONDITIONING"]),
+    "ControlNetApplyAdvanced": (["positive", "negative", "control_net", "image", "vae"],
+                                ["strength", "start_percent", "end_percent"], ["CONDITIONING", "CONDITIONING"]),
+    "Canny": (["image"], ["low_threshold", "high_threshold"], ["IMAGE"]),
+    "EmptyLatentImage": ([], ["width", "height", "batch_size"], ["LATENT"]),
+    "KSampler": (["model", "positive", "negative", "latent_image"],
+                 ["seed", "seed:control", "steps", "cfg", "sampler_name", "scheduler", "denoise"], ["LATENT"]),
+    "VAEDecode": (["samples", "vae"], [], ["IMAGE"]),
 }
 UI_ONLY_WIDGETS = {"upload"}
 UI_ONLY_NODES = {"Note"}  # front-end only: not in API prompts
@@ -67,7 +77,7 @@ def named_widgets(node: dict) -> dict:
 
 def test_every_ui_workflow_has_an_api_twin():
     assert [path.name for path in UI_WORKFLOWS] == sorted(path.name for path in (EXAMPLES / "api").glob("*.json"))
-    assert len(UI_WORKFLOWS) == 7
+    assert len(UI_WORKFLOWS) == 10
 
 
 def optional_sockets(node_type: str) -> set[str]:
