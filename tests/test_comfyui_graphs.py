@@ -1,0 +1,149 @@
+"""NextStep in ControlNet-style graphs, end to end in a real ComfyUI: the three templates that chain it with a
+diffusion model and its ControlNet, run with tiny SD-family models the test writes (sd_family_models.py) and the
+fixture NextStep model; and NextStep's LATENT through ComfyUI's native latent nodes, another model's refused.
+
+Each template runs as its file says, with only the model names, the sizes and the input picture swapped. Its
+NextStep part must equal a NextStep-only run with the same seed: the text-to-image template's for the composition,
+and for the editing and inpainting templates the edit and inpaint templates given the diffusion image as saved
+(the graphs resize it with lanczos, which rounds to 8 bits as Save Image does, so both see the same pixels).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from comfyui_server import API_WORKFLOWS, ComfyUI, running_comfyui
+from fixture_workflows import with_fixture_models
+from PIL import Image
+from sd_family_models import CHECKPOINT, CONTROLNET, write_sd_family_models
+
+SIZES = {1024: 128, 512: 64}  # the templates' sizes -> the test's: SD at 128x128 (16x16 latents), NextStep at 64x64
+SIZED = {"NextStepSampler", "ImageScale", "EmptyLatentImage"}
+CONTROL_IMAGE = "control.png"
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory) -> ComfyUI:
+    models = write_sd_family_models(tmp_path_factory.mktemp("sd-family"))
+    with running_comfyui(tmp_path_factory.mktemp("comfyui"), comfy_models=models) as server:
+        control_image().save(server.input / CONTROL_IMAGE)
+        yield server
+
+
+def control_image() -> Image.Image:
+    """A 128x128 picture with edges for Canny; its bottom-right quadrant transparent: Load Image's MASK there is 1."""
+    pixels = np.full((128, 128, 4), 255, np.uint8)
+    pixels[16:80, 24:104, :3] = (30, 60, 200)
+    pixels[48:120, 8:56, :3] = (220, 40, 40)
+    pixels[64:, 64:, 3] = 0
+    return Image.fromarray(pixels, "RGBA")
+
+
+def template(name: str) -> dict:
+    return json.loads((API_WORKFLOWS / f"{name}.json").read_text())
+
+
+def for_this_test(name: str, prefix: str) -> dict:
+    """The template with the test's models, sizes, input picture and save prefix, and nothing else changed."""
+    prompt = with_fixture_models(template(name), prefix)
+    for node in prompt.values():
+        inputs = node["inputs"]
+        match node["class_type"]:
+            case "CheckpointLoaderSimple":
+                inputs["ckpt_name"] = CHECKPOINT
+            case "ControlNetLoader":
+                inputs["control_net_name"] = CONTROLNET
+            case "LoadImage":
+                inputs["image"] = CONTROL_IMAGE
+            case kind if kind in SIZED:
+                inputs.update(width=SIZES[inputs["width"]], height=SIZES[inputs["height"]])
+    return prompt
+
+
+def assert_only_models_sizes_and_inputs_differ(prompt: dict, name: str) -> None:
+    """The graph's structure is exactly the template's: the same nodes and links, every other value the same."""
+    swapped = {"ckpt_name", "control_net_name", "model_name", "vae_name", "width", "height", "image",
+               "filename_prefix"}
+    original = template(name)
+    assert prompt.keys() == original.keys()
+    for key, node in original.items():
+        assert prompt[key]["class_type"] == node["class_type"] and prompt[key]["inputs"].keys() == node["inputs"].keys()
+        for input_name, value in node["inputs"].items():
+            if isinstance(value, list) or input_name not in swapped:
+                assert prompt[key]["inputs"][input_name] == value, (key, input_name)
+
+
+def outputs_by_source(prompt: dict, entry: dict, comfy: ComfyUI) -> dict[str, np.ndarray]:
+    """The image each Save Image of a finished run wrote, keyed by the class of the node that made it."""
+    assert entry["status"]["status_str"] == "success", f"{entry['status']}\n{comfy.log_tail()}"
+    # Save Image rounds NaN and infinities to pixels silently; numpy warns on stderr, which is the server's log
+    assert "invalid value encountered" not in comfy.log.read_text(errors="replace")
+    saved = {}
+    for key, node in prompt.items():
+        if node["class_type"] == "SaveImage":
+            (image,) = entry["outputs"][key]["images"]
+            source = prompt[node["inputs"]["images"][0]]["class_type"]
+            saved[source] = np.asarray(Image.open(comfy.output / image["subfolder"] / image["filename"]))
+    return saved
+
+
+def run_template(comfy: ComfyUI, name: str) -> tuple[dict, dict[str, np.ndarray]]:
+    prompt = for_this_test(name, f"graphs/{name}")
+    assert_only_models_sizes_and_inputs_differ(prompt, name)
+    return prompt, outputs_by_source(prompt, comfy.wait(comfy.submit(prompt)), comfy)
+
+
+def nextstep_only(comfy: ComfyUI, name: str, graph: dict, picture: Image.Image | None = None) -> np.ndarray:
+    """The NextStep-only template `name` run with the fixture model, `picture` as its input, and the prompts and
+    sampler settings of the NextStep part of `graph`."""
+    prompt = for_this_test(name, f"graphs/only-{name}")
+    for source in (graph, prompt):
+        (sampler,) = [node["inputs"] for node in source.values() if node["class_type"] == "NextStepSampler"]
+        texts = [source[sampler[sign][0]]["inputs"] for sign in ("positive", "negative")]
+        if source is graph:
+            settings = {key: value for key, value in sampler.items() if not isinstance(value, list)}
+            wanted = [text["text"] for text in texts]
+        else:
+            sampler.update(settings)
+            for text, value in zip(texts, wanted):
+                text["text"] = value
+    if picture is not None:
+        picture.save(comfy.input / f"only-{name}.png")
+        (load,) = [node["inputs"] for node in prompt.values() if node["class_type"] == "LoadImage"]
+        load["image"] = f"only-{name}.png"
+    return comfy.run(prompt)
+
+
+def test_the_sd_family_models_are_what_comfyui_detects(comfy):
+    status, info = comfy.request("/object_info/CheckpointLoaderSimple")
+    assert status == 200 and info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] == [CHECKPOINT]
+    status, info = comfy.request("/object_info/ControlNetLoader")
+    assert info["ControlNetLoader"]["input"]["required"]["control_net_name"][0] == [CONTROLNET]
+
+
+def test_nextstep_composes_and_the_diffusion_model_renders_with_its_controlnet(comfy):
+    name = "nextstep_1.1_then_sdxl_controlnet"
+    prompt, saved = run_template(comfy, name)
+    assert saved["NextStepVAEDecode"].shape == (64, 64, 3) and saved["VAEDecode"].shape == (128, 128, 3)
+    composition = nextstep_only(comfy, "nextstep_1.1_text_to_image", prompt)
+    assert np.array_equal(saved["NextStepVAEDecode"], composition)
+
+
+def test_a_controlled_diffusion_image_is_edited_by_nextstep(comfy):
+    name = "nextstep_sdxl_controlnet_then_edit"
+    prompt, saved = run_template(comfy, name)
+    assert saved["VAEDecode"].shape == (128, 128, 3) and saved["NextStepVAEDecode"].shape == (64, 64, 3)
+    edited = nextstep_only(comfy, "nextstep_1_large_edit", prompt, Image.fromarray(saved["VAEDecode"]))
+    assert np.array_equal(saved["NextStepVAEDecode"], edited)
+
+
+def test_nextstep_inpaints_the_masked_region_of_a_controlled_diffusion_image(comfy):
+    name = "nextstep_sdxl_controlnet_then_inpaint"
+    prompt, saved = run_template(comfy, name)
+    assert saved["VAEDecode"].shape == (128, 128, 3) and saved["NextStepVAEDecode"].shape == (64, 64, 3)
+    # the inpaint template's mask comes from its picture's alpha: the diffusion image with the control image's alpha
+    diffusion = np.dstack([saved["VAEDecode"], np.asarray(control_image())[..., 3]])
+    inpainted = nextstep_only(comfy, "nextstep_1.1_inpaint", prompt, Image.fromarray(diffusion, "RGBA"))
+    assert np.array_equal(saved["NextStepVAEDecode"], inpainted)
