@@ -147,3 +147,92 @@ def test_nextstep_inpaints_the_masked_region_of_a_controlled_diffusion_image(com
     diffusion = np.dstack([saved["VAEDecode"], np.asarray(control_image())[..., 3]])
     inpainted = nextstep_only(comfy, "nextstep_1.1_inpaint", prompt, Image.fromarray(diffusion, "RGBA"))
     assert np.array_equal(saved["NextStepVAEDecode"], inpainted)
+
+
+# --- LATENT: NextStep's through ComfyUI's native latent nodes; another model's refused -------------------------
+
+def composition(prefix: str) -> tuple[dict, str, str]:
+    """The text-to-image template at 64x64: (prompt, its sampler's key, its decode's key)."""
+    prompt = for_this_test("nextstep_1.1_text_to_image", prefix)
+    (sampler,) = [key for key, node in prompt.items() if node["class_type"] == "NextStepSampler"]
+    (decode,) = [key for key, node in prompt.items() if node["class_type"] == "NextStepVAEDecode"]
+    return prompt, sampler, decode
+
+
+def decoded_and_saved(prompt: dict, decode: str, latent: list, key: str) -> str:
+    """Add NextStep VAE Decode of `latent` to `prompt` as node `key`, and a Save Image of it; the Save Image's key."""
+    vae = prompt[decode]["inputs"]["vae"]
+    prompt[key] = {"class_type": "NextStepVAEDecode", "inputs": {"vae": vae, "samples": latent}}
+    save = str(int(key) + 1)
+    prompt[save] = {"class_type": "SaveImage", "inputs": {"images": [key, 0], "filename_prefix": f"graphs/{key}"}}
+    return save
+
+
+def saved_by(comfy: ComfyUI, entry: dict, save: str) -> np.ndarray:
+    """The image Save Image `save` wrote in a successful run."""
+    assert entry["status"]["status_str"] == "success", f"{entry['status']}\n{comfy.log_tail()}"
+    (image,) = entry["outputs"][save]["images"]
+    return np.asarray(Image.open(comfy.output / image["subfolder"] / image["filename"]))
+
+
+def test_nextsteps_latent_passes_through_comfyuis_native_latent_nodes(comfy):
+    """Batch, from-batch, composite and crop keep what they do not change (batch_index among it), and Save Latent
+    + Load Latent keep only the tensor: NextStep VAE Decode takes each, and the unchanged ones decode as before."""
+    prompt, sampler, decode = composition("graphs/latent-nodes")
+    prompt[sampler]["inputs"]["width"] = 128  # Latent Crop crops to 64 pixels or more
+    latent = [sampler, 0]
+    prompt.update({
+        "100": {"class_type": "LatentBatch", "inputs": {"samples1": latent, "samples2": latent}},
+        "101": {"class_type": "LatentFromBatch", "inputs": {"samples": ["100", 0], "batch_index": 1, "length": 1}},
+        "102": {"class_type": "LatentComposite", "inputs": {"samples_to": latent, "samples_from": latent, "x": 0,
+                                                           "y": 0, "feather": 0}},
+        "103": {"class_type": "LatentCrop", "inputs": {"samples": latent, "width": 64, "height": 64, "x": 48, "y": 0}},
+        "104": {"class_type": "SaveLatent", "inputs": {"samples": latent, "filename_prefix": "graphs/nextstep"}},
+    })
+    (save,) = [key for key, node in prompt.items() if node["class_type"] == "SaveImage"]
+    saves = {key: decoded_and_saved(prompt, decode, source, key)
+             for key, source in (("110", ["101", 0]), ("120", ["102", 0]), ("130", ["103", 0]))}
+    entry = comfy.wait(comfy.submit(prompt))
+    direct = saved_by(comfy, entry, save)
+    assert direct.shape == (64, 128, 3)
+    for unchanged in ("110", "120"):  # the second of a batch of two copies; the latent composited onto itself
+        assert np.array_equal(saved_by(comfy, entry, saves[unchanged]), direct), unchanged
+    assert saved_by(comfy, entry, saves["130"]).shape == (64, 64, 3)
+    (latent_file,) = entry["outputs"]["104"]["latents"]
+    (comfy.output / latent_file["subfolder"] / latent_file["filename"]).rename(comfy.input / "nextstep.latent")
+
+    reloaded, sampler, decode = composition("graphs/loaded-latent")
+    reloaded[sampler]["inputs"]["width"] = 128  # the same prompt: served from ComfyUI's cache
+    reloaded["200"] = {"class_type": "LoadLatent", "inputs": {"latent": "nextstep.latent"}}
+    loaded = decoded_and_saved(reloaded, decode, ["200", 0], "210")
+    assert np.array_equal(saved_by(comfy, comfy.wait(comfy.submit(reloaded)), loaded), direct)
+
+
+@pytest.mark.parametrize("kind", ["sd_sampler", "video", "audio"])
+def test_another_models_latent_is_refused_naming_the_image_route(comfy, kind):
+    prompt, sampler, decode = composition(f"graphs/foreign-{kind}")
+    if kind == "sd_sampler":  # the SD checkpoint's own KSampler output into NextStep VAE Decode
+        prompt.update({
+            "300": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+            "301": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["300", 1], "text": "a house"}},
+            "302": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "303": {"class_type": "KSampler", "inputs": {"model": ["300", 0], "positive": ["301", 0],
+                                                         "negative": ["301", 0], "latent_image": ["302", 0],
+                                                         "seed": 0, "steps": 1, "cfg": 1.0, "sampler_name": "euler",
+                                                         "scheduler": "normal", "denoise": 1.0}},
+        })
+        prompt[decode]["inputs"]["samples"] = ["303", 0]
+        expected = "NextStep VAE Decode got a LATENT of 4 channels [1, 4, 8, 8] (SD 1.x, SD 2.x and SDXL"
+    elif kind == "video":  # a video model's empty latent into the sampler's latent_image
+        prompt["300"] = {"class_type": "EmptyHunyuanLatentVideo",
+                         "inputs": {"width": 64, "height": 64, "length": 5, "batch_size": 1}}
+        prompt[sampler]["inputs"]["latent_image"] = ["300", 0]
+        expected = "NextStep Sampler's latent_image got a video LATENT [1, 16, 2, 8, 8]"
+    else:  # an audio latent, marked so by ComfyUI, into NextStep VAE Decode
+        prompt["300"] = {"class_type": "EmptyAceStepLatentAudio", "inputs": {"seconds": 1.0, "batch_size": 1}}
+        prompt[decode]["inputs"]["samples"] = ["300", 0]
+        expected = "NextStep VAE Decode got a LATENT of type 'audio'"
+    message = comfy.failure_message(prompt)
+    assert message.startswith(expected), message
+    assert "decode it to an IMAGE with its own model's VAE Decode, then encode that with NextStep VAE Encode" in message
+    assert comfy.process.poll() is None
