@@ -95,20 +95,20 @@ def run_template(comfy: ComfyUI, name: str) -> tuple[dict, dict[str, np.ndarray]
     return prompt, outputs_by_source(prompt, comfy.wait(comfy.submit(prompt)), comfy)
 
 
+def nextstep_settings(prompt: dict) -> tuple[dict, list[dict]]:
+    """The inputs of a prompt's NextStep Sampler and of its positive and negative Text Encodes."""
+    (sampler,) = [node["inputs"] for node in prompt.values() if node["class_type"] == "NextStepSampler"]
+    return sampler, [prompt[sampler[sign][0]]["inputs"] for sign in ("positive", "negative")]
+
+
 def nextstep_only(comfy: ComfyUI, name: str, graph: dict, picture: Image.Image | None = None) -> np.ndarray:
     """The NextStep-only template `name` run with the fixture model, `picture` as its input, and the prompts and
     sampler settings of the NextStep part of `graph`."""
     prompt = for_this_test(name, f"graphs/only-{name}")
-    for source in (graph, prompt):
-        (sampler,) = [node["inputs"] for node in source.values() if node["class_type"] == "NextStepSampler"]
-        texts = [source[sampler[sign][0]]["inputs"] for sign in ("positive", "negative")]
-        if source is graph:
-            settings = {key: value for key, value in sampler.items() if not isinstance(value, list)}
-            wanted = [text["text"] for text in texts]
-        else:
-            sampler.update(settings)
-            for text, value in zip(texts, wanted):
-                text["text"] = value
+    (sampler, texts), (graph_sampler, graph_texts) = nextstep_settings(prompt), nextstep_settings(graph)
+    sampler.update({key: value for key, value in graph_sampler.items() if not isinstance(value, list)})
+    for text, graph_text in zip(texts, graph_texts):
+        text["text"] = graph_text["text"]
     if picture is not None:
         picture.save(comfy.input / f"only-{name}.png")
         (load,) = [node["inputs"] for node in prompt.values() if node["class_type"] == "LoadImage"]
@@ -116,7 +116,7 @@ def nextstep_only(comfy: ComfyUI, name: str, graph: dict, picture: Image.Image |
     return comfy.run(prompt)
 
 
-def test_the_sd_family_models_are_what_comfyui_detects(comfy):
+def test_comfyuis_loaders_list_the_sd_family_models(comfy):
     status, info = comfy.request("/object_info/CheckpointLoaderSimple")
     assert status == 200 and info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] == [CHECKPOINT]
     status, info = comfy.request("/object_info/ControlNetLoader")
@@ -129,6 +129,11 @@ def test_nextstep_composes_and_the_diffusion_model_renders_with_its_controlnet(c
     assert saved["NextStepVAEDecode"].shape == (64, 64, 3) and saved["VAEDecode"].shape == (128, 128, 3)
     composition = nextstep_only(comfy, "nextstep_1.1_text_to_image", prompt)
     assert np.array_equal(saved["NextStepVAEDecode"], composition)
+    # the ControlNet steers the render: without it (strength 0) the diffusion model draws another picture
+    (apply,) = [node["inputs"] for node in prompt.values() if node["class_type"] == "ControlNetApplyAdvanced"]
+    apply["strength"] = 0.0
+    uncontrolled = outputs_by_source(prompt, comfy.wait(comfy.submit(prompt)), comfy)["VAEDecode"]
+    assert np.abs(uncontrolled.astype(int) - saved["VAEDecode"].astype(int)).max() > 0
 
 
 def test_a_controlled_diffusion_image_is_edited_by_nextstep(comfy):
