@@ -44,6 +44,12 @@ def missing(reason: str) -> None:
     pytest.skip(reason)
 
 
+def require_comfyui() -> None:
+    """Skip (or under CI fail) a test that needs ComfyUI where COMFYUI_DIR names none."""
+    if not COMFYUI_DIR:
+        missing("set COMFYUI_DIR to a ComfyUI checkout (and COMFYUI_PYTHON to its interpreter)")
+
+
 class ComfyUI:
     """A running ComfyUI server and the folders it was given."""
 
@@ -122,8 +128,7 @@ def running_comfyui(root: Path, settings: dict | None = None, packs: Mapping[str
     `packs` maps custom-node folder names to other packs (such as ComfyUI-Distributed) to load beside this one:
     each is copied in, not linked, because such packs write their state (ComfyUI-Distributed's gpu_config.json)
     beside their code, and each server must keep its own."""
-    if not COMFYUI_DIR:
-        missing("set COMFYUI_DIR to a ComfyUI checkout (and COMFYUI_PYTHON to its interpreter)")
+    require_comfyui()
     folders = {name: root / name for name in ("custom_nodes", "nextstep", "vae", "checkpoints", "controlnet", "input",
                                               "output", "temp", "user")}
     for folder in folders.values():

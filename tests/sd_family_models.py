@@ -16,17 +16,17 @@ exactly what its loaders expect. The smallest shapes its detection takes:
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
-from comfyui_server import COMFYUI_DIR, COMFYUI_PYTHON
+from comfyui_server import COMFYUI_DIR, COMFYUI_PYTHON, require_comfyui
 
 CHECKPOINT = "tiny-sd15.safetensors"
 CONTROLNET = "tiny-sd15-canny-controlnet.safetensors"
 
 _BUILD = """
 import sys
+sys.path.insert(0, ".")  # ComfyUI's folder
 folder = sys.argv[1]
 sys.argv = sys.argv[:1] + ["--cpu"]  # ComfyUI's model management reads its command line when imported
 import comfy.options
@@ -61,7 +61,7 @@ safetensors.torch.save_file(randomized(ControlNet(hint_channels=3, **unet), "con
 
 def write_sd_family_models(folder: Path) -> dict[str, Path]:
     """Write the checkpoint and its Canny-style ControlNet into `folder`; {ComfyUI model folder: file}."""
-    built = subprocess.run([COMFYUI_PYTHON, "-c", _BUILD, str(folder)], cwd=COMFYUI_DIR, capture_output=True, text=True,
-                           env={**os.environ, "PYTHONPATH": COMFYUI_DIR})
+    require_comfyui()
+    built = subprocess.run([COMFYUI_PYTHON, "-c", _BUILD, str(folder)], cwd=COMFYUI_DIR, capture_output=True, text=True)
     assert built.returncode == 0, built.stderr[-4000:]
     return {"checkpoints": folder / CHECKPOINT, "controlnet": folder / CONTROLNET}
