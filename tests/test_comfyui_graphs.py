@@ -11,6 +11,7 @@ and for the editing and inpainting templates the edit and inpaint templates give
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -26,10 +27,13 @@ CONTROL_IMAGE = "control.png"
 
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory) -> ComfyUI:
-    models = write_sd_family_models(tmp_path_factory.mktemp("sd-family"))
-    with running_comfyui(tmp_path_factory.mktemp("comfyui"), comfy_models=models) as server:
-        control_image().save(server.input / CONTROL_IMAGE)
-        yield server
+    folder = tmp_path_factory.mktemp("sd-family")
+    try:
+        with running_comfyui(tmp_path_factory.mktemp("comfyui"), comfy_models=write_sd_family_models(folder)) as server:
+            control_image().save(server.input / CONTROL_IMAGE)
+            yield server
+    finally:
+        shutil.rmtree(folder)  # about 500 MB, not worth keeping with pytest's last three temporary folders
 
 
 def control_image() -> Image.Image:
