@@ -146,7 +146,8 @@ class NextStepSampler:
                                                        "its cell is >= 0.5 and kept elsewhere; a mask of another "
                                                        "size is stretched to the image as KSampler does. A token "
                                                        "sees only the tokens before it (raster order): outpainting "
-                                                       "down or right works best."}),
+                                                       "down or right works best. Another model's LATENT does not "
+                                                       "fit: decode it, then NextStep VAE Encode."}),
             },
         }
 

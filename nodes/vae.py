@@ -40,7 +40,7 @@ class NextStepVAEDecode:
             "required": {
                 "vae": (VAE, {"tooltip": "The NextStep VAE (NextStep VAE Loader)."}),
                 "samples": ("LATENT", {"tooltip": "Latents from NextStep Sampler (16 channels, 1/8 of the image "
-                                                  "size)."}),
+                                                  "size); another model's latents need that model's VAE Decode."}),
             },
         }
 
