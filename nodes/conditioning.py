@@ -14,6 +14,7 @@ import torch
 
 from nextstep_runtime import IMAGE_TAG, NextStepError
 
+from .latents import nextstep_samples
 from .models import NextStepModelHandle
 from .sockets import CATEGORY, CONDITIONING, MODEL
 
@@ -34,12 +35,10 @@ class NextStepConditioning:
     images: tuple[torch.Tensor, ...] = ()
 
 
-def _split_images(image: dict | None) -> list[torch.Tensor]:
+def _split_images(image: dict | None, channels: int) -> list[torch.Tensor]:
     if image is None:
         return []
-    samples = image.get("samples") if isinstance(image, dict) else None
-    if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
-        raise NextStepError("the `image` input must be a LATENT from NextStep VAE Encode")
+    samples = nextstep_samples(image, channels, "NextStep Text Encode's image")
     if samples.numel() == 0:
         raise NextStepError(f"the `image` LATENT is {list(samples.shape)} [batch, channels, height/8, width/8]: no "
                             f"image (a batch of 0, or a height or width of 0)")
@@ -62,14 +61,13 @@ def _place_tags(text: str, count: int) -> str:
 
 def encode_prompt(model: NextStepModelHandle, text: str, image: dict | None = None) -> NextStepConditioning:
     """Check the input images against the model and place them in the prompt."""
-    images = _split_images(image)
     pipeline = model.loaded.pipeline
+    images = _split_images(image, pipeline.model.config.latent_channels)
     patch = pipeline.model.config.latent_patch_size
     for latent in images:
         if latent.shape[-2] % patch or latent.shape[-1] % patch:
             raise NextStepError(f"the input image is {latent.shape[-1] * 8}x{latent.shape[-2] * 8} pixels; NextStep "
                                 f"needs multiples of {8 * patch}: encode it with NextStep VAE Encode, which crops it")
-        pipeline.latents_to_tokens(latent)  # raises when the latent's channels don't fit this model
         tokens = latent.shape[-2] * latent.shape[-1] // patch**2
         if tokens > LARGE_INPUT_FACTOR * TRAINED_IMAGE_TOKENS:
             log.warning("NextStep Text Encode: the input image is %d tokens (%dx%d pixels), over %.1fx the %d "

@@ -38,6 +38,7 @@ from nextstep_runtime.validation import (
 
 from . import host
 from .conditioning import NextStepConditioning, negative_text
+from .latents import nextstep_samples
 from .models import NextStepModelHandle
 from .preview import TokenPreview
 from .progress import TokenProgress
@@ -50,12 +51,7 @@ def _init_latent(latent_image: dict | None, config: ModelConfig) -> tuple[torch.
     """(VAE-space latents, pixel noise mask or None) of the optional latent_image, checked against the model."""
     if latent_image is None:
         return None, None
-    samples = latent_image.get("samples") if isinstance(latent_image, dict) else None
-    if not isinstance(samples, torch.Tensor) or samples.ndim != 4 or samples.shape[1] != config.latent_channels:
-        shape = list(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
-        raise NextStepError(f"latent_image must be a NextStep LATENT of [batch, {config.latent_channels}, height/8, "
-                            f"width/8], got {shape}: a latent of another model family; encode the image with "
-                            f"NextStep VAE Encode")
+    samples = nextstep_samples(latent_image, config.latent_channels, "NextStep Sampler's latent_image")
     height, width = image_size_of(samples)
     if max(height, width) > MAX_SIZE:
         raise NextStepError(f"latent_image is {width}x{height} pixels, larger than {MAX_SIZE}; scale the image down")
@@ -150,7 +146,8 @@ class NextStepSampler:
                                                        "its cell is >= 0.5 and kept elsewhere; a mask of another "
                                                        "size is stretched to the image as KSampler does. A token "
                                                        "sees only the tokens before it (raster order): outpainting "
-                                                       "down or right works best."}),
+                                                       "down or right works best. Another model's LATENT does not "
+                                                       "fit: decode it, then NextStep VAE Encode."}),
             },
         }
 

@@ -7,7 +7,6 @@ import logging
 import torch
 
 from nextstep_runtime import (
-    NextStepError,
     center_crop_to_multiple,
     check_input_image_size,
     decode_latents,
@@ -19,6 +18,7 @@ from nextstep_runtime import (
 from nextstep_runtime.validation import MAX_SIZE, SIZE_MULTIPLE
 
 from . import host
+from .latents import nextstep_samples
 from .models import LoadedVAE
 from .sockets import CATEGORY, VAE
 
@@ -40,16 +40,12 @@ class NextStepVAEDecode:
             "required": {
                 "vae": (VAE, {"tooltip": "The NextStep VAE (NextStep VAE Loader)."}),
                 "samples": ("LATENT", {"tooltip": "Latents from NextStep Sampler (16 channels, 1/8 of the image "
-                                                  "size)."}),
+                                                  "size); another model's latents need that model's VAE Decode."}),
             },
         }
 
     def decode(self, vae: LoadedVAE, samples: dict) -> tuple[torch.Tensor]:
-        latent = samples.get("samples") if isinstance(samples, dict) else None
-        if not isinstance(latent, torch.Tensor) or latent.ndim != 4:
-            shape = list(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
-            raise NextStepError(f"NextStep VAE Decode needs a LATENT of [batch, channels, height/8, width/8] from "
-                                f"NextStep Sampler, got {shape}")
+        latent = nextstep_samples(samples, vae.vae.config.z_channels, "NextStep VAE Decode")
         host.prepare_model(vae.registration,
                            {vae.device: vae_decode_bytes(latent.shape[2], latent.shape[3], vae.vae.dtype)})
         images = images_to_unit(decode_latents(vae.vae, latent))

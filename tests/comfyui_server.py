@@ -44,6 +44,12 @@ def missing(reason: str) -> None:
     pytest.skip(reason)
 
 
+def require_comfyui() -> None:
+    """Skip (or under CI fail) a test that needs ComfyUI where COMFYUI_DIR names none."""
+    if not COMFYUI_DIR:
+        missing("set COMFYUI_DIR to a ComfyUI checkout (and COMFYUI_PYTHON to its interpreter)")
+
+
 class ComfyUI:
     """A running ComfyUI server and the folders it was given."""
 
@@ -112,17 +118,19 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running_comfyui(root: Path, settings: dict | None = None, packs: Mapping[str, Path] | None = None,
                     models: Mapping[str, Path] | None = None,
-                    env: Mapping[str, str | None] | None = None, args: Sequence[str] = ()) -> Iterator[ComfyUI]:
+                    env: Mapping[str, str | None] | None = None, args: Sequence[str] = (),
+                    comfy_models: Mapping[str, Path] | None = None) -> Iterator[ComfyUI]:
     """Start ComfyUI in folders under `root` (user settings `settings`) and stop it afterwards; `models` names more
     model folders for the Model Loader's list, beside the fixture model; `env` changes its environment variables
-    (None: unset), as a user's shell may have them; `args`: more of ComfyUI's command-line options.
+    (None: unset), as a user's shell may have them; `args`: more of ComfyUI's command-line options; `comfy_models`
+    maps ComfyUI's own model folders ("checkpoints", "controlnet") to a file to list there.
 
     `packs` maps custom-node folder names to other packs (such as ComfyUI-Distributed) to load beside this one:
     each is copied in, not linked, because such packs write their state (ComfyUI-Distributed's gpu_config.json)
     beside their code, and each server must keep its own."""
-    if not COMFYUI_DIR:
-        missing("set COMFYUI_DIR to a ComfyUI checkout (and COMFYUI_PYTHON to its interpreter)")
-    folders = {name: root / name for name in ("custom_nodes", "nextstep", "vae", "input", "output", "temp", "user")}
+    require_comfyui()
+    folders = {name: root / name for name in ("custom_nodes", "nextstep", "vae", "checkpoints", "controlnet", "input",
+                                              "output", "temp", "user")}
     for folder in folders.values():
         folder.mkdir()
     (folders["custom_nodes"] / PACK_DIR_NAME).symlink_to(ROOT)
@@ -131,6 +139,8 @@ def running_comfyui(root: Path, settings: dict | None = None, packs: Mapping[str
     for name, folder in {MODEL_NAME: FIXTURES / MODEL_NAME, **(models or {})}.items():
         (folders["nextstep"] / name).symlink_to(folder)
     (folders["vae"] / VAE_FILE).symlink_to(FIXTURES / VAE_FILE)
+    for folder, file in (comfy_models or {}).items():
+        (folders[folder] / file.name).symlink_to(file)
     shutil.copy(FIXTURES / "edit_input_64.png", folders["input"])
     (folders["user"] / "default").mkdir()
     # A new user gets the template browser over the canvas; mark the tutorial as done.
@@ -138,7 +148,7 @@ def running_comfyui(root: Path, settings: dict | None = None, packs: Mapping[str
         json.dumps({"Comfy.TutorialCompleted": True, **(settings or {})}))
     extra_paths = root / "extra_model_paths.yaml"
     extra_paths.write_text(f"nextstep_e2e:\n  base_path: {root}\n  nextstep: nextstep\n  vae: vae\n"
-                           f"  custom_nodes: custom_nodes\n")
+                           f"  checkpoints: checkpoints\n  controlnet: controlnet\n  custom_nodes: custom_nodes\n")
     port = free_port()
     log = root / "comfyui.log"
     # --log-stdout: ComfyUI's log lines share stdout with what packs print() (ComfyUI-Distributed logs so), and

@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import torch
-from comfyui_server import COMFYUI_DIR, COMFYUI_PYTHON, missing
+from comfyui_server import COMFYUI_DIR, COMFYUI_PYTHON, require_comfyui
 from model_configs import NEXTSTEP_14B
 from nodes_pack import load_pack
 
@@ -70,8 +70,7 @@ def registered(device, name="NextStep-1.1"):
 
 def run_in_comfyui(script: str) -> dict:
     """Run `script` after PRELUDE in ComfyUI's environment and folder; it prints one JSON object."""
-    if not COMFYUI_DIR:
-        missing("set COMFYUI_DIR to a ComfyUI checkout (and COMFYUI_PYTHON to its interpreter)")
+    require_comfyui()
     result = subprocess.run([COMFYUI_PYTHON, "-c", PRELUDE + script], cwd=COMFYUI_DIR, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

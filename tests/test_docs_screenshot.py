@@ -1,10 +1,12 @@
-"""The README's screenshot, docs/images/text-to-image.png: the text-to-image example as ComfyUI's graph editor
-shows it once opened, before any run (so no image yet), taken from a real ComfyUI in Debian's Chromium.
+"""The docs' screenshots: docs/images/text-to-image.png (the README's) and one per ControlNet-style template
+(docs/graphs.md), each example as ComfyUI's graph editor shows it once opened, before any run (so no image yet),
+taken from a real ComfyUI in Debian's Chromium.
 
 Regenerate it with `NEXTSTEP_UPDATE_SCREENSHOTS=1 python -m pytest -q tests/test_docs_screenshot.py` (ComfyUI and
-Chromium set up as for the browser tests: docs/development.md). Without that variable the test takes the
+Chromium set up as for the browser tests: docs/development.md). Without that variable the test takes each
 screenshot again and checks that the committed file is what the command gives. The server has no NextStep-1.1
-(only the test fixtures), so the Model Loader's panel says where the model goes, as on a fresh install.
+(only the test fixtures), so the Model Loader's panel says where the model goes, as on a fresh install; nor the
+SDXL checkpoint and ControlNet the graphs name, which the editor shows by name as it does any model not installed.
 """
 
 from __future__ import annotations
@@ -14,18 +16,23 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 from browser_page import SCREENSHOTS, Page, launched_chromium, open_page
 from comfyui_server import running_comfyui
 from nodes_pack import ROOT
 from PIL import Image
 
-EXAMPLE = ROOT / "example_workflows" / "nextstep_1.1_text_to_image.json"
-COMMITTED = ROOT / "docs" / "images" / "text-to-image.png"
+SHOTS = {  # committed image -> (example, viewport: the example's shape plus the page's bars)
+    "text-to-image.png": ("nextstep_1.1_text_to_image", {"width": 2200, "height": 920}),
+    "graph-nextstep-then-controlnet.png": ("nextstep_1.1_then_sdxl_controlnet", {"width": 2720, "height": 1880}),
+    "graph-controlnet-then-edit.png": ("nextstep_sdxl_controlnet_then_edit", {"width": 2320, "height": 2200}),
+    "graph-controlnet-then-inpaint.png": ("nextstep_sdxl_controlnet_then_inpaint", {"width": 2320, "height": 2200}),
+}
+"""Each viewport shows its whole graph at 100 % zoom, its text as a user reads it."""
+IMAGES = ROOT / "docs" / "images"
 UPDATE = os.environ.get("NEXTSTEP_UPDATE_SCREENSHOTS", "") not in ("", "0")
 SETTINGS = {"Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False}
 """Off: the minimap (it covers a corner of the graph) and the canvas's frame-rate line (it differs every time)."""
-VIEWPORT = {"width": 2200, "height": 920}
-"""The example's shape plus the page's bars: the whole graph at 100 % zoom, its text as a user reads it."""
 MARGINS = {"left": 90, "top": 120, "right": 40, "bottom": 80}
 """Canvas pixels left to the side bar, to the workflow name and Run button, and to the canvas toolbar."""
 CHANGED_LEVEL = 32
@@ -57,20 +64,23 @@ def overlapping(rects: list[list[float]]) -> list[tuple[int, int]]:
             if a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]]
 
 
-def take_screenshot(root: Path, path: Path) -> dict:
+def take_screenshot(root: Path, path: Path, example: str, viewport: dict) -> dict:
     """Open the example in a fresh ComfyUI page, fit the whole graph, wait for the loader's panel, and save the
-    page as `path`; returns what the fit found (zoom, node rectangles)."""
+    page as `path`; returns what the fit found (zoom, node rectangles) and the types of the nodes the editor does
+    not know."""
     with running_comfyui(root, SETTINGS) as server, launched_chromium() as browser:
         page: Page = open_page(browser, server, "canvas")
-        page.page.set_viewport_size(VIEWPORT)
-        page.js("""async workflow => {
-            await app.loadGraphData(workflow, true, true, "nextstep_1.1_text_to_image", {showMissingModelsDialog: false});
-        }""", json.loads(EXAMPLE.read_text()))
+        page.page.set_viewport_size(viewport)
+        page.js("""async ([workflow, name]) => {
+            await app.loadGraphData(workflow, true, true, name, {showMissingModelsDialog: false});
+        }""", [json.loads((ROOT / "example_workflows" / f"{example}.json").read_text()), example])
         page.page.wait_for_function("""() => {  // the plan's question answered, not "memory plan: …"
             const loader = app.graph.nodes.find(node => node.type === 'NextStepModelLoader');
             return !loader.widgets.find(w => w.name === 'nextstep_plan').element.innerText.includes('…');
         }""")
         fit = page.js(FIT_WHOLE_GRAPH, MARGINS)
+        fit["unknown"] = page.js("() => app.graph.nodes.filter(node => !LiteGraph.registered_node_types[node.type])"
+                                 ".map(node => node.type)")
         page.page.wait_for_timeout(500)
         page.page.screenshot(path=path)
         page.page.close()
@@ -86,17 +96,21 @@ def difference(a: Path, b: Path) -> tuple[tuple[int, int], tuple[int, int], floa
     return first.shape[:2], second.shape[:2], float((delta.max(axis=2) > CHANGED_LEVEL).mean()), float(delta.mean())
 
 
-def test_the_screenshot_command_makes_the_committed_image(tmp_path):
-    """The whole example is in view at full size with no node over another, and the image is the committed one
-    (or, with NEXTSTEP_UPDATE_SCREENSHOTS, becomes it)."""
-    taken = COMMITTED if UPDATE else SCREENSHOTS / COMMITTED.name
+@pytest.mark.parametrize("image", SHOTS, ids=lambda image: image.removesuffix(".png"))
+def test_the_screenshot_command_makes_the_committed_image(tmp_path, image):
+    """The whole example is in view at full size with no node over another and none missing, and the image is the
+    committed one (or, with NEXTSTEP_UPDATE_SCREENSHOTS, becomes it)."""
+    example, viewport = SHOTS[image]
+    committed = IMAGES / image
+    taken = committed if UPDATE else SCREENSHOTS / image
     taken.parent.mkdir(parents=True, exist_ok=True)
-    fit = take_screenshot(tmp_path, taken)
-    assert fit["scale"] == 1, f"the example does not fit {VIEWPORT} at 100 % zoom: {fit}"
+    fit = take_screenshot(tmp_path, taken, example, viewport)
+    assert fit["scale"] == 1, f"the example does not fit {viewport} at 100 % zoom: {fit}"
     assert overlapping(fit["rects"]) == []
+    assert fit["unknown"] == []
     if not UPDATE:
-        committed_size, taken_size, changed, mean = difference(COMMITTED, taken)
+        committed_size, taken_size, changed, mean = difference(committed, taken)
         assert taken_size == committed_size
         assert changed <= MAX_CHANGED_FRACTION and mean <= MAX_MEAN_DIFFERENCE, (
-            f"{taken} differs from {COMMITTED}: {changed:.2%} of the pixels changed, mean difference {mean:.2f}; "
+            f"{taken} differs from {committed}: {changed:.2%} of the pixels changed, mean difference {mean:.2f}; "
             f"if the change is meant, regenerate it (docs/development.md)")

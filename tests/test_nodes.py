@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -268,17 +269,50 @@ def test_vae_that_does_not_match_the_model_is_refused(model, four_channel_vae):
     latent = node("NextStepSampler", model, positive, width=32, height=32, batch_size=1, seed=0, steps=1, cfg=1.0,
                   cfg_img=1.0, cfg_schedule="constant", timesteps_shift=1.0, sampler="ode", profile="official",
                   use_norm=False)[0]
-    with pytest.raises(NextStepError, match=r"must be \[batch, 4, height/8, width/8\] for this VAE"):
+    with pytest.raises(NextStepError, match=r"got a LATENT of 16 channels .*; NextStep takes \[batch, 4, height/8"):
         node("NextStepVAEDecode", four_channel_vae, latent)
     edit_latent = node("NextStepVAEEncode", four_channel_vae, torch.rand(1, 32, 32, 3))[0]
-    with pytest.raises(NextStepError, match=r"this model needs \[batch, 16, height/8, width/8\]"):
+    with pytest.raises(NextStepError, match=r"4 channels .*; NextStep takes \[batch, 16, height/8, width/8\]"):
         node("NextStepTextEncode", model, "<image>make it blue", edit_latent)
 
 
-def test_latent_from_another_model_family_is_refused():
-    sd_latent = {"samples": torch.zeros(1, 4, 8, 8)}
-    with pytest.raises(NextStepError, match=r"must be \[batch, 16, height/8, width/8\] for this VAE, got \[1, 4, 8, 8\]; latents of other"):
-        node("NextStepVAEDecode", fixture_vae(), sd_latent)
+FOREIGN_LATENTS = {  # the kinds of another model's LATENT the pack can tell apart: (LATENT, what the refusal says)
+    "SD 1.x/SDXL (4 channels)": ({"samples": torch.zeros(1, 4, 8, 8)},
+                                 r"a LATENT of 4 channels \[1, 4, 8, 8\] \(SD 1.x, SD 2.x and SDXL latents have 4\)"),
+    "other channel count (Flux.2's 128)": ({"samples": torch.zeros(1, 128, 4, 4)},
+                                           r"a LATENT of 128 channels \[1, 128, 4, 4\]: a latent"),
+    "video (frames axis)": ({"samples": torch.zeros(1, 16, 3, 8, 8)},
+                            r"a video LATENT \[1, 16, 3, 8, 8\] \[batch, channels, frames, height, width\]"),
+    "audio (type key)": ({"samples": torch.zeros(1, 64, 50), "type": "audio"},
+                         r"a LATENT of type 'audio' \[1, 64, 50\], not an image latent"),
+    "tagged 16 channels": ({"samples": torch.zeros(1, 16, 8, 8), "type": "audio"}, r"a LATENT of type 'audio'"),
+    "wrong rank": ({"samples": torch.zeros(16, 8, 8)}, r"a LATENT of 3 dimensions \[16, 8, 8\]"),
+}
+IMAGE_ROUTE = ("To bring another model's output in, decode it to an IMAGE with its own model's VAE Decode, then "
+               "encode that with NextStep VAE Encode")
+
+
+@pytest.mark.parametrize("kind", FOREIGN_LATENTS)
+@pytest.mark.parametrize("where", ["NextStep VAE Decode", "NextStep Sampler's latent_image",
+                                   "NextStep Text Encode's image"])
+def test_a_foreign_latent_is_refused_naming_the_image_route(model, where, kind):
+    latent, says = FOREIGN_LATENTS[kind]
+    with pytest.raises(NextStepError) as refused:
+        if where == "NextStep VAE Decode":
+            node("NextStepVAEDecode", fixture_vae(), latent)
+        elif where == "NextStep Sampler's latent_image":
+            continue_in_graph(model, CASES["official_t2i_sde"].params, latent)
+        else:
+            node("NextStepTextEncode", model, "<image>make it blue", latent)
+    message = str(refused.value)
+    assert message.startswith(f"{where} got ") and re.search(says, message), message
+    assert "latents of its own VAE" in message and IMAGE_ROUTE in message
+
+
+def test_an_untagged_16_channel_latent_passes_as_the_docs_say(model):
+    """SD3's and Flux's latents have NextStep's shape and carry nothing else: they cannot be told apart."""
+    latent = {"samples": torch.zeros(1, 16, 4, 4), "batch_index": [0]}
+    assert node("NextStepVAEDecode", fixture_vae(), latent)[0].shape == (1, 32, 32, 3)
 
 
 def test_editing_conditioning_misuse_is_refused(model):

@@ -30,6 +30,16 @@ NATIVE = {
     "SetLatentNoiseMask": (["samples", "mask"], [], ["LATENT"]),
     "PreviewImage": (["images"], [], []),
     "Note": ([], ["text"], []),
+    "CheckpointLoaderSimple": ([], ["ckpt_name"], ["MODEL", "CLIP", "VAE"]),
+    "ControlNetLoader": ([], ["control_net_name"], ["CONTROL_NET"]),
+    "CLIPTextEncode": (["clip"], ["text"], ["CONDITIONING"]),
+    "ControlNetApplyAdvanced": (["positive", "negative", "control_net", "image", "vae"],
+                                ["strength", "start_percent", "end_percent"], ["CONDITIONING", "CONDITIONING"]),
+    "Canny": (["image"], ["low_threshold", "high_threshold"], ["IMAGE"]),
+    "EmptyLatentImage": ([], ["width", "height", "batch_size"], ["LATENT"]),
+    "KSampler": (["model", "positive", "negative", "latent_image"],
+                 ["seed", "seed:control", "steps", "cfg", "sampler_name", "scheduler", "denoise"], ["LATENT"]),
+    "VAEDecode": (["samples", "vae"], [], ["IMAGE"]),
 }
 UI_ONLY_WIDGETS = {"upload"}
 UI_ONLY_NODES = {"Note"}  # front-end only: not in API prompts
@@ -67,7 +77,7 @@ def named_widgets(node: dict) -> dict:
 
 def test_every_ui_workflow_has_an_api_twin():
     assert [path.name for path in UI_WORKFLOWS] == sorted(path.name for path in (EXAMPLES / "api").glob("*.json"))
-    assert len(UI_WORKFLOWS) == 7
+    assert len(UI_WORKFLOWS) == 10
 
 
 def optional_sockets(node_type: str) -> set[str]:
@@ -147,6 +157,9 @@ def test_each_workflow_has_a_note_naming_its_models(path):
     (text,) = [node["widgets_values"][0] for node in workflow["nodes"] if node["type"] == "Note"]
     models = {node["widgets_values"][0] for node in workflow["nodes"] if node["type"] == "NextStepModelLoader"}
     assert all(f"models/nextstep/{model}" in text for model in models) and "cfg 7.5" in text
+    for loader, folder in (("CheckpointLoaderSimple", "checkpoints"), ("ControlNetLoader", "controlnet")):
+        assert all(f"models/{folder}/{node['widgets_values'][0]}" in text
+                   for node in workflow["nodes"] if node["type"] == loader)
 
 
 def sampler_and_prompts(api: dict, sampler_id: str | None = None) -> tuple[dict, str, str | None]:
@@ -254,3 +267,71 @@ def test_distributed_example_note_says_what_every_server_needs_and_the_seeds():
                if node["type"] == "Note"]
     assert "ComfyUI-Distributed extension on the master and on every worker" in text
     assert "model on every worker too" in text and "worker 1 S+1" in text
+
+
+LATENT_UTILITIES = {"SetLatentNoiseMask"}  # ComfyUI's latent nodes that keep the space of what they are given
+
+
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda path: path.stem)
+def test_models_meet_through_image_never_latent(path):
+    """Every LATENT link joins nodes of one model: traced back through latent utilities, a NextStep node's LATENT
+    comes from a NextStep node, another model's from a node of ComfyUI's (docs/graphs.md)."""
+    workflow = load(path)
+    types = {node["id"]: node["type"] for node in workflow["nodes"]}
+    source_of = {(link[3], link[4]): link[1] for link in workflow["links"]}
+
+    def origin(node_id: int) -> str:
+        while types[node_id] in LATENT_UTILITIES:
+            node_id = source_of[(node_id, 0)]  # their first input is the LATENT they pass on
+        return types[node_id]
+
+    for _, source, _, target, _, link_type in workflow["links"]:
+        if link_type == "LATENT" and types[target] not in LATENT_UTILITIES:
+            assert origin(source).startswith("NextStep") == types[target].startswith("NextStep"), (source, target)
+
+
+def by_type(api: dict) -> dict[str, list[tuple[str, dict]]]:
+    found: dict[str, list[tuple[str, dict]]] = {}
+    for key, node in api.items():
+        found.setdefault(node["class_type"], []).append((key, node["inputs"]))
+    return found
+
+
+def test_nextstep_then_controlnet_example_hands_the_picture_to_canny_at_the_larger_size():
+    api = load(EXAMPLES / "api" / "nextstep_1.1_then_sdxl_controlnet.json")
+    nodes = by_type(api)
+    ((decode, _),), ((scale, scaled),), ((canny, _),) = nodes["NextStepVAEDecode"], nodes["ImageScale"], nodes["Canny"]
+    ((apply, applied),), ((_, sampler),), ((_, empty),) = (nodes["ControlNetApplyAdvanced"], nodes["KSampler"],
+                                                           nodes["EmptyLatentImage"])
+    assert scaled["image"] == [decode, 0] and api[canny]["inputs"]["image"] == [scale, 0]
+    assert applied["image"] == [canny, 0]
+    assert (sampler["positive"], sampler["negative"]) == ([apply, 0], [apply, 1])
+    assert (scaled["width"], scaled["height"]) == (empty["width"], empty["height"]) == (1024, 1024)
+    ((_, nextstep),) = nodes["NextStepSampler"]
+    assert (nextstep["width"], nextstep["height"]) == (512, 512)
+
+
+@pytest.mark.parametrize("name,crop,model", [("nextstep_sdxl_controlnet_then_edit", "center", "NextStep-1-Large-Edit"),
+                                             ("nextstep_sdxl_controlnet_then_inpaint", "disabled", "NextStep-1.1")])
+def test_controlnet_then_nextstep_examples_encode_the_diffusion_image(name, crop, model):
+    """The diffusion image, resized to 512x512, goes into NextStep VAE Encode: the edit prompt's image, or
+    (inpainting) the sampler's latent_image with the control image's painted mask, stretched so it still fits."""
+    api = load(EXAMPLES / "api" / f"{name}.json")
+    nodes = by_type(api)
+    ((decode, _),), ((scale, scaled),), ((encode, encoded),) = (nodes["VAEDecode"], nodes["ImageScale"],
+                                                                nodes["NextStepVAEEncode"])
+    assert scaled["image"] == [decode, 0] and encoded["pixels"] == [scale, 0]
+    assert (scaled["upscale_method"], scaled["width"], scaled["height"], scaled["crop"]) == ("lanczos", 512, 512, crop)
+    ((load_key, _),), ((_, apply),) = nodes["LoadImage"], nodes["ControlNetApplyAdvanced"]
+    assert api[apply["image"][0]]["inputs"]["image"] == [load_key, 0]  # Canny of the control image
+    assert {inputs["model_name"] for _, inputs in nodes["NextStepModelLoader"]} == {model}
+    sampler, positive, negative = sampler_and_prompts(api)
+    if "edit" in name:
+        assert api[sampler["positive"][0]]["inputs"]["image"] == [encode, 0]
+        assert (sampler["cfg"], sampler["cfg_img"], sampler["timesteps_shift"], sampler["use_norm"]) == (7.5, 2.0, 3.2,
+                                                                                                        True)
+        assert negative == "Copy original image." and positive.startswith("<image>")
+    else:
+        ((mask_key, noise_mask),) = nodes["SetLatentNoiseMask"]
+        assert noise_mask == {"samples": [encode, 0], "mask": [load_key, 1]}
+        assert sampler["latent_image"] == [mask_key, 0] and negative.startswith("lowres")
