@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..errors import NextStepError
+from ..regular_files import open_regular, require_regular
 
 POSITION_TABLE_KEY = "gen_pos_embed"
 IGNORED_KEYS = (POSITION_TABLE_KEY, "lm_head.weight", "lm_head.bias")
@@ -56,7 +57,7 @@ def canonical_key(key: str) -> str:
 def open_safetensors(path: Path):
     """safe_open with a message that names the file when it is truncated or not a safetensors file."""
     try:
-        return safe_open(str(path), framework="pt", device="cpu")
+        return safe_open(str(require_regular(path)), framework="pt", device="cpu")
     except FileNotFoundError:
         raise NextStepError(f"weights file {path} not found") from None
     except (SafetensorError, OSError, ValueError) as exc:
@@ -73,7 +74,7 @@ def read_header(path: Path) -> tuple[list[TensorHeader], dict[str, str]]:
                              f"download it again")
 
     try:
-        with open(path, "rb") as handle:
+        with open_regular(path) as handle:
             size = os.fstat(handle.fileno()).st_size
             prefix = handle.read(HEADER_LENGTH_BYTES)
             length = int.from_bytes(prefix, "little") if len(prefix) == HEADER_LENGTH_BYTES else -1

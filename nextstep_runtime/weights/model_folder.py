@@ -18,9 +18,10 @@ from typing import Any
 
 from ..config import WEIGHTS_FORMAT_KEY, ModelConfig, read_json
 from ..errors import NextStepError
+from ..regular_files import open_regular, require_regular
 from .checkpoint import IGNORED_KEYS, TensorHeader, read_headers
 from .gptq import QUANTIZATION_KEY, GPTQConfig, PackedLinear, find_packed_linears
-from .hub import cached_model_repos, resolve_model_source
+from .hub import CacheScan, resolve_model_source, scan_model_cache
 from .modes import FLOAT_WEIGHTS, GPTQ_PACKED, STORED_FORMATS
 from .vae_files import VAEFiles
 
@@ -102,13 +103,14 @@ class ModelFolder:
                 raise NextStepError(f"{index} has no weight_map")
             files = [self.path / _shard_name(name, index) for name in dict.fromkeys(weight_map.values())]
             for path in files:
-                if not path.is_file():
+                if not path.exists():
                     raise NextStepError(f"shard {path.name} named by {index.name} is missing from {self.path}; "
                                         f"download it again")
+                require_regular(path)
             return tuple(files)
         single = self.path / SINGLE_WEIGHTS_NAME
-        if single.is_file():
-            return (single,)
+        if single.exists():
+            return (require_regular(single),)
         raise NextStepError(f"no weights in {self.path}: expected {SINGLE_WEIGHTS_NAME} or {INDEX_NAME} with its "
                             f"shards")
 
@@ -153,10 +155,10 @@ class ModelFolder:
     @cached_property
     def tokenizer_files(self) -> tuple[Path, ...]:
         """tokenizer.json when present, else the byte-level BPE's vocab.json and merges.txt."""
-        if (self.path / TOKENIZER_JSON).is_file():
-            return (self.path / TOKENIZER_JSON,)
-        if all((self.path / name).is_file() for name in BPE_TOKENIZER_FILES):
-            return tuple(self.path / name for name in BPE_TOKENIZER_FILES)
+        if (self.path / TOKENIZER_JSON).exists():
+            return (require_regular(self.path / TOKENIZER_JSON),)
+        if all((self.path / name).exists() for name in BPE_TOKENIZER_FILES):
+            return tuple(require_regular(self.path / name) for name in BPE_TOKENIZER_FILES)
         raise NextStepError(f"{self.path} has no tokenizer: expected {TOKENIZER_JSON}, or "
                             f"{' and '.join(BPE_TOKENIZER_FILES)}; copy the tokenizer files of the Hugging Face repo "
                             f"into the model folder")
@@ -194,12 +196,15 @@ def is_nextstep_folder(path: Path) -> bool:
     """Whether `path` holds a NextStep config.json (it names the image tokens: boi, image_placeholder_id); cheap
     enough for listing folders, and never raises."""
     try:
-        config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        with open_regular(path / CONFIG_NAME) as handle:
+            config = json.loads(handle.read())
+    except (OSError, ValueError, RecursionError):  # NextStepError (not a regular file) is a ValueError
         return False
     return isinstance(config, dict) and "boi" in config and "image_placeholder_id" in config
 
 
-def cached_nextstep_repos() -> dict[str, Path]:
-    """Repo id -> snapshot folder of every NextStep model in the Hugging Face cache (see hub.cached_model_repos)."""
-    return {repo: snapshot for repo, snapshot in cached_model_repos().items() if is_nextstep_folder(snapshot)}
+def cached_nextstep_repos(scan: CacheScan | None = None) -> dict[str, Path]:
+    """Repo id -> snapshot folder of every NextStep model in the Hugging Face cache, or in a `scan` of it already
+    made (hub.scan_model_cache)."""
+    return {repo: snapshot for repo, snapshot in (scan or scan_model_cache()).repos.items()
+            if is_nextstep_folder(snapshot)}
