@@ -209,6 +209,9 @@ class NextStepPipeline:
             return sample_tokens(self.model, inputs, kernels, callback, use_compile), inputs
 
         tokens, inputs = run_or_explain_out_of_memory(SAMPLING, self.model.device, run)
+        if not bool(torch.isfinite(tokens).all()):  # else the VAE decode after would be blamed, not the model
+            raise NextStepError(f"the image tokens of {self.model.source} came out NaN or infinite: its weights hold "
+                                f"such values, or its compute dtype overflowed (float16: use bfloat16 or float32)")
         patch = self.model.config.latent_patch_size
         latents = self.normalization.to_vae_space(unpatchify(tokens, *inputs.grid, patch))
         if inputs.kept is not None:  # the input's own values, not their round trip through the model's scaling

@@ -39,6 +39,8 @@ class NextStepModel(nn.Module):
         self.register_buffer("gen_pos_embed", None, persistent=False)
         self.placement: Placement | None = None
         """Where each range of layers runs and in which dtype (set by the loader, fixed from then on)."""
+        self.source = "the model"
+        """The folder the weights came from (set by the loader), for messages."""
 
     @property
     def dtype(self) -> torch.dtype:

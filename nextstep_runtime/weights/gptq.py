@@ -28,7 +28,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from ..errors import NextStepError
-from .checkpoint import IGNORED_KEYS, TensorHeader, TensorSource, canonical_key, open_safetensors
+from .checkpoint import IGNORED_KEYS, TensorHeader, TensorSource, canonical_key, check_finite_weights, open_safetensors
 from .int4 import KERNEL_GROUP_SIZES, MIDPOINT, pack_nibbles
 
 QUANTIZATION_KEY = "quantization_config"
@@ -154,6 +154,7 @@ class PackedLinear:
         codes = unpack_words(get(self.qweight))
         zeros = unpack_words(get(self.qzeros).t()).t()[:, :self.out_features] + config.zero_offset
         scales = get(self.scales).float()
+        check_finite_weights(self.scales.file, self.scales.key, scales)
         if self.g_idx is not None:
             g_idx = get(self.g_idx)
             if not torch.equal(g_idx.long(), torch.arange(len(g_idx)) // self.group_size):

@@ -14,12 +14,13 @@ import json
 import math
 from functools import cached_property
 from pathlib import Path, PureWindowsPath
-from typing import Any
+from typing import Any, Iterator
 
 from ..config import WEIGHTS_FORMAT_KEY, ModelConfig, read_json
 from ..errors import NextStepError
+from ..model.network import checkpoint_shapes
 from ..regular_files import open_regular, require_regular
-from .checkpoint import IGNORED_KEYS, TensorHeader, read_headers
+from .checkpoint import IGNORED_KEYS, TensorHeader, TensorSource, iter_safetensors, read_headers
 from .gptq import QUANTIZATION_KEY, GPTQConfig, PackedLinear, find_packed_linears
 from .hub import CacheScan, resolve_model_source, scan_model_cache
 from .modes import FLOAT_WEIGHTS, GPTQ_PACKED, STORED_FORMATS
@@ -94,14 +95,22 @@ class ModelFolder:
         return f"ModelFolder({str(self.path)!r})"
 
     @cached_property
+    def weight_map(self) -> dict[str, str] | None:
+        """The shard index's tensor key -> shard file name, None for a single-file model."""
+        index = self.path / INDEX_NAME
+        if not index.exists():
+            return None
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise NextStepError(f"{index} has no weight_map")
+        return weight_map
+
+    @cached_property
     def weight_files(self) -> tuple[Path, ...]:
         """The safetensors files: the shards named by the index, or the single file."""
         index = self.path / INDEX_NAME
-        if index.exists():
-            weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise NextStepError(f"{index} has no weight_map")
-            files = [self.path / _shard_name(name, index) for name in dict.fromkeys(weight_map.values())]
+        if self.weight_map is not None:
+            files = [self.path / _shard_name(name, index) for name in dict.fromkeys(self.weight_map.values())]
             for path in files:
                 if not path.exists():
                     raise NextStepError(f"shard {path.name} named by {index.name} is missing from {self.path}; "
@@ -116,14 +125,33 @@ class ModelFolder:
 
     @cached_property
     def tensors(self) -> dict[str, TensorHeader]:
-        """Every tensor of the weights by canonical name (no `model.` prefix), from the headers alone."""
-        return read_headers(list(self.weight_files))
+        """Every tensor of the weights by canonical name (no `model.` prefix), from the headers alone; of a tensor
+        stored twice, the copy the index names (checkpoint.read_headers)."""
+        return read_headers(list(self.weight_files), self.weight_map)
+
+    def tensor_sources(self) -> Iterator[TensorSource]:
+        """The weights' tensors to read, one at a time: each of `tensors` once, the copies it left out skipped."""
+        chosen = {(header.file, header.key) for header in self.tensors.values()}
+        return (source for source in iter_safetensors(list(self.weight_files)) if source[:2] in chosen)
 
     @cached_property
     def packed_linears(self) -> dict[str, PackedLinear]:
         """The linears an AutoRound/GPTQ export holds packed (gptq.py), by name: decided per layer by the tensors
-        present, since `extra_config` need not list every float layer. Empty for other folders."""
-        return find_packed_linears(self.tensors) if self.gptq is not None else {}
+        present, since `extra_config` need not list every float layer. Empty for other folders. A linear stored both
+        packed and as a float `.weight` is refused: which one is meant cannot be told."""
+        if self.gptq is None:
+            return {}
+        packed = find_packed_linears(self.tensors)
+        for name, linear in packed.items():
+            float_copy = self.tensors.get(f"{name}.weight")
+            if float_copy is not None:
+                implied = checkpoint_shapes(self.config).get(f"{name}.weight")
+                shape = f"the [out, in] = {list(implied)} weight" if implied else "no such layer"
+                raise NextStepError(f"{name} is stored twice: packed ({linear.qweight.key} in {linear.qweight.file}) "
+                                    f"and as the float {float_copy.key} {list(float_copy.shape)} in {float_copy.file} "
+                                    f"({self.config_path} implies {shape}); a layer is stored one way: remove one, or "
+                                    f"download the model again")
+        return packed
 
     def parameter_count(self) -> int:
         """Values of the tensors the loader reads (the text head and other ignored tensors left out)."""

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from ..errors import NextStepError
 from ..model.network import NextStepModel
-from .checkpoint import TensorSource, checked_tensors, expected_shapes, iter_safetensors, report_unknown_and_missing
+from .checkpoint import TensorSource, checked_tensors, expected_shapes, report_unknown_and_missing
 from .gptq import QUANTIZATION_KEY
 from .loading import model_shape_hint
 from .model_folder import BUNDLED_VAE_FOLDER, CONFIG_NAME, INDEX_NAME, WEIGHTS_FORMAT_KEY, ModelFolder
@@ -111,7 +111,7 @@ def convert_folder(source: str | Path | ModelFolder, destination: str | Path, we
     if folder.stored_format != FLOAT_WEIGHTS:
         raise NextStepError(f"{folder.path} is already repacked ({folder.stored_format}); convert the original model "
                             f"folder instead")
-    tensors = iter_safetensors(list(folder.weight_files))  # no weights: refused before anything is written
+    tensors = folder.tensor_sources()  # no weights: refused before anything is written
     if destination.exists() and any(destination.iterdir()):
         raise NextStepError(f"{destination} exists and is not empty; choose a new folder")
     destination.mkdir(parents=True, exist_ok=True)
