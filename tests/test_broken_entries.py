@@ -155,7 +155,7 @@ def test_an_unreadable_model_folder_hides_none_of_the_others(search_folders: dic
 # --- files that are not regular -----------------------------------------------------------------------------------
 
 FIFO_PLACES = {"index": "model.safetensors.index.json", "weights": "model.safetensors", "config": "config.json",
-               "tokenizer": "tokenizer.json", "vae": "vae/checkpoint.pt"}
+               "tokenizer": "tokenizer.json", "tokenizer-config": "tokenizer_config.json", "vae": "vae/checkpoint.pt"}
 
 
 def fifo_folder(tmp_path: Path, place: str) -> Path:

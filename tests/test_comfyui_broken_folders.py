@@ -21,11 +21,13 @@ from goldens import TINY_MODEL, golden_cases
 from model_folders import copy_model, rewrite_weights, write_hf_cache
 from nodes_pack import MODEL_NAME
 from permissions import unprivileged, unreadable
+from safetensors.torch import load_file, save_file
 
 CASE = {case.name: case for case in golden_cases()}["official_t2i_cps_nocfg"].params
 CACHED = "someone/NextStep-cached"
 COMMIT = "00ff" * 10
 ANSWER_WITHIN_S = 5.0
+NAN_TENSOR = "layers.0.self_attn.v_proj.weight"
 FIFO_REQUESTS = 6
 """More plan and doctor requests on FIFO folders than the route workers (two): none may hold one."""
 
@@ -50,7 +52,11 @@ def broken(tmp_path_factory) -> tuple[ComfyUI, Path]:
         shutil.rmtree(snapshot)
         snapshot.symlink_to(target)
     write_hf_cache(cache, "someone/NextStep-locked", TINY_MODEL, COMMIT)
-    models = {"locked": copy_model(root / "locked"),
+    nan_weights = copy_model(root / "nan-weights")
+    tensors = load_file(nan_weights / "model.safetensors")
+    tensors[NAN_TENSOR][1, 2] = float("nan")
+    save_file(tensors, nan_weights / "model.safetensors", metadata={"format": "pt"})
+    models = {"locked": copy_model(root / "locked"), "nan-weights": nan_weights,
               "fifo-index": fifo_model(root, "fifo-index", "model.safetensors.index.json"),
               "fifo-weights": fifo_model(root, "fifo-weights", "model.safetensors")}
     locked = (cache / "models--someone--NextStep-locked", root / "locked")
@@ -94,7 +100,7 @@ def run_on(comfy: ComfyUI, model: str, vae: str, prefix: str) -> None:
 
 def test_broken_entries_leave_the_good_models_listed(broken) -> None:
     models = choices(broken, "NextStepModelLoader", "model_name")
-    assert models == ["fifo-index", "fifo-weights", MODEL_NAME, CACHED]  # listed by config.json alone
+    assert models == ["fifo-index", "fifo-weights", "nan-weights", MODEL_NAME, CACHED]  # listed by config.json alone
     assert f"{CACHED}/vae" in choices(broken, "NextStepVAELoader", "vae_name")
 
 
@@ -126,6 +132,19 @@ def test_links_that_loop_under_models_vae_do_not_block_the_vae_list(broken) -> N
         (vae / "itself").unlink()
         (vae / "sub" / "back").unlink()
     assert [name for name in names if name.endswith(".safetensors")] == ["tiny-nextstep-vae.safetensors"]
+
+
+def test_non_finite_weights_fail_the_model_loader_naming_file_and_tensor(broken) -> None:
+    """Issue 29, item 12: the whole image ran, the Sampler reported success and VAE Decode failed naming neither."""
+    prompt = workflow("nextstep_1.1_text_to_image", CASE, "broken/nan")
+    for node in prompt.values():
+        if node["class_type"] == "NextStepModelLoader":
+            node["inputs"]["model_name"] = "nan-weights"
+    entry = broken.wait(broken.submit(prompt))
+    (error,) = [data for event, data in entry["status"]["messages"] if event == "execution_error"]
+    assert error["node_type"] == "NextStepModelLoader", error
+    assert f"model.safetensors: tensor '{NAN_TENSOR}' holds NaN or infinite values" in error["exception_message"]
+    assert "nan-weights" in error["exception_message"]
 
 
 def test_a_cached_model_beside_broken_ones_generates(broken) -> None:

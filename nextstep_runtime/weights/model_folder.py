@@ -33,6 +33,8 @@ BUNDLED_VAE_FOLDER = "vae"
 TOKENIZER_JSON = "tokenizer.json"
 BPE_TOKENIZER_FILES = ("vocab.json", "merges.txt")
 """The byte-level BPE files some repos ship instead of tokenizer.json."""
+TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+"""Files transformers reads beside the tokenizer files when present."""
 SAFETENSORS_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F8_E4M3": "float8_e4m3fn"}
 
 
@@ -182,7 +184,11 @@ class ModelFolder:
 
     @cached_property
     def tokenizer_files(self) -> tuple[Path, ...]:
-        """tokenizer.json when present, else the byte-level BPE's vocab.json and merges.txt."""
+        """tokenizer.json when present, else the byte-level BPE's vocab.json and merges.txt (the files transformers
+        reads beside them checked to be regular files too)."""
+        for name in TOKENIZER_SIDE_FILES:
+            if (self.path / name).exists():
+                require_regular(self.path / name)
         if (self.path / TOKENIZER_JSON).exists():
             return (require_regular(self.path / TOKENIZER_JSON),)
         if all((self.path / name).exists() for name in BPE_TOKENIZER_FILES):
