@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import NextStepError
+from .regular_files import open_regular
 
 
 def parse_json(text: str | bytes, source: str) -> Any:
@@ -28,16 +30,19 @@ MAX_JSON_BYTES = 64 * 2**20
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """Read a JSON object, turning missing, oversized or malformed files into a NextStepError naming the file."""
+    """Read a JSON object, turning missing, oversized, malformed or irregular files (a FIFO, a folder) into a
+    NextStepError naming the file."""
     try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise NextStepError(f"{path} is {path.stat().st_size / 2**20:.0f} MB; a config or shard index is at most "
-                                f"{MAX_JSON_BYTES // 2**20} MB, so this is not one")
-        text = path.read_bytes()
+        with open_regular(path) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > MAX_JSON_BYTES:
+                raise NextStepError(f"{path} is {size / 2**20:.0f} MB; a config or shard index is at most "
+                                    f"{MAX_JSON_BYTES // 2**20} MB, so this is not one")
+            text = handle.read()
     except FileNotFoundError:
         raise NextStepError(f"{path} not found") from None
-    except IsADirectoryError:
-        raise NextStepError(f"{path} is a folder, not a JSON file") from None
+    except OSError as exc:  # no permission, a folder where the platform will not open one, ...
+        raise NextStepError(f"{path} cannot be read ({exc.strerror or exc})") from None
     data = parse_json(text, str(path))
     if not isinstance(data, dict):
         raise NextStepError(f"{path} must hold a JSON object")

@@ -16,12 +16,14 @@ OUT_OF_MEMORY_MARKERS = (
     "CUDA error: out of memory",  # the driver itself (graph capture, cuBLAS handles), not the caching allocator
     "CUBLAS_STATUS_ALLOC_FAILED",  # cuBLAS could not allocate its workspace
 )
-UNSUPPORTED_MARKERS = ("support", "not implemented", "no kernel image", "captur")
-"""What torch and CUDA say when an operation cannot run here: "torch._scaled_mm is only supported on CUDA devices
-with compute capability >= 9.0 or 8.9", "Rowwise scaling is not currently supported on your device",
+UNSUPPORTED_MARKERS = ("not supported", "not currently supported", "only supported", "status_not_supported",
+                       "unsupported", "not implemented", "no kernel image", "is capturing", "graph capture")
+"""What torch and CUDA say, lowercased, when an operation cannot run here: "torch._scaled_mm is only supported on
+CUDA devices with compute capability >= 9.0 or 8.9", "Rowwise scaling is not currently supported on your device",
 "CUBLAS_STATUS_NOT_SUPPORTED", "no kernel image is available for execution on the device" (a wheel without this
 GPU's architecture), "operation not permitted when stream is capturing", "Cannot copy between CPU and CUDA tensors
-during CUDA graph capture", ..."""
+during CUDA graph capture", ... Whole phrases, not a word such as "support" alone, which unrelated errors (a support
+library that failed to load, a range of supported values) contain too."""
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

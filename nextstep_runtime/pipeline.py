@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .devices import DeviceTraits, compile_default, resolve_device, vae_dtype
-from .errors import NextStepError
+from .errors import NextStepError, NonFiniteResult
 from .image_codec import decode_latents, encode_images
 from .memory.check import check_job_memory
 from .memory.device_memory import FreeMemory, free_memory
@@ -28,6 +28,7 @@ from .model.network import NextStepModel
 from .model.placement import DeviceList
 from .model.tokens import LatentNormalization, image_size_of, patchify, token_grid, token_pixels, unpatchify
 from .model.vae import NextStepVAE
+from .sampling.decode_state import non_finite_fix
 from .sampling.keep_mask import KeptTokens, kept_tokens, regenerated_cells
 from .sampling.loop_inputs import TokenLoopInputs
 from .sampling.noise import NoiseSpec
@@ -210,6 +211,9 @@ class NextStepPipeline:
             return sample_tokens(self.model, inputs, kernels, callback, use_compile), inputs
 
         tokens, inputs = run_or_explain_out_of_memory(SAMPLING, self.model.device, run)
+        if not bool(torch.isfinite(tokens).all()):  # else the VAE decode after would be blamed, not the model
+            raise NonFiniteResult(f"the image tokens of {self.model.source} came out NaN or infinite (computing in "
+                                  f"{self.model.placement.describe_dtypes()}); {non_finite_fix(self.model)}")
         patch = self.model.config.latent_patch_size
         latents = self.normalization.to_vae_space(unpatchify(tokens, *inputs.grid, patch))
         if inputs.kept is not None:  # the input's own values, not their round trip through the model's scaling

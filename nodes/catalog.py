@@ -21,14 +21,30 @@ VAE_FILE_SUFFIX = ".safetensors"
 """The only single-file VAE format the runtime reads (config in the safetensors metadata)."""
 
 
+def _readable_children(root: Path) -> list[Path]:
+    """The entries of a search folder, none when it is missing or this user may not list it."""
+    try:
+        return sorted(root.iterdir()) if root.is_dir() else []
+    except OSError:
+        return []
+
+
+def _holds_model_config(folder: Path) -> bool:
+    """holds_model_config, False for a folder this user may not read (it is skipped, and doctor says why)."""
+    try:
+        return holds_model_config(folder)
+    except OSError:
+        return False
+
+
 def _model_folders() -> dict[str, Path]:
-    """Model name -> folder; the first search folder holding a name wins, cached Hugging Face repos last."""
+    """Model name -> folder; the first search folder holding a name wins, cached Hugging Face repos last. Entries
+    that cannot be read are skipped, so one broken folder never hides the others."""
     found: dict[str, Path] = {}
     for root in map(Path, host.folder_roots(host.MODEL_FOLDER_KEY)):
-        if root.is_dir():
-            for child in sorted(root.iterdir()):
-                if child.name not in found and holds_model_config(child):
-                    found[child.name] = child
+        for child in _readable_children(root):
+            if child.name not in found and _holds_model_config(child):
+                found[child.name] = child
     for repo, snapshot in cached_nextstep_repos().items():
         found.setdefault(repo, snapshot)
     return found
@@ -39,13 +55,28 @@ def _vae_entries() -> dict[str, Path]:
     found = {f"{name}/{MODEL_VAE_SUBFOLDER}": folder / MODEL_VAE_SUBFOLDER
              for name, folder in _model_folders().items() if (folder / MODEL_VAE_SUBFOLDER).is_dir()}
     for root in map(Path, host.folder_roots(host.VAE_FOLDER_KEY)):
-        if not root.is_dir():
-            continue
-        for directory, _, files in sorted(os.walk(root, followlinks=True)):
+        for directory, files in sorted(_walk_once(root)):
             for file in sorted(name for name in files if name.endswith(VAE_FILE_SUFFIX)):
                 path = Path(directory) / file
                 found.setdefault(path.relative_to(root).as_posix(), path)
     return found
+
+
+def _walk_once(root: Path) -> list[tuple[str, list[str]]]:
+    """(folder, file names) of every folder under `root`, following links to folders but entering each real folder
+    once: a link to `.` or to a parent would otherwise be walked without end. Folders this user may not list are
+    skipped (os.walk's default)."""
+    visited: set[str] = set()
+    walked = []
+    for directory, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in visited:
+            subfolders.clear()
+            continue
+        visited.add(real)
+        subfolders.sort()  # a fixed order, so the same alias of a folder reached twice is always the one listed
+        walked.append((directory, files))
+    return walked
 
 
 def model_names() -> list[str]:

@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pytest
@@ -119,11 +119,13 @@ def free_port() -> int:
 def running_comfyui(root: Path, settings: dict | None = None, packs: Mapping[str, Path] | None = None,
                     models: Mapping[str, Path] | None = None,
                     env: Mapping[str, str | None] | None = None, args: Sequence[str] = (),
-                    comfy_models: Mapping[str, Path] | None = None) -> Iterator[ComfyUI]:
+                    comfy_models: Mapping[str, Path] | None = None,
+                    preexec: Callable[[], None] | None = None) -> Iterator[ComfyUI]:
     """Start ComfyUI in folders under `root` (user settings `settings`) and stop it afterwards; `models` names more
     model folders for the Model Loader's list, beside the fixture model; `env` changes its environment variables
     (None: unset), as a user's shell may have them; `args`: more of ComfyUI's command-line options; `comfy_models`
-    maps ComfyUI's own model folders ("checkpoints", "controlnet") to a file to list there.
+    maps ComfyUI's own model folders ("checkpoints", "controlnet") to a file to list there; `preexec` runs in the
+    server's process before ComfyUI does (permissions.py's, to run it as an ordinary user).
 
     `packs` maps custom-node folder names to other packs (such as ComfyUI-Distributed) to load beside this one:
     each is copied in, not linked, because such packs write their state (ComfyUI-Distributed's gpu_config.json)
@@ -162,7 +164,8 @@ def running_comfyui(root: Path, settings: dict | None = None, packs: Mapping[str
     with open(log, "w") as log_file:
         changed = {**os.environ, **(env or {})}
         process = subprocess.Popen(command, cwd=COMFYUI_DIR, stdout=log_file, stderr=subprocess.STDOUT,
-                                   env={name: value for name, value in changed.items() if value is not None})
+                                   env={name: value for name, value in changed.items() if value is not None},
+                                   preexec_fn=preexec)
     server = ComfyUI(f"http://127.0.0.1:{port}", folders, log, process)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_runs import cli_error, run_cli
+from cli_runs import cli_error, folder_error, run_cli
 from comfyui_server import running_comfyui
 from community_folders import (
     AUTOROUND,
@@ -371,6 +371,32 @@ def test_unsupported_configs_are_refused_naming_the_field(sym_copy, capsys, tmp_
         ModelFolder.open(sym_copy)
     assert expected in str(refused.value) and str(sym_copy / "config.json") in str(refused.value)
     assert expected in cli_error(capsys, tmp_path, "--prompt", "a fox", model=sym_copy)
+
+
+@pytest.mark.parametrize("changes,expected", [
+    ({"extra_config": {"layers.1.self_attn.q_proj": "bits 16"}},
+     "quantization_config.extra_config['layers.1.self_attn.q_proj'] is 'bits 16'; each entry must be a JSON object"),
+    ({"extra_config": {"image_in_projector": {"bits": "16"}}},
+     "quantization_config.extra_config['image_in_projector'].bits is '16'; it must be a whole number"),
+    ({"extra_config": {"lm_head": {"bits": 16, "data_type": ["float"]}}},
+     "quantization_config.extra_config['lm_head'].data_type is ['float']; it must be a text"),
+    ({"extra_config": [["lm_head", 16]]}, "quantization_config.extra_config is [['lm_head', 16]]; it must be a JSON"),
+    ({"packing_format": {"name": "auto_round"}}, "quantization_config.packing_format is {'name': 'auto_round'}; it "
+                                                 "must be a text"),
+    ({"bits": 4.0}, "quantization_config.bits is 4.0; it must be a whole number"),
+    ({"bits": "4"}, "quantization_config.bits is '4'; it must be a whole number"),
+    ({"group_size": True}, "quantization_config.group_size is True; it must be a whole number"),
+    ({"quant_method": "gptq", "checkpoint_format": 2}, "quantization_config.checkpoint_format is 2; it must be a text"),
+    ({"desc_act": "false"}, "quantization_config.desc_act is 'false'; it must be true or false"),
+    ({"sym": 1}, "quantization_config.sym is 1; it must be true or false"),
+])
+def test_fields_of_the_wrong_type_are_refused_naming_them(sym_copy, capsys, tmp_path, changes, expected):
+    """Issue 29, item 9: an extra_config entry that was a string or a packing_format that was a list ended in an
+    AttributeError or TypeError reported as a bug, in generate and plan alike."""
+    edit_quantization_config(sym_copy, **changes)
+    for command in ("generate", "plan"):
+        line = folder_error(capsys, tmp_path, command, sym_copy)
+        assert line.startswith(f"error: {sym_copy / 'config.json'}: {expected}"), (command, line)
 
 
 def test_act_order_g_idx_is_refused_naming_the_tensor(tmp_path, capsys):

@@ -11,16 +11,18 @@ import importlib
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import torch
 from broken_installs import FLASH_ATTN_FAILURES, broken_flash_attn
 from goldens import TINY_MODEL
-from model_folders import write_hf_cache
+from model_folders import copy_model, rewrite_weights, write_hf_cache
 from nodes_pack import MODEL_NAME, install_fixture_models, load_pack
 
 from nextstep_runtime.devices import DeviceTraits, host_memory
@@ -268,3 +270,43 @@ def test_the_panels_warnings_measure_the_device_once_per_process(monkeypatch) ->
 ])
 def test_route_refuses_unknown_parameters(query: dict, message: str) -> None:
     assert routes.doctor_response(query) == (400, {"error": message})
+
+
+def test_a_cache_path_that_is_a_file_is_reported_not_raised(tmp_path: Path) -> None:
+    """Issue 29, item 3: `HF_HUB_CACHE` naming a file ended doctor in "please report this as a bug"."""
+    (tmp_path / "cache-file").write_text("")
+    result, _ = run_doctor(HF_HUB_CACHE=str(tmp_path / "cache-file"))
+    assert result.returncode == 0, result.stderr
+    assert (f"    {tmp_path / 'cache-file'}: skipped: the Hugging Face cache path (HF_HUB_CACHE or HF_HOME) is not a "
+            f"folder") in result.stdout.splitlines()
+    assert "please report" not in result.stdout + result.stderr
+
+
+def test_route_reports_broken_cached_repos_and_model_folders_beside_the_good_ones(models_dir: Path, tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    """Issues 29, items 5 and 6: one broken cached repo hid the good ones; a FIFO index blocked the route."""
+    cache = tmp_path / "hub"
+    write_hf_cache(cache, CACHED_REPO, TINY_MODEL, COMMIT)
+    dangling = write_hf_cache(cache, "someone/NextStep-gone", TINY_MODEL, COMMIT)
+    shutil.rmtree(dangling)
+    dangling.symlink_to("../../models--nobody--here/snapshots/" + COMMIT)
+    fifo = copy_model(tmp_path / "fifo-index")
+    rewrite_weights(fifo, shards=3)
+    (fifo / "model.safetensors.index.json").unlink()
+    os.mkfifo(fifo / "model.safetensors.index.json")
+    (models_dir / "nextstep" / "fifo-index").symlink_to(fifo)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    try:
+        status, report = routes.doctor_response({})
+    finally:
+        (models_dir / "nextstep" / "fifo-index").unlink()
+    assert status == 200
+    assert list(report["hf_cache"]["nextstep_repos"]) == [CACHED_REPO]
+    assert list(report["hf_cache"]["problems"]) == ["someone/NextStep-gone"]
+    root = next(root for root in report["model_folders"] if root["path"] == str(models_dir / "nextstep"))
+    entries = {entry["name"]: entry for entry in root["entries"]}
+    index = models_dir / "nextstep" / "fifo-index" / "model.safetensors.index.json"
+    assert entries["fifo-index"]["problem"].startswith(f"{index} is a FIFO (named pipe)")
+    assert "weights" in entries[MODEL_NAME]
+    text = render_text({**report, "warnings": [], "self_check": None, "seconds": 0.0})
+    assert f"    someone/NextStep-gone: skipped: its snapshot {dangling} is not a folder" in text

@@ -18,7 +18,7 @@ from cli_runs import command_error
 from community_folders import community_folder
 from goldens import TINY_MODEL, assert_matches_golden, golden_cases, settings_for
 from hub_server import HubRepo, HubServer
-from model_folders import add_tensors, write_hf_cache
+from model_folders import add_tensors, copy_model, rewrite_weights, write_hf_cache
 from nodes_pack import load_pack
 from safetensors.torch import load_file
 
@@ -202,6 +202,69 @@ def test_download_to_a_folder(tmp_path: Path) -> None:
              if path.is_file() and ".cache" not in path.parts}
     assert files == RUNTIME_FILES
     assert_matches_golden(CASE, generate(NextStepPipeline.from_pretrained(target, device="cpu", dtype="float32")))
+
+
+def test_download_to_a_file_is_refused_before_the_hub_is_asked(tmp_path: Path) -> None:
+    """Issue 29, item 15: the Hub was asked first, then the user was told to run the same command again."""
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    repo = served_repo(TINY_MODEL)
+    with HubServer(repo) as endpoint:
+        result = run_cli(["download", REPO, "--to", str(target)], endpoint, tmp_path)
+    assert result.returncode == 2 and repo.requests == []
+    assert result.stderr.strip().splitlines() == [
+        f"error: --to {target} is a file; give a folder to write the model into (new or empty)"]
+    assert target.read_text() == "mine"
+
+
+@pytest.mark.parametrize("own_files", [{"config.json": "{}"}, {"tokenizer_config.json": "{}", "vae/config.json": "{}"},
+                                       {"model-00001-of-00003.safetensors": "x"}])
+def test_download_to_a_folder_never_overwrites_a_users_files(tmp_path: Path, own_files: dict[str, str]) -> None:
+    """Issue 29, item 2: a user's own same-named files were replaced; any model file not put there by a download is
+    now refused, named, before the Hub is asked; a readme of the user's is no obstacle."""
+    target = tmp_path / "mine"
+    for name, text in {**own_files, "README.md": "my notes"}.items():
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        (target / name).write_text(text)
+    repo = served_repo(TINY_MODEL)
+    with HubServer(repo) as endpoint:
+        refused = run_cli(["download", REPO, "--to", str(target)], endpoint, tmp_path)
+        assert refused.returncode == 2 and repo.requests == []
+        (line,) = refused.stderr.strip().splitlines()
+        assert f"error: {target} already holds {', '.join(sorted(own_files))}, not written by a download" in line
+        assert all((target / name).read_text() == text for name, text in own_files.items())
+        for name in own_files:
+            (target / name).unlink()
+        fetched = run_cli(["download", REPO, "--to", str(target)], endpoint, tmp_path)
+    assert fetched.returncode == 0, fetched.stderr
+    assert (target / "README.md").read_text() == "my notes"
+
+
+def test_download_to_a_folder_never_mixes_two_models(tmp_path: Path) -> None:
+    """Issue 29, item 2: a single-file model fetched into a folder holding an older sharded one (here three shards,
+    and the other way round) loaded the old shards with the new config. Refused, naming the old model's files; the
+    same download again continues as before."""
+    sharded = copy_model(tmp_path / "sharded")
+    rewrite_weights(sharded, shards=3)
+    old, new = HubRepo.from_folder(REPO, COMMIT, sharded, {}), served_repo(TINY_MODEL)
+    new.commit = "fedcba9876543210fedcba9876543210fedcba98"
+    for first, second in ((old, new), (new, old)):
+        target = tmp_path / f"into-{first.commit[:4]}"
+        with HubServer(first) as endpoint:
+            assert run_cli(["download", REPO, "--to", str(target)], endpoint, tmp_path).returncode == 0
+            again = run_cli(["download", REPO, "--to", str(target)], endpoint, tmp_path)
+        assert again.returncode == 0, again.stderr
+        before = {path: path.read_bytes() for path in target.rglob("*") if ".cache" not in path.parts and path.is_file()}
+        second.requests.clear()
+        with HubServer(second) as endpoint:
+            mixed = run_cli(["download", REPO, "--to", str(target)], endpoint, tmp_path)
+        assert mixed.returncode == 2
+        (line,) = mixed.stderr.strip().splitlines()
+        expected = ("model-00001-of-00003.safetensors" if first is old else "model.safetensors")
+        assert f"error: {target} holds " in line and expected in line and "from another download" in line
+        assert f"{REPO} ({second.commit[:12]}) would be mixed with" in line
+        assert second.fetched() == set()
+        assert before == {path: path.read_bytes() for path in before}
 
 
 def test_download_of_a_community_4bit_repo_fetches_what_the_runtime_reads(tmp_path: Path) -> None:

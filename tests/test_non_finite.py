@@ -4,14 +4,21 @@ through attention to every token generated after it and come back as a black ima
 
 from __future__ import annotations
 
+import re
+import shutil
+
 import pytest
 import torch
-from cli_runs import cli_error
+from cli_runs import cli_error, folder_error
+from community_folders import community_folder
+from goldens import TINY_MODEL, TINY_VAE_FILE
 from nodes_pack import MODEL_NAME, install_fixture_models, load_pack
 from nodes_pack import run_node as node
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from nextstep_runtime import GenerationSettings, NextStepError
+from nextstep_runtime import GenerationSettings, NextStepError, NextStepPipeline
+from nextstep_runtime.weights.repack import convert_folder
 
 NODES = load_pack().NODE_CLASS_MAPPINGS
 BAD_VALUES = [float("nan"), float("inf"), float("-inf")]
@@ -122,3 +129,68 @@ def test_cli_refuses_a_saved_tensors_init_image_with_non_finite_latents(capsys, 
 def test_text_encode_refuses_an_empty_image_latent(model, shape):
     with pytest.raises(NextStepError, match=rf"the `image` LATENT is \[{', '.join(map(str, shape))}\] .*: no image"):
         node("NextStepTextEncode", model, "<image>make it blue", {"samples": torch.zeros(shape)})
+
+
+# --- the weights (issue 29, item 12) ------------------------------------------------------------------------------
+
+def spoil_weights(file, key: str, value: float, index: int) -> None:
+    """One value of tensor `key` in safetensors `file` replaced by `value`, the file's metadata kept."""
+    with safe_open(str(file), "pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(file)
+    tensors[key] = spoiled(tensors[key], value, index)
+    save_file(tensors, file, metadata=metadata)
+
+
+@pytest.mark.parametrize("key,value,index", [("layers.1.self_attn.o_proj.weight", float("inf"), 5),
+                                             ("image_head.net.res_blocks.0.mlp.0.weight", float("nan"), 0),
+                                             ("embed_tokens.weight", float("-inf"), -1)])
+def test_non_finite_weights_are_refused_while_loading_naming_file_and_tensor(model_copy, tmp_path, capsys, key,
+                                                                             value, index):
+    spoil_weights(model_copy / "model.safetensors", key, value, index)
+    message = f"{model_copy / 'model.safetensors'}: tensor '{key}' holds NaN or infinite values"
+    with pytest.raises(NextStepError, match=re.escape(message)):
+        NextStepPipeline.from_pretrained(model_copy, device="cpu", dtype="bfloat16", memory="int4")
+    assert folder_error(capsys, tmp_path, "convert", model_copy).startswith(f"error: {message}")
+
+
+def test_non_finite_values_in_a_repacked_fp8_folder_and_a_vae_are_named(tmp_path):
+    convert_folder(TINY_MODEL, tmp_path / "fp8", "fp8")
+    key = "layers.0.mlp.up_proj.weight"
+    tensors = load_file(tmp_path / "fp8" / "model.safetensors")
+    tensors[key] = spoiled(tensors[key].float(), float("nan"), 11).to(torch.float8_e4m3fn)
+    save_file(tensors, tmp_path / "fp8" / "model.safetensors")
+    with pytest.raises(NextStepError, match=re.escape(f"tensor '{key}' holds NaN or infinite values")):
+        NextStepPipeline.from_pretrained(tmp_path / "fp8", device="cpu", dtype="bfloat16", memory="fp8")
+    vae = tmp_path / "vae.safetensors"
+    shutil.copy(TINY_VAE_FILE, vae)
+    first = next(name for name in load_file(vae) if name.startswith("decoder.") and name.endswith(".weight"))
+    spoil_weights(vae, first, float("inf"), 2)
+    with pytest.raises(NextStepError, match=re.escape(f"{vae}: tensor '{first}' holds NaN or infinite values")):
+        NextStepPipeline.from_pretrained(TINY_MODEL, vae=vae, device="cpu", dtype="float32")
+
+
+def test_a_non_finite_4bit_scale_is_named(tmp_path):
+    folder = community_folder("asym-g32", tmp_path / "scales")
+    key = "layers.1.mlp.down_proj.scales"
+    spoil_weights(folder / "model.safetensors", key, float("nan"), 3)
+    with pytest.raises(NextStepError, match=re.escape(f"{folder / 'model.safetensors'}: tensor '{key}' holds NaN")):
+        NextStepPipeline.from_pretrained(folder, device="cpu", dtype="float32", memory="int4")
+
+
+def test_the_sampler_names_the_model_when_its_output_is_not_finite(models_dir):
+    """A model whose weights turn non-finite after loading (as float16 overflow does): the Sampler fails naming the
+    model, before VAE Decode is reached; the API's sample likewise."""
+    spoilt = node("NextStepModelLoader", MODEL_NAME, "bfloat16", "sdpa")[0]  # not the module's float32 model
+    pipeline = spoilt.loaded.pipeline
+    weight = pipeline.model.image_head.net.final_layer.linear.weight
+    kept = weight.data[0, 0].item()
+    weight.data[0, 0] = float("nan")
+    message = f"the image tokens of {models_dir / 'nextstep' / MODEL_NAME} came out NaN or infinite"
+    try:
+        with pytest.raises(NextStepError, match=re.escape(message)):
+            sampler(spoilt, {"samples": torch.zeros(1, 16, 4, 4)})
+        with pytest.raises(NextStepError, match=re.escape(message)):
+            pipeline.sample("a boat", SMALL)
+    finally:
+        weight.data[0, 0] = kept

@@ -28,6 +28,7 @@ from torch.nn.attention import SDPBackend
 from nextstep_runtime import NextStepError, attention_kernels
 from nextstep_runtime import devices as devices_module
 from nextstep_runtime.cli.output_paths import nearest_existing
+from nextstep_runtime.failures import is_unsupported
 from nextstep_runtime.memory.device_memory import device_memory, free_memory
 from nextstep_runtime.memory.out_of_memory import SAMPLING, run_or_explain_out_of_memory
 from nextstep_runtime.model import attention
@@ -162,6 +163,25 @@ def test_fused_fp8_not_supported_falls_back_once(fp8_layer, message: str, monkey
         assert fp8_layer.fused_or_none(x) is None
     assert FP8Linear.fused_refused is True and "dequantising fp8 weights instead" in caplog.text
     assert torch.equal(fp8_layer(x), fp8_layer.dequantized(x))
+
+
+@pytest.mark.parametrize("error,unsupported", [
+    (RuntimeError("Rowwise scaling is not currently supported on your device"), True),
+    (RuntimeError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling cublasLtMatmulAlgoGetHeuristic"), True),
+    (RuntimeError("CUDA error: no kernel image is available for execution on the device"), True),
+    (RuntimeError('"addmm_impl_cpu_" not implemented for \'Float8_e4m3fn\''), True),
+    (RuntimeError("FlashAttention only supports Ampere GPUs or newer: unsupported architecture"), True),
+    (NotImplementedError("no kernel for Float8_e5m2"), True),
+    (RuntimeError("CUDA error: an illegal memory access was encountered (the support id is 7)"), False),
+    (RuntimeError("cuDNN error: the support library libcudnn_ops.so.9 could not be loaded"), False),
+    (RuntimeError("index 9 is out of bounds: the supported range is [0, 8)"), False),
+    (RuntimeError("Expected all tensors to be on the same device, which supports cuda:0 and cpu only"), False),
+    (ValueError("not supported"), False),
+])
+def test_only_what_cannot_run_here_counts_as_unsupported(error: BaseException, unsupported: bool) -> None:
+    """Review of issue 29: the fallback matched the substring "support", so an accelerator fault or a bug whose
+    message held the word (turned into a silent fallback for the rest of the process) did too."""
+    assert is_unsupported(error) is unsupported
 
 
 def test_fp8_fallback_applies_the_scale_in_float32(fp8_layer) -> None:

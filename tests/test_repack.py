@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from goldens import TINY_MODEL, golden_cases, settings_for
-from model_folders import MEMORY_PROBE, load_on, rewrite_weights, write_sharded_fp32_model
+from model_folders import MEMORY_PROBE, copy_model, load_on, rewrite_weights, write_sharded_fp32_model
 from safetensors import safe_open
 
 from nextstep_runtime import NextStepError, NextStepPipeline
@@ -67,6 +67,23 @@ def test_convert_writes_shards_copies_tokenizer_and_vae_but_never_code(model_cop
     reference = load_on(TINY_MODEL, torch.bfloat16, "int4").state_dict()
     loaded = load_on(destination, torch.bfloat16, "int4").state_dict()
     assert reference.keys() == loaded.keys() and all(torch.equal(reference[k], loaded[k]) for k in reference)
+
+
+@pytest.mark.parametrize("umask,max_shard_bytes", [(0o022, 10**9), (0o027, 60_000)])
+def test_converted_weights_get_the_mode_of_the_folders_other_files(tmp_path: Path, umask: int,
+                                                                   max_shard_bytes: int) -> None:
+    """Issue 29, item 15: model.safetensors came out 0600 (safetensors writes privately) beside 0644 config and
+    tokenizer files; every written file (copies of 0640 files included) now has the mode the umask gives."""
+    source = copy_model(tmp_path / "source")
+    (source / "vocab.json").chmod(0o640)
+    old = os.umask(umask)
+    try:
+        convert_folder(source, tmp_path / "converted", "fp8", max_shard_bytes=max_shard_bytes)
+    finally:
+        os.umask(old)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "converted").rglob("*") if path.is_file()}
+    assert any(name.endswith(".safetensors") for name in modes)
+    assert set(modes.values()) == {0o666 & ~umask}, modes
 
 
 def test_repacked_folder_refuses_another_weight_mode_and_reconversion(tmp_path: Path) -> None:

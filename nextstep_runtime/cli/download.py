@@ -3,15 +3,18 @@
 Only config, weights (and their index), tokenizer files and `vae/` are fetched, never the repos' Python
 code. huggingface_hub does the transfer: files already complete are not fetched again and a transfer cut
 off mid-file continues from where it stopped. Without `--to` the files go into the Hugging Face cache, where
-`--model REPO` and the ComfyUI loader find them.
+`--model REPO` and the ComfyUI loader find them. With `--to`, the folder must not hold model files of anyone
+else's (weights/download_folder.py): nothing of the user's is overwritten and no two models are mixed.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..errors import NextStepError
+from ..weights.download_folder import check_no_mixing, check_target_folder
 from ..weights.hub import NEVER_FETCHED, RUNTIME_FILES, repo_id_problem
 
 
@@ -50,16 +53,20 @@ def run(args: argparse.Namespace) -> None:
     problem = repo_id_problem(args.repo)
     if problem is not None:
         raise NextStepError(f"{args.repo!r} is not a Hugging Face repo id like stepfun-ai/NextStep-1.1 ({problem})")
+    if args.to:
+        check_target_folder(Path(args.to))
     try:
         info = HfApi().model_info(args.repo, revision=args.revision, files_metadata=True)
         files = list(filter_repo_objects(info.siblings or [], allow_patterns=RUNTIME_FILES,
                                          ignore_patterns=NEVER_FETCHED, key=lambda sibling: sibling.rfilename))
         if not any(sibling.rfilename == "config.json" for sibling in files):
             raise NextStepError(f"{args.repo} has no config.json at its top level; it is not a NextStep model repo")
+        if args.to:
+            check_no_mixing(Path(args.to), args.repo, info.sha, [sibling.rfilename for sibling in files])
         total = sum(sibling.size or 0 for sibling in files)
         target = args.to or "the Hugging Face cache"
         sys.stderr.write(f"{args.repo} ({info.sha}): fetching {len(files)} files, {_human_size(total)} in all, "
-                         f"into {target} (files already there are kept)\n")
+                         f"into {target} (files an earlier download put there are kept)\n")
         folder = snapshot_download(args.repo, revision=args.revision, local_dir=args.to,
                                    allow_patterns=[sibling.rfilename for sibling in files])
     except (RepositoryNotFoundError, RevisionNotFoundError) as exc:

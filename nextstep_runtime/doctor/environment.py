@@ -28,7 +28,7 @@ from ..errors import NextStepError
 from ..memory.device_memory import device_memory
 from ..model.attention import BACKENDS, attention_choice, flash_attn_difference, flash_attn_problem
 from ..sampling.compiled_step import compile_problem
-from ..weights.hub import cache_root
+from ..weights.hub import cache_root, scan_model_cache
 from ..weights.model_folder import CONFIG_NAME, ModelFolder, cached_nextstep_repos, holds_model_config
 
 FLASH_ATTN_TOLERANCE = 0.05
@@ -183,14 +183,20 @@ def model_folders_report(roots: list[Path]) -> list[dict]:
     """Each model search folder (inside ComfyUI, the `nextstep` ones) and what it holds."""
     report = []
     for root in roots:
-        entries = [_folder_entry(child) for child in sorted(root.iterdir())] if root.is_dir() else []
+        try:
+            entries = [_folder_entry(child) for child in sorted(root.iterdir())] if root.is_dir() else []
+        except OSError as exc:  # a search folder this user may not list
+            entries = [{"name": ".", "path": str(root), "problem": f"cannot be listed ({exc.strerror or exc})"}]
         report.append({"path": str(root), "exists": root.is_dir(), "entries": entries})
     return report
 
 
 def hf_cache_report() -> dict:
+    """The cache's NextStep repos, and the entries skipped as broken (`problems`: repo id or path -> why)."""
+    scan = scan_model_cache()
     return {"path": str(cache_root()),
-            "nextstep_repos": {repo: str(snapshot) for repo, snapshot in cached_nextstep_repos().items()}}
+            "nextstep_repos": {repo: str(snapshot) for repo, snapshot in cached_nextstep_repos(scan).items()},
+            "problems": scan.problems}
 
 
 def versions_report() -> dict:

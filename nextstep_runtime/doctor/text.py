@@ -53,6 +53,7 @@ def _models(report: dict) -> list[str]:
     cache = report["hf_cache"]
     lines = ["models", f"  Hugging Face cache {cache['path']}"]
     lines += [f"    {repo}: {path}" for repo, path in cache["nextstep_repos"].items()] or ["    no NextStep repos"]
+    lines += [f"    {entry}: skipped: {problem}" for entry, problem in cache["problems"].items()]
     for root in report["model_folders"] or []:
         lines.append(f"  model folder {root['path']}" + ("" if root["exists"] else " (does not exist)"))
         for entry in root["entries"]:

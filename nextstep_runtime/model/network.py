@@ -43,6 +43,8 @@ class NextStepModel(nn.Module):
         self.float32_fits: bool | None = None
         """Whether the planner found this load fits its devices in float32 (None: unknown, or no range computes in
         float16): the fix a float16 overflow names (devices.float16_overflow_fix)."""
+        self.source = "the model"
+        """The folder the weights came from (set by the loader), for messages."""
 
     @property
     def dtype(self) -> torch.dtype:

@@ -70,8 +70,14 @@ def check_prefill_finite(model: NextStepModel, hidden: torch.Tensor) -> None:
     device that computes in bfloat16."""
     if bool(torch.isfinite(hidden).all()):
         return
-    dtypes = model.placement.describe_dtypes()
-    float16 = any(layer_range.dtype == torch.float16 for layer_range in model.placement.ranges)
-    fix = float16_overflow_fix(model.float32_fits) if float16 else "the model's weights are likely broken"
     raise NonFiniteResult(f"the decoder's hidden states overflowed to NaN or inf in the prompt's prefill (computing in "
-                          f"{dtypes}), so every image token would be NaN; {fix}")
+                          f"{model.placement.describe_dtypes()}), so every image token would be NaN; "
+                          f"{non_finite_fix(model)}")
+
+
+def non_finite_fix(model: NextStepModel) -> str:
+    """What to do about NaN or inf out of `model`: on float16 ranges an overflow (devices.float16_overflow_fix),
+    elsewhere broken weights, which the loader's check cannot see once they are loaded (changed in memory, say)."""
+    if any(layer_range.dtype == torch.float16 for layer_range in model.placement.ranges):
+        return float16_overflow_fix(model.float32_fits)
+    return f"the weights of {model.source} are likely broken: load it again, or fetch its files anew"

@@ -11,13 +11,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..errors import NextStepError
+from ..regular_files import open_regular, require_regular
 
 POSITION_TABLE_KEY = "gen_pos_embed"
 IGNORED_KEYS = (POSITION_TABLE_KEY, "lm_head.weight", "lm_head.bias")
@@ -29,6 +30,8 @@ MAX_HEADER_BYTES = 100 * 2**20
 """The safetensors format's own limit on a header's size."""
 KEY_PREFIX = "model."
 NAMED_UNKNOWN_KEYS = 8
+FINITE_CHECK_ELEMENTS = 2**20
+"""Values checked for NaN and infinity at a time, so the check's mask stays small beside a large tensor."""
 """Unknown tensor names spelled out in the warning; the rest are counted."""
 
 log = logging.getLogger(__name__)
@@ -56,7 +59,7 @@ def canonical_key(key: str) -> str:
 def open_safetensors(path: Path):
     """safe_open with a message that names the file when it is truncated or not a safetensors file."""
     try:
-        return safe_open(str(path), framework="pt", device="cpu")
+        return safe_open(str(require_regular(path)), framework="pt", device="cpu")
     except FileNotFoundError:
         raise NextStepError(f"weights file {path} not found") from None
     except (SafetensorError, OSError, ValueError) as exc:
@@ -73,7 +76,7 @@ def read_header(path: Path) -> tuple[list[TensorHeader], dict[str, str]]:
                              f"download it again")
 
     try:
-        with open(path, "rb") as handle:
+        with open_regular(path) as handle:
             size = os.fstat(handle.fileno()).st_size
             prefix = handle.read(HEADER_LENGTH_BYTES)
             length = int.from_bytes(prefix, "little") if len(prefix) == HEADER_LENGTH_BYTES else -1
@@ -107,9 +110,27 @@ def read_header(path: Path) -> tuple[list[TensorHeader], dict[str, str]]:
     return tensors, metadata if isinstance(metadata, dict) else {}
 
 
-def read_headers(files: list[Path]) -> dict[str, TensorHeader]:
-    """Every tensor of `files` by canonical name, from the headers alone."""
-    return {canonical_key(header.key): header for path in files for header in read_header(path)[0]}
+def read_headers(files: list[Path], weight_map: Mapping[str, str] | None = None) -> dict[str, TensorHeader]:
+    """Every tensor of `files` by canonical name, from the headers alone, each once. A tensor stored twice (`X` and
+    `model.X`, or one key in two shards) is the copy the shard index's `weight_map` names, where it names exactly
+    one; otherwise the folder is ambiguous and refused, naming both copies: which one the official loader would
+    take depends on the order it happens to read them, and they need not be equal."""
+    copies: dict[str, list[TensorHeader]] = {}
+    for path in files:
+        for header in read_header(path)[0]:
+            copies.setdefault(canonical_key(header.key), []).append(header)
+    chosen = {}
+    for name, found in copies.items():
+        if len(found) > 1:
+            named = [header for header in found if (weight_map or {}).get(header.key) == header.file.name]
+            if len(named) != 1:
+                places = " and ".join(f"as {header.key!r} in {header.file}" for header in found)
+                index = "" if weight_map is None else f", and the shard index names {'both' if named else 'neither'}"
+                raise NextStepError(f"tensor {name} is stored {len(found)} times: {places}{index}; a model folder "
+                                    f"holds each tensor once: remove the extra copy, or download the model again")
+            found = named
+        chosen[name] = found[0]
+    return chosen
 
 
 def iter_safetensors(files: list[Path]) -> Iterator[TensorSource]:
@@ -124,6 +145,19 @@ def iter_safetensors(files: list[Path]) -> Iterator[TensorSource]:
                         raise NextStepError(f"{path}: cannot read tensor {key!r} ({exc}); the file may be "
                                             f"truncated or corrupt: download it again") from None
                 yield path, key, load
+
+
+def check_finite_weights(path: Path, key: str, tensor: torch.Tensor) -> None:
+    """Refuse a float tensor holding NaN or infinite values, naming its file: one such weight turns every image
+    into NaN, and after a whole run nothing would say where it came from. A pass over a tensor being read anyway."""
+    if not tensor.is_floating_point():
+        return
+    for chunk in tensor.reshape(-1).split(FINITE_CHECK_ELEMENTS):
+        if chunk.element_size() == 1:  # float8 has no isfinite kernel; float16 keeps its NaN
+            chunk = chunk.to(torch.float16)
+        if not bool(torch.isfinite(chunk).all()):
+            raise NextStepError(f"{path}: tensor {key!r} holds NaN or infinite values; the weights are damaged (or "
+                                f"were exported broken): download or export the model again")
 
 
 def expected_shapes(module: nn.Module) -> dict[str, torch.Size]:
@@ -167,7 +201,8 @@ def checked_tensors(tensors: Iterator[TensorSource], shapes: dict[str, torch.Siz
                     source: str, unknown: list[str],
                     shape_hint: Callable[[str], str] = lambda name: "") -> Iterator[tuple[str, torch.Tensor]]:
     """(canonical name, tensor) for each checkpoint tensor with a place in `shapes`, read one at a time and
-    refused with a message naming the file when its shape differs from what `source` implies. The keys of
+    refused with a message naming the file when its shape differs from what `source` implies or it holds NaN or
+    infinite values. The keys of
     the others are appended to `unknown`, unread (IGNORED_KEYS are dropped silently)."""
     for path, key, load in tensors:
         name = canonical_key(key)
@@ -179,6 +214,7 @@ def checked_tensors(tensors: Iterator[TensorSource], shapes: dict[str, torch.Siz
         tensor = load()
         if tensor.shape != shapes[name]:
             raise shape_error(path, key, tuple(tensor.shape), source, tuple(shapes[name]), shape_hint(name))
+        check_finite_weights(path, key, tensor)
         yield name, tensor
 
 

@@ -28,7 +28,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from ..errors import NextStepError
-from .checkpoint import IGNORED_KEYS, TensorHeader, TensorSource, canonical_key, open_safetensors
+from .checkpoint import IGNORED_KEYS, TensorHeader, TensorSource, canonical_key, check_finite_weights, open_safetensors
 from .int4 import KERNEL_GROUP_SIZES, MIDPOINT, pack_nibbles
 
 QUANTIZATION_KEY = "quantization_config"
@@ -60,13 +60,14 @@ class GPTQConfig:
 
     @classmethod
     def from_config(cls, raw: Any, source: str) -> "GPTQConfig":
-        """Parse `quantization_config`, refusing any variant the loader would not read exactly, with one error that
-        names the field and its value."""
+        """Parse `quantization_config`, refusing any variant the loader would not read exactly, and any field of the
+        wrong JSON type (as config.json's own fields are), with one error that names the field and its value."""
         def refuse(field: str, value: Any, why: str) -> NextStepError:
             return NextStepError(f"{source}: {QUANTIZATION_KEY}.{field} is {value!r}; {why}")
 
         if not isinstance(raw, dict):
             raise NextStepError(f"{source}: {QUANTIZATION_KEY} must be a JSON object (got {raw!r})")
+        _check_types(raw, FIELD_TYPES, "", refuse)
         method = raw.get("quant_method")
         sym = raw.get("sym", True)
         if method in AUTO_ROUND_METHODS:
@@ -96,13 +97,34 @@ class GPTQConfig:
                                                       "with desc_act false")
         if not isinstance(sym, bool):
             raise refuse("sym", sym, "it must be true or false")
-        extra = raw.get("extra_config") or {}
-        for layer, settings in (extra.items() if isinstance(extra, dict) else ()):
-            bits = settings.get("bits", BITS) if isinstance(settings, dict) else BITS
-            if isinstance(bits, int) and bits < 16 and (bits != BITS or settings.get("data_type", "int") != "int"):
-                raise refuse(f"extra_config[{layer!r}]", settings, f"layers load as {BITS}-bit integers or as floats "
-                                                                   f"(bits 16) only")
+        for layer, settings in (raw.get("extra_config") or {}).items():
+            field = f"extra_config[{layer!r}]"
+            if not isinstance(settings, dict):
+                raise refuse(field, settings, "each entry must be a JSON object of the layer's settings, such as "
+                                              '{"bits": 16}')
+            _check_types(settings, LAYER_FIELD_TYPES, f"{field}.", refuse)
+            bits = settings.get("bits", BITS)
+            if bits < 16 and (bits != BITS or settings.get("data_type", "int") != "int"):
+                raise refuse(field, settings, f"layers load as {BITS}-bit integers or as floats (bits 16) only")
         return cls(str(method), str(packing), sym, offset)
+
+
+LAYER_FIELD_TYPES = {"bits": (int,), "group_size": (int,), "data_type": (str,), "sym": (bool,), "act_bits": (int,)}
+"""The JSON types of the settings a `quantization_config` (and each of its `extra_config` entries) gives, where
+present and not null; JSON true/false are never taken for numbers."""
+FIELD_TYPES = {**LAYER_FIELD_TYPES, "quant_method": (str,), "packing_format": (str,), "checkpoint_format": (str,),
+               "desc_act": (bool,), "static_groups": (bool,), "extra_config": (dict,)}
+JSON_TYPE_NAMES = {int: "a whole number", str: "a text", bool: "true or false", dict: "a JSON object"}
+
+
+def _check_types(settings: dict, types: Mapping[str, tuple[type, ...]], prefix: str, refuse) -> None:
+    """Each field of `types` present in `settings` (and not null) is of its JSON type, else `refuse` names it."""
+    for field, kinds in types.items():
+        value = settings.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise refuse(f"{prefix}{field}", value, f"it must be {' or '.join(JSON_TYPE_NAMES[kind] for kind in kinds)}")
 
 
 @dataclass(frozen=True)
@@ -154,6 +176,7 @@ class PackedLinear:
         codes = unpack_words(get(self.qweight))
         zeros = unpack_words(get(self.qzeros).t()).t()[:, :self.out_features] + config.zero_offset
         scales = get(self.scales).float()
+        check_finite_weights(self.scales.file, self.scales.key, scales)
         if self.g_idx is not None:
             g_idx = get(self.g_idx)
             if not torch.equal(g_idx.long(), torch.arange(len(g_idx)) // self.group_size):

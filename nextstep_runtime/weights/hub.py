@@ -8,6 +8,7 @@ models fetched by diffusers, transformers or `hf download` are found where those
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import NextStepError
@@ -96,21 +97,62 @@ def resolve_model_source(source: str | Path) -> Path:
         raise NextStepError(f"model folder {source} does not exist, and as a Hugging Face repo id: {exc}") from None
 
 
-def cached_model_repos() -> dict[str, Path]:
-    """Repo id -> snapshot folder (of main, else the newest revision) of every model repo in the cache, from the
-    cache's directory layout alone (cheap enough to run whenever ComfyUI lists the loader's choices)."""
-    from huggingface_hub import scan_cache_dir
-    from huggingface_hub.utils import CacheNotFound
+@dataclass(frozen=True)
+class CacheScan:
+    """What the Hugging Face cache holds, read from its directory layout alone (cheap enough to run whenever ComfyUI
+    lists the loader's choices)."""
 
+    repos: dict[str, Path]
+    """Repo id -> snapshot folder (of main, else the newest revision) of every model repo that has one."""
+    problems: dict[str, str]
+    """The cache itself, or a repo id, -> why it was skipped (a broken entry never hides the good ones)."""
+
+
+def _snapshot(storage: Path) -> Path | None:
+    """The snapshot folder of main, else the newest one, of one cached repo (`models--org--name`); None when it has
+    none yet. OSError when the repo folder cannot be read; NextStepError for a broken snapshot."""
+    snapshots = storage / "snapshots"
+    main = storage / "refs" / "main"
+    if main.is_file():
+        commit = main.read_text(encoding="utf-8").strip()
+        candidates = [snapshots / commit]
+    else:
+        candidates = sorted(snapshots.iterdir(), key=lambda path: path.lstat().st_mtime,
+                            reverse=True) if snapshots.is_dir() else []
+    for candidate in candidates:
+        if candidate.is_dir():  # False for a dangling link or a link loop, which pathlib does not raise for
+            return candidate
+    if candidates and (candidates[0].exists() or candidates[0].is_symlink()):
+        raise NextStepError(f"its snapshot {candidates[0]} is not a folder (a dangling or looping link?); download "
+                            f"the repo again")
+    return None
+
+
+def scan_model_cache() -> CacheScan:
+    """Every model repo in the cache, each read on its own: one broken entry (a snapshot that is a dangling link or
+    a loop, a repo folder this user may not read) is reported and skipped, and a cache path that is not a folder
+    is reported, not raised."""
+    root = cache_root()
+    repos, problems = {}, {}
     try:
-        cache = scan_cache_dir(cache_root())
-    except (CacheNotFound, OSError):
-        return {}
-    found = {}
-    for repo in sorted(cache.repos, key=lambda repo: repo.repo_id):
-        if repo.repo_type != "model" or not repo.revisions:
+        if root.exists() and not root.is_dir():
+            return CacheScan({}, {str(root): "the Hugging Face cache path (HF_HUB_CACHE or HF_HOME) is not a folder"})
+        storages = sorted(root.iterdir()) if root.is_dir() else []
+    except OSError as exc:
+        return CacheScan({}, {str(root): f"cannot be read ({exc.strerror or exc})"})
+    for storage in storages:
+        kind, _, name = storage.name.partition("--")
+        if kind != "models" or not name:
             continue
-        main = [revision for revision in repo.revisions if "main" in revision.refs]
-        revision = (main or sorted(repo.revisions, key=lambda revision: revision.last_modified))[-1]
-        found[repo.repo_id] = revision.snapshot_path
-    return found
+        repo = name.replace("--", "/")
+        try:
+            snapshot = _snapshot(storage)
+        except OSError as exc:
+            problems[repo] = f"{storage} cannot be read ({exc.strerror or exc})"
+        except NextStepError as exc:
+            problems[repo] = str(exc)
+        else:
+            if snapshot is not None:
+                repos[repo] = snapshot
+    return CacheScan(repos, problems)
+

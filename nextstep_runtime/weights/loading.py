@@ -16,7 +16,7 @@ from ..model.network import NextStepModel
 from ..model.placement import INPUT_PARTS, Placement
 from ..model.positions import OFFICIAL_POSITION_GRID, sincos_position_table
 from ..model.vae import NextStepVAE
-from .checkpoint import POSITION_TABLE_KEY, expected_shapes, iter_safetensors, load_weights, open_safetensors
+from .checkpoint import POSITION_TABLE_KEY, expected_shapes, load_weights, open_safetensors
 from .gptq import DECODER_PREFIX, int4_groups, layers_stored_alike, unpacked_tensors
 from .model_folder import ModelFolder
 from .modes import FLOAT_WEIGHTS, GPTQ_PACKED, WeightMode, check_loadable
@@ -111,7 +111,7 @@ def load_model(source: str | Path | ModelFolder, mode: WeightMode, placement: Pl
     mode.check_layers(config.num_hidden_layers)
     with torch.device("meta"):
         model = NextStepModel(config)
-    tensors = iter_safetensors(list(folder.weight_files))
+    tensors = folder.tensor_sources()
     groups = None
     if folder.stored_format == GPTQ_PACKED:
         shapes = expected_shapes(model)
@@ -133,6 +133,7 @@ def load_model(source: str | Path | ModelFolder, mode: WeightMode, placement: Pl
     if mode.gpu_layers is not None:
         stream_layers(model.layers, mode.gpu_layers, placement.run_device, pin)
     model.placement = placement
+    model.source = str(folder.path)
     return model.eval().requires_grad_(False)
 
 

@@ -14,13 +14,15 @@ import json
 import math
 from functools import cached_property
 from pathlib import Path, PureWindowsPath
-from typing import Any
+from typing import Any, Iterator
 
 from ..config import WEIGHTS_FORMAT_KEY, ModelConfig, read_json
 from ..errors import NextStepError
-from .checkpoint import IGNORED_KEYS, TensorHeader, read_headers
+from ..model.network import checkpoint_shapes
+from ..regular_files import open_regular, require_regular
+from .checkpoint import IGNORED_KEYS, TensorHeader, TensorSource, iter_safetensors, read_headers
 from .gptq import QUANTIZATION_KEY, GPTQConfig, PackedLinear, find_packed_linears
-from .hub import cached_model_repos, resolve_model_source
+from .hub import CacheScan, resolve_model_source, scan_model_cache
 from .modes import FLOAT_WEIGHTS, GPTQ_PACKED, STORED_FORMATS
 from .vae_files import VAEFiles
 
@@ -31,6 +33,8 @@ BUNDLED_VAE_FOLDER = "vae"
 TOKENIZER_JSON = "tokenizer.json"
 BPE_TOKENIZER_FILES = ("vocab.json", "merges.txt")
 """The byte-level BPE files some repos ship instead of tokenizer.json."""
+TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+"""Files transformers reads beside the tokenizer files when present."""
 SAFETENSORS_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F8_E4M3": "float8_e4m3fn"}
 
 
@@ -93,35 +97,63 @@ class ModelFolder:
         return f"ModelFolder({str(self.path)!r})"
 
     @cached_property
+    def weight_map(self) -> dict[str, str] | None:
+        """The shard index's tensor key -> shard file name, None for a single-file model."""
+        index = self.path / INDEX_NAME
+        if not index.exists():
+            return None
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise NextStepError(f"{index} has no weight_map")
+        return weight_map
+
+    @cached_property
     def weight_files(self) -> tuple[Path, ...]:
         """The safetensors files: the shards named by the index, or the single file."""
         index = self.path / INDEX_NAME
-        if index.exists():
-            weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise NextStepError(f"{index} has no weight_map")
-            files = [self.path / _shard_name(name, index) for name in dict.fromkeys(weight_map.values())]
+        if self.weight_map is not None:
+            files = [self.path / _shard_name(name, index) for name in dict.fromkeys(self.weight_map.values())]
             for path in files:
-                if not path.is_file():
+                if not path.exists():
                     raise NextStepError(f"shard {path.name} named by {index.name} is missing from {self.path}; "
                                         f"download it again")
+                require_regular(path)
             return tuple(files)
         single = self.path / SINGLE_WEIGHTS_NAME
-        if single.is_file():
-            return (single,)
+        if single.exists():
+            return (require_regular(single),)
         raise NextStepError(f"no weights in {self.path}: expected {SINGLE_WEIGHTS_NAME} or {INDEX_NAME} with its "
                             f"shards")
 
     @cached_property
     def tensors(self) -> dict[str, TensorHeader]:
-        """Every tensor of the weights by canonical name (no `model.` prefix), from the headers alone."""
-        return read_headers(list(self.weight_files))
+        """Every tensor of the weights by canonical name (no `model.` prefix), from the headers alone; of a tensor
+        stored twice, the copy the index names (checkpoint.read_headers)."""
+        return read_headers(list(self.weight_files), self.weight_map)
+
+    def tensor_sources(self) -> Iterator[TensorSource]:
+        """The weights' tensors to read, one at a time: each of `tensors` once, the copies it left out skipped."""
+        chosen = {(header.file, header.key) for header in self.tensors.values()}
+        return (source for source in iter_safetensors(list(self.weight_files)) if source[:2] in chosen)
 
     @cached_property
     def packed_linears(self) -> dict[str, PackedLinear]:
         """The linears an AutoRound/GPTQ export holds packed (gptq.py), by name: decided per layer by the tensors
-        present, since `extra_config` need not list every float layer. Empty for other folders."""
-        return find_packed_linears(self.tensors) if self.gptq is not None else {}
+        present, since `extra_config` need not list every float layer. Empty for other folders. A linear stored both
+        packed and as a float `.weight` is refused: which one is meant cannot be told."""
+        if self.gptq is None:
+            return {}
+        packed = find_packed_linears(self.tensors)
+        for name, linear in packed.items():
+            float_copy = self.tensors.get(f"{name}.weight")
+            if float_copy is not None:
+                implied = checkpoint_shapes(self.config).get(f"{name}.weight")
+                shape = f"the [out, in] = {list(implied)} weight" if implied else "no such layer"
+                raise NextStepError(f"{name} is stored twice: packed ({linear.qweight.key} in {linear.qweight.file}) "
+                                    f"and as the float {float_copy.key} {list(float_copy.shape)} in {float_copy.file} "
+                                    f"({self.config_path} implies {shape}); a layer is stored one way: remove one, or "
+                                    f"download the model again")
+        return packed
 
     def parameter_count(self) -> int:
         """Values of the tensors the loader reads (the text head and other ignored tensors left out)."""
@@ -152,11 +184,15 @@ class ModelFolder:
 
     @cached_property
     def tokenizer_files(self) -> tuple[Path, ...]:
-        """tokenizer.json when present, else the byte-level BPE's vocab.json and merges.txt."""
-        if (self.path / TOKENIZER_JSON).is_file():
-            return (self.path / TOKENIZER_JSON,)
-        if all((self.path / name).is_file() for name in BPE_TOKENIZER_FILES):
-            return tuple(self.path / name for name in BPE_TOKENIZER_FILES)
+        """tokenizer.json when present, else the byte-level BPE's vocab.json and merges.txt (the files transformers
+        reads beside them checked to be regular files too)."""
+        for name in TOKENIZER_SIDE_FILES:
+            if (self.path / name).exists():
+                require_regular(self.path / name)
+        if (self.path / TOKENIZER_JSON).exists():
+            return (require_regular(self.path / TOKENIZER_JSON),)
+        if all((self.path / name).exists() for name in BPE_TOKENIZER_FILES):
+            return tuple(require_regular(self.path / name) for name in BPE_TOKENIZER_FILES)
         raise NextStepError(f"{self.path} has no tokenizer: expected {TOKENIZER_JSON}, or "
                             f"{' and '.join(BPE_TOKENIZER_FILES)}; copy the tokenizer files of the Hugging Face repo "
                             f"into the model folder")
@@ -194,12 +230,15 @@ def is_nextstep_folder(path: Path) -> bool:
     """Whether `path` holds a NextStep config.json (it names the image tokens: boi, image_placeholder_id); cheap
     enough for listing folders, and never raises."""
     try:
-        config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        with open_regular(path / CONFIG_NAME) as handle:
+            config = json.loads(handle.read())
+    except (OSError, ValueError, RecursionError):  # NextStepError (not a regular file) is a ValueError
         return False
     return isinstance(config, dict) and "boi" in config and "image_placeholder_id" in config
 
 
-def cached_nextstep_repos() -> dict[str, Path]:
-    """Repo id -> snapshot folder of every NextStep model in the Hugging Face cache (see hub.cached_model_repos)."""
-    return {repo: snapshot for repo, snapshot in cached_model_repos().items() if is_nextstep_folder(snapshot)}
+def cached_nextstep_repos(scan: CacheScan | None = None) -> dict[str, Path]:
+    """Repo id -> snapshot folder of every NextStep model in the Hugging Face cache, or in a `scan` of it already
+    made (hub.scan_model_cache)."""
+    return {repo: snapshot for repo, snapshot in (scan or scan_model_cache()).repos.items()
+            if is_nextstep_folder(snapshot)}

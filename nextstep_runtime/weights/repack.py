@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from ..errors import NextStepError
 from ..model.network import NextStepModel
-from .checkpoint import TensorSource, checked_tensors, expected_shapes, iter_safetensors, report_unknown_and_missing
+from .checkpoint import TensorSource, checked_tensors, expected_shapes, report_unknown_and_missing
 from .gptq import QUANTIZATION_KEY
 from .loading import model_shape_hint
 from .model_folder import BUNDLED_VAE_FOLDER, CONFIG_NAME, INDEX_NAME, WEIGHTS_FORMAT_KEY, ModelFolder
@@ -59,8 +59,9 @@ def _converted(folder: ModelFolder, tensors: Iterator[TensorSource],
     report_unknown_and_missing(unknown, set(shapes) - seen, f"convert: the weights in {folder.path}")
 
 
-def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], destination: Path, max_shard_bytes: int) -> None:
-    """Fill shards up to `max_shard_bytes`, writing each as soon as it is full; then name them and the index."""
+def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], destination: Path, max_shard_bytes: int) -> list[Path]:
+    """Fill shards up to `max_shard_bytes`, writing each as soon as it is full; then name them and the index.
+    Returns the weight files written."""
     written: list[tuple[Path, list[str]]] = []
     shard: dict[str, torch.Tensor] = {}
     shard_bytes = total = 0
@@ -82,15 +83,15 @@ def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], destination: Path
     if shard:
         flush()
     if len(written) == 1:
-        written[0][0].rename(destination / "model.safetensors")
-        return
-    weight_map = {}
+        return [written[0][0].rename(destination / "model.safetensors")]
+    weight_map, shards = {}, []
     for index, (path, names) in enumerate(written):
         final = f"model-{index + 1:05d}-of-{len(written):05d}.safetensors"
-        path.rename(destination / final)
+        shards.append(path.rename(destination / final))
         weight_map.update(dict.fromkeys(names, final))
     (destination / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                      indent=2))
+    return shards
 
 
 def convert_folder(source: str | Path | ModelFolder, destination: str | Path, weights: str,
@@ -110,19 +111,23 @@ def convert_folder(source: str | Path | ModelFolder, destination: str | Path, we
     if folder.stored_format != FLOAT_WEIGHTS:
         raise NextStepError(f"{folder.path} is already repacked ({folder.stored_format}); convert the original model "
                             f"folder instead")
-    tensors = iter_safetensors(list(folder.weight_files))  # no weights: refused before anything is written
+    tensors = folder.tensor_sources()  # no weights: refused before anything is written
     if destination.exists() and any(destination.iterdir()):
         raise NextStepError(f"{destination} exists and is not empty; choose a new folder")
     destination.mkdir(parents=True, exist_ok=True)
-    _write_shards(_converted(folder, tensors, weights), destination, max_shard_bytes)
+    shards = _write_shards(_converted(folder, tensors, weights), destination, max_shard_bytes)
     for item in folder.path.iterdir():
         if item.is_file() and item.suffix in COPIED_SUFFIXES and item.name not in (CONFIG_NAME, INDEX_NAME):
-            shutil.copy2(item, destination / item.name)
+            shutil.copyfile(item, destination / item.name)
     vae = folder.path / BUNDLED_VAE_FOLDER
     if vae.is_dir():
-        shutil.copytree(vae, destination / BUNDLED_VAE_FOLDER, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+        shutil.copytree(vae, destination / BUNDLED_VAE_FOLDER, ignore=shutil.ignore_patterns("*.py", "__pycache__"),
+                        copy_function=shutil.copyfile)
     recorded = {**folder.raw_config, "torch_dtype": "bfloat16"}
     recorded.pop(QUANTIZATION_KEY, None)  # an export whose layers all stayed float: no longer a quantised one
     if weights != "bf16":
         recorded[WEIGHTS_FORMAT_KEY] = weights
     (destination / CONFIG_NAME).write_text(json.dumps(recorded, indent=2))
+    mode = (destination / CONFIG_NAME).stat().st_mode & 0o777
+    for shard in shards:  # safetensors writes its files private (0600); give them the mode new files get here
+        shard.chmod(mode)

@@ -21,6 +21,7 @@ from ..config import RELEASED_VAE_CONFIG, VAEConfig, parse_json, read_json
 from ..errors import NextStepError
 from ..model.tokens import LatentNormalization
 from ..model.vae import vae_parameter_count
+from ..regular_files import require_regular
 from .checkpoint import TensorHeader, TensorSource, iter_safetensors, read_header
 
 VAE_CONFIG_METADATA_KEY = "nextstep_vae_config"
@@ -47,13 +48,13 @@ class VAEFiles:
         if location.is_dir():
             config = location / CONFIG_NAME
             config_path = config if config.is_file() else None
-            if (location / CHECKPOINT_NAME).is_file():
+            if (location / CHECKPOINT_NAME).exists():  # read only if a regular file (_load_state_dict)
                 return cls(location, location / CHECKPOINT_NAME, config_path)
             safetensors = sorted(location.glob("*.safetensors"))
             if len(safetensors) == 1:
                 return cls(location, safetensors[0], None)
             return cls(location, None, config_path)
-        if location.is_file() and location.suffix == ".safetensors":
+        if location.exists() and location.suffix == ".safetensors":  # read only if a regular file (read_header)
             return cls(location, location, None)
         if location.exists():
             raise NextStepError(f"VAE {location} must be a folder with {CHECKPOINT_NAME} or a .safetensors file")
@@ -139,6 +140,7 @@ def _load_state_dict(checkpoint: Path) -> Any:
     """torch.load restricted to plain tensors (weights_only); memory-mapped when the format allows. A file that needs
     more than that to unpickle (code, arbitrary objects) is refused outright: loading it fully would run whatever
     it holds."""
+    require_regular(checkpoint)
     try:
         try:
             return torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
