@@ -20,6 +20,7 @@ DOWNLOAD_RECORDS = Path(".cache") / "huggingface" / "download"
 """Where huggingface_hub records, per file fetched into a folder, the commit it came from (its first line) and when
 it was written (its third line)."""
 NAMED_FILES = 6
+VAE_FOLDER = "vae"
 
 
 def _recorded_commit(folder: Path, name: str) -> str | None:
@@ -37,9 +38,8 @@ def _runtime_files_in(folder: Path) -> list[str]:
     """The files under `folder` that the runtime would read as part of a model (RUNTIME_FILES), as repo paths."""
     from huggingface_hub.utils import filter_repo_objects
 
-    present = []
-    for directory, subfolders, files in os.walk(folder):
-        subfolders[:] = [name for name in subfolders if name != ".cache"]
+    present = [entry.name for entry in os.scandir(folder) if not entry.is_dir()]
+    for directory, _, files in os.walk(folder / VAE_FOLDER):  # the only subfolder RUNTIME_FILES reach into
         present += [(Path(directory) / name).relative_to(folder).as_posix() for name in files]
     return sorted(filter_repo_objects(present, allow_patterns=RUNTIME_FILES, ignore_patterns=NEVER_FETCHED))
 
