@@ -9,7 +9,8 @@ multi-threaded math several-fold (OpenMP threads wait for each other), one threa
 gives the thread count and the load average it ran under. Every timed figure comes with its spread.
 
 seconds_per_image: median over --repeat runs after one warm-up, prompt to decoded image (loading
-excluded), divided by the batch, with the flow head compiled (torch.compile; --no-compile: eager);
+excluded), divided by the batch, with the flow head compiled where the runtime compiles it by default (CUDA;
+--compile / --no-compile choose) and interleaved with eager runs then;
 seconds_per_image_spread: [min, median, max] of those runs (likewise for the eager and official runs).
 compile_seconds: the warm-up's extra time over a compiled run (compiling every graph of this shape).
 eager_seconds_per_image: the same runs with the head uncompiled, interleaved with the compiled ones (and
@@ -68,6 +69,7 @@ from nextstep_runtime import (  # noqa: E402
     NextStepPipeline,
     Targets,
     WeightMode,
+    compile_default,
     load_tokenizer,
     plan_mode,
     resolve_device,
@@ -233,8 +235,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--keep-fraction", type=float,
                         help="also time a run keeping this fraction of the token rows (e.g. 0.5) against a full run")
-    parser.add_argument("--no-compile", dest="compile", action="store_false",
-                        help="time the eager head only (no torch.compile)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="time the flow head compiled (torch.compile) beside the eager one (default: where the "
+                             "runtime compiles by default, i.e. on CUDA)")
     parser.add_argument("--compare-official", type=Path, metavar="CHECKOUT",
                         help="a checkout of github stepfun-ai/NextStep-1 to time side by side (CPU, float32)")
     parser.add_argument("--official-python", default=sys.executable,
@@ -250,6 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     torch._inductor.config.cpp.enable_kernel_profile = True  # fused CPU kernels visible to the op count
     device = resolve_device(args.device)
+    if args.compile is None:
+        args.compile = compile_default(DeviceTraits.of(device))
     dtype = resolve_dtype(args.dtype, DeviceTraits.of(device))
     model = random_model(args.preset, dtype, device, _storage(args))
     vae = random_vae(args.preset, dtype, device)
