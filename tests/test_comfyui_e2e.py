@@ -20,6 +20,7 @@ from PIL import Image
 
 from nextstep_runtime import GenerationSettings, NextStepPipeline, doctor_report, images_to_unit, load_rgb, to_uint8
 from nextstep_runtime.presets import presets_as_json
+from nextstep_runtime.weights.released import RELEASED_MODELS
 
 CASES = {case.name: case for case in golden_cases()}
 TYPES = {  # node -> (required inputs, optional inputs, output types); combos listed as None
@@ -67,8 +68,10 @@ def test_object_info_lists_every_node_with_its_types(comfy):
             for name, input_type in expected.items():
                 assert actual[name][0] == input_type if input_type else isinstance(actual[name][0], list), name
                 assert actual[name][1]["tooltip"]
-    assert info["NextStepModelLoader"]["input"]["required"]["model_name"][0] == [MODEL_NAME]
-    assert info["NextStepVAELoader"]["input"]["required"]["vae_name"][0] == [f"{MODEL_NAME}/vae", VAE_FILE]
+    released = list(RELEASED_MODELS)  # listed before they are on disk (a run fetches them: test_comfyui_fetch.py)
+    assert info["NextStepModelLoader"]["input"]["required"]["model_name"][0] == [MODEL_NAME, *released]
+    assert info["NextStepVAELoader"]["input"]["required"]["vae_name"][0] == [
+        f"{MODEL_NAME}/vae", *[f"{name}/vae" for name in released], VAE_FILE]
 
 
 def test_text_to_image_workflow_reproduces_the_golden(comfy):

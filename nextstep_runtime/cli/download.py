@@ -12,7 +12,8 @@ import argparse
 import sys
 
 from ..errors import NextStepError
-from ..weights.hub import NEVER_FETCHED, RUNTIME_FILES, repo_id_problem
+from ..weights.fetch import hub_failures, human_size, list_runtime_files
+from ..weights.hub import repo_id_problem
 
 
 def add_parser(commands) -> None:
@@ -24,53 +25,16 @@ def add_parser(commands) -> None:
     parser.add_argument("--revision", help="branch, tag or commit (default: main)")
 
 
-def _human_size(size: int) -> str:
-    return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
-
-
-NETWORK_LIBRARIES = ("httpx", "httpx2", "httpcore", "requests", "urllib3")
-"""The HTTP stacks huggingface_hub versions use; their connection errors (an unknown host, a dropped connection)
-are not all OSErrors."""
-
-
-def _from_network_library(exc: BaseException) -> bool:
-    return type(exc).__module__.partition(".")[0] in NETWORK_LIBRARIES
-
-
 def run(args: argparse.Namespace) -> None:
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.utils import (
-        HfHubHTTPError,
-        HFValidationError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-        filter_repo_objects,
-    )
+    from huggingface_hub import snapshot_download
 
     problem = repo_id_problem(args.repo)
     if problem is not None:
         raise NextStepError(f"{args.repo!r} is not a Hugging Face repo id like stepfun-ai/NextStep-1.1 ({problem})")
-    try:
-        info = HfApi().model_info(args.repo, revision=args.revision, files_metadata=True)
-        files = list(filter_repo_objects(info.siblings or [], allow_patterns=RUNTIME_FILES,
-                                         ignore_patterns=NEVER_FETCHED, key=lambda sibling: sibling.rfilename))
-        if not any(sibling.rfilename == "config.json" for sibling in files):
-            raise NextStepError(f"{args.repo} has no config.json at its top level; it is not a NextStep model repo")
-        total = sum(sibling.size or 0 for sibling in files)
+    with hub_failures(args.repo, args.revision, again="run the same command again"):
+        files = list_runtime_files(args.repo, args.revision)
         target = args.to or "the Hugging Face cache"
-        sys.stderr.write(f"{args.repo} ({info.sha}): fetching {len(files)} files, {_human_size(total)} in all, "
-                         f"into {target} (files already there are kept)\n")
-        folder = snapshot_download(args.repo, revision=args.revision, local_dir=args.to,
-                                   allow_patterns=[sibling.rfilename for sibling in files])
-    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
-        raise NextStepError(f"{args.repo}{'@' + args.revision if args.revision else ''} was not found on the "
-                            f"Hugging Face Hub ({type(exc).__name__}); check the repo id and revision") from None
-    except HFValidationError as exc:  # a revision the Hub would refuse
-        raise NextStepError(f"{args.repo}{'@' + args.revision if args.revision else ''}: {exc}") from None
-    except Exception as exc:
-        if not isinstance(exc, (HfHubHTTPError, OSError)) and not _from_network_library(exc):
-            raise
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise NextStepError(f"downloading {args.repo} failed ({reason}); run the same command again to continue "
-                            f"where it stopped") from None
+        sys.stderr.write(f"{args.repo} ({files.commit}): fetching {len(files.sizes)} files, {human_size(files.total)} "
+                         f"in all, into {target} (files already there are kept)\n")
+        folder = snapshot_download(args.repo, revision=args.revision, local_dir=args.to, allow_patterns=list(files.sizes))
     sys.stdout.write(f"{folder}\n")
