@@ -112,10 +112,10 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running_comfyui(root: Path, settings: dict | None = None, packs: Mapping[str, Path] | None = None,
                     models: Mapping[str, Path] | None = None,
-                    env: Mapping[str, str | None] | None = None) -> Iterator[ComfyUI]:
+                    env: Mapping[str, str | None] | None = None, arguments: tuple[str, ...] = ()) -> Iterator[ComfyUI]:
     """Start ComfyUI in folders under `root` (user settings `settings`) and stop it afterwards; `models` names more
     model folders for the Model Loader's list, beside the fixture model; `env` changes its environment variables
-    (None: unset), as a user's shell may have them.
+    (None: unset), as a user's shell may have them; `arguments` go on ComfyUI's command line after the others.
 
     `packs` maps custom-node folder names to other packs (such as ComfyUI-Distributed) to load beside this one:
     each is copied in, not linked, because such packs write their state (ComfyUI-Distributed's gpu_config.json)
@@ -148,7 +148,7 @@ def running_comfyui(root: Path, settings: dict | None = None, packs: Mapping[str
                "--input-directory", str(folders["input"]), "--output-directory", str(folders["output"]),
                "--temp-directory", str(folders["temp"]), "--user-directory", str(folders["user"]),
                "--database-url", "sqlite:///:memory:", "--disable-api-nodes", "--disable-all-custom-nodes",
-               "--whitelist-custom-nodes", PACK_DIR_NAME, *(packs or {}), "--preview-method", "latent2rgb"]
+               "--whitelist-custom-nodes", PACK_DIR_NAME, *(packs or {}), "--preview-method", "latent2rgb", *arguments]
     with open(log, "w") as log_file:
         changed = {**os.environ, **(env or {})}
         process = subprocess.Popen(command, cwd=COMFYUI_DIR, stdout=log_file, stderr=subprocess.STDOUT,

@@ -58,8 +58,11 @@ def test_a_run_fetches_the_absent_model_and_a_cancel_keeps_what_arrived(tmp_path
     with HubServer(repo) as endpoint:
         env = {"HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_XET": "1",
                "HF_HUB_OFFLINE": None, "HF_HUB_CACHE": None, "HF_TOKEN": None}
-        with running_comfyui(tmp_path / "comfyui", env=env) as comfy:
-            target = comfy.models / NAME
+        base = tmp_path / "base"  # ComfyUI's own models folder is base/models (its --base-directory)
+        (base / "custom_nodes").mkdir(parents=True)
+        with running_comfyui(tmp_path / "comfyui", env=env, arguments=("--base-directory", str(base))) as comfy:
+            assert (base / "models" / "nextstep").is_dir()  # made by the pack, so users see where models go
+            target = comfy.models / NAME  # the first nextstep folder (extra_model_paths.yaml's)
             _, info = comfy.request("/object_info/NextStepModelLoader")
             assert NAME in info["NextStepModelLoader"]["input"]["required"]["model_name"][0]
             assert not target.exists()
@@ -88,6 +91,8 @@ def test_a_run_fetches_the_absent_model_and_a_cancel_keeps_what_arrived(tmp_path
             (continued,) = [rng for method, name, rng in repo.requests if method == "GET" and name == big]
             assert continued == f"bytes={arrived}-"
             assert (target / big).read_bytes() == repo.files[big]
-            assert "NextStep: fetching stepfun-ai/NextStep-1.1" in comfy.log.read_text()
+            log = comfy.log.read_text()
+            assert "NextStep: fetching stepfun-ai/NextStep-1.1" in log
+            assert f"Requested to load {NAME}" in log and "_Managed" not in log  # the console names the model
     expected = to_uint8(images_to_unit(CASE.expected["images"]))[0].movedim(0, -1).numpy()
     assert np.abs(saved.astype(int) - expected.astype(int)).max() <= 1

@@ -2,8 +2,9 @@
 
 Only config, weights (and their index), tokenizer files and `vae/` are fetched, never the repos' Python
 code. huggingface_hub does the transfer: files already complete are not fetched again and a transfer cut
-off mid-file continues from where it stopped. Without `--to` the files go into the Hugging Face cache, where
-`--model REPO` and the ComfyUI loader find them.
+off mid-file continues from where it stopped. Without `--to`, from any folder: into models/nextstep/<name>/ of the
+ComfyUI this pack sits in (its first `nextstep` folder, where the loader fetches to), else into the Hugging Face
+cache, where `--model REPO` and the ComfyUI loader find them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import sys
 
 from ..errors import NextStepError
+from ..weights.comfyui_folders import enclosing_comfyui
 from ..weights.fetch import hub_failures, human_size, list_runtime_files
 from ..weights.hub import repo_id_problem
 
@@ -21,8 +23,16 @@ def add_parser(commands) -> None:
                                  description="Fetch the files the runtime reads (config, weights, tokenizer, "
                                              "vae/; never *.py) from the Hugging Face Hub.")
     parser.add_argument("repo", help="Hugging Face repo id, e.g. stepfun-ai/NextStep-1.1")
-    parser.add_argument("--to", metavar="DIR", help="write a plain model folder here instead of the Hugging Face cache")
+    parser.add_argument("--to", metavar="DIR",
+                        help="write a plain model folder here (default: models/nextstep/<name> of the ComfyUI this "
+                             "pack sits in; outside a ComfyUI, the Hugging Face cache)")
     parser.add_argument("--revision", help="branch, tag or commit (default: main)")
+
+
+def _comfyui_model_folder(repo: str) -> str | None:
+    """models/nextstep/<repo's name> in the first `nextstep` folder of the ComfyUI this pack sits in, or None."""
+    install = enclosing_comfyui()
+    return None if install is None else str(install.model_folders[0] / repo.rpartition("/")[2])
 
 
 def run(args: argparse.Namespace) -> None:
@@ -31,6 +41,7 @@ def run(args: argparse.Namespace) -> None:
     problem = repo_id_problem(args.repo)
     if problem is not None:
         raise NextStepError(f"{args.repo!r} is not a Hugging Face repo id like stepfun-ai/NextStep-1.1 ({problem})")
+    args.to = args.to or _comfyui_model_folder(args.repo)
     with hub_failures(args.repo, args.revision, again="run the same command again"):
         files = list_runtime_files(args.repo, args.revision)
         target = args.to or "the Hugging Face cache"
