@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from browser_page import launched_chromium, open_page
 from comfyui_server import running_comfyui
 from fixture_workflows import workflow
 from goldens import TINY_MODEL, golden_cases
@@ -96,3 +97,26 @@ def test_a_run_fetches_the_absent_model_and_a_cancel_keeps_what_arrived(tmp_path
             assert f"Requested to load {NAME}" in log and "_Managed" not in log  # the console names the model
     expected = to_uint8(images_to_unit(CASE.expected["images"]))[0].movedim(0, -1).numpy()
     assert np.abs(saved.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_the_loader_panel_states_what_a_run_will_fetch_and_where(tmp_path: Path) -> None:
+    """In a real browser: picking the absent NextStep-1.1 in the loader shows the repo, the bytes to fetch, the
+    folder and the disk's free space (GET /nextstep/plan's `fetch`), before anything is fetched."""
+    repo = served(tmp_path)
+    runtime = sum(len(data) for name, data in repo.files.items() if name != "README.md")
+    (tmp_path / "comfyui").mkdir()
+    with HubServer(repo) as endpoint:
+        env = {"HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_XET": "1",
+               "HF_HUB_OFFLINE": None, "HF_HUB_CACHE": None, "HF_TOKEN": None}
+        with running_comfyui(tmp_path / "comfyui", env=env) as comfy, launched_chromium() as browser:
+            page = open_page(browser, comfy, "canvas")
+            (loader,) = page.new_graph(["NextStepModelLoader"])
+            page.pick(loader, "model_name", NAME)
+            page.page.wait_for_function("id => app.graph.getNodeById(id).widgets.find(w => w.name === "
+                                        "'nextstep_plan').element.innerText.includes('not on disk')", arg=loader)
+            page.screenshot("fetch-panel", whole_graph=True)
+            lines = page.panel(loader, "nextstep_plan").splitlines()
+            assert lines[0] == f"not on disk: Run fetches {runtime / 1e6:.1f} MB"
+            assert lines[1].startswith(f"{REPO} · ") and lines[1].endswith(" GB free")
+            assert lines[2] == f"into {comfy.models / NAME}"
+            assert not repo.fetched() and not (comfy.models / NAME).exists()

@@ -28,6 +28,7 @@ NODES = PACK.NODE_CLASS_MAPPINGS
 host = importlib.import_module(f"{PACK.__name__}.nodes.host")
 catalog = importlib.import_module(f"{PACK.__name__}.nodes.catalog")
 fetching = importlib.import_module(f"{PACK.__name__}.nodes.fetching")
+routes = importlib.import_module(f"{PACK.__name__}.nodes.routes")
 SHARDS = 3
 
 
@@ -170,3 +171,31 @@ def test_the_hub_unreachable_is_one_line_naming_the_retry(models: Path, monkeypa
     with pytest.raises(NextStepError, match=rf"^downloading {REPO} failed \(.*\); run again to continue where it "
                                             r"stopped$"):
         fetching.fetch_if_absent(NAME)
+
+
+def test_the_plan_route_states_what_a_run_will_fetch_and_where(hub: HubRepo, models: Path) -> None:
+    files = list_runtime_files(REPO)
+    status, answer = routes.plan_response({"model": NAME})
+    assert status == 200
+    fetch = answer["fetch"]
+    assert {key: fetch[key] for key in ("repo", "folder", "total_bytes", "to_fetch_bytes", "problem")} == {
+        "repo": REPO, "folder": str(models / NAME), "total_bytes": files.total, "to_fetch_bytes": files.total,
+        "problem": None}
+    assert abs(fetch["free_bytes"] - shutil.disk_usage(models).free) < 1e8  # the disk's, give or take other writers
+    assert not hub.fetched() and not (models / NAME).exists()  # stating it transfers nothing
+
+    def cancel_after_the_first_chunk(done: int, total: int) -> None:
+        if any(path.stat().st_size for path in (models / NAME / DOWNLOAD_RECORDS).rglob("*.incomplete")):
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        fetch_model(REPO, models / NAME, cancel_after_the_first_chunk, announce=lambda line: None)
+    arrived = plan_fetch(files, models / NAME)
+    assert routes.plan_response({"model": NAME})[1]["fetch"]["to_fetch_bytes"] == arrived.to_fetch < files.total
+
+
+def test_the_plan_route_names_what_stops_a_fetch(models: Path, monkeypatch) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://nextstep-no-such-host.invalid")
+    status, answer = routes.plan_response({"model": NAME})
+    assert status == 200 and answer["fetch"]["total_bytes"] is None
+    assert answer["fetch"]["problem"].startswith(f"downloading {REPO} failed (")

@@ -147,10 +147,15 @@ def _existing_parent(path: Path) -> Path:
     return path
 
 
+def free_space(folder: Path) -> tuple[Path, int]:
+    """(the nearest existing folder, the bytes free on its disk) for a folder that may not exist yet."""
+    where = _existing_parent(folder)
+    return where, shutil.disk_usage(where).free
+
+
 def check_free_space(plan: FetchPlan) -> None:
     """Refuse before any byte is fetched when the disk holding the folder has less free space than is still to come."""
-    where = _existing_parent(plan.folder)
-    free = shutil.disk_usage(where).free
+    where, free = free_space(plan.folder)
     if plan.to_fetch > free:
         raise NextStepError(f"fetching {plan.files.repo} into {plan.folder} needs {human_size(plan.to_fetch)} of free "
                             f"disk space, but {where} has {human_size(free)} free; free some space (or put the model "
@@ -228,3 +233,20 @@ def fetch_model(repo: str, folder: Path, progress: ByteProgress, announce: Calla
         announce(f"fetching {repo} ({plan.files.commit[:12]}): {len(plan.missing)} of {len(plan.files.sizes)} files, "
                  f"{human_size(plan.to_fetch)} to come of {human_size(plan.files.total)}, into {folder}")
         return fetch_files(plan, progress)
+
+
+def fetch_summary(repo: str, folder: Path) -> dict:
+    """What fetching `repo` into `folder` would do, for the Model Loader's panel: the repo's runtime bytes, those still
+    to come, the disk's free bytes, and the problem that would stop it (unreachable Hub, a user's file in the way),
+    JSON-ready. Asks the Hub for the listing; transfers nothing."""
+    summary = {"repo": repo, "folder": str(folder), "total_bytes": None, "to_fetch_bytes": None,
+               "free_bytes": free_space(folder)[1], "problem": None}
+    try:
+        with hub_failures(repo, None, again="run again"):
+            plan = plan_fetch(list_runtime_files(repo), folder)
+    except NextStepError as exc:
+        return {**summary, "problem": str(exc)}
+    fits = plan.to_fetch <= summary["free_bytes"]
+    return {**summary, "total_bytes": plan.files.total, "to_fetch_bytes": plan.to_fetch,
+            "problem": None if fits else f"needs {human_size(plan.to_fetch)} of free disk space, "
+                                         f"{human_size(summary['free_bytes'])} free there"}
