@@ -4,7 +4,7 @@ shows it once opened, before any run (so no image yet), taken from a real ComfyU
 Regenerate it with `NEXTSTEP_UPDATE_SCREENSHOTS=1 python -m pytest -q tests/test_docs_screenshot.py` (ComfyUI and
 Chromium set up as for the browser tests: docs/development.md). Without that variable the test takes the
 screenshot again and checks that the committed file is what the command gives. The server has no NextStep-1.1
-(only the test fixtures), so the Model Loader's panel says where the model goes, as on a fresh install.
+(only the test fixtures) and no Hub to ask (offline), so the Model Loader's panel says where a run fetches it to.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ def overlapping(rects: list[list[float]]) -> list[tuple[int, int]]:
 def take_screenshot(root: Path, path: Path) -> dict:
     """Open the example in a fresh ComfyUI page, fit the whole graph, wait for the loader's panel, and save the
     page as `path`; returns what the fit found (zoom, node rectangles)."""
-    with running_comfyui(root, SETTINGS) as server, launched_chromium() as browser:
+    # offline, as the Hub is not for tests to reach: the panel says where NextStep-1.1 will be fetched to
+    with running_comfyui(root, SETTINGS, env={"HF_HUB_OFFLINE": "1"}) as server, launched_chromium() as browser:
         page: Page = open_page(browser, server, "canvas")
         page.page.set_viewport_size(VIEWPORT)
         page.js("""async workflow => {

@@ -198,4 +198,5 @@ def test_the_plan_route_names_what_stops_a_fetch(models: Path, monkeypatch) -> N
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://nextstep-no-such-host.invalid")
     status, answer = routes.plan_response({"model": NAME})
     assert status == 200 and answer["fetch"]["total_bytes"] is None
-    assert answer["fetch"]["problem"].startswith(f"downloading {REPO} failed (")
+    assert answer["fetch"]["problem"].startswith(f"listing {REPO} failed (")
+    assert answer["fetch"]["problem"].endswith("; its size is unknown until the Hub answers")

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> None:
     if problem is not None:
         raise NextStepError(f"{args.repo!r} is not a Hugging Face repo id like stepfun-ai/NextStep-1.1 ({problem})")
     args.to = args.to or _comfyui_model_folder(args.repo)
-    with hub_failures(args.repo, args.revision, again="run the same command again"):
+    with hub_failures(args.repo, args.revision, again="run the same command again to continue where it stopped"):
         files = list_runtime_files(args.repo, args.revision)
         target = args.to or "the Hugging Face cache"
         sys.stderr.write(f"{args.repo} ({files.commit}): fetching {len(files.sizes)} files, {human_size(files.total)} "

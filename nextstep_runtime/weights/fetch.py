@@ -64,10 +64,10 @@ def _from_network_library(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def hub_failures(repo: str, revision: str | None, again: str) -> Iterator[None]:
+def hub_failures(repo: str, revision: str | None, again: str, doing: str = "downloading") -> Iterator[None]:
     """Turn what can go wrong talking to the Hub into one-line NextStepErrors: an unknown repo or revision, an
-    invalid revision, a network or disk failure (then `again`, what continues the transfer, is named). Anything else
-    (a bug, a cancel) passes unchanged."""
+    invalid revision, a network or disk failure while `doing` it (then `again`, what continues, is named). Anything
+    else (a bug, a cancel) passes unchanged."""
     from huggingface_hub.utils import HfHubHTTPError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
     where = f"{repo}@{revision}" if revision else repo
@@ -82,7 +82,7 @@ def hub_failures(repo: str, revision: str | None, again: str) -> Iterator[None]:
         if not isinstance(exc, (HfHubHTTPError, OSError)) and not _from_network_library(exc):
             raise
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise NextStepError(f"downloading {repo} failed ({reason}); {again} to continue where it stopped") from None
+        raise NextStepError(f"{doing} {repo} failed ({reason}); {again}") from None
 
 
 def list_runtime_files(repo: str, revision: str | None = None) -> RepoFiles:
@@ -227,7 +227,7 @@ def fetch_model(repo: str, folder: Path, progress: ByteProgress, announce: Calla
     """Fetch what the runtime reads of `repo` (main) into `folder`, continuing what earlier runs brought: the listing,
     the user's files and the free disk space are checked before the first byte; `announce` gets one line saying what
     comes and where. The complete folder."""
-    with hub_failures(repo, None, again="run again"):
+    with hub_failures(repo, None, again="run again to continue where it stopped"):
         plan = plan_fetch(list_runtime_files(repo), folder)
         check_free_space(plan)
         announce(f"fetching {repo} ({plan.files.commit[:12]}): {len(plan.missing)} of {len(plan.files.sizes)} files, "
@@ -242,7 +242,7 @@ def fetch_summary(repo: str, folder: Path) -> dict:
     summary = {"repo": repo, "folder": str(folder), "total_bytes": None, "to_fetch_bytes": None,
                "free_bytes": free_space(folder)[1], "problem": None}
     try:
-        with hub_failures(repo, None, again="run again"):
+        with hub_failures(repo, None, again="its size is unknown until the Hub answers", doing="listing"):
             plan = plan_fetch(list_runtime_files(repo), folder)
     except NextStepError as exc:
         return {**summary, "problem": str(exc)}

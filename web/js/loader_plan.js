@@ -58,7 +58,7 @@ function planLines(plan) {
 /** A released model not on disk yet: what Run will fetch, how much, and where (GET /nextstep/plan's `fetch`), the
  * short facts first so that a narrow node still shows them (each line's whole text is its tooltip). */
 export function fetchLines(fetch) {
-  const sizes = fetch.to_fetch_bytes === null ? "size unknown" :
+  const sizes = fetch.to_fetch_bytes === null ? "it" :
     fetch.to_fetch_bytes === fetch.total_bytes ? formatBytes(fetch.total_bytes) :
     `${formatBytes(fetch.to_fetch_bytes)} left of ${formatBytes(fetch.total_bytes)}`;
   return [[`not on disk: Run fetches ${sizes}`, fetch.problem ? "warn" : "ok"],
