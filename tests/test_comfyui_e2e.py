@@ -317,8 +317,10 @@ def test_routes_serve_presets_and_the_memory_plan(comfy):
     model = load_on(FIXTURES / MODEL_NAME, torch.bfloat16)
     assert plan["devices"][0]["weights_bytes"] == sum(tensor.nbytes for tensor in model.state_dict().values())
     assert plan["fits"] is True  # a CPU server plans against its host RAM
-    status, answer = comfy.request("/nextstep/plan?model=NextStep-1.1")
-    assert status == 404 and "'NextStep-1.1' is not in NextStep Model Loader's list" in answer["error"]
+    status, answer = comfy.request("/nextstep/plan?model=NextStep-2")
+    assert status == 404 and "'NextStep-2' is not in NextStep Model Loader's list" in answer["error"]
+    status, answer = comfy.request("/nextstep/plan?model=NextStep-1.1")  # released, not on disk: what a run fetches
+    assert status == 200 and answer["fetch"]["folder"] == str(comfy.models / "NextStep-1.1"), answer
     status, answer = comfy.request(f"/nextstep/plan?model={MODEL_NAME}&width=500")
     assert status == 400 and "width 500 is not a positive multiple of 16" in answer["error"]
 

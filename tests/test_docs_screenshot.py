@@ -60,8 +60,7 @@ def overlapping(rects: list[list[float]]) -> list[tuple[int, int]]:
 def take_screenshot(root: Path, path: Path) -> dict:
     """Open the example in a fresh ComfyUI page, fit the whole graph, wait for the loader's panel, and save the
     page as `path`; returns what the fit found (zoom, node rectangles)."""
-    # offline, as the Hub is not for tests to reach: the panel says where NextStep-1.1 will be fetched to
-    with running_comfyui(root, SETTINGS, env={"HF_HUB_OFFLINE": "1"}) as server, launched_chromium() as browser:
+    with running_comfyui(root, SETTINGS) as server, launched_chromium() as browser:  # offline (comfyui_server.NO_HUB)
         page: Page = open_page(browser, server, "canvas")
         page.page.set_viewport_size(VIEWPORT)
         page.js("""async workflow => {
