@@ -1,9 +1,10 @@
 """What the loader nodes offer: NextStep model folders and VAEs, by the names shown in their drop-downs.
 
 Model names are folder names under the `nextstep` model folders (a folder counts when it holds config.json),
-then the repo ids (`stepfun-ai/NextStep-1.1`) of NextStep models in the local Hugging Face cache. VAE names
-are `<model>/vae` for every model that ships its VAE folder, then `.safetensors` files under the `vae` model
-folders. Names are resolved only against these lists, so a name from an API request can never point outside
+then the repo ids (`stepfun-ai/NextStep-1.1`) of NextStep models in the local Hugging Face cache, then the released
+models not on disk yet (by the folder names the templates use: a run fetches them, fetching.py). VAE names
+are `<model>/vae` for every model that ships its VAE folder (a released model's too, before it is fetched), then
+`.safetensors` files under the `vae` model folders. Names are resolved only against these lists, so a name from an API request can never point outside
 the model folders and the cache.
 """
 
@@ -13,6 +14,7 @@ import os
 from pathlib import Path
 
 from nextstep_runtime import ModelFolder, NextStepError, cache_root, cached_nextstep_repos, holds_model_config
+from nextstep_runtime.weights.released import RELEASED_MODELS
 
 from . import host
 
@@ -50,10 +52,31 @@ def _model_folders() -> dict[str, Path]:
     return found
 
 
+def absent_released_models() -> list[str]:
+    """The released models (by folder name) that are not complete on disk in any `nextstep` folder; none when no
+    `nextstep` folder is registered to fetch them into."""
+    if not host.folder_roots(host.MODEL_FOLDER_KEY):
+        return []
+    present = _model_folders()
+    return [name for name in RELEASED_MODELS if name not in present]
+
+
+def fetch_folder(name: str) -> Path:
+    """Where released model `name` is fetched to: models/nextstep/<name>/ in the first `nextstep` folder (the one
+    extra_model_paths.yaml puts first, else ComfyUI's own)."""
+    roots = host.folder_roots(host.MODEL_FOLDER_KEY)
+    if not roots:
+        raise NextStepError(f"no `{host.MODEL_FOLDER_KEY}` model folder is registered to fetch {name} into")
+    return Path(roots[0]) / name
+
+
 def _vae_entries() -> dict[str, Path]:
-    """VAE name -> path: model-folder VAEs first (the usual choice), then files under the vae folders."""
+    """VAE name -> path: model-folder VAEs first (the usual choice), then files under the vae folders; a released model's
+    VAE before it is fetched names the folder it will be fetched into."""
     found = {f"{name}/{MODEL_VAE_SUBFOLDER}": folder / MODEL_VAE_SUBFOLDER
              for name, folder in _model_folders().items() if (folder / MODEL_VAE_SUBFOLDER).is_dir()}
+    for name in absent_released_models():
+        found[f"{name}/{MODEL_VAE_SUBFOLDER}"] = fetch_folder(name) / MODEL_VAE_SUBFOLDER
     for root in map(Path, host.folder_roots(host.VAE_FOLDER_KEY)):
         for directory, files in sorted(_walk_once(root)):
             for file in sorted(name for name in files if name.endswith(VAE_FILE_SUFFIX)):
@@ -80,11 +103,17 @@ def _walk_once(root: Path) -> list[tuple[str, list[str]]]:
 
 
 def model_names() -> list[str]:
-    return list(_model_folders())
+    return list(_model_folders()) + absent_released_models()
 
 
 def vae_names() -> list[str]:
     return list(_vae_entries())
+
+
+def model_of_vae(name: str) -> str | None:
+    """The model whose folder VAE `name` (`<model>/vae`) is, or None for a single-file VAE."""
+    model, _, subfolder = name.rpartition("/")
+    return model if subfolder == MODEL_VAE_SUBFOLDER and model else None
 
 
 def _searched(key: str) -> str:
@@ -94,6 +123,9 @@ def _searched(key: str) -> str:
 def model_folder(name: str) -> ModelFolder:
     """Model `name`, opened, or an error that says where models are looked for."""
     folder = _model_folders().get(name)
+    if folder is None and name in absent_released_models():
+        raise NextStepError(f"NextStep model {name} is not downloaded yet: running a workflow that loads it fetches "
+                            f"{RELEASED_MODELS[name]} into {fetch_folder(name)}")
     if folder is None:
         raise NextStepError(f"NextStep model {name!r} not found (searched {_searched(host.MODEL_FOLDER_KEY)} and the "
                             f"Hugging Face cache {cache_root()}); fetch it with `python -m nextstep_runtime download "

@@ -101,7 +101,8 @@ def folder_roots(key: str) -> list[str]:
     return list(_fallback_folders.get(key, []))
 
 
-if IN_COMFYUI:
+if IN_COMFYUI:  # made when missing, so a user sees where NextStep models go (and where the loaders fetch them to)
+    os.makedirs(os.path.join(folder_paths.models_dir, MODEL_FOLDER_KEY), exist_ok=True)
     add_model_folder(MODEL_FOLDER_KEY, os.path.join(folder_paths.models_dir, MODEL_FOLDER_KEY))
 
 

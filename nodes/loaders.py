@@ -21,6 +21,7 @@ from nextstep_runtime import (
 )
 
 from . import catalog, host
+from .fetching import fetch_if_absent
 from .models import LoadedVAE, NextStepModelHandle, load_nextstep_model, load_nextstep_vae
 from .sockets import CATEGORY, MODEL, VAE
 
@@ -39,7 +40,8 @@ class NextStepModelLoader:
     CATEGORY = CATEGORY
     DESCRIPTION = ("Loads a NextStep model folder from models/nextstep/<name>/ (the whole Hugging Face repo: "
                    "config.json, weights, tokenizer files, vae/), or a NextStep repo from the Hugging Face cache "
-                   "(listed by its repo id).")
+                   "(listed by its repo id). The released models are listed before they are on disk: the first run "
+                   "fetches one into models/nextstep/<name>/ (Cancel keeps what arrived; the next run continues).")
     RETURN_TYPES = (MODEL,)
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("The NextStep model, for NextStep Text Encode and NextStep Sampler.",)
@@ -52,7 +54,9 @@ class NextStepModelLoader:
                 "model_name": (catalog.model_names(), {"tooltip": "A folder in models/nextstep/ holding config.json, "
                                                                   "e.g. NextStep-1.1 or NextStep-1-Large-Edit, or a "
                                                                   "repo id (stepfun-ai/NextStep-1.1) from the "
-                                                                  "Hugging Face cache."}),
+                                                                  "Hugging Face cache. A released model not on disk "
+                                                                  "yet is fetched into models/nextstep/ at the first "
+                                                                  "run (about 56 GB for the 14B float32 repos)."}),
                 "dtype": (list(DTYPE_CHOICES), {"default": "auto",
                                                 "tooltip": "Weight precision. auto: bfloat16 on NVIDIA GPUs from "
                                                            "Ampere (RTX 30xx) on and on Macs from macOS 14, float16 "
@@ -104,6 +108,7 @@ class NextStepModelLoader:
     def load(self, model_name: str, dtype: str, attention: str, fp8: bool = False,
              gpu_layers: int = ALL_LAYERS, memory: str = "auto", compile: bool = True,
              device: str = DEFAULT_DEVICE) -> tuple[NextStepModelHandle]:
+        fetch_if_absent(model_name)
         folder = catalog.model_folder(model_name)
         plan, choice = loader_plan(folder, dtype, memory, fp8, gpu_layers, device)
         if choice:
@@ -170,4 +175,7 @@ class NextStepVAELoader:
         }
 
     def load(self, vae_name: str) -> tuple[LoadedVAE]:
+        model = catalog.model_of_vae(vae_name)
+        if model is not None:
+            fetch_if_absent(model)
         return (load_nextstep_vae(catalog.vae_path(vae_name)),)

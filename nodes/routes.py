@@ -4,7 +4,8 @@ GET /nextstep/presets: the recommended settings of each released model (nextstep
 GET /nextstep/plan?model=NAME&dtype=..&memory=..&fp8=..&gpu_layers=..&device=..&width=..&height=..&batch=..&cfg=..&cfg_img=..&steps=..:
 the memory plan of a model from the loader's list for a job, in the weight mode the loader would load it in
 with those widgets (`memory` auto chosen as the loader chooses it, for 512x512), against this server's run
-device, the loader's chosen device, or each device of its split (then with a `devices` list).
+device, the loader's chosen device, or each device of its split (then with a `devices` list). For a released model
+not on disk yet, {"fetch": ...}: what a run will fetch (bytes in all, still to come, free on the disk) and where.
 GET /nextstep/doctor[?device=..&self_check=1&warnings_only=1]: the doctor report (nextstep_runtime.doctor) for the
 loader's device (default: this server's run device) and its `nextstep` model folders, with the warnings each loader
 setting deserves here; the self-check (seconds) only when asked; with warnings_only, those warnings alone.
@@ -28,6 +29,8 @@ from nextstep_runtime import (
     loader_warnings,
 )
 from nextstep_runtime.presets import presets_as_json
+from nextstep_runtime.weights.fetch import fetch_summary
+from nextstep_runtime.weights.released import RELEASED_MODELS
 
 from . import catalog, host
 from .loaders import ALL_LAYERS, DEFAULT_DEVICE, DTYPE_CHOICES, loader_devices, loader_plan
@@ -96,6 +99,8 @@ def plan_response(query: dict[str, str]) -> Response:
     if values["model"] not in catalog.model_names():
         return 404, {"error": f"NextStep model {values['model']!r} is not in NextStep Model Loader's list "
                               f"(folders under models/{host.MODEL_FOLDER_KEY}/ that hold config.json)"}
+    if values["model"] in catalog.absent_released_models():  # what a run will fetch, and where
+        return 200, {"fetch": fetch_summary(RELEASED_MODELS[values["model"]], catalog.fetch_folder(values["model"]))}
     try:  # a folder that cannot be read as it is: the loader would refuse it too
         folder = catalog.model_folder(values["model"])
         footprint = ModelFootprint.from_folder(folder)

@@ -35,6 +35,9 @@ PACK_DIR_NAME = "ComfyUI-NextStep"
 START_TIMEOUT_S = 180
 RUN_TIMEOUT_S = 600
 API_WORKFLOWS = ROOT / "example_workflows" / "api"
+NO_HUB = {"HF_HUB_OFFLINE": "1"}
+"""Test servers never reach the Hugging Face Hub (the loader's panel asks it about released models not on disk);
+a test that fetches points its server at the loopback Hub (hub_server.py) and unsets this."""
 
 
 def missing(reason: str) -> None:
@@ -123,9 +126,10 @@ def running_comfyui(root: Path, settings: dict | None = None, packs: Mapping[str
                     preexec: Callable[[], None] | None = None) -> Iterator[ComfyUI]:
     """Start ComfyUI in folders under `root` (user settings `settings`) and stop it afterwards; `models` names more
     model folders for the Model Loader's list, beside the fixture model; `env` changes its environment variables
-    (None: unset), as a user's shell may have them; `args`: more of ComfyUI's command-line options; `comfy_models`
-    maps ComfyUI's own model folders ("checkpoints", "controlnet") to a file to list there; `preexec` runs in the
-    server's process before ComfyUI does (permissions.py's, to run it as an ordinary user).
+    (None: unset), as a user's shell may have them (HF_HUB_OFFLINE is set unless `env` unsets it: NO_HUB); `args`:
+    more of ComfyUI's command-line options; `comfy_models` maps ComfyUI's own model folders ("checkpoints",
+    "controlnet") to a file to list there; `preexec` runs in the server's process before ComfyUI does
+    (permissions.py's, to run it as an ordinary user).
 
     `packs` maps custom-node folder names to other packs (such as ComfyUI-Distributed) to load beside this one:
     each is copied in, not linked, because such packs write their state (ComfyUI-Distributed's gpu_config.json)
@@ -162,7 +166,7 @@ def running_comfyui(root: Path, settings: dict | None = None, packs: Mapping[str
                "--database-url", "sqlite:///:memory:", "--disable-api-nodes", "--disable-all-custom-nodes",
                "--whitelist-custom-nodes", PACK_DIR_NAME, *(packs or {}), "--preview-method", "latent2rgb", *args]
     with open(log, "w") as log_file:
-        changed = {**os.environ, **(env or {})}
+        changed = {**os.environ, **NO_HUB, **(env or {})}
         process = subprocess.Popen(command, cwd=COMFYUI_DIR, stdout=log_file, stderr=subprocess.STDOUT,
                                    env={name: value for name, value in changed.items() if value is not None},
                                    preexec_fn=preexec)

@@ -9,12 +9,15 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 REQUEST_BUDGET = 400
 CUT_BEFORE_END = 4096
+PACED_PIECE = 1024 * 1024
+PACED_PAUSE_S = 0.1
 
 
 class HubRepo:
@@ -25,6 +28,7 @@ class HubRepo:
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path in repo or api path, Range header)
         self.cut_once: set[str] = set()     # first GET of these stops short (connection dropped)
         self.failing: set[str] = set()      # GETs of these answer 500
+        self.paced: set[str] = set()        # GETs of these send 1 MB every 0.1 s (a slow line, for a cancel midway)
         self.lock = threading.Lock()
 
     @classmethod
@@ -116,6 +120,15 @@ def _handler(repo: HubRepo):
                 self.wfile.write(body[: len(body) - CUT_BEFORE_END])
                 self.wfile.flush()
                 self.close_connection = True
+                return
+            if name in repo.paced:
+                try:
+                    for start in range(0, len(body), PACED_PIECE):
+                        self.wfile.write(body[start:start + PACED_PIECE])
+                        self.wfile.flush()
+                        time.sleep(PACED_PAUSE_S)
+                except ConnectionError:  # the client stopped reading (a cancel)
+                    self.close_connection = True
                 return
             self.wfile.write(body)
 

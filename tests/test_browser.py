@@ -85,13 +85,13 @@ def test_sampler_shows_pickers_and_each_preset_sets_the_table(page):
 
 
 def test_loader_panel_shows_the_install_warnings_of_its_chosen_settings(page):
-    """GET /nextstep/doctor's warnings, those of the loader's chosen values only: this server has no flash-attn, so
-    choosing it warns (auto, quiet where flash-attn is simply absent, does not)."""
+    """GET /nextstep/doctor's warnings, those of the loader's chosen values only: this server has no GPU, so choosing
+    flash-attn warns with that reason (auto, quiet where flash-attn is simply absent, does not)."""
     (loader,) = page.new_graph(["NextStepModelLoader"])
     assert "flash-attn" not in page.panel(loader, "nextstep_plan")
     page.pick(loader, "attention", "flash_attn")
     page.page.wait_for_function("id => app.graph.getNodeById(id).widgets.find(w => w.name === 'nextstep_plan')"
-                                ".element.innerText.includes('flash-attn unavailable: flash-attn is not installed')",
+                                ".element.innerText.includes('flash-attn unavailable: flash-attn runs on CUDA GPUs only')",
                                 arg=loader)
     warning = page.js("id => [...app.graph.getNodeById(id).widgets.find(w => w.name === 'nextstep_plan')"
                       ".element.children].at(-1).dataset.tone", loader)

@@ -20,6 +20,7 @@ from PIL import Image
 
 from nextstep_runtime import GenerationSettings, NextStepPipeline, doctor_report, images_to_unit, load_rgb, to_uint8
 from nextstep_runtime.presets import presets_as_json
+from nextstep_runtime.weights.released import RELEASED_MODELS
 
 CASES = {case.name: case for case in golden_cases()}
 TYPES = {  # node -> (required inputs, optional inputs, output types); combos listed as None
@@ -67,8 +68,10 @@ def test_object_info_lists_every_node_with_its_types(comfy):
             for name, input_type in expected.items():
                 assert actual[name][0] == input_type if input_type else isinstance(actual[name][0], list), name
                 assert actual[name][1]["tooltip"]
-    assert info["NextStepModelLoader"]["input"]["required"]["model_name"][0] == [MODEL_NAME]
-    assert info["NextStepVAELoader"]["input"]["required"]["vae_name"][0] == [f"{MODEL_NAME}/vae", VAE_FILE]
+    released = list(RELEASED_MODELS)  # listed before they are on disk (a run fetches them: test_comfyui_fetch.py)
+    assert info["NextStepModelLoader"]["input"]["required"]["model_name"][0] == [MODEL_NAME, *released]
+    assert info["NextStepVAELoader"]["input"]["required"]["vae_name"][0] == [
+        f"{MODEL_NAME}/vae", *[f"{name}/vae" for name in released], VAE_FILE]
 
 
 def test_text_to_image_workflow_reproduces_the_golden(comfy):
@@ -327,8 +330,10 @@ def test_routes_serve_presets_and_the_memory_plan(comfy):
     model = load_on(FIXTURES / MODEL_NAME, torch.bfloat16)
     assert plan["devices"][0]["weights_bytes"] == sum(tensor.nbytes for tensor in model.state_dict().values())
     assert plan["fits"] is True  # a CPU server plans against its host RAM
-    status, answer = comfy.request("/nextstep/plan?model=NextStep-1.1")
-    assert status == 404 and "'NextStep-1.1' is not in NextStep Model Loader's list" in answer["error"]
+    status, answer = comfy.request("/nextstep/plan?model=NextStep-2")
+    assert status == 404 and "'NextStep-2' is not in NextStep Model Loader's list" in answer["error"]
+    status, answer = comfy.request("/nextstep/plan?model=NextStep-1.1")  # released, not on disk: what a run fetches
+    assert status == 200 and answer["fetch"]["folder"] == str(comfy.models / "NextStep-1.1"), answer
     status, answer = comfy.request(f"/nextstep/plan?model={MODEL_NAME}&width=500")
     assert status == 400 and "width 500 is not a positive multiple of 16" in answer["error"]
 

@@ -5,8 +5,9 @@ taken from a real ComfyUI in Debian's Chromium.
 Regenerate it with `NEXTSTEP_UPDATE_SCREENSHOTS=1 python -m pytest -q tests/test_docs_screenshot.py` (ComfyUI and
 Chromium set up as for the browser tests: docs/development.md). Without that variable the test takes each
 screenshot again and checks that the committed file is what the command gives. The server has no NextStep-1.1
-(only the test fixtures), so the Model Loader's panel says where the model goes, as on a fresh install; nor the
-SDXL checkpoint and ControlNet the graphs name, which the editor shows by name as it does any model not installed.
+(only the test fixtures) and no Hub to ask (offline), so the Model Loader's panel says where a run fetches it to;
+nor the SDXL checkpoint and ControlNet the graphs name, which the editor shows by name as it does any model not
+installed.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def take_screenshot(root: Path, path: Path, example: str, viewport: dict) -> dic
     """Open the example in a fresh ComfyUI page, fit the whole graph, wait for the loader's panel, and save the
     page as `path`; returns what the fit found (zoom, node rectangles) and the types of the nodes the editor does
     not know."""
-    with running_comfyui(root, SETTINGS) as server, launched_chromium() as browser:
+    with running_comfyui(root, SETTINGS) as server, launched_chromium() as browser:  # offline (comfyui_server.NO_HUB)
         page: Page = open_page(browser, server, "canvas")
         page.page.set_viewport_size(viewport)
         page.js("""async ([workflow, name]) => {

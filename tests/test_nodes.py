@@ -238,12 +238,13 @@ def test_width_not_multiple_of_16_is_rejected(model):
 
 
 def test_missing_model_folder_names_where_it_looked(models_dir):
+    """A name that is neither on disk nor a released model (those are fetched: test_fetch.py)."""
     with pytest.raises(NextStepError) as error:
-        node("NextStepModelLoader", "NextStep-1.1", "auto", "auto")
-    assert "NextStep-1.1" in str(error.value) and str(models_dir / "nextstep") in str(error.value)
+        node("NextStepModelLoader", "NextStep-2", "auto", "auto")
+    assert "NextStep-2" in str(error.value) and str(models_dir / "nextstep") in str(error.value)
     assert "stepfun-ai/NextStep-1.1" in str(error.value)
-    with pytest.raises(NextStepError, match="NextStep-1.1/vae"):
-        node("NextStepVAELoader", "NextStep-1.1/vae")
+    with pytest.raises(NextStepError, match="NextStep-2/vae"):
+        node("NextStepVAELoader", "NextStep-2/vae")
 
 
 def test_model_folder_without_weights_names_the_file(models_dir):

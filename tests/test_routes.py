@@ -84,7 +84,7 @@ def test_plan_route_refuses_widget_values_the_loader_refuses():
 
 
 def test_plan_route_answers_404_for_a_model_not_in_the_loader_list():
-    for name in ("NextStep-1.1", f"../nextstep/{MODEL_NAME}", "/etc"):
+    for name in ("NextStep-2", f"../nextstep/{MODEL_NAME}", "/etc"):
         status, answer = routes.plan_response({"model": name})
         assert status == 404 and repr(name) in answer["error"] and "Model Loader" in answer["error"]
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import ModelConfig
 from ..devices import (
     DeviceTraits,
     auto_dtype,
@@ -25,11 +26,16 @@ from ..devices import (
     vae_dtype,
 )
 from ..errors import NextStepError
-from ..memory.device_memory import device_memory
+from ..memory.device_memory import device_memory, free_memory
+from ..memory.footprint import ModelFootprint
+from ..memory.job import Job
+from ..memory.planner import Targets, plan_load, plan_mode
 from ..model.attention import BACKENDS, attention_choice, flash_attn_difference, flash_attn_problem
+from ..model.placement import DeviceList
 from ..sampling.compiled_step import compile_problem
 from ..weights.hub import cache_root, scan_model_cache
 from ..weights.model_folder import CONFIG_NAME, ModelFolder, cached_nextstep_repos, holds_model_config
+from ..weights.released import NEXTSTEP_14B_CONFIG
 
 FLASH_ATTN_TOLERANCE = 0.05
 """Largest difference from SDPA (bfloat16, unit-variance inputs) a working flash-attn kernel stays within."""
@@ -191,6 +197,23 @@ def model_folders_report(roots: list[Path]) -> list[dict]:
     return report
 
 
+def capacity_report(device: torch.device) -> dict:
+    """Whether the released 14B models run on `device` here, and in which weight mode: the planner's `auto` choice for
+    one 512x512 image against the device's free memory (the loader's default), and when that does not fit, the mode
+    the planner suggests instead and whether that one fits."""
+    footprint = ModelFootprint.from_config(ModelConfig.from_dict(NEXTSTEP_14B_CONFIG))
+    targets = Targets.on(DeviceList((device,)), "auto", free_memory, vae_on_run_device=True)
+    plan, _ = plan_load(footprint, "auto", None, Job(), targets, "the 14B model")
+    report = {"device": str(device), "loads_as": plan.loads_as, "fits": plan.fits,
+              "needs_bytes": plan.devices[-1].peak_bytes, "free_bytes": plan.devices[-1].free_bytes,
+              "advice": plan.advice, "suggested": None}
+    if not plan.fits and plan.suggested_mode is not None:
+        suggested = plan_mode(footprint, plan.suggested_mode, Job(), targets, "the 14B model")
+        report["suggested"] = {"loads_as": suggested.loads_as, "fits": suggested.fits,
+                               "needs_bytes": suggested.devices[-1].peak_bytes}
+    return report
+
+
 def hf_cache_report() -> dict:
     """The cache's NextStep repos, and the entries skipped as broken (`problems`: repo id or path -> why)."""
     scan = scan_model_cache()
@@ -245,5 +268,6 @@ def environment_report(device: torch.device, model_roots: list[Path] | None = No
         "attention": run["attention"],
         "compile": run["compile"],
         "hf_cache": hf_cache_report(),
+        "nextstep_14b": capacity_report(device),
         "model_folders": None if model_roots is None else model_folders_report(model_roots),
     }

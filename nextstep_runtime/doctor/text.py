@@ -51,7 +51,8 @@ def _compile(report: dict) -> list[str]:
 
 def _models(report: dict) -> list[str]:
     cache = report["hf_cache"]
-    lines = ["models", f"  Hugging Face cache {cache['path']}"]
+    lines = ["models"] + ([f"  ComfyUI {report['comfyui']}"] if report.get("comfyui") else [])
+    lines.append(f"  Hugging Face cache {cache['path']}")
     lines += [f"    {repo}: {path}" for repo, path in cache["nextstep_repos"].items()] or ["    no NextStep repos"]
     lines += [f"    {entry}: skipped: {problem}" for entry, problem in cache["problems"].items()]
     for root in report["model_folders"] or []:
@@ -65,6 +66,20 @@ def _models(report: dict) -> list[str]:
                              f"weights{vae}")
         if root["exists"] and not root["entries"]:
             lines.append("    empty")
+    return lines
+
+
+def _capacity(report: dict) -> list[str]:
+    capacity = report["nextstep_14b"]
+    lines = [f"14B models (NextStep-1.1, NextStep-1-Large, NextStep-1-Large-Edit) on {capacity['device']}"]
+    if capacity["fits"]:
+        return lines + [f"  run in {capacity['loads_as']} (needs {_bytes(capacity['needs_bytes'])} of "
+                        f"{_bytes(capacity['free_bytes'])} free for a 512x512 image)"]
+    lines.append(f"  not in {capacity['loads_as']}: {capacity['advice']}")
+    suggested = capacity["suggested"]
+    if suggested is not None:
+        verdict = "runs" if suggested["fits"] else "does not fit either"
+        lines.append(f"  in {suggested['loads_as']}: {verdict} (needs {_bytes(suggested['needs_bytes'])})")
     return lines
 
 
@@ -84,7 +99,7 @@ def render_text(report: dict) -> str:
     for device in report["devices"]:
         lines += _device(device)
     lines.append(f"  models run on: {report['run_device']['device']}")
-    lines += _attention(report) + _compile(report) + _models(report)
+    lines += _attention(report) + _compile(report) + _models(report) + _capacity(report)
     lines += ["warnings"] + ([f"  {warning['setting']}: {warning['text']}" for warning in report["warnings"]]
                              or ["  none"])
     if report["self_check"] is not None:

@@ -49,9 +49,13 @@ def _import_flash_attn() -> tuple[Callable | None, str | None]:
 
 def flash_attn_problem(device: torch.device | str | DeviceTraits) -> str | None:
     """Why flash-attn cannot run on `device`, or None when it can: not installed, installed but broken, or a device
-    it does not run on (devices.flash_attn_refusal)."""
+    it does not run on (devices.flash_attn_refusal). Absent where no CUDA GPU is, the device is the reason (never
+    advice to install a kernel that could not run here); a broken install is reported everywhere."""
     traits = device if isinstance(device, DeviceTraits) else DeviceTraits.of(device)
-    return _import_flash_attn()[1] or flash_attn_refusal(traits)
+    problem = _import_flash_attn()[1]
+    if problem == NOT_INSTALLED and traits.type != "cuda":
+        return flash_attn_refusal(traits)
+    return problem or flash_attn_refusal(traits)
 
 
 def attention_choice(name: str, device: torch.device | str | DeviceTraits) -> tuple[FlashAttention | None, str | None]:
@@ -64,11 +68,11 @@ def attention_choice(name: str, device: torch.device | str | DeviceTraits) -> tu
     if name == "sdpa":
         return None, None
     traits = device if isinstance(device, DeviceTraits) else DeviceTraits.of(device)
-    flash, problem = _import_flash_attn()
-    problem = problem or flash_attn_refusal(traits)
+    flash, import_problem = _import_flash_attn()
+    problem = flash_attn_problem(traits)
     if problem is None:
         return flash, None
-    expected = problem == NOT_INSTALLED or (flash is not None and traits.type != "cuda")
+    expected = import_problem == NOT_INSTALLED or (flash is not None and traits.type != "cuda")
     return None, None if name == "auto" and expected else problem
 
 

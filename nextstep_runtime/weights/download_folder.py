@@ -18,7 +18,7 @@ from .hub import NEVER_FETCHED, RUNTIME_FILES
 
 DOWNLOAD_RECORDS = Path(".cache") / "huggingface" / "download"
 """Where huggingface_hub records, per file fetched into a folder, the commit it came from (its first line) and when
-it was written (its third line)."""
+it was written (its third line); fetch.py keeps its partial transfers there too."""
 NAMED_FILES = 6
 VAE_FOLDER = "vae"
 

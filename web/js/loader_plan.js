@@ -2,7 +2,8 @@
 // devices the loader will use (its `memory` choice resolved as loading resolves it, GET /nextstep/plan), for the
 // job of the sampler it feeds; asked again whenever a widget it depends on
 // changes. The install's warnings for the loader's chosen settings (doctor.js), e.g. "compile unavailable: no C++
-// compiler ...; running uncompiled", take the place of its last line.
+// compiler ...; running uncompiled", take the place of its last line. A released model not on disk yet shows what
+// Run will fetch instead: the repo, the GB still to come, the folder and the disk's free space.
 
 import { installWarnings, SETTING_WIDGETS, warningsFor } from "./doctor.js";
 import { formatBytes } from "./format.js";
@@ -54,6 +55,17 @@ function planLines(plan) {
   return [[plan.advice, tone], [`loads as ${plan.loads_as}${layers}`, ""], [deviceLine(plan), "muted"]];
 }
 
+/** A released model not on disk yet: what Run will fetch, how much, and where (GET /nextstep/plan's `fetch`), the
+ * short facts first so that a narrow node still shows them (each line's whole text is its tooltip). */
+export function fetchLines(fetch) {
+  const sizes = fetch.to_fetch_bytes === null ? "it" :
+    fetch.to_fetch_bytes === fetch.total_bytes ? formatBytes(fetch.total_bytes) :
+    `${formatBytes(fetch.to_fetch_bytes)} left of ${formatBytes(fetch.total_bytes)}`;
+  return [[`not on disk: Run fetches ${sizes}`, fetch.problem ? "warn" : "ok"],
+    [fetch.problem ?? `${fetch.repo} · ${formatBytes(fetch.free_bytes)} free`, fetch.problem ? "warn" : ""],
+    [`into ${fetch.folder}`, "muted"]];
+}
+
 /** The plan's lines with the install's warning, if any, in place of the last (muted) detail line: the panel
  * keeps its three lines, so saved workflows keep their layout. */
 function withWarning(lines, warning) {
@@ -78,7 +90,7 @@ export function setupLoader(node, api) {
       const response = await api.fetchApi(`/nextstep/plan?${query}`);
       const answer = await response.json();
       if (query !== asked) return;  // a newer question is on its way
-      show(response.ok ? planLines(answer) : [[answer.error, "warn"]]);
+      show(!response.ok ? [[answer.error, "warn"]] : answer.fetch ? fetchLines(answer.fetch) : planLines(answer));
     } catch (error) {
       if (query === asked) show([[`memory plan unavailable: ${error.message}`, "warn"]]);
     }
