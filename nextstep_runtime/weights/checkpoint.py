@@ -30,9 +30,9 @@ MAX_HEADER_BYTES = 100 * 2**20
 """The safetensors format's own limit on a header's size."""
 KEY_PREFIX = "model."
 NAMED_UNKNOWN_KEYS = 8
+"""Unknown tensor names spelled out in the warning; the rest are counted."""
 FINITE_CHECK_ELEMENTS = 2**20
 """Values checked for NaN and infinity at a time, so the check's mask stays small beside a large tensor."""
-"""Unknown tensor names spelled out in the warning; the rest are counted."""
 
 log = logging.getLogger(__name__)
 
