@@ -23,6 +23,8 @@ from nodes_pack import MODEL_NAME
 from permissions import unprivileged, unreadable
 from safetensors.torch import load_file, save_file
 
+from nextstep_runtime.weights.released import RELEASED_MODELS
+
 CASE = {case.name: case for case in golden_cases()}["official_t2i_cps_nocfg"].params
 CACHED = "someone/NextStep-cached"
 COMMIT = "00ff" * 10
@@ -100,7 +102,8 @@ def run_on(comfy: ComfyUI, model: str, vae: str, prefix: str) -> None:
 
 def test_broken_entries_leave_the_good_models_listed(broken) -> None:
     models = choices(broken, "NextStepModelLoader", "model_name")
-    assert models == ["fifo-index", "fifo-weights", "nan-weights", MODEL_NAME, CACHED]  # listed by config.json alone
+    # listed by config.json alone, then the released models, fetched by a run
+    assert models == ["fifo-index", "fifo-weights", "nan-weights", MODEL_NAME, CACHED, *RELEASED_MODELS]
     assert f"{CACHED}/vae" in choices(broken, "NextStepVAELoader", "vae_name")
 
 
@@ -153,7 +156,7 @@ def test_a_cached_model_beside_broken_ones_generates(broken) -> None:
 
 def test_a_cache_path_that_is_a_file_hides_no_route_and_no_folder_model(cache_file) -> None:
     """Issue 29, item 3: every route answered 500, the loaders vanished and every prompt failed."""
-    assert choices(cache_file, "NextStepModelLoader", "model_name") == [MODEL_NAME]
+    assert choices(cache_file, "NextStepModelLoader", "model_name") == [MODEL_NAME, *RELEASED_MODELS]
     assert choices(cache_file, "NextStepVAELoader", "vae_name")
     status, report = answered(cache_file, "/nextstep/doctor")
     assert status == 200 and report["hf_cache"]["nextstep_repos"] == {}
