@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 
 # Tests run the flow head eagerly unless they ask for compiling (tests/test_compile.py): compiling costs a minute
@@ -39,6 +40,15 @@ def tiny_pipeline() -> NextStepPipeline:
 def model_copy(tmp_path: Path) -> Path:
     """A writable copy of the tiny model folder (tokenizer, config, weights, vae/)."""
     return copy_model(tmp_path / "tiny-nextstep")
+
+
+@pytest.fixture
+def hf_cache(tmp_path: Path, monkeypatch) -> Path:
+    """An empty Hugging Face cache, made huggingface_hub's own (what HF_HUB_CACHE sets at its import)."""
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
 
 
 @pytest.fixture(params=LAYOUTS, ids=lambda layout: f"sdpa-{layout}-layout")

@@ -32,14 +32,6 @@ COMMITS = {name: f"{index:x}" * 40 for index, name in enumerate(("good", "dangli
 ANSWER_WITHIN_S = 10
 
 
-@pytest.fixture
-def hf_cache(tmp_path: Path, monkeypatch) -> Path:
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    return cache
-
-
 def broken_snapshot(cache: Path, repo: str, commit: str, target: str) -> Path:
     """A cached repo whose snapshot folder is a link to `target` (relative to the snapshots folder)."""
     snapshot = write_hf_cache(cache, repo, TINY_MODEL, commit)

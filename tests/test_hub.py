@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import huggingface_hub.constants
 import pytest
 import torch
 from cli_runs import command_error
@@ -33,15 +32,6 @@ RUNTIME_FILES = {path.relative_to(TINY_MODEL).as_posix() for path in TINY_MODEL.
 PACK = load_pack()
 NODES = PACK.NODE_CLASS_MAPPINGS
 catalog = importlib.import_module(f"{PACK.__name__}.nodes.catalog")
-
-
-@pytest.fixture
-def hf_cache(tmp_path: Path, monkeypatch) -> Path:
-    """An empty Hugging Face cache, made huggingface_hub's own (what HF_HUB_CACHE sets at its import)."""
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    return cache
 
 
 def generate(pipe: NextStepPipeline) -> dict[str, torch.Tensor]:
