@@ -136,4 +136,7 @@ def test_converting_streams_and_a_repacked_fp8_folder_loads_within_its_size(tmp_
     loading = run_probe(str(destination), "bfloat16", "fp8")
     growth_mb = loading["peak_mb"] - loading["rss_before_mb"]
     assert loading["loaded_mb"] > 0.9 * folder_mb  # the whole model really is in memory
-    assert growth_mb < 1.1 * folder_mb, f"loading grew RSS by {growth_mb:.0f} MB for a {folder_mb:.0f} MB folder"
+    # the weights stay mapped from the files, and the finiteness check reads each page once, so the mapped folder
+    # becomes resident; beyond it only the loader's temporaries (measured 15-30 MB), never a second copy of a weight
+    slack_mb = max(0.1 * folder_mb, 48)
+    assert growth_mb < folder_mb + slack_mb, f"loading grew RSS by {growth_mb:.0f} MB for a {folder_mb:.0f} MB folder"
