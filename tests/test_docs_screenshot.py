@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,9 @@ SHOTS = {  # committed image -> (example, viewport: the example's shape plus the
 }
 """Each viewport shows its whole graph at 100 % zoom, its text as a user reads it."""
 IMAGES = ROOT / "docs" / "images"
+SERVER_ROOT = Path(tempfile.gettempdir()) / "nextstep-docs-screenshot"
+"""The server's folders, at the same path on every run: the loader's panel shows where a run would fetch the model,
+and a path that changed with each run (pytest's numbered temp folders) would change the picture."""
 UPDATE = os.environ.get("NEXTSTEP_UPDATE_SCREENSHOTS", "") not in ("", "0")
 SETTINGS = {"Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False}
 """Off: the minimap (it covers a corner of the graph) and the canvas's frame-rate line (it differs every time)."""
@@ -98,14 +103,19 @@ def difference(a: Path, b: Path) -> tuple[tuple[int, int], tuple[int, int], floa
 
 
 @pytest.mark.parametrize("image", SHOTS, ids=lambda image: image.removesuffix(".png"))
-def test_the_screenshot_command_makes_the_committed_image(tmp_path, image):
+def test_the_screenshot_command_makes_the_committed_image(image):
     """The whole example is in view at full size with no node over another and none missing, and the image is the
     committed one (or, with NEXTSTEP_UPDATE_SCREENSHOTS, becomes it)."""
     example, viewport = SHOTS[image]
     committed = IMAGES / image
     taken = committed if UPDATE else SCREENSHOTS / image
     taken.parent.mkdir(parents=True, exist_ok=True)
-    fit = take_screenshot(tmp_path, taken, example, viewport)
+    shutil.rmtree(SERVER_ROOT, ignore_errors=True)
+    SERVER_ROOT.mkdir()
+    try:
+        fit = take_screenshot(SERVER_ROOT, taken, example, viewport)
+    finally:
+        shutil.rmtree(SERVER_ROOT, ignore_errors=True)
     assert fit["scale"] == 1, f"the example does not fit {viewport} at 100 % zoom: {fit}"
     assert overlapping(fit["rects"]) == []
     assert fit["unknown"] == []
